@@ -1,0 +1,257 @@
+"""Trace an nn.Module into a torch.fx GraphModule, as code people actually write allows.
+
+Built-in ``torch.nn`` layers stay leaves, custom modules are traced through. While tracing,
+every node is also evaluated on two concrete inputs (the reference input and a probe of another
+batch size and length), so that values which never vary for a given model (a tensor's rank, a
+channel count) can answer Python control flow (``if x.ndim == 1``, ``len(x.shape)``,
+``assert x.ndim == 3``): a value is only resolved when it is a plain Python value equal on both
+inputs, and each resolution is recorded as an assumption. A custom module that still cannot be
+traced becomes a leaf (it runs eagerly inside the GraphModule) and the result names it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from sepfx.errors import InputError, TraceError
+
+_VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
+
+
+@dataclass
+class TraceResult:
+    graph_module: fx.GraphModule
+    leaves: dict[str, str] = field(default_factory=dict)  # fallback leaf -> why it is a leaf
+    assumptions: list[str] = field(default_factory=list)  # values resolved from the inputs
+
+
+def _user_line(node: fx.Node) -> str:
+    """'file:line: source' of the innermost user frame that made ``node``."""
+    lines = [ln.strip() for ln in (node.stack_trace or "").splitlines() if ln.strip()]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) else "")
+              for i in range(len(lines)) if lines[i].startswith("File ")]
+    user = [f for f in frames if "/torch/" not in f[0] and "/passes/trace.py" not in f[0]]
+    if not user:
+        return node.format_node()
+    where, source = user[-1]
+    parts = where.split('"')
+    file = parts[1].rsplit("/", 1)[-1] if len(parts) > 1 else where
+    line = where.rsplit("line ", 1)[-1].split(",")[0]
+    return f"{file}:{line}: {source}"
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A Proxy that answers len() and int() when the concrete values say the answer is fixed."""
+
+    def __len__(self):
+        return self.tracer.static_value(self, (tuple, list, torch.Size), len)
+
+    def __int__(self):
+        return self.tracer.static_value(self, (int,))
+
+    def __index__(self):
+        return self.tracer.static_value(self, (int,))
+
+    def __getattr__(self, name):
+        return _ConcreteAttribute(self, name)
+
+
+class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
+    pass
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, extra_leaves: set[str], examples: tuple[tuple, tuple]):
+        super().__init__(autowrap_modules=(math,))
+        self.record_stack_traces = True
+        self.extra_leaves = extra_leaves
+        self.examples = examples
+        self.assumptions: list[str] = []
+        self.sepfx_module_stack: list[str] = []
+        self.failed_module: tuple[str, BaseException] | None = None
+        self._placeholders = 0
+        self._evaluating = False
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- leaves -------------------------------------------------------------------------
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:  # computing a concrete value: run the real module
+            return forward(*args, **kwargs)
+        qualname = self.path_of_module(m)
+        self.sepfx_module_stack.append(qualname)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:  # remember the innermost custom module that failed
+            if self.failed_module is None and not self.is_leaf_module(m, qualname):
+                self.failed_module = (qualname, error)
+            raise
+        finally:
+            self.sepfx_module_stack.pop()
+
+    # -- concrete values ----------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "placeholder":
+            index = self._placeholders
+            self._placeholders += 1
+            default = node.args[0] if node.args else None
+            node.meta[_VALUES] = tuple(ex[index] if index < len(ex) else default
+                                       for ex in self.examples)
+        elif kind != "output":
+            node.meta[_VALUES] = tuple(self._evaluate(node, k) for k in range(2))
+        return proxy
+
+    def _evaluate(self, node: fx.Node, k: int) -> Any:
+        missing = []
+
+        def value_of(n: fx.Node):
+            values = n.meta.get(_VALUES)
+            if values is None:
+                missing.append(n)
+                return None
+            return values[k]
+
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        if missing:
+            return None
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                if node.op == "get_attr":
+                    return _fetch_attr(self.root, node.target)
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+        except Exception:
+            return None
+        finally:
+            self._evaluating = False
+
+    def static_value(self, proxy: fx.Proxy, types: tuple, project=lambda value: value) -> Any:
+        """``project(value)`` of ``proxy`` if the value is of ``types`` and the projection is the
+        same on both inputs, else raise."""
+        node = proxy.node
+        values = node.meta.get(_VALUES)
+        ok = (values is not None and all(isinstance(v, types) and not isinstance(v, torch.Tensor)
+                                         for v in values))
+        if ok:
+            values = [project(v) for v in values]
+        if ok and values[0] == values[1]:
+            self.assumptions.append(f"{_user_line(node)}  ->  {values[0]!r}")
+            return values[0]
+        seen = "unknown" if values is None else f"{values[0]!r} vs {values[1]!r}"
+        raise torch.fx.proxy.TraceError(
+            f"node {node.name} ({_user_line(node)}) is used as a Python value but varies with "
+            f"the input ({seen} on two inputs of different batch and length)")
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.static_value(obj, (bool, int)))
+
+    def iter(self, obj: fx.Proxy):
+        values = obj.node.meta.get(_VALUES)
+        if values is not None and all(isinstance(v, (tuple, torch.Size)) for v in values) \
+                and len(values[0]) == len(values[1]):
+            return iter([obj[i] for i in range(len(values[0]))])
+        return super().iter(obj)
+
+
+def _fetch_attr(root: torch.nn.Module, target: str):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def probe_input(example: torch.Tensor) -> torch.Tensor:
+    """A second input of another batch size and another length (not a multiple of common
+    strides), used to tell fixed values from those that vary with batch and time."""
+    shape = list(example.shape)
+    shape[0] = shape[0] + 1
+    shape[-1] = shape[-1] + shape[-1] // 4 + 37
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(shape, generator=generator, dtype=example.dtype)
+
+
+def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: int = 64
+          ) -> TraceResult:
+    """Trace ``model`` (not modified: a copy is traced) into a dead-code-free GraphModule."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"sepfx needs a torch.nn.Module, got {type(model).__name__}. "
+                         "Pass the model object itself (not a function or a state_dict).")
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(f"the example input must be a torch.Tensor, got {type(example_input)}")
+    root = copy.deepcopy(model).eval()
+    examples = ((example_input,), (probe_input(example_input),))
+    leaves: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(set(leaves), examples)
+        try:
+            graph = tracer.trace(root)
+            break
+        except Exception as error:
+            if tracer.failed_module is None:
+                raise TraceError(
+                    f"cannot trace {type(model).__name__}.forward itself: "
+                    f"{type(error).__name__}: {error}. The root module cannot fall back to a "
+                    "leaf; move the offending code into a submodule or make it traceable."
+                ) from error
+            qualname, cause = tracer.failed_module
+            if len(leaves) >= max_leaves:
+                raise TraceError(f"gave up after {max_leaves} leaf fallbacks; last: "
+                                 f"{qualname}: {cause}") from error
+            leaves[qualname] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
+    for node in graph.nodes:
+        node.meta.pop(_VALUES, None)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    _check_generalises(root, gm, examples)
+    return TraceResult(gm, leaves, list(dict.fromkeys(tracer.assumptions)))
+
+
+def _check_generalises(eager: torch.nn.Module, gm: fx.GraphModule, examples) -> None:
+    """The graph must compute what the eager model computes at both input sizes."""
+    with torch.no_grad():
+        for (x,) in examples:
+            expected, got = eager(x), gm(x)
+            if not _close(expected, got):
+                raise TraceError(
+                    f"the traced graph of {type(eager).__name__} differs from the eager model at "
+                    f"input shape {tuple(x.shape)}: the code fixes a value (probably a length) "
+                    "that varies with the input. Move that code into a submodule so that it "
+                    "can become a leaf.")
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return False
+        scale = a.abs().max().clamp_min(1e-12)
+        return bool(((a - b).abs().max() / scale) <= 1e-5)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+__all__ = ["TraceResult", "trace", "probe_input"]
