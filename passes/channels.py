@@ -1,0 +1,488 @@
+"""Coupled-channel analysis: which channel axes of a GraphModule must be pruned together.
+
+Every static axis (an axis whose size does not change with batch or length) of every tensor in
+the graph, and every channel axis of a module's or attribute's parameters, is a row of elements,
+one per index. Op rules (``passes.rules``) link elements that must live or die together; the
+connected components are the prunable units (a channel, a whole head, a whole conv group), and
+units touching the same axes with the same multiplicity form a ``ChannelGroup``. An axis a rule
+cannot vouch for is frozen, and so is every unit touching it: it is kept whole and reported.
+
+Dynamic axes (batch, time) are told apart from static ones by propagating shapes at two inputs
+of different batch and length (``torch.fx.passes.shape_prop``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from passes.trace import probe_input
+
+AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
+
+
+@dataclass
+class Axis:
+    key: AxisKey
+    size: int
+    start: int  # id of its first element
+    label: str
+
+    @property
+    def elements(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.size)
+
+
+@dataclass
+class ChannelGroup:
+    """Units that share one gate: unit ``u`` of the group holds ``positions[axis][u]`` of each
+    member axis."""
+    index: int
+    size: int
+    positions: dict[AxisKey, np.ndarray]  # axis -> int array [size, multiplicity]
+    members: list[str]
+    offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
+    macs_share: float = 0.0  # filled by the cost pass
+    round_to: int = 1  # kept count granularity the slim model needs (e.g. heads stay whole)
+
+    def describe(self) -> str:
+        head = ", ".join(self.members[:4]) + (" ..." if len(self.members) > 4 else "")
+        return f"group {self.index} ({self.size} units): {head}"
+
+
+@dataclass
+class Frozen:
+    label: str
+    reason: str
+
+
+@dataclass
+class ChannelAnalysis:
+    graph_module: fx.GraphModule
+    axes: dict[AxisKey, Axis]
+    groups: list[ChannelGroup]
+    frozen: list[Frozen]
+    element_unit: np.ndarray  # element id -> flat unit index (0: frozen, kept)
+    num_units: int  # flat units including unit 0
+    rules: dict[str, Any]  # node name -> rule object (or None: no rule)
+    value_axes: dict[tuple, dict[int, AxisKey]]  # (node, path) -> {dim: axis}
+    module_axes: dict[str, dict[str, AxisKey]]
+    attr_axes: dict[str, dict[int, AxisKey]]
+    size_reads: dict[str, Any]  # node -> axis key (int) or {dim: axis key} (shape)
+    cost_terms: dict[str, list[tuple[float, list[AxisKey]]]]
+    example_input: torch.Tensor
+
+    def axis_units(self, key: AxisKey) -> np.ndarray:
+        axis = self.axes[key]
+        return self.element_unit[axis.start:axis.start + axis.size]
+
+    def keep_vector(self, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Flat bool vector over units from a keep set {group index: unit indices}."""
+        flat = np.zeros(self.num_units, dtype=bool)
+        flat[0] = True
+        for group in self.groups:
+            flat[group.offset + np.asarray(keep[group.index], dtype=np.int64)] = True
+        return flat
+
+    def kept_indices(self, key: AxisKey, flat_keep: np.ndarray) -> np.ndarray:
+        return np.nonzero(flat_keep[self.axis_units(key)])[0]
+
+
+# -- shapes at two input sizes -------------------------------------------------------------
+class _Shapes(ShapeProp):
+    """ShapeProp that also records every node's value summary: shapes for tensors, the value
+    itself for Python scalars and sizes."""
+
+    def __init__(self, gm, key):
+        super().__init__(gm)
+        self.key = key
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        n.meta[self.key] = _summary(result)
+        return result
+
+
+def _summary(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape))
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return ("tuple", tuple(_summary(v) for v in value))
+    if isinstance(value, (int, float, bool, torch.Size, str, type(None))):
+        return ("value", value)
+    return ("other", type(value).__name__)
+
+
+def _flatten(summary, path=()):
+    """Yield (path, summary leaf) for every leaf of a summary tree."""
+    if summary[0] == "tuple":
+        for i, item in enumerate(summary[1]):
+            yield from _flatten(item, path + (i,))
+    else:
+        yield path, summary
+
+
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries."""
+    with torch.no_grad():
+        _Shapes(gm, "sepfx_probe").propagate(probe_input(example_input))
+        _Shapes(gm, "sepfx_ref").propagate(example_input)
+
+
+# -- union-find over elements ---------------------------------------------------------------
+class _UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def add(self, count: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + count))
+        return start
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+
+class Builder:
+    """State shared by the rules while coupling (see ``NodeContext``)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.uf = _UnionFind()
+        self.axes: dict[AxisKey, Axis] = {}
+        self.frozen_axes: dict[AxisKey, str] = {}
+        self.value_axes: dict[tuple, dict[int, AxisKey]] = {}
+        self.module_axes: dict[str, dict[str, AxisKey]] = {}
+        self.attr_axes: dict[str, dict[int, AxisKey]] = {}
+        self.size_reads: dict[str, Any] = {}
+        self.cost_terms: dict[str, list] = {}
+        self.round_to: dict[AxisKey, int] = {}
+
+    def new_axis(self, key: AxisKey, size: int, label: str) -> Axis:
+        axis = self.axes.get(key)
+        if axis is None:
+            axis = self.axes[key] = Axis(key, int(size), self.uf.add(int(size)), label)
+        return axis
+
+    def freeze(self, key: AxisKey, reason: str) -> None:
+        self.frozen_axes.setdefault(key, reason)
+
+
+def _value_leaf(node: fx.Node, path: tuple, which: str = "sepfx_ref"):
+    summary = node.meta.get(which)
+    if summary is None:
+        return None
+    for p, leaf in _flatten(summary):
+        if p == path:
+            return leaf
+    return None
+
+
+def tensor_shapes(node: fx.Node, path: tuple = ()):
+    """(reference shape, probe shape) of a tensor value, or None."""
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    if ref is None or probe is None or ref[0] != "tensor" or probe[0] != "tensor":
+        return None
+    return ref[1], probe[1]
+
+
+def scalar_values(node: fx.Node, path: tuple = ()):
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    if ref is None or probe is None or ref[0] != "value":
+        return None
+    return ref[1], probe[1]
+
+
+def is_tensor(node: Any, path: tuple = ()) -> bool:
+    return isinstance(node, fx.Node) and tensor_shapes(node, path) is not None
+
+
+class NodeContext:
+    """What a rule sees of one node while coupling. Every static axis of the node's tensor inputs
+    and outputs must be touched (linked, frozen, or declared harmless) by the rule; the ones it
+    leaves untouched are frozen afterwards."""
+
+    def __init__(self, builder: Builder, node: fx.Node):
+        self.b = builder
+        self.node = node
+        self.touched: set[AxisKey] = set()
+
+    # -- looking ----------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.b.modules[self.node.target]
+
+    def shape(self, x: Any = None, path: tuple = ()) -> tuple | None:
+        x = self.node if x is None else x
+        shapes = tensor_shapes(x, path) if isinstance(x, fx.Node) else None
+        return None if shapes is None else shapes[0]
+
+    def axis(self, x: Any = None, dim: int = 0, path: tuple = ()) -> Axis | None:
+        """The axis of tensor ``x`` (default: this node's output) at ``dim``; None when that dim
+        is dynamic (varies with batch/length), of size 1, or ``x`` is not a tensor."""
+        x = self.node if x is None else x
+        shapes = tensor_shapes(x, path) if isinstance(x, fx.Node) else None
+        if shapes is None:
+            return None
+        ref, probe = shapes
+        dim = dim % len(ref)
+        if len(ref) != len(probe) or ref[dim] != probe[dim] or ref[dim] <= 1:
+            return None
+        key = ("value", x.name, path, dim)
+        self.b.value_axes.setdefault((x.name, path), {})[dim] = key
+        return self.b.new_axis(key, ref[dim], f"{x.name}{_path_str(path)} dim {dim}")
+
+    def axes(self, x: Any = None, path: tuple = ()) -> list[Axis | None]:
+        shape = self.shape(x, path)
+        return [] if shape is None else [self.axis(x, d, path) for d in range(len(shape))]
+
+    def is_dynamic(self, x: Any, dim: int, path: tuple = ()) -> bool:
+        shapes = tensor_shapes(x, path)
+        return shapes is not None and shapes[0][dim] != shapes[1][dim]
+
+    def module_axis(self, name: str, size: int, qualname: str | None = None) -> Axis | None:
+        """A parameter axis of the called module (None if of size 1: nothing to prune)."""
+        if size <= 1:
+            return None
+        qualname = self.node.target if qualname is None else qualname
+        key = ("module", qualname, name)
+        self.b.module_axes.setdefault(qualname, {})[name] = key
+        return self.b.new_axis(key, size, f"{qualname} {name}")
+
+    def attr_axis(self, target: str, dim: int, size: int) -> Axis | None:
+        if size <= 1:
+            return None
+        key = ("attr", target, dim)
+        self.b.attr_axes.setdefault(target, {})[dim] = key
+        return self.b.new_axis(key, size, f"{target} dim {dim}")
+
+    # -- coupling ---------------------------------------------------------------------------
+    def touch(self, *axes: Axis | None) -> None:
+        self.touched.update(a.key for a in axes if a is not None)
+
+    def same(self, a: Axis | None, b: Axis | None) -> None:
+        """Index i of ``a`` is index i of ``b``."""
+        if a is None or b is None:
+            for axis in (a, b):  # one side dynamic or broadcast: the other cannot be pruned
+                if axis is not None:
+                    self.freeze(axis, "meets a dynamic or broadcast axis")
+            return
+        self.touch(a, b)
+        if a.size != b.size:
+            self.freeze(a, f"size {a.size} meets size {b.size}")
+            self.freeze(b, f"size {b.size} meets size {a.size}")
+            return
+        for i in range(a.size):
+            self.b.uf.union(a.start + i, b.start + i)
+
+    def link(self, a: Axis, index_a, b: Axis, index_b) -> None:
+        """Element index_a[k] of ``a`` lives and dies with element index_b[k] of ``b``."""
+        self.touch(a, b)
+        for i, j in zip(np.asarray(index_a).ravel(), np.asarray(index_b).ravel()):
+            self.b.uf.union(a.start + int(i), b.start + int(j))
+
+    def unite(self, a: Axis, indices) -> None:
+        """The given elements of ``a`` form one unit."""
+        self.touch(a)
+        indices = [int(i) for i in np.asarray(indices).ravel()]
+        for i in indices[1:]:
+            self.b.uf.union(a.start + indices[0], a.start + i)
+
+    def freeze(self, a: Axis | None, reason: str) -> None:
+        if a is not None:
+            self.touch(a)
+            self.b.freeze(a.key, f"{self.where()}: {reason}")
+
+    def freeze_all(self, reason: str) -> None:
+        for x in self.tensor_inputs() + [self.node]:
+            for path in self.tensor_paths(x):
+                for axis in self.axes(x, path):
+                    self.freeze(axis, reason)
+        for x in self.size_inputs():
+            for key in _read_keys(self.b.size_reads[x.name]):
+                self.touched.add(key)
+                self.b.freeze(key, f"{self.where()}: {reason}")
+
+    def cost(self, *terms: tuple[float, list[Axis | None]]) -> None:
+        """This node's MACs scale as sum(weight * prod(kept fraction of each axis))."""
+        self.b.cost_terms[self.node.name] = [
+            (float(w), [a.key for a in axes if a is not None]) for w, axes in terms]
+
+    def read_size(self, value) -> None:
+        """Record that this node's (int or shape) value carries sizes of the given axes."""
+        self.b.size_reads[self.node.name] = value
+
+    def size_read(self, x: Any):
+        return self.b.size_reads.get(x.name) if isinstance(x, fx.Node) else None
+
+    def round_to(self, axis: Axis, multiple: int) -> None:
+        self.b.round_to[axis.key] = multiple
+
+    # -- helpers ----------------------------------------------------------------------------
+    def where(self) -> str:
+        node = self.node
+        target = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__name__", str(node.target))
+        return f"node {node.name} ({node.op} {target})"
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: found.append(n))
+        return [n for n in dict.fromkeys(found) if any(True for _ in self.tensor_paths(n))]
+
+    def size_inputs(self) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: found.append(n))
+        return [n for n in dict.fromkeys(found) if n.name in self.b.size_reads]
+
+    @staticmethod
+    def tensor_paths(x: fx.Node) -> list[tuple]:
+        summary = x.meta.get("sepfx_ref")
+        if summary is None:
+            return []
+        return [p for p, leaf in _flatten(summary) if leaf[0] == "tensor"]
+
+
+def _read_keys(read) -> list[AxisKey]:
+    if read is None:
+        return []
+    if isinstance(read, dict):
+        return [k for k in read.values() if k is not None]
+    return [read]
+
+
+def _path_str(path: tuple) -> str:
+    return "".join(f"[{i}]" for i in path)
+
+
+# -- the pass -------------------------------------------------------------------------------
+def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor) -> ChannelAnalysis:
+    """Find the channel groups of ``gm`` (not modified, apart from shape metadata in
+    ``node.meta``)."""
+    from passes import rules as op_rules
+
+    propagate_shapes(gm, example_input)
+    builder = Builder(gm)
+    rule_of: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        ctx = NodeContext(builder, node)
+        rule = op_rules.lookup(node, builder.modules)
+        rule_of[node.name] = rule
+        if node.op == "placeholder":
+            for path in ctx.tensor_paths(node):
+                for axis in ctx.axes(node, path):
+                    ctx.freeze(axis, "model input")
+            continue
+        if node.op == "output":
+            ctx.freeze_all("model output")
+            continue
+        if rule is None:
+            ctx.freeze_all(f"no rule for {op_rules.describe_op(node, builder.modules)}")
+            continue
+        rule.couple(ctx)
+        _freeze_untouched(ctx, rule)
+    return _finish(gm, builder, rule_of, example_input)
+
+
+def _freeze_untouched(ctx: NodeContext, rule) -> None:
+    name = type(rule).__name__
+    for x in ctx.tensor_inputs() + [ctx.node]:
+        for path in ctx.tensor_paths(x):
+            for dim, axis in enumerate(ctx.axes(x, path)):
+                if axis is not None and axis.key not in ctx.touched:
+                    ctx.freeze(axis, f"{name} does not say how it maps dim {dim} of {x.name}")
+    for x in ctx.size_inputs():
+        for key in _read_keys(ctx.b.size_reads[x.name]):
+            if key not in ctx.touched:
+                ctx.touched.add(key)
+                ctx.b.freeze(key, f"{ctx.where()}: the size of this axis is used as a number "
+                                  f"({name} cannot adjust it)")
+
+
+def _finish(gm, builder: Builder, rule_of, example_input) -> ChannelAnalysis:
+    uf = builder.uf
+    n = len(uf.parent)
+    roots = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
+    owner = np.empty(n, dtype=object)
+    for axis in builder.axes.values():
+        owner[axis.start:axis.start + axis.size] = [axis.key] * axis.size
+    frozen_roots = set()
+    for key in builder.frozen_axes:
+        axis = builder.axes[key]
+        frozen_roots.update(roots[axis.start:axis.start + axis.size].tolist())
+    # members of each component, per axis
+    components: dict[int, dict[AxisKey, list[int]]] = {}
+    for axis in builder.axes.values():
+        for i in range(axis.size):
+            root = int(roots[axis.start + i])
+            if root not in frozen_roots:
+                components.setdefault(root, {}).setdefault(axis.key, []).append(i)
+    # units with the same signature (axes and multiplicities) form a group
+    by_signature: dict[tuple, list[int]] = {}
+    for root, members in components.items():
+        signature = tuple(sorted((k, len(v)) for k, v in members.items()))
+        by_signature.setdefault(signature, []).append(root)
+    element_unit = np.zeros(n, dtype=np.int64)
+    groups: list[ChannelGroup] = []
+    offset = 1
+    ordered = sorted(by_signature.items(), key=lambda item: min(
+        builder.axes[k].start + min(components[item[1][0]][k]) for k, _ in item[0]))
+    frozen = _frozen_report(builder)
+    for signature, unit_roots in ordered:
+        if not any(key[0] in ("module", "attr") for key, _ in signature):
+            # pruning it would save nothing and slice no parameter: keep it whole
+            label = builder.axes[signature[0][0]].label
+            frozen.append(Frozen(label, "its channels touch no parameter"))
+            continue
+        first_axis = signature[0][0]
+        unit_roots.sort(key=lambda r: components[r][first_axis][0])
+        positions = {key: np.array([components[r][key] for r in unit_roots], dtype=np.int64)
+                     for key, _ in signature}
+        for u, r in enumerate(unit_roots):
+            for key, idx in components[r].items():
+                axis = builder.axes[key]
+                element_unit[axis.start + np.asarray(idx)] = offset + u
+        round_to = max([builder.round_to.get(k, 1) for k, _ in signature] + [1])
+        groups.append(ChannelGroup(len(groups), len(unit_roots), positions,
+                                   _members(builder, positions), offset, round_to=round_to))
+        offset += len(unit_roots)
+    return ChannelAnalysis(gm, builder.axes, groups, frozen, element_unit, offset, rule_of,
+                           builder.value_axes, builder.module_axes, builder.attr_axes,
+                           builder.size_reads, builder.cost_terms, example_input)
+
+
+def _members(builder: Builder, positions) -> list[str]:
+    names = []
+    for key in positions:
+        if key[0] in ("module", "attr"):
+            names.append(builder.axes[key].label)
+    if not names:
+        names = [builder.axes[k].label for k in list(positions)[:3]]
+    return sorted(dict.fromkeys(names))
+
+
+def _frozen_report(builder: Builder) -> list[Frozen]:
+    """One entry per frozen axis that matters: parameters' axes and the axes rules froze."""
+    out = []
+    for key, reason in builder.frozen_axes.items():
+        out.append(Frozen(builder.axes[key].label, reason))
+    return out

@@ -1,0 +1,190 @@
+"""Functions and modules that run inside the GraphModules sepfx emits (gated and slim).
+
+The gated model computes, for a keep set, exactly what the slim model computes: pruned channels
+are zero everywhere, and every statistic that spans a channel axis (group/layer norm, a mean or
+variance over channels) counts kept channels only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _along(mask: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return mask.reshape(shape)
+
+
+def apply_gate(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero the channels of ``x`` along ``dim`` where ``mask`` is 0 (NaN/inf there included).
+
+    The value is ``where(mask > 0, x, 0)``; the gradient with respect to ``mask`` is the
+    straight-through one, ``x`` (so a closed gate still learns whether to reopen)."""
+    m = _along(mask, x.dim(), dim).to(x.dtype)
+    out = torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if mask.requires_grad:
+        out = out + (m - m.detach()) * torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0)
+    return out
+
+
+def _kept(x: torch.Tensor, masks: list, dims: list[int]) -> torch.Tensor:
+    """A broadcastable 0/1 tensor: 1 where every masked axis in ``dims`` is kept."""
+    kept = torch.ones((), dtype=x.dtype, device=x.device)
+    for mask, dim in zip(masks, dims):
+        if mask is not None:
+            kept = kept * (_along(mask, x.dim(), dim) > 0).to(x.dtype)
+    return kept
+
+
+def masked_moments(x, dims, masks, mask_dims, correction=0):
+    """Mean and variance of ``x`` over ``dims`` counting only kept channels."""
+    kept = _kept(x, masks, mask_dims).expand_as(x)
+    count = kept.sum(dim=dims, keepdim=True)
+    mean = (x * kept).sum(dim=dims, keepdim=True) / count.clamp_min(1)
+    centred = torch.where(kept > 0, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = (centred * centred).sum(dim=dims, keepdim=True) / (count - correction).clamp_min(1)
+    return mean, var
+
+
+def masked_reduce(kind: str, x, dims, keepdim, correction, masks, mask_dims):
+    """``x.mean/var/std(dims)`` over kept channels only (``masks[i]`` masks ``mask_dims[i]``)."""
+    dims = [d % x.dim() for d in dims]
+    mean, var = masked_moments(x, dims, masks, mask_dims, correction)
+    out = {"mean": mean, "var": var}.get(kind)
+    if out is None:
+        out = var.sqrt()
+    return out if keepdim else out.squeeze(tuple(dims))
+
+
+def masked_group_norm(x, num_groups: int, weight, bias, eps: float, mask):
+    b, c = x.shape[0], x.shape[1]
+    kept = (_along(mask, x.dim(), 1) > 0).to(x.dtype).expand_as(x).reshape(b, num_groups, -1)
+    xg = x.reshape(b, num_groups, -1)
+    count = kept.sum(-1, keepdim=True).clamp_min(1)
+    mean = (xg * kept).sum(-1, keepdim=True) / count
+    centred = torch.where(kept > 0, xg - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = (centred * centred).sum(-1, keepdim=True) / count
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * _along(weight, x.dim(), 1) + _along(bias, x.dim(), 1)
+    return y
+
+
+def masked_layer_norm(x, k: int, weight, bias, eps: float, masks: list):
+    """LayerNorm over the last ``k`` dims of ``x``; ``masks[i]`` masks dim ``-k + i``."""
+    dims = list(range(x.dim() - k, x.dim()))
+    mean, var = masked_moments(x, dims, masks, dims)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+# -- recurrent layers -------------------------------------------------------------------------
+def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
+    """Row scale for a stacked gate weight: the candidate block (LSTM's g, GRU's n) times mask.
+
+    With its candidate zeroed a unit's cell and hidden state stay exactly 0 from a zero initial
+    state, which is what removing the unit computes."""
+    h = rnn.hidden_size
+    blocks = 4 if isinstance(rnn, nn.LSTM) else 3
+    ones = torch.ones(h, dtype=mask.dtype, device=mask.device)
+    parts = [ones] * blocks
+    parts[2] = mask
+    return torch.cat(parts)
+
+
+class GatedRNN(nn.Module):
+    """An nn.LSTM/nn.GRU whose hidden units are gated; weights stay those of ``rnn``."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hidden_mask):
+        rows = _candidate_rows(self.rnn, hidden_mask)
+        params = {}
+        for name in self.rnn._flat_weights_names:
+            w = getattr(self.rnn, name)
+            if name.startswith(("weight_ih", "weight_hh")):
+                w = w * rows[:, None].to(w.dtype)
+            else:
+                w = w * rows.to(w.dtype)
+            params[name] = w
+        return torch.func.functional_call(self.rnn, params, (x,))
+
+
+# -- attention ---------------------------------------------------------------------------------
+def attention(query, key, value, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int, head_dim: int,
+              batch_first: bool, head_mask=None):
+    """Multi-head attention with separate projections, computed with plain ops (exports to any
+    ONNX opset). ``head_mask`` (one entry per internal dim) zeroes pruned heads' outputs."""
+    if not batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    b, lq = query.shape[0], query.shape[1]
+    lk = key.shape[1]
+    q = F.linear(query, wq, bq).reshape(b, lq, num_heads, head_dim).transpose(1, 2)
+    k = F.linear(key, wk, bk).reshape(b, lk, num_heads, head_dim).transpose(1, 2)
+    v = F.linear(value, wv, bv).reshape(b, lk, num_heads, head_dim).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [b, heads, lq, head_dim]
+    out = out.transpose(1, 2).reshape(b, lq, num_heads * head_dim)
+    if head_mask is not None:
+        out = apply_gate(out, head_mask, 2)
+    out = F.linear(out, wo, bo)
+    return out if batch_first else out.transpose(0, 1)
+
+
+def _mha_weights(mha: nn.MultiheadAttention):
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]
+    else:
+        bq = bk = bv = None
+    return wq, bq, wk, bk, wv, bv, mha.out_proj.weight, mha.out_proj.bias
+
+
+class GatedAttention(nn.Module):
+    """nn.MultiheadAttention with pruned heads zeroed (weights stay those of ``mha``)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, query, key, value, head_mask, **unused):
+        m = self.mha
+        out = attention(query, key, value, *_mha_weights(m), m.num_heads, m.head_dim,
+                        m.batch_first, head_mask)
+        return out, None
+
+
+class SlimMultiheadAttention(nn.Module):
+    """Multi-head attention whose input, internal (heads x head_dim) and output widths are
+    independent, which is what pruning nn.MultiheadAttention leaves. Same call signature."""
+
+    def __init__(self, q_in: int, k_in: int, v_in: int, num_heads: int, head_dim: int,
+                 out_dim: int, bias: bool = True, batch_first: bool = False):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(q_in, inner, bias=bias)
+        self.k_proj = nn.Linear(k_in, inner, bias=bias)
+        self.v_proj = nn.Linear(v_in, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, out_dim, bias=bias)
+        self.num_heads, self.head_dim, self.batch_first = num_heads, head_dim, batch_first
+
+    def forward(self, query, key, value, **unused):
+        out = attention(query, key, value, self.q_proj.weight, self.q_proj.bias,
+                        self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
+                        self.v_proj.bias, self.out_proj.weight, self.out_proj.bias,
+                        self.num_heads, self.head_dim, self.batch_first)
+        return out, None
