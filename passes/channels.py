@@ -58,6 +58,7 @@ class ChannelGroup:
 class Frozen:
     label: str
     reason: str
+    parameters: list[str] = field(default_factory=list)  # parameter axes kept whole by it
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ChannelAnalysis:
     module_axes: dict[str, dict[str, AxisKey]]
     attr_axes: dict[str, dict[int, AxisKey]]
     size_reads: dict[str, Any]  # node -> axis key (int) or {dim: axis key} (shape)
-    cost_terms: dict[str, list[tuple[float, list[AxisKey]]]]
+    cost_terms: dict[str, tuple[bool, list[tuple[float, list[AxisKey]]]]]
     example_input: torch.Tensor
 
     def axis_units(self, key: AxisKey) -> np.ndarray:
@@ -322,10 +323,12 @@ class NodeContext:
                 self.touched.add(key)
                 self.b.freeze(key, f"{self.where()}: {reason}")
 
-    def cost(self, *terms: tuple[float, list[Axis | None]]) -> None:
-        """This node's MACs scale as sum(weight * prod(kept fraction of each axis))."""
-        self.b.cost_terms[self.node.name] = [
-            (float(w), [a.key for a in axes if a is not None]) for w, axes in terms]
+    def cost(self, *terms: tuple[float, list[Axis | None]], absolute: bool = False) -> None:
+        """This node's MACs are sum(weight * prod(kept fraction of each axis)), the weights
+        being fractions of its counted MACs, or MACs themselves if ``absolute`` (closed forms
+        for ops the counter cannot see into)."""
+        self.b.cost_terms[self.node.name] = (absolute, [
+            (float(w), [a.key for a in axes if a is not None]) for w, axes in terms])
 
     def read_size(self, value) -> None:
         """Record that this node's (int or shape) value carries sizes of the given axes."""
@@ -446,7 +449,7 @@ def _finish(gm, builder: Builder, rule_of, example_input) -> ChannelAnalysis:
     offset = 1
     ordered = sorted(by_signature.items(), key=lambda item: min(
         builder.axes[k].start + min(components[item[1][0]][k]) for k, _ in item[0]))
-    frozen = _frozen_report(builder)
+    frozen = _frozen_report(builder, roots)
     for signature, unit_roots in ordered:
         if not any(key[0] in ("module", "attr") for key, _ in signature):
             # pruning it would save nothing and slice no parameter: keep it whole
@@ -480,9 +483,18 @@ def _members(builder: Builder, positions) -> list[str]:
     return sorted(dict.fromkeys(names))
 
 
-def _frozen_report(builder: Builder) -> list[Frozen]:
-    """One entry per frozen axis that matters: parameters' axes and the axes rules froze."""
+def _frozen_report(builder: Builder, roots: np.ndarray) -> list[Frozen]:
+    """One entry per frozen axis, with the parameter axes it keeps whole."""
+    params_of_root: dict[int, set[str]] = {}
+    for axis in builder.axes.values():
+        if axis.key[0] in ("module", "attr"):
+            for r in set(roots[axis.start:axis.start + axis.size].tolist()):
+                params_of_root.setdefault(r, set()).add(axis.label)
     out = []
     for key, reason in builder.frozen_axes.items():
-        out.append(Frozen(builder.axes[key].label, reason))
+        axis = builder.axes[key]
+        params: set[str] = set()
+        for r in set(roots[axis.start:axis.start + axis.size].tolist()):
+            params |= params_of_root.get(r, set())
+        out.append(Frozen(axis.label, reason, sorted(params)))
     return out

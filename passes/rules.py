@@ -130,8 +130,23 @@ ELEMENTWISE = RULES.add(
              "__truediv__", "__radd__", "__rmul__", "__rsub__", "neg", "pow", "relu",
              "sigmoid", "tanh", "exp", "abs", "sqrt", "rsqrt", "clamp", "clamp_min",
              "clamp_max", "square", "log", "sin", "cos", "contiguous", "float", "double",
-             "half", "to", "type_as", "detach", "clone", "masked_fill", "zero_", "sign",
+             "half", "detach", "clone", "masked_fill", "zero_", "sign",
              "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "tanh_", "new_zeros_like"])
+
+
+class CastRule:
+    """x.to(...), x.type_as(y): the data is x; a tensor argument only lends dtype/device."""
+
+    def couple(self, ctx):
+        x = ctx.node.args[0]
+        for a, o in zip(ctx.axes(x), ctx.axes()):
+            ctx.same(a, o)
+        for other in ctx.tensor_inputs():
+            if other is not x:
+                ctx.touch(*ctx.axes(other))
+
+
+RULES.add(CastRule(), methods=["to", "type_as", "type"])
 
 
 class PReLURule:
@@ -412,7 +427,7 @@ class RecurrentRule:
         terms = [(unit * m.input_size, [m_in, hidden])]
         terms += [(unit * d * h, [hidden, hidden])] * (m.num_layers - 1)
         terms += [(unit * h, [hidden, hidden])] * m.num_layers
-        ctx.cost(*terms)
+        ctx.cost(*terms, absolute=True)
 
     def gated(self, g, node):
         mask = g.module_mask(node.target, "hidden")
@@ -497,7 +512,7 @@ class AttentionRule:
         b = ctx.shape(q)[batch]
         ctx.cost((b * lq * e * e, [ins[0], heads]), (b * lk * m.kdim * e, [ins[1], heads]),
                  (b * lk * m.vdim * e, [ins[2], heads]), (2 * b * lq * lk * e, [heads]),
-                 (b * lq * e * e, [heads, out]))
+                 (b * lq * e * e, [heads, out]), absolute=True)
 
     def gated(self, g, node):
         mask = g.module_mask(node.target, "heads")
@@ -710,6 +725,9 @@ class ReshapeRule:
         for dims_in, dims_out in groups:
             dynamic = any(ref_in[d] != probe_in[d] for d in dims_in) or \
                 any(ref_out[d] != probe_out[d] for d in dims_out)
+            if dynamic and self._inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in,
+                                              ref_out, probe_out):
+                continue
             if dynamic:
                 for d in dims_in:
                     ctx.freeze(ctx.axis(x, d), "merged with or split from a batch/time axis") \
@@ -727,6 +745,25 @@ class ReshapeRule:
                 for d in dims_out:
                     ctx.freeze(ctx.axis(None, d), "reshape regroups several axes")
         self._shape_args(ctx, ref_out)
+
+    @staticmethod
+    def _inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in, ref_out, probe_out) -> bool:
+        """[B, r*C] <-> [B*r, C] (a mask conv's n_src x C channels folded into the batch, or
+        unfolded back): when the one static axis on each side is the innermost of the group,
+        channel c on the narrow side is channel c of every block of the wide side."""
+        static_in = [d for d in dims_in if ref_in[d] == probe_in[d]]
+        static_out = [d for d in dims_out if ref_out[d] == probe_out[d]]
+        if len(static_in) != 1 or len(static_out) != 1 or static_in[0] != dims_in[-1] \
+                or static_out[0] != dims_out[-1]:
+            return False
+        a, o = ctx.axis(x, static_in[0]), ctx.axis(None, static_out[0])
+        if a is None or o is None or (a.size % o.size and o.size % a.size):
+            return False
+        if a.size >= o.size:
+            ctx.link(a, np.arange(a.size), o, np.arange(a.size) % o.size)
+        else:
+            ctx.link(a, np.arange(o.size) % a.size, o, np.arange(o.size))
+        return True
 
     @staticmethod
     def _factor(ctx, x, dims_in, dims_out, ref_in, ref_out):

@@ -1,0 +1,104 @@
+"""MACs of a GraphModule as a function of the channels each group keeps.
+
+Each node's dense MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) while
+the graph runs on the reference input; nodes whose rule gives a closed form (LSTM/GRU, which
+the counter does not see inside, and attention) use it instead. A rule's cost terms say how
+the node's MACs scale with the kept fraction of each axis, so the model gives both the MACs of a
+keep set and, for gate learning, the expected MACs of keep probabilities (differentiable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from passes.channels import AxisKey, ChannelAnalysis
+
+
+class _MacCounter(fx.Interpreter):
+    def run_node(self, n):
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        n.meta["sepfx_counted_macs"] = counter.get_total_flops() / 2
+        return result
+
+
+@dataclass
+class CostModel:
+    dense_macs: float
+    constant_macs: float  # MACs of nodes that scale with no prunable axis
+    terms: list[tuple[float, list[AxisKey]]]  # (dense MACs, axes whose kept fractions scale it)
+    node_macs: dict[str, float]
+    analysis: ChannelAnalysis
+    reference_shape: tuple
+
+    def _fractions(self, flat: torch.Tensor) -> dict[AxisKey, torch.Tensor]:
+        fractions = {}
+        for _, axes in self.terms:
+            for key in axes:
+                if key not in fractions:
+                    units = torch.as_tensor(self.analysis.axis_units(key))
+                    fractions[key] = flat[units].mean()
+        return fractions
+
+    def expected_macs(self, flat_keep_probability: torch.Tensor) -> torch.Tensor:
+        """MACs when unit u is kept with probability p[u] (p[0] = 1): differentiable."""
+        fractions = self._fractions(flat_keep_probability)
+        total = torch.as_tensor(self.constant_macs, dtype=flat_keep_probability.dtype)
+        for macs, axes in self.terms:
+            term = torch.as_tensor(macs, dtype=flat_keep_probability.dtype)
+            for key in axes:
+                term = term * fractions[key]
+            total = total + term
+        return total
+
+    def macs(self, flat_keep: np.ndarray) -> float:
+        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
+        return float(self.expected_macs(flat))
+
+    def group_shares(self) -> list[float]:
+        """Per group: the fraction of dense MACs that scales with its channels."""
+        shares = []
+        for group in self.analysis.groups:
+            flat = np.ones(self.analysis.num_units)
+            flat[group.offset:group.offset + group.size] = 0.0
+            shares.append((self.dense_macs - self.macs(flat)) / max(self.dense_macs, 1.0))
+        return shares
+
+    def floor_macs(self) -> float:
+        """MACs with every group at one unit: no keep set can go below (about) this."""
+        flat = np.zeros(self.analysis.num_units)
+        flat[0] = 1.0
+        for group in self.analysis.groups:
+            flat[group.offset] = 1.0
+        return self.macs(flat)
+
+
+def cost_model(analysis: ChannelAnalysis) -> CostModel:
+    """Count each node's MACs on the analysis' reference input and attach them to groups."""
+    gm = analysis.graph_module
+    with torch.no_grad():
+        _MacCounter(gm).run(analysis.example_input)
+    constant = 0.0
+    terms: list[tuple[float, list[AxisKey]]] = []
+    node_macs: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        counted = node.meta.pop("sepfx_counted_macs", 0.0)
+        if node.name not in analysis.cost_terms:
+            node_macs[node.name] = counted
+            constant += counted
+            continue
+        absolute, node_terms = analysis.cost_terms[node.name]
+        scaled = [(w if absolute else w * counted, axes) for w, axes in node_terms]
+        node_macs[node.name] = sum(w for w, _ in scaled)
+        terms += [(w, axes) for w, axes in scaled if axes]
+        constant += sum(w for w, axes in scaled if not axes)
+    dense = constant + sum(w for w, _ in terms)
+    model = CostModel(dense, constant, terms, node_macs, analysis,
+                      tuple(analysis.example_input.shape))
+    for group, share in zip(analysis.groups, model.group_shares()):
+        group.macs_share = share
+    return model
