@@ -1,0 +1,133 @@
+"""ONNX export with a dynamic batch and time axis, checked against ONNX Runtime.
+
+The legacy TorchScript-based exporter is tried first (fast, one self-contained file); the dynamo
+exporter is the fallback, always with ``external_data=False`` (one file) and ``optimize=False``
+(its optimizer has been seen to turn a correct transformer into all-NaN output). Either way ONNX
+Runtime's output is compared with PyTorch's at the example input and at a second batch size and
+length; where the model's own code fixes the length (a leaf that turns a length into a Python
+int), the export is redone at the example's fixed length and the result says so.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sepfx.errors import ExportError, InputError
+
+
+@dataclass
+class ExportResult:
+    path: str
+    exporter: str
+    dynamic_time: bool
+    errors: dict[str, float] = field(default_factory=dict)  # input shape -> max relative error
+    notes: list[str] = field(default_factory=list)
+
+
+def _other_input(example: torch.Tensor) -> torch.Tensor:
+    shape = list(example.shape)
+    shape[0] += 1
+    shape[-1] = shape[-1] + shape[-1] // 2 + 37
+    return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=example.dtype)
+
+
+def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
+    if expected.shape != got.shape:
+        return float("inf")
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    return float(np.abs(expected - got).max() / scale)
+
+
+def _export(model, example, path, exporter: str, dynamic_time: bool, opset: int) -> None:
+    in_rank = example.dim()
+    with torch.no_grad():
+        out_rank = model(example).dim()
+    in_axes = {0: "batch"}
+    out_axes = {0: "batch"}
+    if dynamic_time:
+        in_axes[in_rank - 1] = "time"
+        out_axes[out_rank - 1] = "time"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
+                              input_names=["mixture"], output_names=["sources"],
+                              dynamic_axes={"mixture": in_axes, "sources": out_axes})
+        else:
+            dims = {d: torch.export.Dim.AUTO for d in in_axes}
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
+                              optimize=False, input_names=["mixture"],
+                              output_names=["sources"], dynamic_shapes=({**dims},))
+
+
+def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[str, float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    errors = {}
+    for x in inputs:
+        with torch.no_grad():
+            expected = model(x).detach().cpu().numpy()
+        try:
+            got = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0]
+            errors[str(list(x.shape))] = _relative_error(expected, got)
+        except Exception:  # ONNX Runtime refuses this shape
+            errors[str(list(x.shape))] = float("inf")
+    return errors
+
+
+def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None = None, *,
+                opset: int = 17, rtol: float = 1e-4) -> ExportResult:
+    """Export ``model`` to the single file ``path`` and check ONNX Runtime against PyTorch.
+
+    ``example_input`` defaults to the input the model was compiled with
+    (``model.sepfx_example_input``). Raises ``ExportError`` when no export matches PyTorch."""
+    if example_input is None:
+        example_input = getattr(model, "sepfx_example_input", None)
+    if example_input is None:
+        raise InputError("export_onnx needs an example_input: this model was not made by sepfx, "
+                         "so pass one, e.g. torch.randn(1, 8000)")
+    path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = example_input.detach().cpu()
+    model = model.cpu()
+    other = _other_input(example)
+    failures = []
+    for dynamic_time in (True, False):
+        inputs = [example, other] if dynamic_time else [example, _batch_only(example)]
+        for exporter in ("torchscript", "dynamo"):
+            with tempfile.TemporaryDirectory() as tmp:
+                candidate = os.path.join(tmp, "model.onnx")
+                try:
+                    _export(model, example, candidate, exporter, dynamic_time, opset)
+                    errors = _check(candidate, model, inputs, rtol)
+                except Exception as error:
+                    failures.append(f"{exporter} (dynamic time={dynamic_time}): "
+                                    f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                    continue
+                if all(e <= rtol for e in errors.values()):
+                    os.replace(candidate, path)
+                    notes = [] if dynamic_time else [
+                        f"exported at the fixed length {example.shape[-1]}: the model's own code "
+                        "fixes the length (at another length ONNX Runtime disagreed with PyTorch)"]
+                    return ExportResult(path, exporter, dynamic_time, errors, notes)
+                failures.append(f"{exporter} (dynamic time={dynamic_time}): ONNX Runtime differs "
+                                f"from PyTorch: max relative error {errors}")
+    raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
+
+
+def _batch_only(example: torch.Tensor) -> torch.Tensor:
+    shape = list(example.shape)
+    shape[0] += 1
+    return torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=example.dtype)

@@ -1,0 +1,188 @@
+"""The compiler front: trace -> channel groups -> cost model, and slim models from keep sets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from passes.channels import ChannelAnalysis, analyze_channels
+from passes.cost import CostModel, cost_model
+from passes.gates import insert_gates
+from passes.slim import check_keep, slim
+from passes.trace import TraceResult, trace
+from sepfx.errors import InputError
+from sepfx.report import FrozenRow, GroupRow, Report
+
+
+def default_example_input(model: nn.Module, seconds: float = 1.0) -> torch.Tensor:
+    """One second of noise at the model's ``sample_rate`` (8 kHz if it has none), batch 1."""
+    rate = int(getattr(model, "sample_rate", 8000))
+    generator = torch.Generator().manual_seed(0)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(1, int(rate * seconds), generator=generator, dtype=dtype)
+
+
+class Analysis:
+    """A model traced and analysed once; slim or gated models for any keep set.
+
+    ``keep`` sets are ``{group index: indices of units to keep}``."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"sepfx needs a torch.nn.Module, got {type(model).__name__}")
+        if example_input is None:
+            example_input = default_example_input(model)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        example_input = example_input.to(device)
+        self.model_name = type(model).__name__
+        self.sample_rate = getattr(model, "sample_rate", None)
+        self.traced: TraceResult = trace(model, example_input)
+        self.channels: ChannelAnalysis = analyze_channels(self.traced.graph_module, example_input)
+        self.cost: CostModel = cost_model(self.channels)
+        self.example_input = example_input
+        self.dense_params = sum(p.numel() for p in self.traced.graph_module.parameters())
+
+    @property
+    def groups(self):
+        return self.channels.groups
+
+    # -- keep sets -------------------------------------------------------------------------
+    def keep_all(self) -> dict[int, np.ndarray]:
+        return {g.index: np.arange(g.size) for g in self.groups}
+
+    def keep_ratio(self, ratio: float, importance: str = "magnitude", seed: int = 0):
+        """Keep ``ratio`` of every group's units (at least one): the largest by weight magnitude,
+        the first ones, or random ones (``importance`` = "magnitude" | "first" | "random")."""
+        if not 0 < ratio <= 1:
+            raise InputError(f"keep ratio must be in (0, 1], got {ratio}")
+        scores = self.unit_magnitudes() if importance == "magnitude" else None
+        rng = np.random.default_rng(seed)
+        keep = {}
+        for g in self.groups:
+            n = max(1, int(round(ratio * g.size)))
+            if importance == "first":
+                idx = np.arange(n)
+            elif importance == "random":
+                idx = rng.choice(g.size, n, replace=False)
+            elif importance == "magnitude":
+                idx = np.argsort(-scores[g.index], kind="stable")[:n]
+            else:
+                raise InputError(f"importance must be 'magnitude', 'first' or 'random', "
+                                 f"got {importance!r}")
+            keep[g.index] = np.sort(idx)
+        return keep
+
+    def unit_magnitudes(self) -> dict[int, np.ndarray]:
+        """Per group, a data-free score per unit: the L2 norms of the parameter slices it owns,
+        each member normalised by its mean so that members of different scale count alike."""
+        gm = self.traced.graph_module
+        scores = {}
+        for g in self.groups:
+            total = np.zeros(g.size)
+            for key, positions in g.positions.items():
+                norms = _slice_norms(gm, self.channels, key)
+                if norms is None:
+                    continue
+                per_unit = norms[positions].sum(axis=1)
+                total += per_unit / max(per_unit.mean(), 1e-12)
+            scores[g.index] = total
+        return scores
+
+    # -- models -----------------------------------------------------------------------------
+    def gated(self, keep: dict | None = None) -> fx.GraphModule:
+        """The hard-gated reference at the original width (all kept if ``keep`` is None)."""
+        flat = None if keep is None else self.channels.keep_vector(check_keep(self.channels, keep))
+        return insert_gates(self.channels, flat)
+
+    def slim(self, keep: dict, budget: float | None = None, notes=()) -> fx.GraphModule:
+        model = slim(self.channels, keep)
+        model.sepfx_example_input = self.example_input
+        model.sepfx_report = self.report(keep, model, budget=budget, notes=list(notes))
+        return model
+
+    def report(self, keep: dict | None = None, slim_model: nn.Module | None = None,
+               budget: float | None = None, notes: list[str] | None = None) -> Report:
+        keep = self.keep_all() if keep is None else check_keep(self.channels, keep)
+        flat = self.channels.keep_vector(keep)
+        params = self.dense_params if slim_model is None else sum(
+            p.numel() for p in slim_model.parameters())
+        groups = [GroupRow(g.index, g.size, len(keep[g.index]), g.macs_share, g.members)
+                  for g in self.groups]
+        frozen = [FrozenRow(f.label, f.reason, f.parameters) for f in self.channels.frozen]
+        flat_none = np.zeros(self.channels.num_units)
+        flat_none[0] = 1
+        prunable = 1 - self.cost.macs(flat_none) / max(self.cost.dense_macs, 1)
+        return Report(self.model_name, tuple(self.example_input.shape), self.sample_rate,
+                      groups, frozen, dict(self.traced.leaves), list(self.traced.assumptions),
+                      self.cost.dense_macs, self.cost.macs(flat), self.dense_params, params,
+                      prunable, budget, list(notes or []))
+
+
+def _slice_norms(gm: fx.GraphModule, analysis: ChannelAnalysis, key) -> np.ndarray | None:
+    """L2 norm of each index's slice of the parameters behind a module or attribute axis."""
+    kind = key[0]
+    if kind == "attr":
+        tensor, dim = _fetch(gm, key[1]), key[2]
+        return _norms(tensor, dim)
+    if kind != "module":
+        return None
+    module = gm.get_submodule(key[1])
+    total = None
+    for tensor, dim in _module_slices(module, key[2]):
+        n = _norms(tensor, dim)
+        total = n if total is None else total + n
+    return total
+
+
+def _module_slices(module: nn.Module, axis: str):
+    """(parameter, dim) pairs that an axis of a module indexes, for magnitude scores."""
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        grouped = getattr(module, "groups", 1) > 1  # then one weight dim is per-group only
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        if axis == "in":
+            return [(weight, in_dim)] if in_dim == 0 or not grouped else []
+        if axis == "out":
+            bias = [(module.bias, 0)] if module.bias is not None else []
+            return ([(weight, out_dim)] if out_dim == 0 or not grouped else []) + bias
+        return []
+    if axis in ("channels", "weight", "dim0") and weight is not None and weight.dim() >= 1:
+        return [(weight, 0)] + ([(module.bias, 0)] if getattr(module, "bias", None) is not None else [])
+    if isinstance(module, nn.MultiheadAttention) and axis == "heads":
+        rows = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
+        return [(rows[: module.embed_dim], 0), (module.out_proj.weight, 1)]
+    if isinstance(module, nn.RNNBase) and axis == "hidden":
+        return [(module.weight_hh_l0, 1)]
+    return []
+
+
+def _norms(tensor: torch.Tensor, dim: int) -> np.ndarray:
+    t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    return t.norm(dim=1).cpu().numpy().astype(np.float64)
+
+
+def _fetch(root, target):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor | None = None) -> Analysis:
+    """Trace ``model`` (never modified) and find its channel groups and their MAC shares."""
+    return Analysis(model, example_input)
+
+
+def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = None,
+          importance: str = "magnitude", example_input: torch.Tensor | None = None
+          ) -> fx.GraphModule:
+    """The slim GraphModule of ``model`` for an explicit keep set, or keeping ``ratio`` of every
+    group by ``importance``. Its report is ``slim.sepfx_report``."""
+    if (keep is None) == (ratio is None):
+        raise InputError("prune needs exactly one of keep= (a keep set) or ratio= (a fraction)")
+    analysis = Analysis(model, example_input)
+    if keep is None:
+        keep = analysis.keep_ratio(ratio, importance)
+    return analysis.slim(keep)
