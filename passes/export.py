@@ -9,6 +9,7 @@ int), the export is redone at the example's fixed length and the result says so.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import fx
+
+from passes.runtime import EXPORT_LOWERINGS
 
 from sepfx.errors import ExportError, InputError
 
@@ -102,6 +106,7 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
     model = model.eval()
     example = example_input.detach().cpu()
     model = model.cpu()
+    lowered = _lower(model)
     other = _other_input(example)
     failures = []
     for dynamic_time in (True, False):
@@ -110,7 +115,7 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
             with tempfile.TemporaryDirectory() as tmp:
                 candidate = os.path.join(tmp, "model.onnx")
                 try:
-                    _export(model, example, candidate, exporter, dynamic_time, opset)
+                    _export(lowered, example, candidate, exporter, dynamic_time, opset)
                     errors = _check(candidate, model, inputs, rtol)
                 except Exception as error:
                     failures.append(f"{exporter} (dynamic time={dynamic_time}): "
@@ -125,6 +130,20 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
                 failures.append(f"{exporter} (dynamic time={dynamic_time}): ONNX Runtime differs "
                                 f"from PyTorch: max relative error {errors}")
     raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
+
+
+def _lower(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a GraphModule with ops the exporters cannot keep dynamic replaced by
+    equivalent exportable ones (``runtime.EXPORT_LOWERINGS``); other models as they are."""
+    if not isinstance(model, fx.GraphModule) or not any(
+            n.op == "call_function" and n.target in EXPORT_LOWERINGS for n in model.graph.nodes):
+        return model
+    lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
+    for node in lowered.graph.nodes:
+        if node.op == "call_function" and node.target in EXPORT_LOWERINGS:
+            node.target = EXPORT_LOWERINGS[node.target]
+    lowered.recompile()
+    return lowered
 
 
 def _batch_only(example: torch.Tensor) -> torch.Tensor:

@@ -188,3 +188,23 @@ class SlimMultiheadAttention(nn.Module):
                         self.v_proj.bias, self.out_proj.weight, self.out_proj.bias,
                         self.num_heads, self.head_dim, self.batch_first)
         return out, None
+
+
+# -- export lowerings --------------------------------------------------------------------------
+def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool1d as a matmul with a bin-averaging matrix built from the sizes at run
+    time (PyTorch's bins: [floor(i*L/n), ceil((i+1)*L/n))), so that an ONNX export keeps both
+    lengths dynamic; the exporters refuse or fix them for the built-in op."""
+    if isinstance(output_size, (tuple, list)):
+        output_size = output_size[0]
+    length = x.shape[-1]
+    i = torch.arange(output_size, device=x.device)
+    start = torch.div(i * length, output_size, rounding_mode="floor")
+    end = torch.div((i + 1) * length + output_size - 1, output_size, rounding_mode="floor")
+    j = torch.arange(length, device=x.device)
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    weights = inside.to(x.dtype) / (end - start)[:, None].to(x.dtype)
+    return torch.matmul(x, weights.transpose(0, 1))
+
+
+EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
