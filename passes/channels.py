@@ -47,7 +47,6 @@ class ChannelGroup:
     members: list[str]
     offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
     macs_share: float = 0.0  # filled by the cost pass
-    round_to: int = 1  # kept count granularity the slim model needs (e.g. heads stay whole)
 
     def describe(self) -> str:
         head = ", ".join(self.members[:4]) + (" ..." if len(self.members) > 4 else "")
@@ -176,7 +175,6 @@ class Builder:
         self.attr_axes: dict[str, dict[int, AxisKey]] = {}
         self.size_reads: dict[str, Any] = {}
         self.cost_terms: dict[str, list] = {}
-        self.round_to: dict[AxisKey, int] = {}
 
     def new_axis(self, key: AxisKey, size: int, label: str) -> Axis:
         axis = self.axes.get(key)
@@ -337,9 +335,6 @@ class NodeContext:
     def size_read(self, x: Any):
         return self.b.size_reads.get(x.name) if isinstance(x, fx.Node) else None
 
-    def round_to(self, axis: Axis, multiple: int) -> None:
-        self.b.round_to[axis.key] = multiple
-
     # -- helpers ----------------------------------------------------------------------------
     def where(self) -> str:
         node = self.node
@@ -464,9 +459,8 @@ def _finish(gm, builder: Builder, rule_of, example_input) -> ChannelAnalysis:
             for key, idx in components[r].items():
                 axis = builder.axes[key]
                 element_unit[axis.start + np.asarray(idx)] = offset + u
-        round_to = max([builder.round_to.get(k, 1) for k, _ in signature] + [1])
         groups.append(ChannelGroup(len(groups), len(unit_roots), positions,
-                                   _members(builder, positions), offset, round_to=round_to))
+                                   _members(builder, positions), offset))
         offset += len(unit_roots)
     return ChannelAnalysis(gm, builder.axes, groups, frozen, element_unit, offset, rule_of,
                            builder.value_axes, builder.module_axes, builder.attr_axes,

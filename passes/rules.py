@@ -486,7 +486,6 @@ class AttentionRule:
         heads = ctx.module_axis("heads", e)
         for i in range(h):
             ctx.unite(heads, np.arange(i * hd, (i + 1) * hd))
-        ctx.round_to(heads, hd)
         if m._qkv_same_embed_dim:
             ins = [ctx.module_axis("in", e)] * 3
         else:

@@ -8,9 +8,11 @@ See README.md. ``sepfx.analyze`` / ``sepfx.prune`` give the compiler's pieces di
 """
 from passes.export import ExportResult, export_onnx
 from sepfx import errors
+from sepfx.io import load, save
 from sepfx.core import Analysis, analyze, default_example_input, prune
+from sepfx.learn import compile, finetune, learn_gates
 from sepfx.report import Report
 
-__all__ = ["Analysis", "ExportResult", "Report", "analyze", "default_example_input", "errors",
-           "export_onnx", "prune"]
+__all__ = ["Analysis", "ExportResult", "Report", "analyze", "compile", "default_example_input",
+           "errors", "export_onnx", "finetune", "learn_gates", "load", "prune", "save"]
 __version__ = "0.1.0"

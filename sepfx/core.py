@@ -37,6 +37,7 @@ class Analysis:
         example_input = example_input.to(device)
         self.model_name = type(model).__name__
         self.sample_rate = getattr(model, "sample_rate", None)
+        self.n_src = getattr(model, "n_src", None)
         self.traced: TraceResult = trace(model, example_input)
         self.channels: ChannelAnalysis = analyze_channels(self.traced.graph_module, example_input)
         self.cost: CostModel = cost_model(self.channels)

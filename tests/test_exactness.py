@@ -32,15 +32,27 @@ def _describe(keep) -> str:
 
 def _check_keep_sets(analysis, sets, inputs, tol):
     failures = []
+    reference = {}  # input index -> gated output with everything kept
     with torch.no_grad():
         for label, keep in sets:
             gated, slim = analysis.gated(keep), analysis.slim(keep)
-            for x in inputs:
+            for i, x in enumerate(inputs):
                 expected, got = gated(x), slim(x)
+                if label == "all":
+                    reference[i] = expected
+                elif label == "single":
+                    reference[("single", i)] = expected
                 err = max_relative_error(expected, got)
                 if not err <= tol:
                     failures.append(f"keep set {label} {_describe(keep)} input "
                                     f"{list(x.shape)}: max relative error {err:.3g} > {tol:g}")
+    # the gates do something: keeping one unit per group changes the output
+    for i in range(len(inputs)):
+        if i in reference and ("single", i) in reference:
+            change = max_relative_error(reference[i], reference[("single", i)])
+            if not change > 1e3 * tol:
+                failures.append(f"input {i}: keeping one unit per group changes the gated "
+                                f"output by only {change:.3g}: the gates have no effect")
     return failures
 
 
@@ -65,7 +77,8 @@ def test_gated_equals_slim_float64(zoo, name):
     assert not failures, f"{name} (float64): gated != slim\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float64, FLOAT64_TOL)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FLOAT32_TOL), (torch.float64, FLOAT64_TOL)],
+                         ids=["float32", "float64"])
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_gated_keep_all_equals_eager(zoo, name, dtype, tol):
     entry = zoo(name, dtype)

@@ -1,0 +1,205 @@
+"""The SepPrune pipeline: learn the gates under a MAC budget, slim, fine-tune.
+
+Gate learning trains only the gate logits (the model's weights are frozen and stay
+bit-identical) on the separation loss (negative SI-SNR with PIT) plus a budget term: a Lagrange
+multiplier ``lam`` on (expected MACs / dense MACs - budget), raised by dual ascent while the
+expected MACs exceed the budget, so the gates are pushed exactly as hard as needed. Under
+``torchrun`` both loops use DistributedDataParallel (gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from passes.gates import insert_gates
+from sepfx.budget import project
+from sepfx.core import Analysis
+from sepfx.errors import InputError
+from sepfx.gates import LearnableGates, magnitude_init
+from sepfx.losses import pit_si_snr_loss
+
+
+@dataclass
+class GateHistory:
+    """Per step: separation loss, expected MAC ratio, multiplier."""
+    loss: list[float] = field(default_factory=list)
+    expected_macs_ratio: list[float] = field(default_factory=list)
+    multiplier: list[float] = field(default_factory=list)
+
+
+def check_batch(batch, n_src: int | None = None, where: str = "data") -> tuple:
+    """Validate one ``(mixture[B, T], sources[B, n_src, T])`` batch."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError(f"{where}: each batch must be a pair (mixture[B, T], "
+                         f"sources[B, n_src, T]), got {type(batch).__name__}")
+    mixture, sources = batch
+    if not (isinstance(mixture, torch.Tensor) and isinstance(sources, torch.Tensor)):
+        raise InputError(f"{where}: mixture and sources must be tensors")
+    if mixture.dim() != 2 or sources.dim() != 3 or sources.shape[0] != mixture.shape[0] \
+            or sources.shape[-1] != mixture.shape[-1]:
+        raise InputError(f"{where}: expected mixture [B, T] and sources [B, n_src, T], got "
+                         f"{list(mixture.shape)} and {list(sources.shape)}")
+    if n_src is not None and sources.shape[1] != n_src:
+        raise InputError(f"{where}: the model separates {n_src} sources but the batch has "
+                         f"{sources.shape[1]}")
+    if not (torch.isfinite(mixture).all() and torch.isfinite(sources).all()):
+        raise InputError(f"{where}: a batch contains NaN or inf")
+    return mixture, sources
+
+
+def _batches(data, steps: int, n_src: int | None, device):
+    """``steps`` validated batches, cycling through ``data``."""
+    if data is None:
+        raise InputError("data is None: give an iterable of (mixture, sources) batches")
+    produced = 0
+    while produced < steps:
+        empty = True
+        for batch in data:
+            empty = False
+            mixture, sources = check_batch(batch, n_src)
+            yield mixture.to(device), sources.to(device)
+            produced += 1
+            if produced >= steps:
+                return
+        if empty:
+            raise InputError("data is empty: it yielded no batch")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _wrap(module: nn.Module, device) -> nn.Module:
+    if not _distributed():
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def _is_main() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr: float = 0.1,
+                eps: float = 0.7, tau: float = 1.0, dual_lr: float = 1.0, seed: int = 0,
+                device=None, progress: bool = True) -> tuple[LearnableGates, GateHistory]:
+    """Train one gate logit per unit on ``data`` under ``budget``; weights stay frozen."""
+    device = torch.device(device or "cpu")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    init = torch.rand(analysis.channels.num_units, generator=torch.Generator().manual_seed(seed))
+    bank = LearnableGates(analysis.channels, eps, tau, init=init.numpy(), generator=generator)
+    gated = insert_gates(analysis.channels, bank=bank).to(device)
+    for name, p in gated.named_parameters():
+        p.requires_grad_(name == "sepfx_gates.alpha")
+    gated.eval()  # frozen weights: norms use their running statistics, no dropout
+    bank.train()  # the gates alone are stochastic
+    model = _wrap(gated, device)
+    optimizer = torch.optim.Adam([bank.alpha], lr=lr)
+    history = GateHistory()
+    multiplier = 0.0
+    dense = analysis.cost.dense_macs
+    n_src = analysis.n_src
+    bar = tqdm(total=steps, desc="learning gates", disable=not progress or not _is_main())
+    for mixture, sources in _batches(data, steps, n_src, device):
+        loss, _ = pit_si_snr_loss(model(mixture), sources)
+        ratio = analysis.cost.expected_macs(bank.keep_probability().double().cpu()) / dense
+        violation = ratio - budget
+        objective = loss + multiplier * violation.to(loss.device, loss.dtype)
+        optimizer.zero_grad()
+        objective.backward()
+        optimizer.step()
+        multiplier = max(0.0, multiplier + dual_lr * float(violation.detach()))
+        history.loss.append(float(loss))
+        history.expected_macs_ratio.append(float(ratio))
+        history.multiplier.append(multiplier)
+        bar.set_postfix(loss=f"{float(loss):.2f}", macs=f"{float(ratio):.3f}")
+        bar.update()
+    bar.close()
+    return bank, history
+
+
+def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None, *,
+            steps: int = 500, lr: float = 0.1, eps: float = 0.7, tau: float = 1.0,
+            min_per_group: int = 1, multiple: int = 8, seed: int = 0, device=None,
+            progress: bool = True) -> fx.GraphModule:
+    """Compile ``model`` into a slim GraphModule doing at most ``budget`` x its dense MACs.
+
+    ``data``: an iterable of ``(mixture[B, T], sources[B, n_src, T])`` batches for learning the
+    gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
+    says so. The result's report is ``slim.sepfx_report``; the caller's model is not modified.
+    """
+    if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise InputError(f"budget must be in (0, 1] (a fraction of the dense MACs), got {budget!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    torch.manual_seed(seed)
+    analysis = Analysis(model, example_input)
+    cost = analysis.cost
+    notes = []
+    _check_reachable(analysis, budget, min_per_group, multiple)
+    if data is None:
+        magnitudes = analysis.unit_magnitudes()
+        logits = magnitude_init(analysis.channels, magnitudes, eps, tau)
+        probability = 1 / (1 + np.exp(-logits))
+        initial = None
+        notes.append("no data given: channels chosen by weight magnitude (data-free); pass "
+                     "data= to learn the gates on the separation loss")
+        history = None
+    else:
+        bank, history = learn_gates(analysis, data, budget, steps=steps, lr=lr, eps=eps, tau=tau,
+                                    seed=seed, device=device, progress=progress)
+        probability = bank.keep_probability().detach().cpu().numpy().astype(np.float64)
+        initial = bank.deterministic_keep()
+        notes.append(f"gates learned for {steps} steps; expected MACs at the end "
+                     f"{history.expected_macs_ratio[-1]:.3f} of dense")
+    keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
+                   multiple=multiple)
+    slim = analysis.slim(keep, budget=budget, notes=notes)
+    slim.sepfx_gate_history = history
+    return slim
+
+
+def _check_reachable(analysis: Analysis, budget, min_per_group, multiple) -> None:
+    from sepfx.budget import _flat, floor_counts
+
+    cost = analysis.cost
+    counts = floor_counts(cost, min_per_group, multiple)
+    order = {g.index: np.arange(g.size) for g in analysis.groups}
+    floor = cost.macs(_flat(cost, order, counts)) / cost.dense_macs
+    if floor > budget:
+        raise InputError(
+            f"budget {budget:g} is below what this model can reach: with every group at its "
+            f"minimum width it still costs {floor:.3f} of its dense MACs (its frozen, "
+            f"unprunable part included); use a budget >= {math.ceil(floor * 100) / 100:.2f}")
+
+
+def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip: float = 5.0,
+             device=None, progress: bool = True) -> nn.Module:
+    """Ordinary training of a slim model (Adam, gradient norm clipped to ``clip``); returns it
+    in eval mode."""
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    device = torch.device(device or "cpu")
+    slim.to(device).train()
+    model = _wrap(slim, device)
+    params = [p for p in slim.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
+    for mixture, sources in _batches(data, steps, None, device):
+        loss, _ = pit_si_snr_loss(model(mixture), sources)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{float(loss):.2f}")
+        bar.update()
+    bar.close()
+    return slim.eval()
+
+
+__all__ = ["compile", "finetune", "learn_gates", "check_batch", "GateHistory"]
