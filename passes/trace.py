@@ -222,6 +222,9 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
             leaves[qualname] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
     for node in graph.nodes:
         node.meta.pop(_VALUES, None)
+        # annotations written as strings (``from __future__ import annotations``) would end up
+        # as bare strings in the generated code's globals, which breaks pickling
+        node.type = None
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
