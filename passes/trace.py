@@ -225,6 +225,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
         # annotations written as strings (``from __future__ import annotations``) would end up
         # as bare strings in the generated code's globals, which breaks pickling
         node.type = None
+    graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
