@@ -15,10 +15,14 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
                                     "sepformer)")
     comp.add_argument("--config", default="tiny", help="zoo config (default: tiny)")
-    comp.add_argument("--ratio", type=float, default=0.5,
-                      help="fraction of every channel group to keep (default: 0.5)")
+    size = comp.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=float, default=None,
+                      help="MACs of the slim model as a fraction of the dense model's "
+                           "(default: 0.4)")
+    size.add_argument("--ratio", type=float, default=None,
+                      help="instead of a budget: keep this fraction of every channel group")
     comp.add_argument("--importance", default="magnitude", choices=["magnitude", "first", "random"],
-                      help="which units to keep (default: magnitude of their weights)")
+                      help="with --ratio: which units to keep (default: weight magnitude)")
     comp.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     comp.add_argument("--out", default="slim.onnx", help="ONNX file to write (default: slim.onnx)")
     return parser
@@ -32,9 +36,12 @@ def _compile(args) -> int:
 
     torch.manual_seed(args.seed)
     model = build(args.model, args.config).eval()
-    analysis = sepfx.analyze(model)
-    keep = analysis.keep_ratio(args.ratio, args.importance, seed=args.seed)
-    slim = analysis.slim(keep)
+    if args.ratio is not None:
+        analysis = sepfx.analyze(model)
+        slim = analysis.slim(analysis.keep_ratio(args.ratio, args.importance, seed=args.seed))
+    else:
+        budget = 0.4 if args.budget is None else args.budget
+        slim = sepfx.compile(model, budget=budget, seed=args.seed)
     print(slim.sepfx_report)
     result = sepfx.export_onnx(slim, args.out)
     worst = max(result.errors.values())
