@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.trace import probe_input
+from passes import trace as _trace  # module import: passes.trace may still be initialising
 
 AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
 
@@ -97,11 +97,16 @@ class _Shapes(ShapeProp):
     """ShapeProp that also records every node's value summary: shapes for tensors, the value
     itself for Python scalars and sizes."""
 
-    def __init__(self, gm, key):
+    def __init__(self, gm, key, keep_inputs=lambda node: False):
         super().__init__(gm)
         self.key = key
+        self.keep_inputs = keep_inputs
 
     def run_node(self, n):
+        if self.keep_inputs(n):  # opaque leaves: their inputs, to certify them numerically
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            n.meta["sepfx_leaf_inputs"] = torch.utils._pytree.tree_map(
+                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
         result = super().run_node(n)
         n.meta[self.key] = _summary(result)
         return result
@@ -126,11 +131,13 @@ def _flatten(summary, path=()):
         yield path, summary
 
 
-def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries."""
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
+                     keep_inputs=lambda node: False) -> None:
+    """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries, and
+    the reference inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
-        _Shapes(gm, "sepfx_probe").propagate(probe_input(example_input))
-        _Shapes(gm, "sepfx_ref").propagate(example_input)
+        _Shapes(gm, "sepfx_probe").propagate(_trace.probe_input(example_input))
+        _Shapes(gm, "sepfx_ref", keep_inputs).propagate(example_input)
 
 
 # -- union-find over elements ---------------------------------------------------------------
@@ -378,7 +385,9 @@ def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor) -> Channel
     ``node.meta``)."""
     from passes import rules as op_rules
 
-    propagate_shapes(gm, example_input)
+    modules = dict(gm.named_modules())
+    propagate_shapes(gm, example_input, lambda n: n.op == "call_module"
+                     and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF)
     builder = Builder(gm)
     rule_of: dict[str, Any] = {}
     for node in gm.graph.nodes:

@@ -133,17 +133,34 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
 
 
 def _lower(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a GraphModule with ops the exporters cannot keep dynamic replaced by
-    equivalent exportable ones (``runtime.EXPORT_LOWERINGS``); other models as they are."""
-    if not isinstance(model, fx.GraphModule) or not any(
-            n.op == "call_function" and n.target in EXPORT_LOWERINGS for n in model.graph.nodes):
+    """A copy of a GraphModule rewritten for the exporters: ops they cannot keep dynamic are
+    replaced by equivalent exportable ones (``runtime.EXPORT_LOWERINGS``) and empty operands
+    of ``torch.cat`` (ONNX Runtime rejects their rank) are dropped. Others are returned as is."""
+    if not isinstance(model, fx.GraphModule):
         return model
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
+    changed = False
     for node in lowered.graph.nodes:
-        if node.op == "call_function" and node.target in EXPORT_LOWERINGS:
+        if node.op != "call_function":
+            continue
+        if node.target in EXPORT_LOWERINGS:
             node.target = EXPORT_LOWERINGS[node.target]
+            changed = True
+        elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)):
+            kept = [t for t in node.args[0] if not _empty(t)]
+            if kept and len(kept) < len(node.args[0]):
+                node.args = (kept, *node.args[1:])
+                changed = True
+    if not changed:
+        return model
+    lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered
+
+
+def _empty(value) -> bool:
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    return meta is not None and hasattr(meta, "shape") and meta.shape.numel() == 0
 
 
 def _batch_only(example: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,11 @@ traced becomes a leaf (it runs eagerly inside the GraphModule) and the result na
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
+from unittest import mock
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,13 +68,49 @@ class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
     pass
 
 
+def _recording(tracer: "_Tracer", original):
+    """``original`` that records a graph node when called on a Proxy (as torch.fx.wrap does)."""
+
+    def call(*args, **kwargs):
+        found = []
+        torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
+                                     (args, kwargs))
+        if found:
+            return tracer.create_proxy("call_function", original, args, kwargs)
+        return original(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
+    """While tracing, ``int(...)`` in the model's own modules and ``torch.tensor(...)`` record
+    graph nodes when given proxies, instead of failing; everything is restored afterwards."""
+    namespaces = {id(g): g for g in (sys.modules[type(m).__module__].__dict__
+                                     for m in root.modules()
+                                     if type(m).__module__ in sys.modules)
+                  if not g.get("__name__", "").startswith("torch")}
+    patched = []
+    try:
+        for g in namespaces.values():
+            if "int" not in g:
+                g["int"] = _recording(tracer, int)
+                patched.append(g)
+        with mock.patch.object(torch, "tensor", _recording(tracer, torch.tensor)), \
+                mock.patch.object(torch, "as_tensor", _recording(tracer, torch.as_tensor)):
+            yield
+    finally:
+        for g in patched:
+            g.pop("int", None)
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, extra_leaves: set[str], examples: tuple[tuple, tuple]):
         super().__init__(autowrap_modules=(math,))
         self.record_stack_traces = True
         self.extra_leaves = extra_leaves
         self.examples = examples
-        self.assumptions: list[str] = []
+        self.assumptions: list[tuple[str, str]] = []  # (what was fixed, module path)
         self.sepfx_module_stack: list[str] = []
         self.failed_module: tuple[str, BaseException] | None = None
         self._placeholders = 0
@@ -157,7 +196,8 @@ class _Tracer(fx.Tracer):
         if ok:
             values = [project(v) for v in values]
         if ok and values[0] == values[1]:
-            self.assumptions.append(f"{_user_line(node)}  ->  {values[0]!r}")
+            where = self.sepfx_module_stack[-1] if self.sepfx_module_stack else ""
+            self.assumptions.append((f"{_user_line(node)}  ->  {values[0]!r}", where))
             return values[0]
         seen = "unknown" if values is None else f"{values[0]!r} vs {values[1]!r}"
         raise torch.fx.proxy.TraceError(
@@ -204,14 +244,46 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
     examples = ((example_input,), (probe_input(example_input),))
     leaves: dict[str, str] = {}
     while True:
+        tracer, graph = _trace_with_fallback(root, examples, leaves, max_leaves)
+        for node in graph.nodes:
+            node.meta.pop(_VALUES, None)
+            # annotations written as strings (``from __future__ import annotations``) would end
+            # up as bare strings in the generated code's globals, which breaks pickling
+            node.type = None
+        graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
+        gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        mismatch = _generalisation_mismatch(root, gm, example_input)
+        if mismatch is None:
+            break
+        suspects = {where for _, where in tracer.assumptions if where and where not in leaves}
+        if not suspects:
+            fixed = "; ".join(text for text, _ in tracer.assumptions) or "none recorded"
+            raise TraceError(
+                f"the traced graph of {type(model).__name__} differs from the eager model at "
+                f"input shape {mismatch}: its forward fixes a value that varies with the input. "
+                f"Values fixed while tracing: {fixed}. Move that code into a submodule (it will "
+                "run eagerly as a leaf) or make it depend on the input's shape symbolically.")
+        for where in suspects:  # modules whose fixed values may not hold at other lengths
+            leaves[where] = "fixes a value that does not hold at other input lengths"
+    assumptions = [text for text, where in tracer.assumptions]
+    return TraceResult(gm, leaves, list(dict.fromkeys(assumptions)))
+
+
+def _trace_with_fallback(root, examples, leaves: dict[str, str], max_leaves: int):
+    """Trace ``root``, turning each custom module that fails into a leaf (``leaves`` grows)."""
+    while True:
         tracer = _Tracer(set(leaves), examples)
         try:
-            graph = tracer.trace(root)
-            break
+            with _traced_builtins(tracer, root):
+                graph = tracer.trace(root)
+            return tracer, graph
         except Exception as error:
             if tracer.failed_module is None:
                 raise TraceError(
-                    f"cannot trace {type(model).__name__}.forward itself: "
+                    f"cannot trace {type(root).__name__}.forward itself: "
                     f"{type(error).__name__}: {error}. The root module cannot fall back to a "
                     "leaf; move the offending code into a submodule or make it traceable."
                 ) from error
@@ -220,31 +292,30 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
                 raise TraceError(f"gave up after {max_leaves} leaf fallbacks; last: "
                                  f"{qualname}: {cause}") from error
             leaves[qualname] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
-    for node in graph.nodes:
-        node.meta.pop(_VALUES, None)
-        # annotations written as strings (``from __future__ import annotations``) would end up
-        # as bare strings in the generated code's globals, which breaks pickling
-        node.type = None
-    graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    _check_generalises(root, gm, examples)
-    return TraceResult(gm, leaves, list(dict.fromkeys(tracer.assumptions)))
 
 
-def _check_generalises(eager: torch.nn.Module, gm: fx.GraphModule, examples) -> None:
-    """The graph must compute what the eager model computes at both input sizes."""
+def check_lengths(example: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs the traced graph must agree with the eager model on: the example, the probe, and
+    a third length that is not a multiple of common strides."""
+    third = list(example.shape)
+    third[-1] = max(third[-1] // 2 + 13, 17)
+    generator = torch.Generator().manual_seed(4321)
+    return [example, probe_input(example), torch.randn(third, generator=generator,
+                                                       dtype=example.dtype)]
+
+
+def _generalisation_mismatch(eager: torch.nn.Module, gm: fx.GraphModule, example):
+    """None if the graph computes what the eager model computes at three input sizes, else the
+    first input shape where they differ."""
     with torch.no_grad():
-        for (x,) in examples:
-            expected, got = eager(x), gm(x)
-            if not _close(expected, got):
-                raise TraceError(
-                    f"the traced graph of {type(eager).__name__} differs from the eager model at "
-                    f"input shape {tuple(x.shape)}: the code fixes a value (probably a length) "
-                    "that varies with the input. Move that code into a submodule so that it "
-                    "can become a leaf.")
+        for x in check_lengths(example):
+            try:
+                same = _close(eager(x), gm(x))
+            except Exception:
+                same = False
+            if not same:
+                return tuple(x.shape)
+    return None
 
 
 def _close(a, b) -> bool:

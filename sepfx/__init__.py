@@ -6,13 +6,32 @@
 
 See README.md. ``sepfx.analyze`` / ``sepfx.prune`` give the compiler's pieces directly.
 """
-from passes.export import ExportResult, export_onnx
-from sepfx import errors
-from sepfx.io import load, save
-from sepfx.core import Analysis, analyze, default_example_input, prune
-from sepfx.learn import compile, finetune, learn_gates
-from sepfx.report import Report
+import importlib
 
-__all__ = ["Analysis", "ExportResult", "Report", "analyze", "compile", "default_example_input",
-           "errors", "export_onnx", "finetune", "learn_gates", "load", "prune", "save"]
 __version__ = "0.1.0"
+
+# Public names and where they live. Loaded on first use, so that ``passes`` can import
+# ``sepfx.errors`` without pulling in the whole package (and the passes it imports).
+_EXPORTS = {
+    "Analysis": "sepfx.core", "analyze": "sepfx.core", "prune": "sepfx.core",
+    "default_example_input": "sepfx.core",
+    "compile": "sepfx.learn", "finetune": "sepfx.learn", "learn_gates": "sepfx.learn",
+    "save": "sepfx.io", "load": "sepfx.io",
+    "Report": "sepfx.report",
+    "ExportResult": "passes.export", "export_onnx": "passes.export",
+}
+__all__ = sorted(_EXPORTS) + ["errors"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in ("errors", "models", "losses", "budget", "gates", "learn", "core", "io", "report"):
+        return importlib.import_module(f"sepfx.{name}")
+    raise AttributeError(f"module 'sepfx' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -204,3 +204,50 @@ def test_op_without_rule_freezes_its_axes_only():
     with torch.no_grad():
         x = torch.randn(2, 400)
         assert torch.allclose(analysis.gated(keep)(x), analysis.slim(keep)(x), atol=1e-6)
+
+
+class DataDependentGate(nn.Module):
+    """Untraceable (Python control flow on tensor values) but channel-wise: certifiable."""
+
+    def forward(self, x):
+        if x.abs().max() > 100:
+            return x
+        return torch.tanh(x) * 2
+
+
+class DataDependentMix(nn.Module):
+    """Untraceable and mixes channels (flips them): must stay frozen."""
+
+    def forward(self, x):
+        if x.abs().max() > 100:
+            return x
+        return x.flip(1)
+
+
+class WithLeaves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(1, 8, 3, padding=1)
+        self.gate = DataDependentGate()
+        self.b = nn.Conv1d(8, 8, 1)
+        self.mix = DataDependentMix()
+        self.c = nn.Conv1d(8, 1, 1)
+
+    def forward(self, x):
+        h = self.gate(self.a(x.unsqueeze(1)))
+        return self.c(self.mix(self.b(h)))
+
+
+def test_opaque_leaves_are_certified_or_frozen():
+    torch.manual_seed(0)
+    analysis = sepfx.analyze(WithLeaves().eval(), torch.randn(1, 400))
+    assert set(analysis.traced.leaves) == {"gate", "mix"}
+    members = [m for g in analysis.groups for m in g.members]
+    assert "a out" in members and "b in" in members  # through the certified leaf
+    frozen = [f for f in analysis.channels.frozen if "opaque" in f.reason]
+    assert any("b out" in p for f in frozen for p in f.parameters), frozen
+    assert all("gate" not in f.reason for f in frozen)
+    keep = analysis.keep_ratio(0.5, "random")
+    with torch.no_grad():
+        x = torch.randn(2, 400)
+        assert torch.allclose(analysis.gated(keep)(x), analysis.slim(keep)(x), atol=1e-6)
