@@ -9,7 +9,10 @@ int), the export is redone at the example's fixed length and the result says so.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import tempfile
 import warnings
@@ -67,9 +70,16 @@ def _export(model, example, path, exporter: str, dynamic_time: bool, opset: int)
                               dynamic_axes={"mixture": in_axes, "sources": out_axes})
         else:
             dims = {d: torch.export.Dim.AUTO for d in in_axes}
-            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
-                              optimize=False, input_names=["mixture"],
-                              output_names=["sources"], dynamic_shapes=({**dims},))
+            quiet = logging.getLogger("torch.onnx")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
+                                      optimize=False, verbose=False, input_names=["mixture"],
+                                      output_names=["sources"], dynamic_shapes=({**dims},))
+            finally:
+                quiet.setLevel(level)
 
 
 def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[str, float]:

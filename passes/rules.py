@@ -855,6 +855,23 @@ class SizeRule:
 RULES.add(SizeRule(), functions=[getattr], methods=["size", "dim"])
 
 
+class ShapeTensorRule:
+    """torch.tensor(x.shape): a tensor holding sizes. It carries the sizes like the shape does,
+    so indexing it reads a size; any other use of a static size in it freezes that axis."""
+
+    def couple(self, ctx):
+        source = ctx.node.args[0] if ctx.node.args else None
+        read = ctx.size_read(source)
+        if not isinstance(read, dict):
+            return ctx.freeze_all("tensor made from Python values")
+        ctx.touch(*[ctx.b.axes[k] for k in read.values()])
+        ctx.touch(*ctx.axes())
+        ctx.read_size(read)
+
+
+RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor])
+
+
 class GetItemRule:
     """Indexing a tuple (a layer's several outputs), a shape, or a tensor (literal slices)."""
 
@@ -865,7 +882,7 @@ class GetItemRule:
             read = ctx.b.size_reads[source.name]
             ctx.touch(*[ctx.b.axes[k] for k in read.values()]) if isinstance(read, dict) else None
             if isinstance(index, int) and isinstance(read, dict):
-                shape = ctx_shape_len(source)
+                shape = ctx_shape_len(source) or (ctx.shape(source) or [None])[0]
                 ctx.read_size(read.get(index % shape) if shape else None)
             elif isinstance(read, dict):
                 for k in read.values():
