@@ -792,6 +792,8 @@ class ReshapeRule:
                 ctx.same(a, ctx.axis(None, j))
 
     def rewrite(self, node, s):
+        if node.target in ("unflatten", torch.unflatten):
+            return self._rewrite_unflatten(node, s)
         sizes = _size_args(node)
         if sizes is None:
             return
@@ -809,8 +811,27 @@ class ReshapeRule:
                 else (node.args[0], tuple(new))
 
 
+    @staticmethod
+    def _rewrite_unflatten(node, s):
+        """x.unflatten(dim, sizes): literal sizes of pruned output dims become kept counts."""
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        out = s.shape(node)
+        if not isinstance(sizes, (tuple, list)) or out is None:
+            return
+        dim = dim % len(s.shape(node.args[0]))
+        new = list(sizes)
+        for i, size in enumerate(sizes):
+            kept = s.kept_value(node, dim + i)
+            if isinstance(size, int) and size == out[dim + i] and _pruned(kept, size):
+                new[i] = len(kept)
+        if new != list(sizes):
+            set_arg(node, 2, "sizes", tuple(new))
+
+
 def _size_args(node):
     """The target sizes of view/reshape, as a list, or None."""
+    if node.target in ("unflatten", torch.unflatten):
+        return None
     if node.target in ("view", "reshape") or node.target is torch.reshape:
         rest = node.args[1:]
         if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
@@ -824,7 +845,8 @@ def _shapes(node):
     return tensor_shapes(node)
 
 
-RULES.add(ReshapeRule(), functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze],
+RULES.add(ReshapeRule(), functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+                                    torch.unflatten],
           methods=["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"])
 
 

