@@ -24,6 +24,41 @@ from torch import fx
 from sepfx.errors import InputError, TraceError
 
 _VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
+_SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shapes, not data
+
+# reading these from a tensor gives metadata, not data
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+
+
+def _shape_only(node: fx.Node) -> bool:
+    """True when the node's value is computed from tensor metadata alone (a rank, a size, sizes'
+    arithmetic), so fixing it from example inputs cannot bake in data."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRIBUTES
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op in ("placeholder", "get_attr", "call_module"):
+        return False
+    inputs = []
+    fx.node.map_arg((node.args, node.kwargs), inputs.append)
+    return bool(inputs) and all(n.meta.get(_SHAPE_ONLY, False) for n in inputs)
+
+
+def _no_autograd_function(original):
+    """Function.apply that refuses proxies: tracing would inline ``forward`` and lose the custom
+    ``backward``; the enclosing module becomes a leaf instead (run eagerly, backward intact)."""
+
+    def apply(cls, *args, **kwargs):
+        found = []
+        torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
+                                     (args, kwargs))
+        if found:
+            raise torch.fx.proxy.TraceError(
+                f"custom autograd function {cls.__name__}: tracing would lose its backward")
+        return original.__get__(cls)(*args, **kwargs)
+
+    return classmethod(apply)
 
 
 @dataclass
@@ -96,8 +131,10 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
             if "int" not in g:
                 g["int"] = _recording(tracer, int)
                 patched.append(g)
+        apply = torch.autograd.Function.__dict__["apply"].__func__
         with mock.patch.object(torch, "tensor", _recording(tracer, torch.tensor)), \
-                mock.patch.object(torch, "as_tensor", _recording(tracer, torch.as_tensor)):
+                mock.patch.object(torch, "as_tensor", _recording(tracer, torch.as_tensor)), \
+                mock.patch.object(torch.autograd.Function, "apply", _no_autograd_function(apply)):
             yield
     finally:
         for g in patched:
@@ -156,6 +193,7 @@ class _Tracer(fx.Tracer):
                                        for ex in self.examples)
         elif kind != "output":
             node.meta[_VALUES] = tuple(self._evaluate(node, k) for k in range(2))
+            node.meta[_SHAPE_ONLY] = _shape_only(node)
         return proxy
 
     def _evaluate(self, node: fx.Node, k: int) -> Any:
@@ -194,12 +232,20 @@ class _Tracer(fx.Tracer):
         values = node.meta.get(_VALUES)
         ok = (values is not None and all(isinstance(v, types) and not isinstance(v, torch.Tensor)
                                          for v in values))
+        if ok and not node.meta.get(_SHAPE_ONLY, False):
+            raise torch.fx.proxy.TraceError(
+                f"node {node.name} ({_user_line(node)}) is used as a Python value but depends on "
+                "tensor data, not only on shapes: it cannot be fixed while tracing")
         if ok:
             values = [project(v) for v in values]
         if ok and values[0] == values[1]:
             where = self.sepfx_module_stack[-1] if self.sepfx_module_stack else ""
             self.assumptions.append((f"{_user_line(node)}  ->  {values[0]!r}", where))
             return values[0]
+        if values is not None and any(isinstance(v, torch.Tensor) for v in values):
+            raise torch.fx.proxy.TraceError(
+                f"node {node.name} ({_user_line(node)}) is a tensor used as a Python value "
+                "(control flow on tensor data): it cannot be traced")
         seen = "unknown" if values is None else f"{values[0]!r} vs {values[1]!r}"
         raise torch.fx.proxy.TraceError(
             f"node {node.name} ({_user_line(node)}) is used as a Python value but varies with "

@@ -33,6 +33,9 @@ class Analysis:
             raise InputError(f"sepfx needs a torch.nn.Module, got {type(model).__name__}")
         if example_input is None:
             example_input = default_example_input(model)
+        if not isinstance(example_input, torch.Tensor):
+            raise InputError(f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
+                             f"got {type(example_input).__name__}")
         device = next(iter(model.parameters()), torch.empty(0)).device
         example_input = example_input.to(device)
         self.model_name = type(model).__name__

@@ -23,6 +23,7 @@ resampler is a windowed-sinc polyphase filter written here).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -219,6 +220,22 @@ def _kaiser(t: np.ndarray, half_width: float, beta: float) -> np.ndarray:
     return np.i0(beta * np.sqrt(ratio)) / np.i0(beta) * (np.abs(t) <= half_width)
 
 
+@functools.lru_cache(maxsize=16)
+def _polyphase_filters(up: int, down: int, zero_crossings: int, rolloff: float, beta: float
+                       ) -> np.ndarray:
+    """``[up, 2 * half]`` table: row p is the low-pass filter for outputs whose input position
+    has fractional part p / up, tap k applying to input sample floor(position) - half + 1 + k."""
+    # Cut-off in cycles per input sample, and the filter's half length in input samples.
+    cutoff = 0.5 * rolloff * min(1.0, up / down)
+    half = int(math.ceil(zero_crossings / (2.0 * cutoff)))
+    taps = np.arange(-half + 1, half + 1)
+    t = np.arange(up)[:, None] / up - taps[None, :]            # [up, K] distance to each tap
+    filters = 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * _kaiser(t, half, beta)
+    filters /= filters.sum(axis=1, keepdims=True)
+    filters.setflags(write=False)
+    return filters
+
+
 def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int = 32,
              rolloff: float = 0.9, beta: float = 8.6) -> np.ndarray:
     """Resample a 1-D signal from ``orig_sr`` to ``target_sr`` Hz (float32 out).
@@ -245,23 +262,20 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int
     if up > 4096:
         raise InputError(f"resampling {orig_sr} -> {target_sr} Hz needs {up} filter phases; "
                          "choose rates with a larger common divisor (e.g. 8000, 16000, 22050)")
-    # Cut-off in cycles per input sample, and the filter's half length in input samples.
-    cutoff = 0.5 * rolloff * min(1.0, up / down)
-    half = int(math.ceil(zero_crossings / (2.0 * cutoff)))
-    taps = np.arange(-half + 1, half + 1)                      # input offsets from floor(pos)
-    t = np.arange(up)[:, None] / up - taps[None, :]            # [up, K] distance to each tap
-    filters = 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * _kaiser(t, half, beta)
-    filters /= filters.sum(axis=1, keepdims=True)
-
+    filters = _polyphase_filters(up, down, zero_crossings, rolloff, beta)
+    half = filters.shape[1] // 2
     n_out = int(math.ceil(len(x) * up / down))
+    # Output m needs input samples floor(m * down / up) + (-half + 1 .. half): row
+    # floor(m * down / up) + 1 of the sliding windows over x padded by `half` zeros. Outputs
+    # m0, m0 + up, m0 + 2 up, ... share a phase and their rows advance by `down`, so each
+    # phase is one strided view (no copy) times one filter.
     padded = np.pad(x, (half, half + 1))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half)
     out = np.empty(n_out, dtype=np.float64)
-    block = 4096  # outputs per step: bounds the [block, K] gather to a few MB
-    for start in range(0, n_out, block):
-        m = np.arange(start, min(start + block, n_out))
-        base, phase = np.divmod(m * down, up)
-        window = padded[base[:, None] + taps[None, :] + half]
-        out[m] = np.einsum("mk,mk->m", window, filters[phase])
+    for first in range(min(up, n_out)):
+        base, phase = divmod(first * down, up)
+        count = len(range(first, n_out, up))
+        out[first::up] = windows[base + 1::down][:count] @ filters[phase]
     return out.astype(np.float32)
 
 
@@ -372,12 +386,15 @@ def synthesize(text: str, voice: str = "en", pitch: int = 50, speed: int = 175,
 # --------------------------------------------------------------------------------------------
 
 def _speaker_turn(rng: np.random.Generator, split: str, languages, sample_rate: int,
-                  length: int, avoid: set) -> dict:
+                  length: int, avoid: set, other_voice: str | None = None) -> dict:
     """One source of a mixture: one speaker (language, voice variant, pitch, speed) saying
     sentences of ``split`` back to back until ``length`` samples are filled (at most four),
-    then a random ``length``-sample window of that (zero-padded if still short)."""
-    language = languages[int(rng.integers(len(languages)))]
-    voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+    then a random ``length``-sample window of that (zero-padded if still short). The voice is
+    never ``other_voice``, so the two sources of a mixture are different speakers."""
+    voice = other_voice
+    while voice == other_voice:
+        language = languages[int(rng.integers(len(languages)))]
+        voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
     pitch = int(rng.integers(20, 81))
     speed = int(rng.integers(130, 201))
     pieces, texts, total = [], [], 0
@@ -415,7 +432,8 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     length = int(round(params["seconds"] * sample_rate))
     avoid: set = set()  # the two speakers never say the same sentence
     first = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
-    second = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
+    second = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid,
+                           other_voice=first["voice"])
     snr_db = float(rng.uniform(-5.0, 5.0))
     level_db = float(rng.uniform(-30.0, -20.0))  # RMS of the first source, dBFS
 

@@ -2,8 +2,8 @@
 
 Gate learning trains only the gate logits (the model's weights are frozen and stay
 bit-identical) on the separation loss (negative SI-SNR with PIT) plus a budget term: a Lagrange
-multiplier ``lam`` on (expected MACs / dense MACs - budget), raised by dual ascent while the
-expected MACs exceed the budget, so the gates are pushed exactly as hard as needed. Under
+multiplier on (expected MACs / dense MACs - budget), updated by dual ascent, which drives the
+expected MACs of the stochastic gates to the budget from either side. Under
 ``torchrun`` both loops use DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
 from __future__ import annotations
@@ -113,7 +113,10 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
-        multiplier = max(0.0, multiplier + dual_lr * float(violation.detach()))
+        # dual ascent on the equality E[MACs] = budget: a negative multiplier opens gates
+        # when the expected MACs fall below the budget, so the gates are learned at the
+        # density the slim model will have
+        multiplier = multiplier + dual_lr * float(violation.detach())
         history.loss.append(float(loss.detach()))
         history.expected_macs_ratio.append(float(ratio.detach()))
         history.multiplier.append(multiplier)

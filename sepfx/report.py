@@ -70,7 +70,8 @@ class Report:
             lines.append(f"    {f.axis}: {f.reason}")
             lines.append(f"      keeps whole: {', '.join(f.parameters)}")
         if self.leaves:
-            lines.append("  opaque leaves (run eagerly, channels frozen):")
+            lines.append("  opaque leaves (run eagerly; channels pass through only where a "
+                         "numerical check certified them, else frozen):")
             lines += [f"    {name}: {why}" for name, why in self.leaves.items()]
         if self.assumptions:
             lines.append("  assumptions (values fixed from the example input):")
