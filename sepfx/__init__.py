@@ -28,7 +28,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name in ("errors", "models", "losses", "budget", "gates", "learn", "core", "io", "report"):
+    if name in ("errors", "models", "losses", "budget", "gates", "learn", "core", "io", "report",
+                "data"):
         return importlib.import_module(f"sepfx.{name}")
     raise AttributeError(f"module 'sepfx' has no attribute {name!r}")
 

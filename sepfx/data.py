@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import wave
@@ -56,6 +57,7 @@ ARCTIC = ASSETS / "arctic"
 GENERATOR_VERSION = 1
 
 SPLITS = ("train", "valid", "test")
+_FILE_NAME = re.compile(r"(train|valid|test)/\d{5,}_(mix|s1|s2)\.wav")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 # --------------------------------------------------------------------------------------------
@@ -507,14 +509,16 @@ def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 
               "languages": list(languages), "generator_version": GENERATOR_VERSION}
 
     old = _load_index(out_dir)
+    old_files = [path for item in (old or {}).get("items", [])
+                 for path in item.get("files", {}).values()]
     if old is not None and old.get("params") == params and all(
-            (out_dir / path).exists() for item in old["items"] for path in item["files"].values()):
+            (out_dir / path).exists() for path in old_files):
         return out_dir
     version = espeak_version()  # fails early, with the install hint, if espeak-ng is missing
-    if old is not None:  # remove the previous generation's files (only those it listed)
+    if old is not None:  # remove the previous generation's files: only names it could write
         (out_dir / "index.json").unlink()
-        for item in old.get("items", []):
-            for path in item.get("files", {}).values():
+        for path in old_files:
+            if _FILE_NAME.fullmatch(str(path)):
                 (out_dir / path).unlink(missing_ok=True)
     for split in SPLITS:
         if counts[split]:
@@ -528,9 +532,13 @@ def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 
             tqdm(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar:
         futures = [pool.submit(_make_item, out_dir, split, i, params) for split, i in jobs]
         items = []
-        for future in futures:  # in job order, so index.json is deterministic
-            items.append(future.result())
-            bar.update(1)
+        try:
+            for future in futures:  # in job order, so index.json is deterministic
+                items.append(future.result())
+                bar.update(1)
+        except BaseException:  # a failed item (or Ctrl-C): do not synthesise the rest
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
     index = {"params": params, "espeak_ng": version, "items": items}
     temporary = out_dir / "index.json.tmp"

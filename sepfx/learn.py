@@ -93,6 +93,7 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     generator = torch.Generator(device=device).manual_seed(seed)
     init = torch.rand(analysis.channels.num_units, generator=torch.Generator().manual_seed(seed))
     bank = LearnableGates(analysis.channels, eps, tau, init=init.numpy(), generator=generator)
+    _start_at_budget(bank, analysis.cost, budget)
     gated = insert_gates(analysis.channels, bank=bank).to(device)
     for name, p in gated.named_parameters():
         p.requires_grad_(name == "sepfx_gates.alpha")
@@ -124,6 +125,22 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
         bar.update()
     bar.close()
     return bank, history
+
+
+def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
+    """Shift every logit by one constant so that the gates start at the budget's expected MACs
+    (the paper's U(0, 1) spread is kept; it has no budget, we do, and gates learned at the
+    density the slim model will have rank channels for that density)."""
+    with torch.no_grad():
+        base = bank.alpha.detach().clone()
+        low, high = -20.0, 20.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            bank.alpha.copy_(base + mid)
+            ratio = float(cost.expected_macs(bank.keep_probability().double().cpu())) / \
+                cost.dense_macs
+            low, high = (mid, high) if ratio < budget else (low, mid)
+        bank.alpha.copy_(base + (low + high) / 2)
 
 
 def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None, *,

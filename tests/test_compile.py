@@ -562,6 +562,18 @@ def test_finetune_bad_steps(plain, steps):
     assert all(torch.equal(v, before[k]) for k, v in slim.state_dict().items())
 
 
+def test_finetune_bad_batch(plain):
+    """A batch with 3 sources for a 2-source model: an InputError, like compile's, and the
+    model is left as it was."""
+    model, (mixture, sources) = plain
+    slim = sepfx.compile(model, 0.4, progress=False)
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    three = torch.cat([sources, sources[:, :1]], dim=1)
+    with pytest.raises(InputError):
+        sepfx.finetune(slim, [(mixture, three)], steps=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in slim.state_dict().items())
+
+
 # -- save / load in a fresh process -----------------------------------------------------------
 
 _LOAD_SCRIPT = textwrap.dedent("""
@@ -581,18 +593,16 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _saved_slim(request, which, trained_or_none):
-    if which == "conv_tasnet-learned":
-        trained = trained_or_none
-        return sepfx.compile(trained.model, 0.4, data=trained.train[:4], steps=10,
-                             progress=False)
-    return sepfx.compile(_build(which), 0.4, progress=False)
-
-
 @pytest.mark.parametrize("which", ["conv_tasnet-learned", "conv_tasnet", "dprnn"])
 def test_save_and_load_in_a_fresh_process(request, which, tmp_path):
-    trained = request.getfixturevalue("trained") if which == "conv_tasnet-learned" else None
-    slim = _saved_slim(request, which, trained).eval()
+    """The fresh process imports only ``sepfx`` (not ``sepfx.models``)."""
+    if which == "conv_tasnet-learned":
+        trained = request.getfixturevalue("trained")
+        slim = sepfx.compile(trained.model, 0.4, data=trained.train[:4], steps=10,
+                             progress=False)
+    else:
+        slim = sepfx.compile(_build(which), 0.4, progress=False)
+    slim.eval()
     path, io_path = tmp_path / "m.pt", tmp_path / "io.pt"
     sepfx.save(slim, path)
     x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(9))
