@@ -101,6 +101,8 @@ class Analysis:
 
     def slim(self, keep: dict, budget: float | None = None, notes=()) -> fx.GraphModule:
         model = slim(self.channels, keep)
+        for p in model.parameters():  # a new model: trainable like any other
+            p.requires_grad_(True)
         model.sepfx_example_input = self.example_input
         model.sepfx_report = self.report(keep, model, budget=budget, notes=list(notes))
         return model

@@ -95,6 +95,7 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     bank = LearnableGates(analysis.channels, eps, tau, init=init.numpy(), generator=generator)
     _start_at_budget(bank, analysis.cost, budget)
     gated = insert_gates(analysis.channels, bank=bank).to(device)
+    trainable = {name: p.requires_grad for name, p in gated.named_parameters()}
     for name, p in gated.named_parameters():
         p.requires_grad_(name == "sepfx_gates.alpha")
     gated.eval()  # frozen weights: norms use their running statistics, no dropout
@@ -124,6 +125,8 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
         bar.set_postfix(loss=f"{history.loss[-1]:.2f}", macs=f"{history.expected_macs_ratio[-1]:.3f}")
         bar.update()
     bar.close()
+    for name, p in gated.named_parameters():  # the weights are shared with the analysis' graph
+        p.requires_grad_(trainable[name])
     return bank, history
 
 

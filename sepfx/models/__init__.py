@@ -10,8 +10,11 @@ Every model maps ``wav[B, T] -> [B, n_src, T]`` and has ``sample_rate`` and
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from .conv_tasnet import ConvTasNet
@@ -20,7 +23,7 @@ from .sepformer import Sepformer
 from .sudormrf import SuDORMRF
 from .tdanet import TDANet
 
-__all__ = ["ZOO", "CONFIGS", "build", "ConvTasNet", "DPRNN", "SuDORMRF", "TDANet", "Sepformer"]
+__all__ = ["ZOO", "CONFIGS", "build", "pretrained", "pretrained_names", "ConvTasNet", "DPRNN", "SuDORMRF", "TDANet", "Sepformer"]
 
 ZOO: dict[str, type[nn.Module]] = {
     "conv_tasnet": ConvTasNet,
@@ -71,3 +74,25 @@ def build(name: str, config: str = "tiny", **overrides) -> nn.Module:
     kwargs = copy.deepcopy(configs[config])
     kwargs.update(overrides)
     return ZOO[name](**kwargs)
+
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+def pretrained_names() -> list[str]:
+    """Zoo models with a bundled checkpoint (trained by benchmarks/train_baseline.py)."""
+    return sorted(p.stem for p in CHECKPOINTS.glob("*.json") if (CHECKPOINTS / f"{p.stem}.pt").exists())
+
+
+def pretrained(name: str) -> nn.Module:
+    """Zoo model ``name`` with its bundled checkpoint, in eval mode. Its model card (config,
+    training command, test SI-SNRi) is ``model.sepfx_card``."""
+    card_path, weights = CHECKPOINTS / f"{name}.json", CHECKPOINTS / f"{name}.pt"
+    if not (card_path.exists() and weights.exists()):
+        raise ValueError(f"no bundled checkpoint for {name!r}; bundled: "
+                         f"{', '.join(pretrained_names()) or 'none'}")
+    card = json.loads(card_path.read_text())
+    model = build(name, card["config"])
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.sepfx_card = card
+    return model.eval()

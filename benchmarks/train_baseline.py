@@ -1,0 +1,112 @@
+"""Train a zoo model on the espeak-ng mixtures and write its checkpoint and model card.
+
+    python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
+    python benchmarks/train_baseline.py conv_tasnet --config small --minutes 30
+
+Writes ``sepfx/assets/checkpoints/NAME.pt`` (state_dict, fp32) and ``NAME.json`` (config, the
+command, steps, time, SI-SNRi on the test split, the bundled split and the CMU ARCTIC pair).
+Training: Adam 1e-3, gradient clip 5, negative SI-SNR with PIT, batch 4 x 4 s; the checkpoint
+kept is the one with the best validation SI-SNRi.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sepfx.data import MixtureDataset, arctic_mixture, bundled_test_set, loader
+from sepfx.losses import pit_si_snr_loss, si_snr_improvement
+from sepfx.models import build
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "sepfx" / "assets" / "checkpoints"
+
+
+@torch.no_grad()
+def evaluate(model, dataset, limit: int | None = None) -> float:
+    """Mean SI-SNRi (dB) over a dataset of (mixture[T], sources[S, T]) items."""
+    model.eval()
+    values = []
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        mixture, sources = dataset[i]
+        estimate = model(mixture[None])
+        values.append(float(si_snr_improvement(estimate, sources[None], mixture[None])))
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def evaluate_arctic(model) -> float:
+    mixture, sources = arctic_mixture()
+    return float(si_snr_improvement(model.eval()(mixture[None]), sources[None], mixture[None]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--config", default="small")
+    parser.add_argument("--data", default="data/mixtures")
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--segment", type=float, default=4.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=CHECKPOINTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build(args.model, args.config)
+    valid = MixtureDataset(args.data, "valid")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    best, best_state, step, epoch = -1e9, None, 0, 0
+    start = time.time()
+    history = []
+    while time.time() - start < 60 * args.minutes:
+        train = loader(args.data, "train", args.batch, segment=args.segment, seed=args.seed + epoch)
+        for mixture, sources in train:
+            model.train()
+            loss, _ = pit_si_snr_loss(model(mixture), sources)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            step += 1
+            if step % args.eval_every == 0:
+                score = evaluate(model, valid, limit=50)
+                history.append({"step": step, "minutes": (time.time() - start) / 60,
+                                "train_loss": float(loss), "valid_si_snri": score})
+                print(history[-1], flush=True)
+                if score > best:
+                    best, best_state = score, copy.deepcopy(model.state_dict())
+            if time.time() - start >= 60 * args.minutes:
+                break
+        epoch += 1
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    card = {
+        "model": args.model, "config": args.config,
+        "command": "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "data": "python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200",
+        "steps": step, "minutes": (time.time() - start) / 60, "batch": args.batch,
+        "segment_s": args.segment, "threads": args.threads,
+        "params": sum(p.numel() for p in model.parameters()),
+        "valid_si_snri_best": best,
+        "test_si_snri": evaluate(model, MixtureDataset(args.data, "test")),
+        "bundled_test_si_snri": evaluate(model, bundled_test_set()),
+        "arctic_si_snri": evaluate_arctic(model),
+        "history": history,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+               args.out / f"{args.model}.pt")
+    (args.out / f"{args.model}.json").write_text(json.dumps(card, indent=2))
+    print(json.dumps({k: v for k, v in card.items() if k != "history"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
