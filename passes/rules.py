@@ -891,7 +891,8 @@ class ShapeTensorRule:
         ctx.read_size(read)
 
 
-RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor])
+RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor, runtime.shape_tensor,
+                                        runtime.shape_as_tensor])
 
 
 class GetItemRule:

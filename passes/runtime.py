@@ -190,6 +190,36 @@ class SlimMultiheadAttention(nn.Module):
         return out, None
 
 
+# -- Python values recorded in graphs ------------------------------------------------------
+# The tracer records ``int(size)`` and ``torch.tensor(shape)`` as calls of these. They are
+# proxy-aware, so a GraphModule holding them can be traced again (unpickling does that).
+def _traced(fn, args, kwargs):
+    from torch import fx
+
+    proxies = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
+    if proxies:
+        return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
+    return None
+
+
+def as_int(value):
+    """``int(value)``, recordable on a proxy."""
+    traced = _traced(as_int, (value,), {})
+    return int(value) if traced is None else traced
+
+
+def shape_tensor(data, *args, **kwargs):
+    """``torch.tensor(data, ...)``, recordable on a proxy (``torch.tensor(x.shape)``)."""
+    traced = _traced(shape_tensor, (data, *args), kwargs)
+    return torch.tensor(data, *args, **kwargs) if traced is None else traced
+
+
+def shape_as_tensor(data, *args, **kwargs):
+    """``torch.as_tensor(data, ...)``, recordable on a proxy."""
+    traced = _traced(shape_as_tensor, (data, *args), kwargs)
+    return torch.as_tensor(data, *args, **kwargs) if traced is None else traced
+
+
 # -- export lowerings --------------------------------------------------------------------------
 def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
     """F.adaptive_avg_pool1d as a matmul with a bin-averaging matrix built from the sizes at run

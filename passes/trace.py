@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from passes import runtime
 from sepfx.errors import InputError, TraceError
 
 _VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
@@ -103,15 +104,16 @@ class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
     pass
 
 
-def _recording(tracer: "_Tracer", original):
-    """``original`` that records a graph node when called on a Proxy (as torch.fx.wrap does)."""
+def _recording(tracer: "_Tracer", original, recorded):
+    """``original`` that records a call of ``recorded`` (its proxy-aware twin in
+    ``passes.runtime``) when called on a Proxy, as torch.fx.wrap does."""
 
     def call(*args, **kwargs):
         found = []
         torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
                                      (args, kwargs))
         if found:
-            return tracer.create_proxy("call_function", original, args, kwargs)
+            return tracer.create_proxy("call_function", recorded, args, kwargs)
         return original(*args, **kwargs)
 
     return call
@@ -129,11 +131,13 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
     try:
         for g in namespaces.values():
             if "int" not in g:
-                g["int"] = _recording(tracer, int)
+                g["int"] = _recording(tracer, int, runtime.as_int)
                 patched.append(g)
         apply = torch.autograd.Function.__dict__["apply"].__func__
-        with mock.patch.object(torch, "tensor", _recording(tracer, torch.tensor)), \
-                mock.patch.object(torch, "as_tensor", _recording(tracer, torch.as_tensor)), \
+        with mock.patch.object(torch, "tensor",
+                               _recording(tracer, torch.tensor, runtime.shape_tensor)), \
+                mock.patch.object(torch, "as_tensor",
+                                  _recording(tracer, torch.as_tensor, runtime.shape_as_tensor)), \
                 mock.patch.object(torch.autograd.Function, "apply", _no_autograd_function(apply)):
             yield
     finally:
@@ -300,6 +304,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
         graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
         gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
         gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()  # dead branches' weights would never get gradients
         gm.graph.lint()
         gm.recompile()
         mismatch = _generalisation_mismatch(root, gm, example_input)

@@ -104,6 +104,7 @@ class Analysis:
         for p in model.parameters():  # a new model: trainable like any other
             p.requires_grad_(True)
         model.sepfx_example_input = self.example_input
+        model.sepfx_n_src = self.n_src
         model.sepfx_report = self.report(keep, model, budget=budget, notes=list(notes))
         return model
 

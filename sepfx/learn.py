@@ -9,6 +9,7 @@ expected MACs of the stochastic gates to the budget from either side. Under
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,8 +53,8 @@ def check_batch(batch, n_src: int | None = None, where: str = "data") -> tuple:
     return mixture, sources
 
 
-def _batches(data, steps: int, n_src: int | None, device):
-    """``steps`` validated batches, cycling through ``data``."""
+def _batches(data, steps: int, n_src: int | None, device, dtype):
+    """``steps`` validated batches on ``device`` in the model's ``dtype``, cycling ``data``."""
     if data is None:
         raise InputError("data is None: give an iterable of (mixture, sources) batches")
     produced = 0
@@ -62,12 +63,16 @@ def _batches(data, steps: int, n_src: int | None, device):
         for batch in data:
             empty = False
             mixture, sources = check_batch(batch, n_src)
-            yield mixture.to(device), sources.to(device)
+            yield mixture.to(device, dtype), sources.to(device, dtype)
             produced += 1
             if produced >= steps:
                 return
-        if empty:
+        if empty and produced == 0:
             raise InputError("data is empty: it yielded no batch")
+        if empty:
+            raise InputError(f"data ran out after {produced} batches and cannot be read again "
+                             f"(an iterator?) but steps={steps}: pass a list or a DataLoader, "
+                             f"or fewer steps")
 
 
 def _distributed() -> bool:
@@ -86,7 +91,8 @@ def _is_main() -> bool:
 
 
 def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr: float = 0.1,
-                eps: float = 0.7, tau: float = 1.0, dual_lr: float = 1.0, seed: int = 0,
+                eps: float = 0.7, tau: float = 1.0, dual_lr: float = 20.0,
+                penalty: float = 200.0, seed: int = 0,
                 device=None, progress: bool = True) -> tuple[LearnableGates, GateHistory]:
     """Train one gate logit per unit on ``data`` under ``budget``; weights stay frozen."""
     device = torch.device(device or "cpu")
@@ -103,15 +109,29 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     model = _wrap(gated, device)
     optimizer = torch.optim.Adam([bank.alpha], lr=lr)
     history = GateHistory()
+    bar = tqdm(total=steps, desc="learning gates", disable=not progress or not _is_main())
+    try:
+        _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, dual_lr,
+                    penalty, device, bar)
+    finally:
+        bar.close()
+        for name, p in gated.named_parameters():  # weights are shared with the analysis' graph
+            p.requires_grad_(trainable[name])
+    return bank, history
+
+
+def _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, dual_lr,
+                penalty, device, bar) -> None:
     multiplier = 0.0
     dense = analysis.cost.dense_macs
-    n_src = analysis.n_src
-    bar = tqdm(total=steps, desc="learning gates", disable=not progress or not _is_main())
-    for mixture, sources in _batches(data, steps, n_src, device):
+    dtype = analysis.example_input.dtype  # the model's
+    for mixture, sources in _batches(data, steps, analysis.n_src, device, dtype):
         loss, _ = pit_si_snr_loss(model(mixture), sources)
         ratio = analysis.cost.expected_macs(bank.keep_probability().double().cpu()) / dense
-        violation = ratio - budget
-        objective = loss + multiplier * violation.to(loss.device, loss.dtype)
+        violation = (ratio - budget).to(loss.device, loss.dtype)
+        # augmented Lagrangian: the quadratic term holds E[MACs] near the budget while the
+        # multiplier (dual ascent) removes the remaining bias
+        objective = loss + multiplier * violation + 0.5 * penalty * violation ** 2
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
@@ -124,10 +144,6 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
         history.multiplier.append(multiplier)
         bar.set_postfix(loss=f"{history.loss[-1]:.2f}", macs=f"{history.expected_macs_ratio[-1]:.3f}")
         bar.update()
-    bar.close()
-    for name, p in gated.named_parameters():  # the weights are shared with the analysis' graph
-        p.requires_grad_(trainable[name])
-    return bank, history
 
 
 def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
@@ -156,11 +172,28 @@ def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None
     gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
     says so. The result's report is ``slim.sepfx_report``; the caller's model is not modified.
     """
-    if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise InputError(f"budget must be in (0, 1] (a fraction of the dense MACs), got {budget!r}")
-    if not isinstance(steps, int) or steps < 1:
+    budget = _check_budget(budget)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # seeded, without touching the caller's random state
+        torch.manual_seed(seed)
+        return _compile(model, budget, data, example_input, steps, lr, eps, tau, min_per_group,
+                        multiple, seed, device, progress)
+
+
+def _check_budget(budget) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, np.floating)) and not (
+            isinstance(budget, torch.Tensor) and budget.numel() == 1):
+        raise InputError(f"budget must be a number in (0, 1] (a fraction of the dense MACs), "
+                         f"got {budget!r}")
+    value = float(budget)
+    if not 0 < value <= 1:  # also refuses nan
+        raise InputError(f"budget must be in (0, 1] (a fraction of the dense MACs), got {value}")
+    return value
+
+
+def _compile(model, budget, data, example_input, steps, lr, eps, tau, min_per_group, multiple,
+             seed, device, progress) -> fx.GraphModule:
     analysis = Analysis(model, example_input)
     cost = analysis.cost
     notes = []
@@ -212,15 +245,17 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
              device=None, progress: bool = True) -> nn.Module:
     """Ordinary training of a slim model (Adam, gradient norm clipped to ``clip``); returns it
     in eval mode."""
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     device = torch.device(device or "cpu")
     slim.to(device).train()
     model = _wrap(slim, device)
     params = [p for p in slim.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
+    dtype = params[0].dtype if params else torch.float32
+    n_src = getattr(slim, "sepfx_n_src", None)
     bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
-    for mixture, sources in _batches(data, steps, None, device):
+    for mixture, sources in _batches(data, steps, n_src, device, dtype):
         loss, _ = pit_si_snr_loss(model(mixture), sources)
         optimizer.zero_grad()
         loss.backward()

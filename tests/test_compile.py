@@ -315,23 +315,35 @@ def test_same_seed_same_result(trained):
 
 # -- the budget term ------------------------------------------------------------------------
 
-def test_budget_term_drives_expected_macs_to_the_budget(trained):
-    budget = 0.15
-    steps = 200  # the multiplier rises by (E[MACs] - budget) per step: ~100 steps to act
-    slim = sepfx.compile(trained.model, budget=budget, data=trained.train, steps=steps,
-                         progress=False)
-    history = slim.sepfx_gate_history
-    expected = np.array(history.expected_macs_ratio)
-    print(f"\n[budget term] budget {budget}: expected MACs {expected[0]:.3f} -> {expected[-1]:.3f}"
-          f", multiplier {history.multiplier[0]:.3f} -> {history.multiplier[-1]:.3f}, "
-          f"compiled MACs {slim.sepfx_report.macs_ratio:.4f}")
-    assert len(expected) == steps
-    start_gap, end_gap = expected[0] - budget, abs(expected[-20:].mean() - budget)
-    assert start_gap > 0.04, f"the test needs a budget below the initial expected MACs {expected[0]}"
-    assert end_gap < 0.3 * start_gap, (
-        f"expected MACs went {expected[0]:.3f} -> {expected[-1]:.3f} for budget {budget}")
-    assert max(history.multiplier) > 0 and history.multiplier[-1] > 0
-    assert budget - 0.02 <= slim.sepfx_report.macs_ratio <= budget
+def test_budget_term_holds_expected_macs_at_the_budget(trained):
+    """At a budget well below what the separation loss wants (0.15 of the dense MACs), the dual
+    ascent must act (a positive multiplier) and bring the expected MACs of the stochastic gates
+    to the budget, whatever they start from: at the end of the run they are within 0.02 of it,
+    and closer than the same run without the budget term (dual_lr=0) ends."""
+    budget, steps = 0.15, 300
+    analysis = sepfx.analyze(trained.model)
+    runs = {}
+    for on in (1.0, 0.0):  # the budget term with its defaults, and switched off
+        options = {} if on else {"dual_lr": 0.0, "penalty": 0.0}
+        _, history = sepfx.learn_gates(analysis, trained.train, budget, steps=steps,
+                                       progress=False, **options)
+        runs[on] = history
+    expected = {k: np.array(h.expected_macs_ratio) for k, h in runs.items()}
+    end_gap = {k: abs(float(e[-20:].mean()) - budget) for k, e in expected.items()}
+    multiplier = np.array(runs[1.0].multiplier)
+    lines = [f"[budget term] budget {budget}, {steps} steps; E[MACs] every 25 steps:"]
+    for k, e in expected.items():
+        lines.append(f"  budget term {'on' if k else 'off'}: {np.round(e[::25], 3).tolist()} -> end {e[-1]:.3f}"
+                     f" (|mean of last 20 - budget| = {end_gap[k]:.3f})")
+    lines.append(f"  multiplier (term on) every 25 steps: {np.round(multiplier[::25], 2).tolist()}"
+                 f" -> {multiplier[-1]:.2f}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    assert len(expected[1.0]) == steps
+    assert runs[0.0].multiplier[-1] == 0
+    assert np.abs(multiplier).max() > 0, "the multiplier never acted\n" + text
+    assert end_gap[1.0] <= 0.02, "the budget term did not bring E[MACs] to the budget\n" + text
+    assert end_gap[1.0] < end_gap[0.0], "E[MACs] ends no closer with the budget term\n" + text
 
 
 # -- every zoo model -----------------------------------------------------------------------
@@ -431,7 +443,7 @@ def _check_rejected(model, match, **kwargs):
 def test_bad_budget(plain, budget):
     model, batch = plain
     message = _check_rejected(model, "budget", budget=budget, data=[batch], steps=2)
-    assert "(0, 1]" in message or "budget" in message
+    assert repr(budget) in message, f"the message does not name the bad value: {message}"
 
 
 def test_budget_below_floor_names_the_floor(plain):
