@@ -14,7 +14,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 RTOL = 1e-4
-KNOWN_FIXED_LENGTH = {"tdanet": "adaptive_avg_pool1d to a dynamic size"}
+# models that may export only at a fixed length (none since adaptive_avg_pool1d is lowered)
+KNOWN_FIXED_LENGTH: dict[str, str] = {}
 
 
 def _params():
