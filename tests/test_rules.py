@@ -117,14 +117,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_groups_and_exactness(name):
     make, expected_groups = CASES[name]
