@@ -222,6 +222,10 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, min_per_gr
         notes.append(f"kept counts not rounded to multiples of {multiple}: with rounding the "
                      f"model reached only {achieved:.3f} of dense MACs, outside "
                      f"[{budget - 0.02:.2f}, {budget:.2f}]")
+        achieved = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+    if achieved < budget - 0.02:
+        notes.append(f"the channel granularity does not allow [{budget - 0.02:.2f}, "
+                     f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}")
     slim = analysis.slim(keep, budget=budget, notes=notes)
     slim.sepfx_gate_history = history
     return slim
