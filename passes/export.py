@@ -14,6 +14,7 @@ import copy
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
                                     f"{str(error).splitlines()[0][:300]}")
                     continue
                 if all(e <= rtol for e in errors.values()):
-                    os.replace(candidate, path)
+                    shutil.move(candidate, path)  # may cross filesystems
                     notes = []
                     if not dynamic_time:
                         notes.append(f"exported at the fixed length {example.shape[-1]}: at "

@@ -5,11 +5,17 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other sepfx error
+        print(f"sepfx: error: {message} (see python -m sepfx --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sepfx",
         description="Prune speech-separation networks with a torch.fx compiler pass.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     comp = sub.add_parser("compile", help="prune a model, print the report, write ONNX",
                           description="Prune a model, print its report and write an ONNX file.")
     comp.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
@@ -131,10 +137,13 @@ def main(argv=None) -> int:
     try:
         return {"compile": _compile, "demo": _demo, "separate": _separate}[args.command](args)
     except Exception as error:  # one clear line for people; tracebacks are for bug reports
+        import wave
+
         from sepfx.errors import SepfxError
 
-        kind = "error" if isinstance(error, (SepfxError, ValueError, FileNotFoundError)) \
-            else f"unexpected {type(error).__name__}"
+        expected = isinstance(error, (SepfxError, ValueError, OSError, wave.Error)) or \
+            type(error).__module__.startswith("onnxruntime")  # e.g. not an ONNX file
+        kind = "error" if expected else f"unexpected {type(error).__name__}"
         print(f"sepfx: {kind}: {str(error).splitlines()[0] if str(error) else ''}",
               file=sys.stderr)
         return 2

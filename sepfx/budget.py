@@ -111,4 +111,32 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
         if best is None:
             break
         _, counts, macs = best
+    if macs < limit - 0.02 * cost.dense_macs:
+        counts, macs = _swap_towards(cost, order, counts, macs, limit, steps, low)
     return {g.index: np.sort(order[g.index][:counts[g.index]]) for g in groups}
+
+
+def _swap_towards(cost, order, counts, macs, limit, steps, low, rounds: int = 200):
+    """When no single restore fits, move units between groups (one group gives ``step`` units,
+    another takes ``step``) while that brings the MACs closer to the limit without passing it."""
+    groups = cost.analysis.groups
+    for _ in range(rounds):
+        best = None
+        for a, sa in zip(groups, steps):
+            if counts[a.index] - sa < low[a.index]:
+                continue
+            for b, sb in zip(groups, steps):
+                if b.index == a.index or counts[b.index] >= b.size:
+                    continue
+                trial = counts.copy()
+                trial[a.index] -= sa
+                trial[b.index] = min(b.size, trial[b.index] + sb)
+                trial_macs = cost.macs(_flat(cost, order, trial))
+                if macs < trial_macs <= limit and (best is None or trial_macs > best[1]):
+                    best = (trial, trial_macs)
+        if best is None:
+            break
+        counts, macs = best
+        if macs >= limit - 0.02 * cost.dense_macs:
+            break
+    return counts, macs
