@@ -110,6 +110,8 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
         raise InputError("export_onnx needs an example_input: this model was not made by sepfx, "
                          "so pass one, e.g. torch.randn(1, 8000)")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     example = example_input.detach().cpu()

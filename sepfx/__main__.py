@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "the committed test mixtures and measure it on the other "
                                       "half: MACs, params, latency, SI-SNRi before/after.")
     demo.add_argument("--budget", type=float, default=0.4)
-    demo.add_argument("--steps", type=int, default=200, help="gate-learning steps")
-    demo.add_argument("--finetune-steps", type=int, default=200)
+    demo.add_argument("--steps", type=int, default=100, help="gate-learning steps (default 100)")
+    demo.add_argument("--finetune-steps", type=int, default=100, help="default 100")
     demo.add_argument("--out", default="slim.onnx")
     sep = sub.add_parser("separate", help="separate a WAV file with an ONNX model",
                          description="Run an exported model on a mono WAV file and write one "

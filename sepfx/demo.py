@@ -50,7 +50,7 @@ def ort_latency(paths: list[str], seconds: float, sample_rate: int, runs: int = 
     return [float(np.median(t)) for t in times]
 
 
-def run(budget: float = 0.4, steps: int = 200, finetune_steps: int = 200, out: str = "slim.onnx",
+def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: str = "slim.onnx",
         model_name: str = "conv_tasnet", progress: bool = True) -> dict:
     import sepfx
     from sepfx.models import build, pretrained, pretrained_names

@@ -1,0 +1,548 @@
+"""Separation quality at equal MACs: sepfx's pruning against Torch-Pruning's, fine-tuned alike.
+
+sepfx's learned gates (SepPrune) are compared with sepfx's data-free magnitude ranking and
+Torch-Pruning's magnitude, Taylor and random importance, every method fine-tuned the same way;
+plus the paper's convergence check (the slim architecture trained from scratch for as many
+steps as the others are fine-tuned).
+
+    python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
+    python benchmarks/quality.py                        # every bundled checkpoint, 0.6/0.4/0.25
+    python benchmarks/quality.py --models conv_tasnet --budgets 0.4
+    python benchmarks/quality.py --smoke                # untrained tiny Conv-TasNet: what CI runs
+
+For each model and budget b:
+
+- ``sepfx-learned``: ``sepfx.compile(model, budget=b, data=train, steps=--gate-steps)``;
+- ``sepfx-magnitude``: ``sepfx.compile(model, budget=b)`` (no data);
+- ``tp-magnitude`` / ``tp-taylor`` / ``tp-random``: Torch-Pruning's ``MetaPruner`` with
+  ``MagnitudeImportance(p=2)`` / ``TaylorImportance()`` (after one backward pass on a training
+  batch) / ``RandomImportance()``, the same pruning ratio for every group, the ratio found by
+  bisection so that the pruned model's MACs are within ``--tp-tolerance`` (1 point) of what
+  ``sepfx-learned`` achieved. MACs of every model are counted the same way
+  (``sepfx.analyze(model).cost.dense_macs``: FlopCounterMode plus the closed forms for
+  LSTM/GRU/attention, on 1 s of audio). The layers whose output channels the model's interface
+  fixes (the decoder, one waveform channel per source) are ``ignored_layers``; the encoder is not
+  listed: its input (the waveform) is never pruned, and listing it would keep its N output
+  channels whole, which sepfx prunes. Attention modules are given to it with their
+  ``num_heads`` (whole heads pruned). If Torch-Pruning fails, it is tried once more with its
+  recurrent and attention modules ignored too; if it still fails the error is recorded in the
+  row and the benchmark goes on. A module whose output never reaches the model's output (dead
+  code, e.g. the last residual conv of Conv-TasNet, as in the reference implementation) is not
+  seen by Torch-Pruning's dependency graph, so its channels are not pruned and the pruned
+  model cannot run; such modules are removed before Torch-Pruning sees the model (replaced by
+  a constant 0, checked not to change the output), and the row's note says so;
+- ``sepfx-scratch``: the ``sepfx-learned`` architecture with every module's parameters
+  re-initialised (``reset_parameters()``; custom norms' gamma/beta to 1/0), trained from scratch.
+
+Every method's model is then fine-tuned by ``sepfx.finetune`` for ``--finetune-steps`` on the
+same batches (a fresh, identically seeded loader per method). SI-SNRi is measured on the test
+split (``--eval-limit`` mixtures) and on the CMU ARCTIC pair (``sepfx.data.arctic_mixture``)
+before and after fine-tuning; ``recovered`` is the fine-tuned SI-SNRi as a fraction of the dense
+model's (only where the dense model's is positive). Writes ``quality.json``, ``quality.md`` and
+``quality.png`` (``quality_smoke.*`` with ``--smoke``) under ``--out``.
+
+Time: with the defaults (batch 4 x 2 s, 200 gate steps, 100 fine-tune steps, 100 test
+mixtures) a small Conv-TasNet takes about 30-40 minutes for three budgets on a shared 2-core
+CPU, 1 thread (a gate step ~1.8 s, a fine-tune step of a slim model ~0.5 s); the paper's
+500 + 500 steps take about 2 hours.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, markdown_table, plot, write  # noqa: E402
+
+import sepfx  # noqa: E402
+from sepfx.data import MixtureDataset, arctic_mixture, bundled_test_set, loader  # noqa: E402
+from sepfx.losses import pit_si_snr_loss, si_snr_improvement  # noqa: E402
+from sepfx.models import ZOO, build, pretrained, pretrained_names  # noqa: E402
+
+METHODS = ["sepfx-learned", "sepfx-magnitude", "tp-magnitude", "tp-taylor", "tp-random",
+           "sepfx-scratch"]
+COLUMNS = ["model", "budget", "method", "macs_ratio", "params", "si_snri_before_ft",
+           "si_snri_after_ft", "recovered", "arctic_si_snri_after_ft", "time_s"]
+
+
+# --------------------------------------------------------------------------------------------
+# Data and evaluation
+# --------------------------------------------------------------------------------------------
+
+class SyntheticBatches:
+    """``count`` fixed batches of (mixture[B, T], sources[B, 2, T]) for the smoke run: each
+    source is a few random sinusoids under a random envelope (no data set needed)."""
+
+    def __init__(self, count: int, batch: int, length: int, seed: int = 0, rate: int = 8000):
+        g = torch.Generator().manual_seed(seed)
+        t = torch.arange(length) / rate
+        self.batches = []
+        for _ in range(count):
+            freqs = 100 + 900 * torch.rand(batch, 2, 3, 1, generator=g)
+            phase = 2 * math.pi * torch.rand(batch, 2, 3, 1, generator=g)
+            tone = torch.sin(2 * math.pi * freqs * t + phase).sum(2)
+            envelope = torch.sigmoid(torch.randn(batch, 2, 1, generator=g) * 4
+                                     * torch.sin(2 * math.pi * 3 * t + torch.rand(1, generator=g)))
+            sources = 0.1 * tone * envelope
+            self.batches.append((sources.sum(1), sources))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, limit: int | None) -> float:
+    """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T])."""
+    model.eval()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    values = []
+    for i in range(count):
+        mixture, sources = dataset[i]
+        values.append(float(si_snr_improvement(model(mixture[None]), sources[None],
+                                               mixture[None])))
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def evaluate_arctic(model: nn.Module) -> float:
+    mixture, sources = arctic_mixture()
+    model.eval()
+    return float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None]))
+
+
+def macs_of(model: nn.Module) -> float:
+    """MACs on sepfx's reference input (1 s, batch 1), counted the same way for every model."""
+    return float(sepfx.analyze(model).cost.dense_macs)
+
+
+def params_of(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-Pruning
+# --------------------------------------------------------------------------------------------
+
+def _interface_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels the model's interface fixes: the decoder (or, without one,
+    every conv/linear layer with a single output channel)."""
+    decoder = getattr(model, "decoder", None)
+    if isinstance(decoder, nn.Module):
+        return [decoder]
+    return [m for m in model.modules()
+            if (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == 1)
+            or (isinstance(m, nn.Linear) and m.out_features == 1)]
+
+
+def _dead_modules(model: nn.Module, batch) -> set[str]:
+    """Leaf modules with parameters none of which gets a gradient: their output never reaches
+    the model's output (Torch-Pruning's dependency graph, built from autograd, misses them)."""
+    probe = copy.deepcopy(model)
+    mixture, sources = batch
+    loss, _ = pit_si_snr_loss(probe(mixture), sources)
+    loss.backward()
+    return {name for name, m in probe.named_modules()
+            if list(m.parameters(recurse=False))
+            and all(p.requires_grad and p.grad is None for p in m.parameters(recurse=False))}
+
+
+class DeadCode(nn.Module):
+    """Stands in for a module whose output never reaches the model's output: returns 0 (a
+    scalar, so the dead arithmetic it fed still broadcasts)."""
+
+    def forward(self, *args, **kwargs):
+        return torch.zeros(())
+
+
+def remove_dead(model: nn.Module, dead: set[str]) -> nn.Module:
+    """A copy of ``model`` with its dead modules replaced by :class:`DeadCode` (same output)."""
+    model = copy.deepcopy(model)
+    for name in sorted(dead, key=len, reverse=True):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, DeadCode())
+    return model
+
+
+class TorchPruningError(RuntimeError):
+    """Torch-Pruning could not prune the model (its message says how it failed)."""
+
+
+def _importance(name: str, tp):
+    return {"tp-magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+            "tp-taylor": lambda: tp.importance.TaylorImportance(),
+            "tp-random": lambda: tp.importance.RandomImportance()}[name]()
+
+
+class TorchPruningSearch:
+    """Torch-Pruning at a uniform pruning ratio, the ratio bisected to a MAC target."""
+
+    def __init__(self, model: nn.Module, batch, dense_macs: float, tolerance: float):
+        import torch_pruning as tp
+
+        self.tp = tp
+        self.model = model
+        self.batch = batch
+        self.dense_macs = dense_macs
+        self.tolerance = tolerance
+        self.example = sepfx.default_example_input(model)
+        self.dead = sorted(_dead_modules(model, batch))
+        if self.dead:  # Torch-Pruning would leave their input channels unpruned
+            cleaned = remove_dead(model, set(self.dead))
+            x = torch.randn(2, self.example.shape[-1])
+            with torch.no_grad():
+                same = torch.allclose(model.eval()(x), cleaned.eval()(x), atol=1e-6, rtol=1e-5)
+            self.model = cleaned if same else model
+            self.dead = self.dead if same else []
+        self.extra_ignored: dict[str, bool] = {}  # per method: recurrent/attention ignored
+        self.ratio_hint: float | None = None  # MACs depend on the ratio only, not the method
+
+    def prune(self, method: str, ratio: float) -> tuple[nn.Module, list[str]]:
+        tries = [self.extra_ignored[method]] if method in self.extra_ignored else [False, True]
+        errors = []
+        for extra in tries:
+            try:
+                pruned, notes = self._prune(method, ratio, extra)
+                self.extra_ignored[method] = extra
+                return pruned, notes
+            except Exception as caught:  # Torch-Pruning's failure is a result, not a crash
+                errors.append(f"{type(caught).__name__}: "
+                              f"{(str(caught).splitlines() or [''])[0][:200]}")
+        if len(errors) == 2:
+            raise TorchPruningError(f"{errors[0]} (with recurrent/attention modules ignored "
+                                    f"too: {errors[1]})")
+        raise TorchPruningError(errors[0])
+
+    def _prune(self, method, ratio, extra_ignored):
+        tp = self.tp
+        model = copy.deepcopy(self.model)
+        model.eval()
+        ignored = _interface_layers(model)
+        notes = []
+        attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        if extra_ignored:
+            ignored += [m for m in model.modules() if isinstance(m, nn.RNNBase)] + attention
+            notes.append("recurrent/attention modules ignored (Torch-Pruning failed on them)")
+        if method == "tp-taylor":  # Taylor importance reads the gradients of a real batch
+            model.zero_grad()
+            mixture, sources = self.batch
+            pit_si_snr_loss(model(mixture), sources)[0].backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(model, self.example, importance=_importance(method, tp),
+                                          pruning_ratio=ratio, ignored_layers=ignored,
+                                          num_heads={m: m.num_heads for m in attention})
+            pruner.step()
+        model.zero_grad(set_to_none=True)
+        if self.dead:
+            notes.append("dead modules removed before pruning: " + ", ".join(self.dead))
+        with torch.no_grad():  # the pruned model must still run, at another length and batch
+            out = model(torch.randn(2, self.example.shape[-1] + 37))
+        if out.shape[:2] != (2, self.batch[1].shape[1]) or not torch.isfinite(out).all():
+            raise RuntimeError(f"the pruned model returns {list(out.shape)} or non-finite values")
+        return model, notes
+
+    def search(self, method: str, target: float) -> dict:
+        """The pruned model whose MAC ratio is closest to ``target`` (within the tolerance if
+        the granularity allows), with the ratio and the number of attempts."""
+        best = None
+        attempts = 0
+
+        def attempt(ratio):
+            nonlocal best, attempts
+            attempts += 1
+            pruned, notes = self.prune(method, ratio)
+            macs_ratio = macs_of(pruned) / self.dense_macs
+            if best is None or abs(macs_ratio - target) < abs(best["macs_ratio"] - target):
+                best = {"model": pruned, "macs_ratio": macs_ratio, "ratio": ratio,
+                        "notes": notes}
+            return macs_ratio
+
+        if self.ratio_hint is not None and \
+                abs(attempt(self.ratio_hint) - target) <= self.tolerance:
+            return {**best, "attempts": attempts}
+        low, high = 0.0, 0.98  # pruning ratio; MACs fall as it grows
+        for _ in range(14):
+            mid = (low + high) / 2
+            macs_ratio = attempt(mid)
+            if abs(macs_ratio - target) <= self.tolerance:
+                break
+            low, high = (mid, high) if macs_ratio > target else (low, mid)
+        if abs(best["macs_ratio"] - target) <= self.tolerance:
+            self.ratio_hint = best["ratio"]
+        else:
+            best["notes"].append(f"closest MAC ratio reachable {best['macs_ratio']:.3f} "
+                                 f"(target {target:.3f})")
+        return {**best, "attempts": attempts}
+
+
+# --------------------------------------------------------------------------------------------
+# From scratch
+# --------------------------------------------------------------------------------------------
+
+def reinitialise(model: nn.Module, seed: int) -> tuple[nn.Module, int]:
+    """A copy of ``model`` with every module's parameters re-initialised; returns it and the
+    number of parameter tensors left as they were (no way known to re-initialise them)."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    done: set[int] = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+            done.update(id(p) for p in own)
+            continue
+        with torch.no_grad():  # custom norms: gamma/weight -> 1, beta/bias -> 0
+            for name, p in module.named_parameters(recurse=False):
+                if name in ("gamma", "weight", "scale"):
+                    p.fill_(1.0)
+                elif name in ("beta", "bias", "shift"):
+                    p.zero_()
+                else:
+                    continue
+                done.add(id(p))
+    left = sum(id(p) not in done for p in model.parameters())
+    return model, left
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+class Setup:
+    """What every method of one run shares: training batches, evaluation sets, step counts."""
+
+    def __init__(self, args):
+        self.args = args
+        if args.smoke:
+            length = int(args.segment * 8000)
+            self.make_train = lambda: SyntheticBatches(4, args.batch, length, seed=args.seed)
+            self.test = bundled_test_set()
+            self.test_name = "bundled test mixtures"
+        else:
+            self.make_train = lambda: loader(args.data, "train", args.batch,
+                                             segment=args.segment, seed=args.seed)
+            self.test = MixtureDataset(args.data, "test")
+            self.test_name = f"{args.data} test split"
+        self.batch = next(iter(self.make_train()))
+
+    def scores(self, model) -> tuple[float, float]:
+        return evaluate(model, self.test, self.args.eval_limit), evaluate_arctic(model)
+
+
+def _load(name: str, config: str, seed: int) -> tuple[nn.Module, str]:
+    torch.manual_seed(seed)
+    if name in pretrained_names():
+        return pretrained(name), "bundled checkpoint"
+    print(f"{name}: no bundled checkpoint, using the untrained {config!r} config")
+    return build(name, config).eval(), f"untrained {config}"
+
+
+def _row(model_name, budget, method, **fields) -> dict:
+    return {"model": model_name, "budget": budget, "method": method, **fields}
+
+
+def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_name, budget
+               ) -> tuple[dict, nn.Module | None]:
+    """``make()`` -> (pruned model, extra fields); then evaluate, fine-tune, evaluate."""
+    args = setup.args
+    start = time.perf_counter()
+    try:
+        model, extra = make()
+    except Exception as error:
+        message = (str(error).splitlines() or [""])[0][:400]
+        if not isinstance(error, TorchPruningError):
+            message = f"{type(error).__name__}: {message}"
+        if args.verbose:
+            traceback.print_exc()
+        print(f"  {model_name} {budget} {method}: FAILED {message}")
+        return _row(model_name, budget, method, error=message,
+                    time_s=time.perf_counter() - start), None
+    prune_s = time.perf_counter() - start
+    before, arctic_before = setup.scores(model)
+    slim_start = time.perf_counter()
+    tuned = sepfx.finetune(copy.deepcopy(model), setup.make_train(), steps=args.finetune_steps,
+                           progress=args.progress)
+    finetune_s = time.perf_counter() - slim_start
+    after, arctic_after = setup.scores(tuned)
+    macs_ratio = extra.pop("macs_ratio", None)
+    if macs_ratio is None:
+        macs_ratio = macs_of(model) / dense_macs
+    dense = dense_scores[0]
+    row = _row(model_name, budget, method, macs_ratio=macs_ratio, params=params_of(model),
+               si_snri_before_ft=before, si_snri_after_ft=after,
+               recovered=after / dense if dense > 0 else None,
+               arctic_si_snri_before_ft=arctic_before, arctic_si_snri_after_ft=arctic_after,
+               time_s=prune_s + finetune_s, prune_s=prune_s, finetune_s=finetune_s, **extra)
+    print(f"  {model_name} {budget} {method}: MACs {macs_ratio:.3f}, SI-SNRi {before:.2f} -> "
+          f"{after:.2f} dB (arctic {arctic_after:.2f}), {row['time_s']:.0f} s", flush=True)
+    return row, model
+
+
+def run_model(setup: Setup, name: str) -> list[dict]:
+    args = setup.args
+    if args.smoke:
+        torch.manual_seed(args.seed)
+        dense, source = build("conv_tasnet", "tiny").eval(), "untrained tiny (smoke)"
+        name = "conv_tasnet"
+    else:
+        dense, source = _load(name, args.config, args.seed)
+    dense_macs = macs_of(dense)
+    dense_scores = setup.scores(dense)
+    print(f"{name} ({source}): {dense_macs / 1e6:.1f} MMACs/s, {params_of(dense)} params, "
+          f"SI-SNRi {dense_scores[0]:.2f} dB on {setup.test_name}, "
+          f"{dense_scores[1]:.2f} dB on CMU ARCTIC", flush=True)
+    rows = [_row(name, 1.0, "dense", macs_ratio=1.0, params=params_of(dense),
+                 si_snri_before_ft=dense_scores[0], si_snri_after_ft=dense_scores[0],
+                 recovered=1.0 if dense_scores[0] > 0 else None,
+                 arctic_si_snri_before_ft=dense_scores[1],
+                 arctic_si_snri_after_ft=dense_scores[1], time_s=0.0, source=source)]
+    try:
+        search = TorchPruningSearch(dense, setup.batch, dense_macs, args.tp_tolerance)
+        search_error = None
+    except Exception as error:  # torch_pruning missing, or the dead-code probe failed
+        search, search_error = None, f"{type(error).__name__}: {str(error)[:300]}"
+    common = dict(dense_scores=dense_scores, dense_macs=dense_macs, model_name=name)
+    for budget in args.budgets:
+        learned = {}
+
+        def make_learned():
+            slim = sepfx.compile(dense, budget=budget, data=setup.make_train(),
+                                 steps=args.gate_steps, seed=args.seed, progress=args.progress)
+            learned["slim"] = slim
+            return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
+
+        row, _ = run_method(setup, "sepfx-learned", make_learned, budget=budget, **common)
+        rows.append(row)
+        if "slim" not in learned:
+            continue  # nothing to match MACs to, nor to train from scratch
+        target = learned["slim"].sepfx_report.macs_ratio
+
+        def make_magnitude():
+            slim = sepfx.compile(dense, budget=budget, seed=args.seed, progress=args.progress)
+            return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
+
+        rows.append(run_method(setup, "sepfx-magnitude", make_magnitude, budget=budget,
+                               **common)[0])
+        for method in ("tp-magnitude", "tp-taylor", "tp-random"):
+            def make_tp(method=method):
+                if search is None:
+                    raise RuntimeError(search_error)
+                found = search.search(method, target)
+                return found["model"], {"macs_ratio": found["macs_ratio"],
+                                        "tp_pruning_ratio": found["ratio"],
+                                        "tp_attempts": found["attempts"],
+                                        "note": "; ".join(found["notes"]) or None}
+
+            rows.append(run_method(setup, method, make_tp, budget=budget, **common)[0])
+
+        def make_scratch():
+            model, left = reinitialise(learned["slim"], args.seed)
+            note = f"{left} parameter tensors could not be re-initialised" if left else None
+            return model, {"macs_ratio": target, "note": note}
+
+        rows.append(run_method(setup, "sepfx-scratch", make_scratch, budget=budget, **common)[0])
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    shown = [{k: ("–" if v is None else v) for k, v in r.items()} for r in rows]
+    for r in shown:
+        if r.get("error"):
+            r["si_snri_after_ft"] = "failed: " + r["error"][:80].replace("|", "/")
+    notes = [f"- {r['model']} {r['budget']} {r['method']}: {r['note']}" for r in rows
+             if r.get("note")]
+    notes = sorted(set(notes), key=notes.index)
+    return markdown_table(shown, COLUMNS) + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="zoo names (default: every model with a bundled checkpoint); one "
+                             "without a checkpoint is built untrained with --config")
+    parser.add_argument("--config", default="small", help="config for models without checkpoint")
+    parser.add_argument("--data", default="data/mixtures",
+                        help="folder written by benchmarks/make_data.py")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25])
+    parser.add_argument("--gate-steps", type=int, default=200,
+                        help="gate-learning steps (default 200; the paper uses ~500)")
+    parser.add_argument("--finetune-steps", type=int, default=100,
+                        help="fine-tuning steps, the same for every method (default 100)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--segment", type=float, default=2.0, help="seconds per training item")
+    parser.add_argument("--eval-limit", type=int, default=100, help="test mixtures evaluated")
+    parser.add_argument("--tp-tolerance", type=float, default=0.01,
+                        help="Torch-Pruning's MAC ratio within this of sepfx's (default 0.01)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="untrained tiny Conv-TasNet, synthetic batches, a few steps")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks of failed methods")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models = ["conv_tasnet"]
+        args.gate_steps = args.finetune_steps = 8
+        args.batch, args.segment, args.eval_limit = 2, 0.5, 4
+    elif args.models is None:
+        args.models = pretrained_names()
+        if not args.models:
+            parser.error("no bundled checkpoint (benchmarks/train_baseline.py writes them): "
+                         "name the models with --models")
+    unknown = [m for m in args.models if m not in ZOO]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(sorted(ZOO))}")
+    args.progress = not (args.quiet or args.smoke)
+    torch.set_num_threads(args.threads)
+    try:
+        setup = Setup(args)
+    except sepfx.errors.InputError as error:  # no data folder: say how to make it
+        parser.error(str(error))
+    start = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows += run_model(setup, name)
+    name = "quality_smoke" if args.smoke else "quality"
+    settings = {k: getattr(args, k) for k in ("models", "config", "data", "budgets", "gate_steps",
+                                              "finetune_steps", "batch", "segment", "eval_limit",
+                                              "tp_tolerance", "threads", "seed", "smoke")}
+    settings["test_set"] = setup.test_name
+    write(name, {"machine": machine(), "settings": settings,
+                 "seconds": time.perf_counter() - start, "rows": rows}, _table(rows), args.out)
+    series = {}
+    for r in rows:
+        if r.get("si_snri_after_ft") is None or r["method"] == "dense":
+            continue
+        key = f"{r['model']} {r['method']}" if len(args.models) > 1 else r["method"]
+        series.setdefault(key, ([], []))
+        series[key][0].append(r["macs_ratio"])
+        series[key][1].append(r["si_snri_after_ft"])
+    for r in rows:  # the dense model as a one-point series per model
+        if r["method"] == "dense":
+            key = f"{r['model']} dense" if len(args.models) > 1 else "dense"
+            series[key] = ([1.0], [r["si_snri_after_ft"]])
+    for x, y in series.values():  # lines left to right
+        order = sorted(range(len(x)), key=x.__getitem__)
+        x[:], y[:] = [x[i] for i in order], [y[i] for i in order]
+    plot(args.out / f"{name}.png", series, "MACs / dense MACs", "SI-SNRi after fine-tune (dB)",
+         f"Quality at equal MACs ({args.finetune_steps} fine-tune steps)")
+    print(f"wrote {args.out / (name + '.md')} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
