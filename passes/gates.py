@@ -76,7 +76,7 @@ class GatedBuilder:
     def copy(self, node: fx.Node) -> fx.Node:
         new = self.graph.node_copy(node, lambda n: self.env[n])
         if node.op in ("call_module", "get_attr"):
-            self.objects[node.target] = _fetch(self.old, node.target)
+            self.objects[node.target] = operator.attrgetter(node.target)(self.old)
         return new
 
     def call_function(self, fn, args, kwargs=None) -> fx.Node:
@@ -86,7 +86,7 @@ class GatedBuilder:
         return self.graph.call_module(target, args, kwargs or {})
 
     def get_attr(self, target: str) -> fx.Node:
-        self.objects[target] = _fetch(self.old, target)
+        self.objects[target] = operator.attrgetter(target)(self.old)
         return self.graph.get_attr(target)
 
     def add_module(self, module: nn.Module, for_target: str) -> str:
@@ -109,7 +109,7 @@ class GatedBuilder:
             if self._flat is None:
                 self._flat = self.graph.call_module(GATES, (), {})
             target = f"{GATES}.{self.bank.index_name(key, units)}"
-            self.objects[target] = _fetch(self.bank, target.split(".", 1)[1])
+            self.objects[target] = operator.attrgetter(target.split(".", 1)[1])(self.bank)
             index = self.graph.get_attr(target)
             self._masks[key] = self.graph.call_function(operator.getitem, (self._flat, index))
         return self._masks[key]
@@ -123,13 +123,6 @@ class GatedBuilder:
 
     def module_mask(self, qualname: str, name: str) -> fx.Node | None:
         return self.mask(self.analysis.module_axes.get(qualname, {}).get(name))
-
-
-def _fetch(root: nn.Module, target: str):
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,

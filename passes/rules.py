@@ -552,17 +552,12 @@ RULES.add(AttentionRule(), modules=[nn.MultiheadAttention])
 
 
 # -- layout ---------------------------------------------------------------------------------
-def _dim_arg(node, index, name, default=0):
-    d = arg(node, index, name, default)
-    return d
-
-
 class CatRule:
     def couple(self, ctx):
         node = ctx.node
         tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
         out_shape = ctx.shape()
-        dim = _dim_arg(node, 1, "dim") % len(out_shape)
+        dim = arg(node, 1, "dim", 0) % len(out_shape)
         out = ctx.axis(None, dim)
         offset = 0
         broken = False
@@ -644,7 +639,7 @@ class StackRule:
         node = ctx.node
         tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
         n = len(ctx.shape())
-        dim = _dim_arg(node, 1, "dim") % n
+        dim = arg(node, 1, "dim", 0) % n
         ctx.freeze(ctx.axis(None, dim), "stacked axis")
         for t in tensors:
             for d, a in enumerate(ctx.axes(t)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import sys
 from unittest import mock
 from dataclasses import dataclass, field
@@ -218,7 +219,7 @@ class _Tracer(fx.Tracer):
         try:
             with torch.no_grad():
                 if node.op == "get_attr":
-                    return _fetch_attr(self.root, node.target)
+                    return operator.attrgetter(node.target)(self.root)
                 if node.op == "call_module":
                     return self.root.get_submodule(node.target)(*args, **kwargs)
                 if node.op == "call_method":
@@ -264,13 +265,6 @@ class _Tracer(fx.Tracer):
                 and len(values[0]) == len(values[1]):
             return iter([obj[i] for i in range(len(values[0]))])
         return super().iter(obj)
-
-
-def _fetch_attr(root: torch.nn.Module, target: str):
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def probe_input(example: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,19 @@ def floor_counts(cost: CostModel, min_per_group: int = 1, multiple: int = 8) -> 
             zip(cost.analysis.groups, _multiples(cost, multiple))]
 
 
+def check_reachable(cost: CostModel, budget: float, min_per_group: int = 1,
+                    multiple: int = 8) -> None:
+    """Raise InputError when even every group at its minimum width costs more than ``budget``."""
+    counts = floor_counts(cost, min_per_group, multiple)
+    order = {g.index: np.arange(g.size) for g in cost.analysis.groups}
+    floor = cost.macs(_flat(cost, order, counts)) / cost.dense_macs
+    if floor > budget:
+        raise InputError(
+            f"budget {budget:g} is below what this model can reach: with every group at its "
+            f"minimum width it still costs {floor:.3f} of its dense MACs (its frozen, "
+            f"unprunable part included); use a budget >= {np.ceil(floor * 100) / 100:.2f}")
+
+
 def project(cost: CostModel, probability: np.ndarray, budget: float, *,
             initial: np.ndarray | None = None, min_per_group: int = 1, multiple: int = 8
             ) -> dict[int, np.ndarray]:
@@ -44,13 +57,8 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
     steps = _multiples(cost, multiple)
     order = {g.index: np.argsort(-probability[g.offset:g.offset + g.size], kind="stable")
              for g in groups}
+    check_reachable(cost, budget, min_per_group, multiple)
     low = floor_counts(cost, min_per_group, multiple)
-    if cost.macs(_flat(cost, order, low)) > limit:
-        floor = cost.macs(_flat(cost, order, low)) / cost.dense_macs
-        raise InputError(f"budget {budget:g} is below what this model can reach: with every "
-                         f"group at its minimum width the model still costs {floor:.3f} of its "
-                         f"dense MACs (frozen, unprunable parts included); use a budget >= "
-                         f"{np.ceil(floor * 100) / 100:.2f}")
 
     def snap(k, g, step):
         if k >= g.size:

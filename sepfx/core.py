@@ -1,6 +1,8 @@
 """The compiler front: trace -> channel groups -> cost model, and slim models from keep sets."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import fx, nn
@@ -130,7 +132,7 @@ def _slice_norms(gm: fx.GraphModule, analysis: ChannelAnalysis, key) -> np.ndarr
     """L2 norm of each index's slice of the parameters behind a module or attribute axis."""
     kind = key[0]
     if kind == "attr":
-        tensor, dim = _fetch(gm, key[1]), key[2]
+        tensor, dim = operator.attrgetter(key[1])(gm), key[2]
         return _norms(tensor, dim)
     if kind != "module":
         return None
@@ -168,13 +170,6 @@ def _module_slices(module: nn.Module, axis: str):
 def _norms(tensor: torch.Tensor, dim: int) -> np.ndarray:
     t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
     return t.norm(dim=1).cpu().numpy().astype(np.float64)
-
-
-def _fetch(root, target):
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor | None = None) -> Analysis:

@@ -18,7 +18,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from passes.gates import insert_gates
-from sepfx.budget import project
+from sepfx.budget import check_reachable, project
 from sepfx.core import Analysis
 from sepfx.errors import InputError
 from sepfx.gates import LearnableGates, magnitude_init
@@ -197,7 +197,7 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, min_per_gr
     analysis = Analysis(model, example_input)
     cost = analysis.cost
     notes = []
-    _check_reachable(analysis, budget, min_per_group, multiple)
+    check_reachable(cost, budget, min_per_group, multiple)
     if data is None:
         magnitudes = analysis.unit_magnitudes()
         logits = magnitude_init(analysis.channels, magnitudes, eps, tau)
@@ -229,20 +229,6 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, min_per_gr
     slim = analysis.slim(keep, budget=budget, notes=notes)
     slim.sepfx_gate_history = history
     return slim
-
-
-def _check_reachable(analysis: Analysis, budget, min_per_group, multiple) -> None:
-    from sepfx.budget import _flat, floor_counts
-
-    cost = analysis.cost
-    counts = floor_counts(cost, min_per_group, multiple)
-    order = {g.index: np.arange(g.size) for g in analysis.groups}
-    floor = cost.macs(_flat(cost, order, counts)) / cost.dense_macs
-    if floor > budget:
-        raise InputError(
-            f"budget {budget:g} is below what this model can reach: with every group at its "
-            f"minimum width it still costs {floor:.3f} of its dense MACs (its frozen, "
-            f"unprunable part included); use a budget >= {math.ceil(floor * 100) / 100:.2f}")
 
 
 def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip: float = 5.0,
