@@ -79,7 +79,7 @@ def main(argv=None):
             if step % args.eval_every == 0:
                 score = evaluate(model, valid, limit=50)
                 history.append({"step": step, "minutes": (time.time() - start) / 60,
-                                "train_loss": float(loss), "valid_si_snri": score})
+                                "train_loss": float(loss.detach()), "valid_si_snri": score})
                 print(history[-1], flush=True)
                 if score > best:
                     best, best_state = score, copy.deepcopy(model.state_dict())
