@@ -7,7 +7,6 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,19 +82,3 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: 
     plt.close(fig)
     return True
 
-
-def paired_medians(fns: list, runs: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each callable, run interleaved (a, b, a, b, ...) so that a noisy shared
-    machine slows both alike; compare their ratio, not absolute times."""
-    import time
-
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]

@@ -10,102 +10,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, paired_medians, plot, write  # noqa: E402
+from common import RESULTS, machine, markdown_table, plot, write  # noqa: E402
 
-import sepfx  # noqa: E402
+from sepfx.bench import COLUMNS, compare  # noqa: E402
 from sepfx.models import build  # noqa: E402
 
 
-def _ort_session(path: str, threads: int, cuda: bool):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    return ort.InferenceSession(path, options, providers=providers)
-
-
-def run(models, config, budgets, seconds, threads_list, runs, out_dir: Path) -> list[dict]:
+def run(models, config, budgets, seconds, threads_list, runs) -> list[dict]:
     rows = []
-    tmp = tempfile.mkdtemp()
     for name in models:
         torch.manual_seed(0)
-        dense = build(name, config).eval()
-        analysis = sepfx.analyze(dense)
-        dense_graph = analysis.slim(analysis.keep_all())
-        dense_onnx = os.path.join(tmp, f"{name}-dense.onnx")
-        sepfx.export_onnx(dense_graph, dense_onnx)
-        for budget in budgets:
-            slim = sepfx.compile(dense, budget=budget, progress=False)
-            report = slim.sepfx_report
-            slim_onnx = os.path.join(tmp, f"{name}-{budget}.onnx")
-            sepfx.export_onnx(slim, slim_onnx)
-            mac_ratio = report.dense_macs / report.macs
-            for sec in seconds:
-                x = torch.randn(1, int(dense.sample_rate * sec))
-                for threads in threads_list:
-                    torch.set_num_threads(threads)
-                    with torch.inference_mode():
-                        t_dense, t_slim = paired_medians([lambda: dense(x), lambda: slim(x)], runs)
-                    rows.append(_row(name, budget, sec, f"torch cpu x{threads}", t_dense, t_slim,
-                                     mac_ratio, report))
-                    a, b = _ort_session(dense_onnx, threads, False), _ort_session(slim_onnx, threads, False)
-                    feed = {"mixture": x.numpy()}
-                    t_dense, t_slim = paired_medians(
-                        [lambda: a.run(None, feed), lambda: b.run(None, feed)], runs)
-                    rows.append(_row(name, budget, sec, f"ort cpu x{threads}", t_dense, t_slim,
-                                     mac_ratio, report))
-                if torch.cuda.is_available():
-                    rows += _cuda_rows(name, dense, slim, budget, sec, x, runs, mac_ratio, report,
-                                       dense_onnx, slim_onnx)
-                print(rows[-1])
+        rows += compare(build(name, config), budgets, seconds, threads_list, runs, name=name,
+                        progress=True)
     return rows
-
-
-def _cuda_rows(name, dense, slim, budget, sec, x, runs, mac_ratio, report, dense_onnx, slim_onnx):
-    rows = []
-    dense_c, slim_c, xc = dense.cuda(), slim.cuda(), x.cuda()
-
-    def timed(model):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(xc)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    with torch.inference_mode():
-        for _ in range(5):
-            timed(dense_c), timed(slim_c)
-        pairs = [(timed(dense_c), timed(slim_c)) for _ in range(runs)]
-    t_dense, t_slim = float(np.median([p[0] for p in pairs])), float(np.median([p[1] for p in pairs]))
-    rows.append(_row(name, budget, sec, "torch cuda", t_dense, t_slim, mac_ratio, report))
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        a, b = _ort_session(dense_onnx, 1, True), _ort_session(slim_onnx, 1, True)
-        feed = {"mixture": x.numpy()}
-        t_dense, t_slim = paired_medians([lambda: a.run(None, feed), lambda: b.run(None, feed)], runs)
-        rows.append(_row(name, budget, sec, "ort cuda", t_dense, t_slim, mac_ratio, report))
-    dense.cpu(), slim.cpu()
-    return rows
-
-
-def _row(name, budget, sec, runtime, t_dense, t_slim, mac_ratio, report):
-    speedup = t_dense / t_slim
-    return {"model": name, "budget": budget, "seconds": sec, "runtime": runtime,
-            "dense_ms": 1000 * t_dense, "slim_ms": 1000 * t_slim,
-            "macs_ratio": report.macs_ratio, "speedup": speedup,
-            "speedup_over_mac_ratio": speedup / mac_ratio}
 
 
 def main(argv=None):
@@ -123,12 +45,10 @@ def main(argv=None):
         args.models, args.config, args.budgets = ["conv_tasnet"], "tiny", [0.4]
         args.seconds, args.threads, args.runs = [1], [1], 3
     rows = run(args.models, args.config, args.budgets, args.seconds, sorted(set(args.threads)),
-               args.runs, args.out)
-    columns = ["model", "budget", "seconds", "runtime", "dense_ms", "slim_ms", "macs_ratio",
-               "speedup", "speedup_over_mac_ratio"]
+               args.runs)
     name = "latency_smoke" if args.smoke else "latency"
     write(name, {"machine": machine(), "config": args.config, "runs": args.runs, "rows": rows},
-          markdown_table(rows, columns), args.out)
+          markdown_table(rows, COLUMNS), args.out)
     series = {}
     for r in rows:
         if r["seconds"] == max(args.seconds):

@@ -6,7 +6,9 @@
 Writes ``sepfx/assets/checkpoints/NAME.pt`` (state_dict, fp32) and ``NAME.json`` (config, the
 command, steps, time, SI-SNRi on the test split, the bundled split and the CMU ARCTIC pair).
 Training: Adam 1e-3, gradient clip 5, negative SI-SNR with PIT, batch 4 x 4 s; the checkpoint
-kept is the one with the best validation SI-SNRi.
+kept is the one with the best validation SI-SNRi. The learning rate halves after
+``--patience`` evaluations without a new best. ``--resume`` continues from the bundled
+checkpoint (fresh optimizer) and appends to its card: step counts, minutes and history add up.
 """
 from __future__ import annotations
 
@@ -55,6 +57,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=3,
+                        help="evaluations without a new best before the learning rate halves")
+    parser.add_argument("--resume", action="store_true",
+                        help="start from the checkpoint in --out and extend its card")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=CHECKPOINTS)
     args = parser.parse_args(argv)
@@ -62,10 +68,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build(args.model, args.config)
     valid = MixtureDataset(args.data, "valid")
+    command = "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    best, best_state, step, epoch, past_minutes, history, commands = -1e9, None, 0, 0, 0.0, [], []
+    if args.resume:
+        previous = json.loads((args.out / f"{args.model}.json").read_text())
+        if previous["config"] != args.config:
+            sys.exit(f"--resume: the checkpoint was trained with config {previous['config']!r}")
+        model.load_state_dict(torch.load(args.out / f"{args.model}.pt"))
+        step, past_minutes, history = previous["steps"], previous["minutes"], previous["history"]
+        commands = previous.get("commands", [previous["command"]])
+        best, best_state = evaluate(model, valid, limit=50), copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    best, best_state, step, epoch = -1e9, None, 0, 0
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.5, patience=args.patience)
     start = time.time()
-    history = []
     while time.time() - start < 60 * args.minutes:
         train = loader(args.data, "train", args.batch, segment=args.segment, seed=args.seed + epoch)
         for mixture, sources in train:
@@ -78,8 +94,10 @@ def main(argv=None):
             step += 1
             if step % args.eval_every == 0:
                 score = evaluate(model, valid, limit=50)
-                history.append({"step": step, "minutes": (time.time() - start) / 60,
-                                "train_loss": float(loss.detach()), "valid_si_snri": score})
+                scheduler.step(score)
+                history.append({"step": step, "minutes": past_minutes + (time.time() - start) / 60,
+                                "train_loss": float(loss.detach()), "valid_si_snri": score,
+                                "lr": optimizer.param_groups[0]["lr"]})
                 print(history[-1], flush=True)
                 if score > best:
                     best, best_state = score, copy.deepcopy(model.state_dict())
@@ -90,9 +108,9 @@ def main(argv=None):
         model.load_state_dict(best_state)
     card = {
         "model": args.model, "config": args.config,
-        "command": "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command, "commands": commands + [command],
         "data": "python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200",
-        "steps": step, "minutes": (time.time() - start) / 60, "batch": args.batch,
+        "steps": step, "minutes": past_minutes + (time.time() - start) / 60, "batch": args.batch,
         "segment_s": args.segment, "threads": args.threads,
         "params": sum(p.numel() for p in model.parameters()),
         "valid_si_snri_best": best,

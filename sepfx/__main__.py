@@ -1,4 +1,5 @@
-"""Command line: ``python -m sepfx compile MODEL ...``. Errors are one line, not a traceback."""
+"""Command line: ``python -m sepfx compile|bench|demo|separate ...``. Errors are one line, not a
+traceback."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     comp = sub.add_parser("compile", help="prune a model, print the report, write ONNX",
                           description="Prune a model, print its report and write an ONNX file.")
-    comp.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
-                                    "sepformer): its bundled checkpoint if there is one; or a "
-                                    "file written by sepfx.save")
-    comp.add_argument("--config", default=None,
-                      help="build the zoo model untrained with this config (tiny, small) "
-                           "instead of loading its checkpoint")
+    _model_arguments(comp)
     size = comp.add_mutually_exclusive_group()
     size.add_argument("--budget", type=float, default=None,
                       help="MACs of the slim model as a fraction of the dense model's "
@@ -34,6 +30,21 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --ratio: which units to keep (default: weight magnitude)")
     comp.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     comp.add_argument("--out", default="slim.onnx", help="ONNX file to write (default: slim.onnx)")
+    bench = sub.add_parser("bench", help="latency of a model beside its slim versions",
+                           description="Compile a model at each budget (data-free) and time dense "
+                                       "vs slim on random input: PyTorch eager and ONNX Runtime "
+                                       "on CPU, and CUDA when present. Runs are interleaved and "
+                                       "the median is reported; read the speed-up, not the "
+                                       "absolute times, on a busy machine.")
+    _model_arguments(bench)
+    bench.add_argument("--budget", type=float, nargs="+", default=[0.4],
+                       help="one or more budgets (default: 0.4)")
+    bench.add_argument("--seconds", type=float, nargs="+", default=[4.0],
+                       help="input lengths in seconds (default: 4)")
+    bench.add_argument("--threads", type=int, nargs="+", default=[1],
+                       help="CPU thread counts (default: 1)")
+    bench.add_argument("--runs", type=int, default=20, help="timed runs per model (default: 20)")
+    bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
     demo = sub.add_parser("demo", help="the bundled Conv-TasNet on the bundled mixtures, "
                                        "compiled and measured",
                           description="Compile the bundled Conv-TasNet at a budget on half of "
@@ -52,6 +63,31 @@ def _parser() -> argparse.ArgumentParser:
     sep.add_argument("--sample-rate", type=int, default=8000,
                      help="the model's sample rate; the input is resampled to it (default 8000)")
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
+                                      "sepformer): its bundled checkpoint if there is one; or a "
+                                      "file written by sepfx.save")
+    parser.add_argument("--config", default=None,
+                        help="build the zoo model untrained with this config (tiny, small) "
+                             "instead of loading its checkpoint")
+
+
+def _bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from sepfx.bench import compare, format_table
+
+    model = _model(args.model, args.config)
+    rows = compare(model, args.budget, args.seconds, args.threads, args.runs, name=args.model)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -135,7 +171,8 @@ def _compile(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": _compile, "demo": _demo, "separate": _separate}[args.command](args)
+        return {"compile": _compile, "bench": _bench, "demo": _demo,
+                "separate": _separate}[args.command](args)
     except Exception as error:  # one clear line for people; tracebacks are for bug reports
         import wave
 

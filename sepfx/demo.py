@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 import torch
 
+from sepfx.bench import ort_medians
 from sepfx.data import bundled_test_set
 from sepfx.losses import si_snr_improvement
 
@@ -26,28 +27,6 @@ def si_snri(model, batches) -> float:
     model.eval()
     values = [si_snr_improvement(model(m), s, m) for m, s in batches]
     return float(torch.cat(values).mean())
-
-
-def ort_latency(paths: list[str], seconds: float, sample_rate: int, runs: int = 20) -> list[float]:
-    """Median ONNX Runtime CPU latency (1 thread) of each model on one input, interleaved."""
-    import time
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
-    feed = {"mixture": np.random.default_rng(0).standard_normal(
-        (1, int(seconds * sample_rate))).astype(np.float32)}
-    times = [[] for _ in sessions]
-    for run in range(runs + 2):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            if run >= 2:
-                times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: str = "slim.onnx",
@@ -77,7 +56,8 @@ def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: s
         analysis = sepfx.analyze(model)
         dense_path = os.path.join(tmp, "dense.onnx")
         sepfx.export_onnx(analysis.slim(analysis.keep_all()), dense_path)
-        dense_s, slim_s = ort_latency([dense_path, out], 4.0, model.sample_rate)
+        x = np.random.default_rng(0).standard_normal((1, 4 * model.sample_rate)).astype(np.float32)
+        dense_s, slim_s = ort_medians([dense_path, out], x, threads=1, runs=20)
     return {"report": report, "export": export, "notes": notes,
             "dense_si_snri": dense_score, "pruned_si_snri": pruned_score,
             "finetuned_si_snri": tuned_score, "dense_latency_ms": 1000 * dense_s,

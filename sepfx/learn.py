@@ -172,7 +172,7 @@ def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None
     gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
     says so. The result's report is ``slim.sepfx_report``; the caller's model is not modified.
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     with torch.random.fork_rng():  # seeded, without touching the caller's random state
@@ -181,7 +181,7 @@ def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None
                         multiple, seed, device, progress)
 
 
-def _check_budget(budget) -> float:
+def check_budget(budget) -> float:
     if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, np.floating)) and not (
             isinstance(budget, torch.Tensor) and budget.numel() == 1):
         raise InputError(f"budget must be a number in (0, 1] (a fraction of the dense MACs), "

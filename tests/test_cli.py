@@ -4,6 +4,7 @@ subcommand, compile to ONNX, separate a WAV file, and errors as one line
 ``--help``)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,18 +49,20 @@ def write_mixture(path: Path, samples: int, rate: int = 8000, seed: int = 0) -> 
 # help
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["compile"], ["demo"], ["separate"]],
-                         ids=["top", "compile", "demo", "separate"])
+@pytest.mark.parametrize("command", [[], ["compile"], ["bench"], ["demo"], ["separate"]],
+                         ids=["top", "compile", "bench", "demo", "separate"])
 def test_help(command):
     proc = sepfx_cli(*command, "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m sepfx")
     assert proc.stderr == ""
     if not command:
-        for sub in ("compile", "demo", "separate"):
+        for sub in ("compile", "bench", "demo", "separate"):
             assert sub in proc.stdout
     if command == ["compile"]:
         assert "--budget" in proc.stdout and "--out" in proc.stdout
+    if command == ["bench"]:
+        assert "--budget" in proc.stdout and "--threads" in proc.stdout and "--json" in proc.stdout
     if command == ["separate"]:
         assert "mixture" in proc.stdout and "--out-dir" in proc.stdout
 
@@ -119,6 +122,25 @@ def test_separate_round_trip(compiled, tmp_path, samples):
     assert sorted(p.name for p in out_dir.iterdir()) == ["mixture_s1.wav", "mixture_s2.wav"]
 
 
+def test_bench_prints_and_writes_rows(tmp_path):
+    """Two budgets, one length, one thread: a torch and an ORT row each, in the table and JSON."""
+    out = tmp_path / "rows" / "bench.json"
+    proc = sepfx_cli("bench", "conv_tasnet", "--config", "tiny", "--budget", "0.6", "0.3",
+                     "--seconds", "0.5", "--runs", "2", "--json", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["budget"], r["runtime"]) for r in rows] == [
+        (0.6, "torch cpu x1"), (0.6, "ort cpu x1"), (0.3, "torch cpu x1"), (0.3, "ort cpu x1")]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["slim_ms"] > 0
+        assert r["macs_ratio"] <= r["budget"] + 1e-9
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["slim_ms"])
+        assert r["speedup_over_mac_ratio"] == pytest.approx(r["speedup"] * r["macs_ratio"])
+    table = [line for line in proc.stdout.splitlines() if line.startswith("conv_tasnet")]
+    assert len(table) == 4 and all(line.split()[3] in ("torch", "ort") for line in table)
+    assert f"wrote {out}" in proc.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # errors: one line, exit code 2
 # --------------------------------------------------------------------------------------------
@@ -163,6 +185,14 @@ def test_error_budget_below_floor(tmp_path):
     floor = float(line.rsplit(">=", 1)[1].strip().rstrip("."))
     assert 0.00001 < floor < 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("args", [["--budget", "0.4", "1.5"], ["--seconds", "0"],
+                                  ["--threads", "0"], ["--runs", "0"]],
+                         ids=["budget", "seconds", "threads", "runs"])
+def test_error_bench_bad_arguments(tmp_path, args):
+    proc = sepfx_cli("bench", "conv_tasnet", "--config", "tiny", *args, cwd=tmp_path)
+    assert_one_line_error(proc, args[0].strip("-").rstrip("s"))
 
 
 def test_error_ratio_out_of_range(tmp_path):

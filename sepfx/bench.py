@@ -1,0 +1,145 @@
+"""Latency of a dense model beside its slim versions: PyTorch eager and ONNX Runtime on CPU (and
+CUDA when present). Dense and slim run interleaved so that a noisy, shared machine slows both
+alike: read the speed-up, a ratio, rather than the absolute times.
+
+Used by ``python -m sepfx bench``, the demo and ``benchmarks/latency.py``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+COLUMNS = ["model", "budget", "seconds", "runtime", "dense_ms", "slim_ms", "macs_ratio",
+           "speedup", "speedup_over_mac_ratio"]
+
+
+def paired_medians(fns: list, runs: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each callable, run interleaved (a, b, a, b, ...)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def ort_session(path: str, threads: int = 1, cuda: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def ort_medians(paths: list[str], x: np.ndarray, threads: int = 1, runs: int = 20,
+                cuda: bool = False) -> list[float]:
+    """Median ONNX Runtime latency (seconds) of each model on the input ``x``, interleaved."""
+    sessions = [ort_session(p, threads, cuda) for p in paths]
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    return paired_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs)
+
+
+def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
+    """Median CUDA-event seconds of each model, interleaved, after a warm-up."""
+    models, x = [m.cuda() for m in models], x.cuda()
+
+    def timed(model):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    with torch.inference_mode():
+        for _ in range(5):
+            for m in models:
+                timed(m)
+        times = [[timed(m) for m in models] for _ in range(runs)]
+    for m in models:
+        m.cpu()
+    return [float(np.median([t[i] for t in times])) for i in range(len(models))]
+
+
+def _row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
+    speedup = t_dense / t_slim
+    return {"model": name, "budget": budget, "seconds": seconds, "runtime": runtime,
+            "dense_ms": 1000 * t_dense, "slim_ms": 1000 * t_slim,
+            "macs_ratio": report.macs_ratio, "speedup": speedup,
+            "speedup_over_mac_ratio": speedup * report.macs_ratio}
+
+
+def compare(model: torch.nn.Module, budgets: list[float], seconds: list[float],
+            threads: list[int], runs: int = 20, name: str | None = None,
+            progress: bool = False) -> list[dict]:
+    """Compile ``model`` at each budget (data-free: which channels are kept does not change the
+    time) and time dense vs slim on random inputs of each length: one row per budget, length,
+    runtime and thread count. ``speedup_over_mac_ratio`` is 1.0 when the slim model is as much
+    faster as it is smaller."""
+    import sepfx
+    from sepfx.errors import InputError
+    from sepfx.learn import check_budget
+
+    budgets = [check_budget(b) for b in budgets]
+    if not budgets or not seconds or not threads or runs < 1:
+        raise InputError("bench needs at least one budget, length and thread count, and runs >= 1")
+    if any(s <= 0 for s in seconds) or any(t < 1 for t in threads):
+        raise InputError("bench: input lengths must be > 0 seconds and thread counts >= 1")
+    name = name or type(model).__name__
+    model = model.eval()
+    sample_rate = getattr(model, "sample_rate", 8000)
+    previous_threads = torch.get_num_threads()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        analysis = sepfx.analyze(model)
+        dense_onnx = os.path.join(tmp, "dense.onnx")
+        sepfx.export_onnx(analysis.slim(analysis.keep_all()), dense_onnx)
+        for budget in budgets:
+            slim = sepfx.compile(model, budget=budget, progress=progress)
+            report = slim.sepfx_report
+            slim_onnx = os.path.join(tmp, f"slim-{budget}.onnx")
+            sepfx.export_onnx(slim, slim_onnx)
+            for sec in seconds:
+                x = torch.randn(1, int(sample_rate * sec))
+                try:
+                    for n in threads:
+                        torch.set_num_threads(n)
+                        with torch.inference_mode():
+                            t = paired_medians([lambda: model(x), lambda: slim(x)], runs)
+                        rows.append(_row(name, budget, sec, f"torch cpu x{n}", *t, report))
+                        t = ort_medians([dense_onnx, slim_onnx], x.numpy(), n, runs)
+                        rows.append(_row(name, budget, sec, f"ort cpu x{n}", *t, report))
+                finally:
+                    torch.set_num_threads(previous_threads)
+                if torch.cuda.is_available():
+                    t = _cuda_medians([model, slim], x, runs)
+                    rows.append(_row(name, budget, sec, "torch cuda", *t, report))
+                    import onnxruntime as ort
+
+                    if "CUDAExecutionProvider" in ort.get_available_providers():
+                        t = ort_medians([dense_onnx, slim_onnx], x.numpy(), 1, runs, cuda=True)
+                        rows.append(_row(name, budget, sec, "ort cuda", *t, report))
+                if progress:
+                    print(format_table(rows[-1:], header=False), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    """Fixed-width text table of ``compare`` rows, for a terminal."""
+    lines = [f"{'model':<12} {'budget':>6} {'len s':>6} {'runtime':<13} {'dense ms':>9} "
+             f"{'slim ms':>9} {'MACs':>6} {'speed-up':>8} {'/MAC ratio':>10}"] if header else []
+    lines += [f"{r['model']:<12} {r['budget']:>6.2f} {r['seconds']:>6g} {r['runtime']:<13} "
+              f"{r['dense_ms']:>9.2f} {r['slim_ms']:>9.2f} {100 * r['macs_ratio']:>5.1f}% "
+              f"{r['speedup']:>7.2f}x {r['speedup_over_mac_ratio']:>10.2f}" for r in rows]
+    return "\n".join(lines)
