@@ -178,8 +178,9 @@ def _lower(model: torch.nn.Module) -> torch.nn.Module:
     changed = False
     for node in lowered.graph.nodes:
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
-            function = EXPORT_MODULE_LOWERINGS.get(type(lowered.get_submodule(node.target)))
-            if function is not None:
+            module = lowered.get_submodule(node.target)
+            if type(module) in EXPORT_MODULE_LOWERINGS:
+                function = EXPORT_MODULE_LOWERINGS[type(module)](module)
                 with lowered.graph.inserting_before(node):
                     weight = lowered.graph.get_attr(f"{node.target}.weight")
                 node.op, node.target, node.args = "call_function", function, (node.args[0], weight)

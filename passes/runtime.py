@@ -237,15 +237,37 @@ def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
     return torch.matmul(x, weights.transpose(0, 1))
 
 
+def _channel_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape([1, -1] + [1] * (x.dim() - 2)) if weight.numel() > 1 else weight
+
+
 def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """PReLU as relu(x) - w * relu(-x): the same values, and about 9x faster in ONNX Runtime's
     CPU kernels than its PRelu (measured on [1, 128, 4000], 1 thread), where Conv-TasNet's
     PReLUs took 43% of the dense model's time."""
-    if weight.numel() > 1:
-        weight = weight.reshape([1, -1] + [1] * (x.dim() - 2))
-    return torch.relu(x) - weight * torch.relu(-x)
+    return torch.relu(x) - _channel_weight(x, weight) * torch.relu(-x)
+
+
+def prelu_max(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PReLU when every slope is <= 1: max(x, w*x), two element passes instead of five (2x faster
+    than ``prelu`` in ONNX Runtime on [1, 128, 4000])."""
+    return torch.maximum(x, _channel_weight(x, weight) * x)
+
+
+def prelu_min(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PReLU when every slope is >= 1: min(x, w*x)."""
+    return torch.minimum(x, _channel_weight(x, weight) * x)
+
+
+def lower_prelu(module: nn.PReLU):
+    """The fastest exact form for this module's slopes (chosen once, at export)."""
+    if bool((module.weight <= 1).all()):
+        return prelu_max
+    if bool((module.weight >= 1).all()):
+        return prelu_min
+    return prelu
 
 
 EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
-# modules replaced by a function of (input, weight) for export
-EXPORT_MODULE_LOWERINGS = {nn.PReLU: prelu}
+# module type -> (module -> a function of (input, weight) that replaces it for export)
+EXPORT_MODULE_LOWERINGS = {nn.PReLU: lower_prelu}
