@@ -180,10 +180,10 @@ def _lower(model: torch.nn.Module) -> torch.nn.Module:
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
             module = lowered.get_submodule(node.target)
             if type(module) in EXPORT_MODULE_LOWERINGS:
-                function = EXPORT_MODULE_LOWERINGS[type(module)](module)
-                with lowered.graph.inserting_before(node):
+                with lowered.graph.inserting_before(node):  # dropped below if unused
                     weight = lowered.graph.get_attr(f"{node.target}.weight")
-                node.op, node.target, node.args = "call_function", function, (node.args[0], weight)
+                function, args = EXPORT_MODULE_LOWERINGS[type(module)](module, weight)
+                node.op, node.target, node.args = "call_function", function, (node.args[0], *args)
                 changed = True
             continue
         if node.op != "call_function":

@@ -259,15 +259,19 @@ def prelu_min(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, _channel_weight(x, weight) * x)
 
 
-def lower_prelu(module: nn.PReLU):
-    """The fastest exact form for this module's slopes (chosen once, at export)."""
+def lower_prelu(module: nn.PReLU, weight):
+    """The fastest exact form for this module's slopes, chosen once at export: (function, its
+    arguments after the input), ``weight`` being the graph node of the module's weight. One
+    shared slope is ONNX LeakyRelu, which ONNX Runtime fuses into the Conv before it."""
+    if module.weight.numel() == 1:
+        return F.leaky_relu, (float(module.weight.detach()),)
     if bool((module.weight <= 1).all()):
-        return prelu_max
+        return prelu_max, (weight,)
     if bool((module.weight >= 1).all()):
-        return prelu_min
-    return prelu
+        return prelu_min, (weight,)
+    return prelu, (weight,)
 
 
 EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
-# module type -> (module -> a function of (input, weight) that replaces it for export)
+# module type -> lowering(module, weight node) -> (function, arguments after the input)
 EXPORT_MODULE_LOWERINGS = {nn.PReLU: lower_prelu}

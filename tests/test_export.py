@@ -94,14 +94,14 @@ class _PReLUNet(torch.nn.Module):
         return self.out(self.act(self.conv(x[:, None])))[:, 0]
 
 
-@pytest.mark.parametrize("slopes,op", [([0.25], "Max"), ([0.0, 0.3, 1.0, 0.7], "Max"),
+@pytest.mark.parametrize("slopes,op", [([0.25], "LeakyRelu"), ([0.0, 0.3, 1.0, 0.7], "Max"),
                                        ([1.0, 2.0, 3.0, 1.5], "Min"),
                                        ([-0.5, 2.0, 0.3, 1.0], "Relu")],
                          ids=["shared", "below_one", "above_one", "mixed"])
 def test_prelu_export_lowering(tmp_path, slopes, op):
     """nn.PReLU is exported as the fastest exact form its slopes allow, never as ONNX PRelu
-    (43% of dense Conv-TasNet's ONNX Runtime time): max(x, w*x), min(x, w*x), or
-    relu(x) - w*relu(-x); ONNX Runtime agrees with PyTorch's PReLU."""
+    (43% of dense Conv-TasNet's ONNX Runtime time): LeakyRelu for one shared slope, max(x, w*x),
+    min(x, w*x), or relu(x) - w*relu(-x); ONNX Runtime agrees with PyTorch's PReLU."""
     model = _PReLUNet(slopes).eval()
     path = tmp_path / "m.onnx"
     result = sepfx.export_onnx(torch.fx.symbolic_trace(model), path,
