@@ -499,6 +499,36 @@ def test_bad_steps(plain, steps):
     _check_rejected(model, "steps", budget=0.4, data=[batch], steps=steps)
 
 
+@pytest.mark.parametrize("init", ["uniform", None, "Magnitude"])
+def test_bad_init(plain, init):
+    model, batch = plain
+    message = _check_rejected(model, "init", budget=0.4, data=[batch], steps=2, init=init)
+    assert repr(init) in message and "'random'" in message and "'magnitude'" in message
+
+
+@pytest.mark.parametrize("init", ["random", "magnitude"])
+def test_gate_init(plain, init):
+    """``init="magnitude"`` orders each group's starting logits by weight magnitude (the
+    data-free keep set is where learning starts); ``"random"`` is the paper's U(0, 1) draw. Both
+    keep the paper's spread of 1 and start at the budget's expected MACs."""
+    model, batch = plain
+    analysis = sepfx.analyze(model)
+    bank, history = sepfx.learn_gates(analysis, [batch], 0.4, steps=1, lr=1e-9, init=init,
+                                      progress=False)
+    alpha = bank.alpha.detach().numpy()
+    magnitudes = analysis.unit_magnitudes()
+    agree = []
+    for group in analysis.channels.groups:
+        logits = alpha[group.offset:group.offset + group.size]
+        assert logits.max() - logits.min() <= 1.0 + 1e-5
+        agree.append(np.array_equal(np.argsort(logits), np.argsort(magnitudes[group.index])))
+    if init == "magnitude":
+        assert all(agree)
+    else:
+        assert not all(agree)
+    assert history.expected_macs_ratio[0] == pytest.approx(0.4, abs=1e-3)
+
+
 def test_float64_batches_with_a_float32_model(plain):
     """float64 data (numpy's default) for a float32 model: either used (cast) or rejected with
     an InputError that says so - not a RuntimeError from inside a convolution."""
