@@ -8,6 +8,7 @@ steps as the others are fine-tuned).
     python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
     python benchmarks/quality.py                        # every bundled checkpoint, 0.6/0.4/0.25
     python benchmarks/quality.py --models conv_tasnet --budgets 0.4
+    python benchmarks/quality.py --models tdanet --name quality_tdanet   # models run apart
     python benchmarks/quality.py --smoke                # untrained tiny Conv-TasNet: what CI runs
 
 For each model and budget b:
@@ -494,6 +495,9 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="tracebacks of failed methods")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=None,
+                        help="results file name without suffix (default: quality, or "
+                             "quality_smoke with --smoke); e.g. one file per model run apart")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models = ["conv_tasnet"]
@@ -517,7 +521,7 @@ def main(argv=None):
     rows = []
     for name in args.models:
         rows += run_model(setup, name)
-    name = "quality_smoke" if args.smoke else "quality"
+    name = args.name or ("quality_smoke" if args.smoke else "quality")
     settings = {k: getattr(args, k) for k in ("models", "config", "data", "budgets", "gate_steps",
                                               "finetune_steps", "batch", "segment", "eval_limit",
                                               "tp_tolerance", "threads", "seed", "smoke")}
