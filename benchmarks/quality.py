@@ -393,7 +393,8 @@ def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_
     return row, model
 
 
-def run_model(setup: Setup, name: str) -> list[dict]:
+def run_model(setup: Setup, name: str, save=None) -> list[dict]:
+    """Every method at every budget for one model; ``save(rows)`` after each budget."""
     args = setup.args
     if args.smoke:
         torch.manual_seed(args.seed)
@@ -456,6 +457,8 @@ def run_model(setup: Setup, name: str) -> list[dict]:
             return model, {"macs_ratio": target, "note": note}
 
         rows.append(run_method(setup, "sepfx-scratch", make_scratch, budget=budget, **common)[0])
+        if save is not None:
+            save(rows)
     return rows
 
 
@@ -519,14 +522,21 @@ def main(argv=None):
         parser.error(str(error))
     start = time.perf_counter()
     rows = []
-    for name in args.models:
-        rows += run_model(setup, name)
+    for name in args.models:  # results are rewritten after every budget: a stopped run keeps them
+        rows += run_model(setup, name, save=lambda partial: _write(args, setup, rows + partial,
+                                                                   start, complete=False))
+    name = _write(args, setup, rows, start, complete=True)
+    print(f"wrote {args.out / (name + '.md')} ({time.perf_counter() - start:.0f} s)")
+
+
+def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -> str:
+    """JSON, Markdown table and plot of ``rows``; returns the file name without suffix."""
     name = args.name or ("quality_smoke" if args.smoke else "quality")
     settings = {k: getattr(args, k) for k in ("models", "config", "data", "budgets", "gate_steps",
                                               "finetune_steps", "batch", "segment", "eval_limit",
                                               "tp_tolerance", "threads", "seed", "smoke")}
     settings["test_set"] = setup.test_name
-    write(name, {"machine": machine(), "settings": settings,
+    write(name, {"machine": machine(), "settings": settings, "complete": complete,
                  "seconds": time.perf_counter() - start, "rows": rows}, _table(rows), args.out)
     series = {}
     for r in rows:
@@ -545,7 +555,7 @@ def main(argv=None):
         x[:], y[:] = [x[i] for i in order], [y[i] for i in order]
     plot(args.out / f"{name}.png", series, "MACs / dense MACs", "SI-SNRi after fine-tune (dB)",
          f"Quality at equal MACs ({args.finetune_steps} fine-tune steps)")
-    print(f"wrote {args.out / (name + '.md')} ({time.perf_counter() - start:.0f} s)")
+    return name
 
 
 if __name__ == "__main__":
