@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from sepfx.data import arctic_mixture
+from sepfx.losses import si_snr_improvement
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -82,3 +85,24 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: 
     plt.close(fig)
     return True
 
+
+
+@torch.no_grad()
+def evaluate(model, dataset, limit: int | None = None) -> float:
+    """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T])."""
+    model.eval()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    values = []
+    for i in range(count):
+        mixture, sources = dataset[i]
+        values.append(float(si_snr_improvement(model(mixture[None]), sources[None],
+                                               mixture[None])))
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def evaluate_arctic(model) -> float:
+    """SI-SNRi (dB) on the CMU ARCTIC pair (``sepfx.data.arctic_mixture``)."""
+    mixture, sources = arctic_mixture()
+    model.eval()
+    return float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None]))

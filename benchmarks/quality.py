@@ -62,11 +62,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, plot, write  # noqa: E402
+from common import (RESULTS, evaluate, evaluate_arctic, machine, markdown_table,  # noqa: E402
+                    plot, write)
 
 import sepfx  # noqa: E402
-from sepfx.data import MixtureDataset, arctic_mixture, bundled_test_set, loader  # noqa: E402
-from sepfx.losses import pit_si_snr_loss, si_snr_improvement  # noqa: E402
+from sepfx.data import MixtureDataset, bundled_test_set, loader  # noqa: E402
+from sepfx.losses import pit_si_snr_loss  # noqa: E402
 from sepfx.models import ZOO, build, pretrained, pretrained_names  # noqa: E402
 
 METHODS = ["sepfx-learned", "sepfx-magnitude", "tp-magnitude", "tp-taylor", "tp-random",
@@ -101,26 +102,6 @@ class SyntheticBatches:
 
     def __len__(self):
         return len(self.batches)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, limit: int | None) -> float:
-    """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T])."""
-    model.eval()
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    values = []
-    for i in range(count):
-        mixture, sources = dataset[i]
-        values.append(float(si_snr_improvement(model(mixture[None]), sources[None],
-                                               mixture[None])))
-    return sum(values) / len(values)
-
-
-@torch.no_grad()
-def evaluate_arctic(model: nn.Module) -> float:
-    mixture, sources = arctic_mixture()
-    model.eval()
-    return float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None]))
 
 
 def macs_of(model: nn.Module) -> float:

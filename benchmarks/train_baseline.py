@@ -21,29 +21,14 @@ from pathlib import Path
 
 import torch
 
-from sepfx.data import MixtureDataset, arctic_mixture, bundled_test_set, loader
-from sepfx.losses import pit_si_snr_loss, si_snr_improvement
-from sepfx.models import build
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import evaluate, evaluate_arctic  # noqa: E402
+
+from sepfx.data import MixtureDataset, bundled_test_set, loader  # noqa: E402
+from sepfx.losses import pit_si_snr_loss  # noqa: E402
+from sepfx.models import build  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "sepfx" / "assets" / "checkpoints"
-
-
-@torch.no_grad()
-def evaluate(model, dataset, limit: int | None = None) -> float:
-    """Mean SI-SNRi (dB) over a dataset of (mixture[T], sources[S, T]) items."""
-    model.eval()
-    values = []
-    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
-        mixture, sources = dataset[i]
-        estimate = model(mixture[None])
-        values.append(float(si_snr_improvement(estimate, sources[None], mixture[None])))
-    return sum(values) / len(values)
-
-
-@torch.no_grad()
-def evaluate_arctic(model) -> float:
-    mixture, sources = arctic_mixture()
-    return float(si_snr_improvement(model.eval()(mixture[None]), sources[None], mixture[None]))
 
 
 def main(argv=None):
