@@ -40,7 +40,8 @@ same batches (a fresh, identically seeded loader per method). SI-SNRi is measure
 split (``--eval-limit`` mixtures) and on the CMU ARCTIC pair (``sepfx.data.arctic_mixture``)
 before and after fine-tuning; ``recovered`` is the fine-tuned SI-SNRi as a fraction of the dense
 model's (only where the dense model's is positive). Writes ``quality.json``, ``quality.md`` and
-``quality.png`` (``quality_smoke.*`` with ``--smoke``) under ``--out``.
+``quality.png`` (``quality_smoke.*`` with ``--smoke``, ``NAME.*`` with ``--name``) under
+``--out``, rewritten after every budget (``"complete": false`` until the run ends).
 
 Time: with the defaults (batch 4 x 2 s, 200 gate steps, 100 fine-tune steps, 100 test
 mixtures) a small Conv-TasNet takes about 30-40 minutes for three budgets on a shared 2-core
