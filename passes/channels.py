@@ -20,9 +20,8 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes import trace as _trace  # module import: passes.trace may still be initialising
-
-AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
+from passes.values import AxisKey, _flatten, _summary, probe_input, tensor_shapes
+from passes.values import _value_leaf, is_tensor, scalar_values  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -112,31 +111,12 @@ class _Shapes(ShapeProp):
         return result
 
 
-def _summary(value):
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape))
-    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        return ("tuple", tuple(_summary(v) for v in value))
-    if isinstance(value, (int, float, bool, torch.Size, str, type(None))):
-        return ("value", value)
-    return ("other", type(value).__name__)
-
-
-def _flatten(summary, path=()):
-    """Yield (path, summary leaf) for every leaf of a summary tree."""
-    if summary[0] == "tuple":
-        for i, item in enumerate(summary[1]):
-            yield from _flatten(item, path + (i,))
-    else:
-        yield path, summary
-
-
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
                      keep_inputs=lambda node: False) -> None:
     """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries, and
     the reference inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
-        _Shapes(gm, "sepfx_probe").propagate(_trace.probe_input(example_input))
+        _Shapes(gm, "sepfx_probe").propagate(probe_input(example_input))
         _Shapes(gm, "sepfx_ref", keep_inputs).propagate(example_input)
 
 
@@ -191,35 +171,6 @@ class Builder:
 
     def freeze(self, key: AxisKey, reason: str) -> None:
         self.frozen_axes.setdefault(key, reason)
-
-
-def _value_leaf(node: fx.Node, path: tuple, which: str = "sepfx_ref"):
-    summary = node.meta.get(which)
-    if summary is None:
-        return None
-    for p, leaf in _flatten(summary):
-        if p == path:
-            return leaf
-    return None
-
-
-def tensor_shapes(node: fx.Node, path: tuple = ()):
-    """(reference shape, probe shape) of a tensor value, or None."""
-    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
-    if ref is None or probe is None or ref[0] != "tensor" or probe[0] != "tensor":
-        return None
-    return ref[1], probe[1]
-
-
-def scalar_values(node: fx.Node, path: tuple = ()):
-    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
-    if ref is None or probe is None or ref[0] != "value":
-        return None
-    return ref[1], probe[1]
-
-
-def is_tensor(node: Any, path: tuple = ()) -> bool:
-    return isinstance(node, fx.Node) and tensor_shapes(node, path) is not None
 
 
 class NodeContext:

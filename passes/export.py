@@ -26,7 +26,7 @@ from torch import fx
 
 from passes.runtime import EXPORT_LOWERINGS, EXPORT_MODULE_LOWERINGS
 
-from sepfx.errors import ExportError, InputError
+from passes.errors import ExportError, InputError
 
 
 @dataclass

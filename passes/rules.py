@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from passes import runtime
+from passes.values import scalar_values, tensor_shapes
 
 
 class Registry:
@@ -836,7 +837,6 @@ def _size_args(node):
 
 
 def _shapes(node):
-    from passes.channels import tensor_shapes
     return tensor_shapes(node)
 
 
@@ -971,7 +971,6 @@ class GetItemRule:
 
 
 def ctx_shape_len(x):
-    from passes.channels import scalar_values
     values = scalar_values(x)
     return len(values[0]) if values and isinstance(values[0], tuple) else None
 

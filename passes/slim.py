@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from passes.channels import ChannelAnalysis, NodeContext, tensor_shapes
-from sepfx.errors import KeepSetError, SlimError
+from passes.errors import KeepSetError, SlimError
 
 
 def check_keep(analysis: ChannelAnalysis, keep: dict) -> dict[int, np.ndarray]:

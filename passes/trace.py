@@ -23,7 +23,8 @@ import torch
 from torch import fx
 
 from passes import runtime
-from sepfx.errors import InputError, TraceError
+from passes.errors import InputError, TraceError
+from passes.values import probe_input
 
 _VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
 _SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shapes, not data
@@ -265,16 +266,6 @@ class _Tracer(fx.Tracer):
                 and len(values[0]) == len(values[1]):
             return iter([obj[i] for i in range(len(values[0]))])
         return super().iter(obj)
-
-
-def probe_input(example: torch.Tensor) -> torch.Tensor:
-    """A second input of another batch size and another length (not a multiple of common
-    strides), used to tell fixed values from those that vary with batch and time."""
-    shape = list(example.shape)
-    shape[0] = shape[0] + 1
-    shape[-1] = shape[-1] + shape[-1] // 4 + 37
-    generator = torch.Generator().manual_seed(1234)
-    return torch.randn(shape, generator=generator, dtype=example.dtype)
 
 
 def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: int = 64

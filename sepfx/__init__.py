@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public names and where they live. Loaded on first use, so that ``passes`` can import
-# ``sepfx.errors`` without pulling in the whole package (and the passes it imports).
+# Public names and where they live. Loaded on first use, so that ``import sepfx`` (or
+# ``sepfx.errors``) does not pull in torch.fx passes, the zoo and the training loops.
 _EXPORTS = {
     "Analysis": "sepfx.core", "analyze": "sepfx.core", "prune": "sepfx.core",
     "default_example_input": "sepfx.core",

@@ -1,25 +1,8 @@
-"""The project's exception classes. Every message says what was wrong, where, and what to do."""
+"""The project's exception classes. Every message says what was wrong, where, and what to do.
 
+They are defined in ``passes.errors`` (the lower layer, which must not import ``sepfx``) and
+re-exported here as the same class objects."""
+from passes.errors import (ExportError, InputError, KeepSetError, SepfxError, SlimError,
+                           TraceError)
 
-class SepfxError(Exception):
-    """Base class of every error sepfx raises on purpose."""
-
-
-class InputError(SepfxError, ValueError):
-    """An argument given to sepfx is not what it accepts (model, input, budget, data...)."""
-
-
-class TraceError(SepfxError):
-    """The model cannot be turned into a torch.fx graph, not even with leaf fallbacks."""
-
-
-class KeepSetError(SepfxError, ValueError):
-    """A keep set does not fit the channel groups it is meant for."""
-
-
-class ExportError(SepfxError):
-    """ONNX export failed, or ONNX Runtime disagrees with PyTorch."""
-
-
-class SlimError(SepfxError):
-    """The slim rewrite produced a graph that does not check out (a bug: please report it)."""
+__all__ = ["SepfxError", "InputError", "TraceError", "KeepSetError", "ExportError", "SlimError"]

@@ -1,0 +1,72 @@
+"""Node value summaries: what a GraphModule's nodes held on the reference and probe inputs.
+
+The bottom layer of ``passes``: shape propagation (``passes.channels.propagate_shapes``) writes a
+summary of every node's value into ``node.meta``; the op rules and the passes read it through
+the helpers here. Nothing in this module imports another module of ``passes``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
+
+
+def probe_input(example: torch.Tensor) -> torch.Tensor:
+    """A second input of another batch size and another length (not a multiple of common
+    strides), used to tell fixed values from those that vary with batch and time."""
+    shape = list(example.shape)
+    shape[0] = shape[0] + 1
+    shape[-1] = shape[-1] + shape[-1] // 4 + 37
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(shape, generator=generator, dtype=example.dtype)
+
+
+def _summary(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape))
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return ("tuple", tuple(_summary(v) for v in value))
+    if isinstance(value, (int, float, bool, torch.Size, str, type(None))):
+        return ("value", value)
+    return ("other", type(value).__name__)
+
+
+def _flatten(summary, path=()):
+    """Yield (path, summary leaf) for every leaf of a summary tree."""
+    if summary[0] == "tuple":
+        for i, item in enumerate(summary[1]):
+            yield from _flatten(item, path + (i,))
+    else:
+        yield path, summary
+
+
+def _value_leaf(node: fx.Node, path: tuple, which: str = "sepfx_ref"):
+    summary = node.meta.get(which)
+    if summary is None:
+        return None
+    for p, leaf in _flatten(summary):
+        if p == path:
+            return leaf
+    return None
+
+
+def tensor_shapes(node: fx.Node, path: tuple = ()):
+    """(reference shape, probe shape) of a tensor value, or None."""
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    if ref is None or probe is None or ref[0] != "tensor" or probe[0] != "tensor":
+        return None
+    return ref[1], probe[1]
+
+
+def scalar_values(node: fx.Node, path: tuple = ()):
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    if ref is None or probe is None or ref[0] != "value":
+        return None
+    return ref[1], probe[1]
+
+
+def is_tensor(node: Any, path: tuple = ()) -> bool:
+    return isinstance(node, fx.Node) and tensor_shapes(node, path) is not None
