@@ -1,0 +1,294 @@
+"""Op rules that had no test of their own: matmul, softmax, stack, amax; and the gated graph of
+a module called at several places (one gate per channel group, at every call site).
+
+Each model is tiny; each test asserts the groups or frozen axes the rule must produce and that
+the hard-gated model at the original width computes what the slim model computes."""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+import sepfx
+from conftest import max_relative_error
+
+
+def _analyze(model_class):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    return model, sepfx.analyze(model, torch.randn(2, 400))
+
+
+def _groups_with(analysis, member: str):
+    return [g for g in analysis.groups if any(m.startswith(member) for m in g.members)]
+
+
+def _assert_gated_equals_slim(analysis, count: int = 6, tol: float = 1e-5):
+    """Hard-gated ≡ slim for one-unit-per-group, everything kept and random keep sets, at two
+    batch sizes and lengths."""
+    assert analysis.groups, "no channel group: nothing to check"
+    rng = np.random.default_rng(0)
+    sets = [{g.index: [0] for g in analysis.groups}, analysis.keep_all()]
+    sets += [{g.index: sorted(rng.choice(g.size, int(rng.integers(1, g.size + 1)),
+                                         replace=False).tolist()) for g in analysis.groups}
+             for _ in range(count)]
+    inputs = [torch.randn(2, 400, generator=torch.Generator().manual_seed(1)),
+              torch.randn(3, 437, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        for keep in sets:
+            gated, slim = analysis.gated(keep), analysis.slim(keep)
+            for x in inputs:
+                error = max_relative_error(gated(x), slim(x))
+                assert error <= tol, (keep, list(x.shape), error)
+
+
+def _frozen_with(analysis, reason: str):
+    return [f for f in analysis.channels.frozen if reason in f.reason]
+
+
+# -- matmul ----------------------------------------------------------------------------------
+class Matmul(nn.Module):
+    """Attention-like: q^T k contracts the q/k channel axis (one group across both convs); the
+    values are mixed along time by ``v @ weights`` (a contraction over a dynamic axis), which
+    leaves v's channel axis free; torch.bmm and the @ operator both appear."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 16, stride=8)  # a short time axis: [T, T] scores stay small
+        self.q = nn.Conv1d(8, 6, 1)
+        self.k = nn.Conv1d(8, 6, 1)
+        self.v = nn.Conv1d(8, 5, 1)
+        self.dec = nn.ConvTranspose1d(5, 1, 16, stride=8)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x.unsqueeze(1)))  # [B, 8, T]
+        scores = torch.bmm(self.q(h).transpose(1, 2), self.k(h))  # [B, T, T], over q/k channels
+        weights = torch.softmax(scores / 4.0, dim=-1)
+        mixed = self.v(h) @ weights  # [B, 5, T]: contracts time
+        return self.dec(mixed).squeeze(1)
+
+
+def test_matmul_couples_the_contracted_axes():
+    _, analysis = _analyze(Matmul)
+    qk = _groups_with(analysis, "q out")
+    assert len(qk) == 1 and qk[0].size == 6, [g.describe() for g in analysis.groups]
+    assert any(m.startswith("k out") for m in qk[0].members), qk[0].members
+    values = _groups_with(analysis, "v out")
+    assert len(values) == 1 and values[0].size == 5 and values[0] is not qk[0]
+    assert any(m.startswith("dec in") for m in values[0].members), values[0].members
+    encoder = _groups_with(analysis, "enc out")
+    assert len(encoder) == 1 and encoder[0].size == 8
+    assert len(analysis.groups) == 3, [g.describe() for g in analysis.groups]
+    # the MACs of the matmuls scale with the kept q/k channels
+    flat_all = analysis.channels.keep_vector(analysis.keep_all())
+    keep = analysis.keep_all()
+    keep[qk[0].index] = np.array([0, 1, 2])
+    assert analysis.cost.macs(analysis.channels.keep_vector(keep)) < analysis.cost.macs(flat_all)
+    _assert_gated_equals_slim(analysis)
+
+
+def test_matmul_slim_model_is_narrower():
+    _, analysis = _analyze(Matmul)
+    keep = analysis.keep_all()
+    keep[_groups_with(analysis, "q out")[0].index] = np.array([1, 4])
+    slim = analysis.slim(keep)
+    assert slim.q.out_channels == 2 and slim.k.out_channels == 2
+
+
+# -- softmax ---------------------------------------------------------------------------------
+class SoftmaxOverChannels(nn.Module):
+    """A mask normalised over its 4 channels (the softmax axis must stay whole) and a softmax
+    over time (channels map through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 3, padding=1)
+        self.mask = nn.Conv1d(8, 4, 1)
+        self.normalise = nn.Softmax(dim=1)
+        self.values = nn.Conv1d(8, 4, 1)
+        self.dec = nn.Conv1d(8, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x.unsqueeze(1)))  # [B, 8, T]
+        h = h * torch.softmax(h, dim=-1)  # over time: the channel axis passes through
+        mixed = (self.values(h) * self.normalise(self.mask(h))).sum(dim=1, keepdim=True)
+        return self.dec(h) + mixed
+
+
+def test_softmax_axis_is_frozen_and_reported():
+    _, analysis = _analyze(SoftmaxOverChannels)
+    frozen = _frozen_with(analysis, "softmax")
+    assert frozen, [f.reason for f in analysis.channels.frozen]
+    kept_whole = {p.split()[0] + " " + p.split()[1] for f in frozen for p in f.parameters}
+    assert {"mask out", "values out"} <= kept_whole, kept_whole
+    members = [m for g in analysis.groups for m in g.members]
+    assert not any(m.startswith(("mask out", "values out")) for m in members), members
+    # the channels of the softmax over time are still prunable
+    encoder = _groups_with(analysis, "enc out")
+    assert len(encoder) == 1 and encoder[0].size == 8
+    assert len(analysis.groups) == 1, [g.describe() for g in analysis.groups]
+    report = analysis.report()
+    assert any("softmax" in row.reason and any(p.startswith("mask out") for p in row.parameters)
+               for row in report.frozen), report.frozen
+    assert "softmax" in str(report)
+    _assert_gated_equals_slim(analysis)
+
+
+# -- stack -----------------------------------------------------------------------------------
+class Stack(nn.Module):
+    """Two branches stacked on a new axis: the stacked axis is frozen, the branches' channel
+    axes become one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 3, padding=1)
+        self.a = nn.Conv1d(8, 6, 1)
+        self.b = nn.Conv1d(8, 6, 3, padding=1)
+        self.dec = nn.Conv1d(6, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x.unsqueeze(1)))
+        stacked = torch.stack([self.a(h), torch.tanh(self.b(h))], dim=1)  # [B, 2, 6, T]
+        weights = torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)
+        return self.dec((stacked * weights).sum(dim=1))
+
+
+def test_stack_couples_stacked_tensors_and_freezes_the_new_axis():
+    _, analysis = _analyze(Stack)
+    branches = _groups_with(analysis, "a out")
+    assert len(branches) == 1 and branches[0].size == 6, [g.describe() for g in analysis.groups]
+    assert any(m.startswith("b out") for m in branches[0].members)
+    assert any(m.startswith("dec in") for m in branches[0].members)
+    assert len(analysis.groups) == 2, [g.describe() for g in analysis.groups]
+    assert _frozen_with(analysis, "stacked axis"), [f.reason for f in analysis.channels.frozen]
+    _assert_gated_equals_slim(analysis)
+
+
+# -- amax ------------------------------------------------------------------------------------
+class Amax(nn.Module):
+    """A maximum over channels (frozen: removing a channel changes it) and one over time
+    (channels map through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 3, padding=1)
+        self.mid = nn.Conv1d(8, 12, 1)
+        self.dec = nn.Conv1d(12, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x.unsqueeze(1)))  # [B, 8, T]
+        peak = h.amax(dim=1, keepdim=True)  # [B, 1, T]: over channels
+        g = torch.relu(self.mid(h))
+        g = g - torch.amax(g, dim=-1, keepdim=True)  # over time
+        return self.dec(g * torch.sigmoid(peak))
+
+
+def test_amax_freezes_the_reduced_axis():
+    _, analysis = _analyze(Amax)
+    frozen = _frozen_with(analysis, "maximum")
+    assert any(p.startswith("enc out") for f in frozen for p in f.parameters), \
+        [(f.label, f.reason, f.parameters) for f in analysis.channels.frozen]
+    members = [m for g in analysis.groups for m in g.members]
+    assert not any(m.startswith("enc out") for m in members), members
+    middle = _groups_with(analysis, "mid out")
+    assert len(middle) == 1 and middle[0].size == 12
+    assert len(analysis.groups) == 1, [g.describe() for g in analysis.groups]
+    _assert_gated_equals_slim(analysis)
+
+
+# -- one gate per group, at every call site of a shared module --------------------------------
+class SharedBlock(nn.Module):
+    """A residual block called at three places (weight sharing, as in TDANet / A-FRCNN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv1d(8, 12, 1), nn.PReLU(12), nn.Conv1d(12, 8, 1))
+        self.dec = nn.Conv1d(8, 1, 1)
+
+    def forward(self, x):
+        h = self.enc(x.unsqueeze(1))
+        for _ in range(3):
+            h = h + self.block(h)
+        return self.dec(h)
+
+
+def _group_of_units(analysis, units: np.ndarray):
+    """The one group all ``units`` (flat unit indices, none 0) belong to."""
+    assert units.size and (units > 0).all(), units
+    owners = {g.index for g in analysis.groups for u in units.tolist()
+              if g.offset <= u < g.offset + g.size}
+    assert len(owners) == 1, owners
+    return owners.pop()
+
+
+def test_shared_module_has_one_gate_per_group_at_every_call_site():
+    _, analysis = _analyze(SharedBlock)
+    channels = analysis.channels
+    # two groups: the residual stream (8) and the block's hidden channels (12)
+    assert sorted(g.size for g in analysis.groups) == [8, 12], \
+        [g.describe() for g in analysis.groups]
+    hidden = _groups_with(analysis, "block.0 out")
+    assert len(hidden) == 1 and hidden[0].size == 12
+    stream = _groups_with(analysis, "enc out")
+    assert len(stream) == 1 and stream[0].size == 8
+
+    # every axis of the shared modules belongs to exactly one group
+    for qualname in ("block.0", "block.1", "block.2"):
+        for name, key in channels.module_axes[qualname].items():
+            _group_of_units(channels, channels.axis_units(key))
+    assert _group_of_units(channels, channels.axis_units(
+        channels.module_axes["block.0"]["out"])) == hidden[0].index
+    assert _group_of_units(channels, channels.axis_units(
+        channels.module_axes["block.2"]["out"])) == stream[0].index
+
+    graph_module = analysis.channels.graph_module
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == "block.0"]
+    assert len(calls) == 3
+    # each call site's output is gated by the same group, unit for unit
+    site_units = [channels.axis_units(channels.value_axes[(n.name, ())][1]) for n in calls]
+    for units in site_units:
+        assert np.array_equal(units, site_units[0])
+        assert _group_of_units(channels, units) == hidden[0].index
+
+    keep = analysis.keep_all()
+    keep[hidden[0].index] = np.array([0, 5, 7])
+    gated = analysis.gated(keep)
+    assert isinstance(gated, fx.GraphModule)
+    nodes = list(gated.graph.nodes)
+    # one gate bank, read once
+    banks = [n for n in nodes if n.op == "call_module" and n.target == "sepfx_gates"]
+    assert len(banks) == 1
+    # one index per gated axis, each read once
+    index_targets = [n.target for n in nodes
+                     if n.op == "get_attr" and str(n.target).startswith("sepfx_gates.axis")]
+    assert len(index_targets) == len(set(index_targets))
+    bank = gated.get_submodule("sepfx_gates")
+    assert set(index_targets) == {f"sepfx_gates.{name}" for name in bank.axis_names.values()}
+    # the gated axes are the prunable channel axes of the graph's values: the encoder output,
+    # and at each of the three call sites the outputs of block.0, block.1, block.2 and the add
+    prunable_values = {axis for dims in channels.value_axes.values() for axis in dims.values()
+                       if channels.axis_units(axis).any()}
+    assert set(bank.axis_names) == prunable_values
+    assert len(index_targets) == len(prunable_values) == 1 + 3 * 4
+    # the index of each gated axis points into exactly one group, and every group is gated
+    gated_groups = set()
+    for key, name in bank.axis_names.items():
+        units = getattr(bank, name).numpy()
+        assert np.array_equal(units, channels.axis_units(key))
+        gated_groups.add(_group_of_units(channels, units))
+    assert gated_groups == {g.index for g in analysis.groups}
+    # every call site of the shared block's hidden layer is gated
+    gate_calls = [n for n in nodes if n.op == "call_function"
+                  and getattr(n.target, "__name__", "") == "apply_gate"]
+    assert len(gate_calls) == len(prunable_values)  # one gate application per gated value
+    reads = [n for n in nodes if n.op == "call_function" and n.target is operator.getitem]
+    assert len(reads) == len(index_targets)  # each axis's gates gathered once
+    gated_inputs = {a.target for n in gate_calls for a in n.args[:1] if isinstance(a, fx.Node)
+                    and a.op == "call_module"}
+    assert "block.0" in gated_inputs and "block.1" in gated_inputs
+    assert sum(1 for n in gate_calls if isinstance(n.args[0], fx.Node)
+               and n.args[0].op == "call_module" and n.args[0].target == "block.0") == 3
+    _assert_gated_equals_slim(analysis)
