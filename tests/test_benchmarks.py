@@ -1,7 +1,8 @@
-"""The benchmark scripts' smoke runs (what CI runs): each writes its JSON and Markdown table (and
-a PNG when matplotlib is installed) with the rows and columns it promises and sane numbers.
+"""The benchmark scripts' smoke runs: each writes its JSON and Markdown table (and a PNG when
+matplotlib is installed) with the rows and columns it promises and sane numbers.
 
-Each script runs as a subprocess, as a user runs it; about 45 s in all on one core.
+Each script runs as a subprocess, as a user runs it; about 65 s in all on one core, so the smoke
+runs are marked ``slow`` (``python -m pytest -m slow`` runs them).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def finite(*values) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+@pytest.mark.slow
 def test_latency_smoke(tmp_path):
     run_script("latency.py", tmp_path)
     payload, header, _ = load_results(tmp_path, "latency_smoke")
@@ -77,6 +79,7 @@ def test_latency_smoke(tmp_path):
     check_plot(tmp_path, "latency_smoke")
 
 
+@pytest.mark.slow
 def test_compile_time_smoke(tmp_path):
     run_script("compile_time.py", tmp_path)
     payload, header, _ = load_results(tmp_path, "compile_time_smoke")
@@ -111,6 +114,7 @@ def quality_smoke(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_quality_smoke_files(quality_smoke):
     out, proc = quality_smoke
     payload, header, body = load_results(out, "quality_smoke")
@@ -122,6 +126,7 @@ def test_quality_smoke_files(quality_smoke):
     assert methods >= set(QUALITY_METHODS) | {"dense"}
 
 
+@pytest.mark.slow
 def test_quality_smoke_rows(quality_smoke):
     out, _ = quality_smoke
     rows = json.loads((out / "quality_smoke.json").read_text())["rows"]

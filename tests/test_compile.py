@@ -1,7 +1,8 @@
 """``sepfx.compile`` end to end: gate learning on a trained model under a MAC budget, the budget
 window, learned vs random keep sets, determinism, bad input, fine-tuning, save/load.
 
-A tiny Conv-TasNet is trained here (module fixture, ~15 s) on a synthetic two-source task:
+A tiny Conv-TasNet is trained here (module fixture, ~15 s; the tests that need it are marked
+``slow``) on a synthetic two-source task:
 source 1 is a few low-frequency tones (100-500 Hz) with slow amplitude envelopes, source 2 a few
 high-frequency tones (1.5-3.5 kHz), 8 kHz, 0.5 s clips, with a random level ratio of +-5 dB.
 """
@@ -148,6 +149,17 @@ def trained() -> Trained:
     return result
 
 
+@pytest.fixture(scope="module")
+def untrained() -> Trained:
+    """The same tiny Conv-TasNet and data, untrained: for what needs no trained weights
+    (gate learning touching only the gates, determinism, fine-tuning), without the training."""
+    model = _build("conv_tasnet", seed=0)
+    result = Trained(model, make_batches(0, 8), make_batches(12345, 1), math.nan, math.nan, 0.0)
+    result.snapshot = snapshot(model)
+    return result
+
+
+@pytest.mark.slow
 def test_trained_model_separates(trained):
     assert trained.dense_si_snri > 8.0, (
         f"the tiny Conv-TasNet did not learn the synthetic task: SI-SNRi {trained.dense_si_snri:.2f} dB")
@@ -216,6 +228,7 @@ def budget_rows(trained) -> list[BudgetRow]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BUDGETS)), ids=[f"budget={b}" for b in BUDGETS])
 def test_learned_compile_meets_budget_window(budget_rows, index):
     row = budget_rows[index]
@@ -230,6 +243,7 @@ def test_learned_compile_meets_budget_window(budget_rows, index):
     assert out.shape == (2, 2, 3001)
 
 
+@pytest.mark.slow
 def test_learned_keep_sets_beat_random_keep_sets(trained, budget_rows):
     table = format_table(trained.dense_si_snri, budget_rows)
     print("\n" + table)
@@ -241,12 +255,12 @@ def test_learned_keep_sets_beat_random_keep_sets(trained, budget_rows):
 
 # -- gate learning leaves the weights alone ---------------------------------------------------
 
-def test_gate_learning_changes_only_gate_logits(trained):
-    analysis = sepfx.analyze(trained.model)
+def test_gate_learning_changes_only_gate_logits(untrained):
+    analysis = sepfx.analyze(untrained.model)
     gm = analysis.traced.graph_module
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
-    bank, history = sepfx.learn_gates(analysis, trained.train, 0.4, steps=20, progress=False)
+    bank, history = sepfx.learn_gates(analysis, untrained.train, 0.4, steps=20, progress=False)
     assert len(history.loss) == 20 and all(math.isfinite(v) for v in history.loss)
     after = dict(gm.named_parameters())
     assert after.keys() == before.keys()
@@ -260,9 +274,10 @@ def test_gate_learning_changes_only_gate_logits(trained):
     alpha = bank.alpha.detach()
     assert not torch.equal(alpha, init)
     assert float((alpha - init).abs().max()) > 0.1, "the gate logits barely moved in 20 steps"
-    assert_unchanged(trained.model, trained.snapshot)
+    assert_unchanged(untrained.model, untrained.snapshot)
 
 
+@pytest.mark.slow
 def test_slim_parameters_are_slices_of_the_trained_weights(trained, budget_rows):
     original = trained.model.state_dict()
     slim = budget_rows[1].slim
@@ -285,6 +300,7 @@ def test_slim_parameters_are_slices_of_the_trained_weights(trained, budget_rows)
     assert sliced > 0, "nothing was sliced at budget 0.4"
 
 
+@pytest.mark.slow
 def test_caller_model_untouched(trained, budget_rows):
     """After every compile of the module (three budgets, with and without data)."""
     assert_unchanged(trained.model, trained.snapshot)
@@ -297,17 +313,17 @@ def _fingerprint(slim):
             {k: v.clone() for k, v in slim.state_dict().items()})
 
 
-def test_same_seed_same_result(trained):
-    data = trained.train[:8]
-    first = _fingerprint(sepfx.compile(trained.model, 0.4, data=data, steps=30, seed=0,
+def test_same_seed_same_result(untrained):
+    data = untrained.train[:8]
+    first = _fingerprint(sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0,
                                        progress=False))
-    second = _fingerprint(sepfx.compile(trained.model, 0.4, data=data, steps=30, seed=0,
+    second = _fingerprint(sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0,
                                         progress=False))
     assert first[0] == second[0], "the same seed gave different kept counts"
     assert first[1].keys() == second[1].keys()
     different = [k for k in first[1] if not torch.equal(first[1][k], second[1][k])]
     assert not different, f"the same seed gave different slim tensors: {different}"
-    other = sepfx.compile(trained.model, 0.4, data=data, steps=30, seed=1, progress=False)
+    other = sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=1, progress=False)
     assert 0.38 <= other.sepfx_report.macs_ratio <= 0.4
     print(f"\n[seed] seed 0 kept {first[0]}; seed 1 kept "
           f"{_fingerprint(other)[0]} (may differ)")
@@ -315,6 +331,7 @@ def test_same_seed_same_result(trained):
 
 # -- the budget term ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_budget_term_holds_expected_macs_at_the_budget(trained):
     """At a budget well below what the separation loss wants (0.15 of the dense MACs), the dual
     ascent must act (a positive multiplier) and bring the expected MACs of the stochastic gates
@@ -577,20 +594,20 @@ def _finetune_checks(slim, batch):
     return loss_before, loss_after
 
 
-def test_finetune_lowers_the_loss_data_free_slim(trained):
-    slim = sepfx.compile(trained.model, 0.25, progress=False)
-    before, after = _finetune_checks(slim, trained.train[0])
+def test_finetune_lowers_the_loss_data_free_slim(untrained):
+    slim = sepfx.compile(untrained.model, 0.25, progress=False)
+    before, after = _finetune_checks(slim, untrained.train[0])
     print(f"\n[finetune] data-free slim at 0.25: loss on the batch {before:.3f} -> {after:.3f}")
 
 
-def test_finetune_after_learned_compile(trained):
+def test_finetune_after_learned_compile(untrained):
     """The documented pipeline: compile with data, then finetune the result."""
-    slim = sepfx.compile(trained.model, 0.25, data=trained.train[:4], steps=10, progress=False)
+    slim = sepfx.compile(untrained.model, 0.25, data=untrained.train[:4], steps=10, progress=False)
     frozen = [n for n, p in slim.named_parameters() if not p.requires_grad]
     assert not frozen, (
         f"{len(frozen)} of {len(list(slim.parameters()))} parameters of the compiled model have "
         f"requires_grad=False (frozen by gate learning): {frozen[:4]}...")
-    before, after = _finetune_checks(slim, trained.train[0])
+    before, after = _finetune_checks(slim, untrained.train[0])
     print(f"\n[finetune] learned slim at 0.25: loss on the batch {before:.3f} -> {after:.3f}")
 
 
@@ -635,7 +652,8 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("which", ["conv_tasnet-learned", "conv_tasnet", "dprnn"])
+@pytest.mark.parametrize("which", [pytest.param("conv_tasnet-learned", marks=pytest.mark.slow),
+                                   "conv_tasnet", "dprnn"])
 def test_save_and_load_in_a_fresh_process(request, which, tmp_path):
     """The fresh process imports only ``sepfx`` (not ``sepfx.models``)."""
     if which == "conv_tasnet-learned":

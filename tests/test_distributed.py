@@ -22,6 +22,9 @@ import torch
 import sepfx
 import sepfx.models
 
+# one torchrun launch of two ranks: about 25 s on one core
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 BUDGET = 0.4
 
