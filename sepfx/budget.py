@@ -4,7 +4,8 @@ Within a group the units with the highest keep probability are kept; how many ea
 is adjusted greedily: while over budget, drop the units that cost the least probability per MAC
 saved; then restore the units that bring the most probability per MAC while the budget still
 holds. Kept counts are multiples of ``multiple`` in groups large enough for it to matter
-(SIMD/tensor-core friendly widths), and at least ``min_per_group``.
+(SIMD/tensor-core friendly widths), and at least ``min_per_group`` and the group's own
+``min_size`` (a variance with an n - 1 divisor over its channels needs two).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _flat(cost: CostModel, order, counts) -> np.ndarray:
 
 
 def floor_counts(cost: CostModel, min_per_group: int = 1, multiple: int = 8) -> list[int]:
-    return [min(g.size, max(min_per_group, m)) for g, m in
+    return [min(g.size, max(min_per_group, m, g.min_size)) for g, m in
             zip(cost.analysis.groups, _multiples(cost, multiple))]
 
 

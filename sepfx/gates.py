@@ -46,6 +46,8 @@ class LearnableGates(GateBank):
         self.eps, self.tau = float(eps), float(tau)
         self.hard = False
         self.generator = generator
+        # (first unit, size, fewest units to keep) per group, for the final keep set
+        self.group_spans = [(g.offset, g.size, max(1, g.min_size)) for g in analysis.groups]
 
     def keep_probability(self) -> torch.Tensor:
         """P(unit kept) under the logistic noise; unit 0 is 1."""
@@ -53,8 +55,15 @@ class LearnableGates(GateBank):
         return torch.cat([torch.ones(1, dtype=p.dtype, device=p.device), p[1:]])
 
     def deterministic_keep(self) -> np.ndarray:
+        """The gates without noise, as a flat bool keep vector; a group whose open gates are
+        fewer than it must keep (one, or its ``min_size``) keeps its highest logits instead."""
         flat = (torch.sigmoid(self.alpha / self.tau) > self.eps).detach().cpu().numpy()
         flat[0] = True
+        alpha = self.alpha.detach().cpu().numpy()
+        for offset, size, least in self.group_spans:
+            if flat[offset:offset + size].sum() < least:
+                top = np.argsort(-alpha[offset:offset + size], kind="stable")[:least]
+                flat[offset + top] = True
         return flat
 
     def set_keep(self, flat_keep: np.ndarray) -> None:
