@@ -61,7 +61,7 @@ def masked_reduce(kind: str, x, dims, keepdim, correction, masks, mask_dims):
 
 
 def masked_group_norm(x, num_groups: int, weight, bias, eps: float, mask):
-    b, c = x.shape[0], x.shape[1]
+    b = x.shape[0]
     kept = (_along(mask, x.dim(), 1) > 0).to(x.dtype).expand_as(x).reshape(b, num_groups, -1)
     xg = x.reshape(b, num_groups, -1)
     count = kept.sum(-1, keepdim=True).clamp_min(1)

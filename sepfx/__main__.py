@@ -148,7 +148,6 @@ def _compile(args) -> int:
     import torch
 
     import sepfx
-    from sepfx.models import build
 
     torch.manual_seed(args.seed)
     model = _model(args.model, args.config)

@@ -68,7 +68,7 @@ def summary(result: dict) -> str:
     r = result["report"]
     lines = [str(r), "",
              f"demo: {result['held_out']} held-out bundled mixtures (2 s, 8 kHz)",
-             f"                 dense       slim",
+             "                 dense       slim",
              f"  MACs (1 s)   {r.dense_macs / 1e6:8.1f}M  {r.macs / 1e6:8.1f}M   "
              f"({100 * r.macs_ratio:.1f}%)",
              f"  params       {r.dense_params / 1e3:8.1f}k  {r.params / 1e3:8.1f}k",

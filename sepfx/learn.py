@@ -8,7 +8,6 @@ expected MACs of the stochastic gates to the budget from either side. Under
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 

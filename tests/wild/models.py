@@ -123,7 +123,7 @@ class TopDownBlock(nn.Module):
         g = seq.transpose(1, 2)
         g = g + self.ffn(g)
         # a statistic nobody uses any more (left over from an experiment)
-        energy = g.pow(2).mean(dim=-1)
+        energy = g.pow(2).mean(dim=-1)  # noqa: F841 (dead code is what this model tests)
         # local attention: each scale gated by the global feature at its length
         local = []
         for i, s in enumerate(scales):
@@ -210,7 +210,7 @@ class UBlock(nn.Module):
 
     def forward(self, x):
         y = self.act_in(self.proj_in(x))
-        skip = self.aux(y)  # computed, never used (a branch someone switched off)
+        skip = self.aux(y)  # noqa: F841 computed, never used (a branch someone switched off)
         levels = [self.bottom_up[0](y)]
         for conv in self.bottom_up[1:]:
             levels.append(conv(levels[-1]))
