@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.values import AxisKey, _flatten, _summary, probe_input, tensor_shapes
+from passes.values import CONSTANT, GLUE, AxisKey, _flatten, _summary, probe_input, tensor_shapes
 from passes.values import _value_leaf, is_tensor, scalar_values  # noqa: F401  (re-exported)
 
 
@@ -46,6 +46,7 @@ class ChannelGroup:
     members: list[str]
     offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
     macs_share: float = 0.0  # filled by the cost pass
+    min_size: int = 1  # fewest units a keep set may keep (an n - 1 divisor spans its channels)
 
     def describe(self) -> str:
         head = ", ".join(self.members[:4]) + (" ..." if len(self.members) > 4 else "")
@@ -111,6 +112,13 @@ class _Shapes(ShapeProp):
         return result
 
 
+def summarise(gm: fx.GraphModule, key: str, args, keep_inputs=lambda node: False) -> None:
+    """Run ``gm`` on ``args`` and write each node's value summary into ``node.meta[key]`` (and
+    ``tensor_meta``), and the inputs of the nodes ``keep_inputs`` selects."""
+    with torch.no_grad():
+        _Shapes(gm, key, keep_inputs).propagate(*args)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
                      keep_inputs=lambda node: False) -> None:
     """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries, and
@@ -162,6 +170,7 @@ class Builder:
         self.attr_axes: dict[str, dict[int, AxisKey]] = {}
         self.size_reads: dict[str, Any] = {}
         self.cost_terms: dict[str, list] = {}
+        self.min_kept: dict[AxisKey, int] = {}  # axis -> fewest elements it may keep
 
     def new_axis(self, key: AxisKey, size: int, label: str) -> Axis:
         axis = self.axes.get(key)
@@ -286,6 +295,12 @@ class NodeContext:
         self.b.cost_terms[self.node.name] = (absolute, [
             (float(w), [a.key for a in axes if a is not None]) for w, axes in terms])
 
+    def require_min_kept(self, a: Axis | None, count: int) -> None:
+        """At least ``count`` elements of ``a`` must be kept (a statistic with an ``n - k``
+        divisor over it is NaN with ``k`` or fewer)."""
+        if a is not None and count > 1:
+            self.b.min_kept[a.key] = max(self.b.min_kept.get(a.key, 1), int(count))
+
     def read_size(self, value) -> None:
         """Record that this node's (int or shape) value carries sizes of the given axes."""
         self.b.size_reads[self.node.name] = value
@@ -331,14 +346,17 @@ def _path_str(path: tuple) -> str:
 
 
 # -- the pass -------------------------------------------------------------------------------
-def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor) -> ChannelAnalysis:
+def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
+                     summarised: bool = False) -> ChannelAnalysis:
     """Find the channel groups of ``gm`` (not modified, apart from shape metadata in
-    ``node.meta``)."""
+    ``node.meta``). ``summarised``: the nodes' value summaries are already there (a captured
+    analysis graph, ``passes.capture``), so shapes are not propagated again."""
     from passes import rules as op_rules
 
     modules = dict(gm.named_modules())
-    propagate_shapes(gm, example_input, lambda n: n.op == "call_module"
-                     and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF)
+    if not summarised:
+        propagate_shapes(gm, example_input, lambda n: n.op == "call_module"
+                         and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF)
     builder = Builder(gm)
     rule_of: dict[str, Any] = {}
     for node in gm.graph.nodes:
@@ -355,6 +373,14 @@ def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor) -> Channel
             continue
         if rule is None:
             ctx.freeze_all(f"no rule for {op_rules.describe_op(node, builder.modules)}")
+            continue
+        if node.meta.get(GLUE) and (node.op == "get_attr" and node.target.startswith(CONSTANT)
+                                    or node.op != "get_attr" and hasattr(rule, "gated")
+                                    and not getattr(rule, "handles_eager_code", False)):
+            # eager glue runs unchanged in the gated model: nothing there can count only the
+            # kept channels, and a tensor it makes from Python values cannot be sliced
+            ctx.freeze_all("a constant tensor made in eager code" if node.op == "get_attr" else
+                           "a statistic over channels computed in eager code")
             continue
         rule.couple(ctx)
         _freeze_untouched(ctx, rule)
@@ -422,9 +448,28 @@ def _finish(gm, builder: Builder, rule_of, example_input) -> ChannelAnalysis:
         groups.append(ChannelGroup(len(groups), len(unit_roots), positions,
                                    _members(builder, positions), offset))
         offset += len(unit_roots)
+    _min_sizes(builder, groups, element_unit)
     return ChannelAnalysis(gm, builder.axes, groups, frozen, element_unit, offset, rule_of,
                            builder.value_axes, builder.module_axes, builder.attr_axes,
                            builder.size_reads, builder.cost_terms, example_input)
+
+
+def _min_sizes(builder: Builder, groups: list[ChannelGroup], element_unit: np.ndarray) -> None:
+    """Set each group's ``min_size`` from the axes that must keep some least number of
+    elements: the always-kept (frozen) elements of such an axis count towards it, and every
+    group on it keeps on its own enough units to make up the rest (safe when several groups
+    share it)."""
+    for key, count in builder.min_kept.items():
+        axis = builder.axes[key]
+        units = element_unit[axis.start:axis.start + axis.size]
+        missing = count - int((units == 0).sum())
+        if missing <= 0:
+            continue
+        for group in groups:
+            if key in group.positions:
+                per_unit = group.positions[key].shape[1]
+                need = -(-missing // per_unit)
+                group.min_size = max(group.min_size, min(group.size, need))
 
 
 def _members(builder: Builder, positions) -> list[str]:

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from passes.runtime import EXPORT_LOWERINGS, EXPORT_MODULE_LOWERINGS
+from passes.trace import is_impure_node
 
 from passes.errors import ExportError, InputError
 
@@ -52,18 +54,24 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
             opset: int) -> None:
     in_rank = example.dim()
     with torch.no_grad():
-        out_rank = model(example).dim()
+        outputs = tree_flatten(model(example))[0]
+    names = output_names(len(outputs))
     in_axes = {0: "batch"} if dynamic_batch else {}
-    out_axes = {0: "batch"} if dynamic_batch else {}
     if dynamic_time:
         in_axes[in_rank - 1] = "time"
-        out_axes[out_rank - 1] = "time"
+    out_axes = {}
+    for name, out in zip(names, outputs):
+        axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_time:
+            axes[out.dim() - 1] = "time"
+        if axes:
+            out_axes[name] = axes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
-                              input_names=["mixture"], output_names=["sources"],
-                              dynamic_axes={"mixture": in_axes, "sources": out_axes}
+                              input_names=["mixture"], output_names=names,
+                              dynamic_axes={"mixture": in_axes, **out_axes}
                               if in_axes else None)
         else:
             dims = {d: torch.export.Dim.AUTO for d in in_axes}
@@ -74,7 +82,7 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
                 with contextlib.redirect_stdout(io.StringIO()):
                     torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
                                       optimize=False, verbose=False, input_names=["mixture"],
-                                      output_names=["sources"],
+                                      output_names=names,
                                       dynamic_shapes=({**dims},) if dims else None)
             finally:
                 quiet.setLevel(level)
@@ -89,13 +97,21 @@ def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[st
     errors = {}
     for x in inputs:
         with torch.no_grad():
-            expected = model(x).detach().cpu().numpy()
+            expected = [t.detach().cpu().numpy() for t in tree_flatten(model(x))[0]]
         try:
-            got = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0]
-            errors[str(list(x.shape))] = _relative_error(expected, got)
+            got = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
+            error = max(_relative_error(e, g) for e, g in zip(expected, got)) \
+                if len(got) == len(expected) else float("inf")
         except Exception:  # ONNX Runtime refuses this shape
-            errors[str(list(x.shape))] = float("inf")
+            error = float("inf")
+        errors[str(list(x.shape))] = error
     return errors
+
+
+def output_names(count: int) -> list[str]:
+    """ONNX output names: ``sources``, or ``sources_0``... for a model returning several
+    tensors (a list per speaker, a tuple, a dict: in ``torch.utils._pytree`` order)."""
+    return ["sources"] if count == 1 else [f"sources_{i}" for i in range(count)]
 
 
 def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None = None, *,
@@ -113,15 +129,15 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
-    example = example_input.detach().cpu()
+    model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
+    example = _float32_example(model, example_input.detach().cpu())
     lowered = _lower(model)
     failures = []
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
     for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
         traced_with = _with_batch(example, 2) if dynamic_batch and example.shape[0] == 1 else example
-        inputs = [example, _variant(example, dynamic_batch, dynamic_time)]
+        inputs = [example] + _variants(example, dynamic_batch, dynamic_time)
         for exporter in ("torchscript", "dynamo"):
             label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time})"
             with tempfile.TemporaryDirectory() as tmp:
@@ -152,27 +168,58 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
     raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
 
 
+def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """The example in float32, or ExportError when the model is not float32: ONNX Runtime has
+    no float64 kernels for Conv and most other ops, and export would fail at every try."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if not dtypes and example.is_floating_point():
+        dtypes = {example.dtype}
+    other = sorted(str(d).replace("torch.", "") for d in dtypes - {torch.float32})
+    if other:
+        raise ExportError(
+            f"ONNX export needs a float32 model, and this one is {', '.join(other)} (ONNX "
+            f"Runtime has no {other[0]} kernels for Conv and most other ops): convert it with "
+            f"model.float() (in place; keep a copy.deepcopy of it first if you need the "
+            f"{other[0]} one) and export again")
+    return example.float() if example.is_floating_point() else example
+
+
 def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
     shape = list(example.shape)
     shape[0] = batch
     return torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=example.dtype)
 
 
-def _variant(example: torch.Tensor, other_batch: bool, other_length: bool) -> torch.Tensor:
-    """A second check input differing from the example in the axes the export keeps dynamic."""
-    shape = list(example.shape)
-    if other_batch:
-        shape[0] += 1
-    if other_length:
-        shape[-1] = shape[-1] + shape[-1] // 2 + 37
-    return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=example.dtype)
+def _variants(example: torch.Tensor, other_batch: bool, other_length: bool
+              ) -> list[torch.Tensor]:
+    """Check inputs differing from the example in the axes the export keeps dynamic: another
+    batch size, and lengths that are multiples of no stride or chunk (a pad computed from the
+    length and baked into the export shows there)."""
+    shapes = []
+    for extra_batch, length in ((1, example.shape[-1] * 3 // 2 + 37),
+                                (1 - example.shape[0] % 2, example.shape[-1] * 2 + 1)):
+        shape = list(example.shape)
+        if other_batch:
+            shape[0] += extra_batch
+        if other_length:
+            shape[-1] = length
+        if shape != list(example.shape) and shape not in shapes:
+            shapes.append(shape)
+    return [torch.randn(shape, generator=torch.Generator().manual_seed(7 + i),
+                        dtype=example.dtype) for i, shape in enumerate(shapes)]
 
 
 def _lower(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a GraphModule rewritten for the exporters: ops they cannot keep dynamic are
     replaced by equivalent exportable ones (``runtime.EXPORT_LOWERINGS``) and empty operands
-    of ``torch.cat`` (ONNX Runtime rejects their rank) are dropped. Others are returned as is."""
+    of ``torch.cat`` (ONNX Runtime rejects their rank) are dropped. A model with eager code
+    (``passes.capture``) gets its graph parts lowered so; others are returned as is."""
     if not isinstance(model, fx.GraphModule):
+        parts = [name for name, m in model.named_modules() if isinstance(m, fx.GraphModule)]
+        if not parts:
+            return model
+        for name in parts:  # ``model`` is export_onnx's own copy
+            model.set_submodule(name, _lower(model.get_submodule(name)))
         return model
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
     changed = False
@@ -198,7 +245,7 @@ def _lower(model: torch.nn.Module) -> torch.nn.Module:
                 changed = True
     if not changed:
         return model
-    lowered.graph.eliminate_dead_code()
+    lowered.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept
     lowered.recompile()
     return lowered
 

@@ -9,6 +9,7 @@ gates into learnable ones.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from passes import runtime
+from passes.capture import Capture, site_graph
 from passes.channels import AxisKey, ChannelAnalysis, tensor_shapes
 
 GATES = "sepfx_gates"
@@ -126,20 +128,26 @@ class GatedBuilder:
 
 
 def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
-                 bank: nn.Module | None = None) -> fx.GraphModule:
+                 bank: nn.Module | None = None, graph: fx.Graph | None = None
+                 ) -> fx.GraphModule:
     """A new GraphModule at the original width whose channels are gated by ``bank`` (default:
     a ``GateBank`` with hard gates from ``flat_keep``, all kept if None). Shares the parameters
-    of ``analysis.graph_module``; modifies nothing."""
+    of ``analysis.graph_module``; modifies nothing.
+
+    ``graph``: gate this graph instead of the analysis graph: a part of it as one call site saw
+    it (``passes.capture.site_graph``), whose inputs are gated too (they may carry pruned
+    channels made by the eager code around the part)."""
     bank = GateBank(analysis) if bank is None else bank
     g = GatedBuilder(analysis, bank)
-    for node in analysis.graph_module.graph.nodes:
+    gate_inputs = graph is not None
+    for node in (analysis.graph_module.graph if graph is None else graph).nodes:
         rule = analysis.rules.get(node.name)
         new = None
         if node.op not in ("placeholder", "output") and hasattr(rule, "gated"):
             new = rule.gated(g, node)
         if new is None:
             new = g.copy(node)
-        if node.op not in ("placeholder", "output"):
+        if node.op != "output" and (gate_inputs or node.op != "placeholder"):
             new = _gate_outputs(g, node, new)
         g.env[node] = new
     gm = fx.GraphModule(g.objects, g.graph, class_name="Gated" + type(analysis.graph_module).__name__)
@@ -159,3 +167,23 @@ def _gate_outputs(g: GatedBuilder, node: fx.Node, new: fx.Node) -> fx.Node:
         if mask is not None:
             new = g.call_function(runtime.apply_gate, (new, mask, dim))
     return new
+
+
+def gated_model(capture: Capture, analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
+                bank: nn.Module | None = None) -> nn.Module:
+    """The captured model at its original width, gated by ``bank`` (see ``insert_gates``): the
+    gated graph itself when the whole model traced; else a copy of the model (sharing its
+    weights) whose graph and leaf parts are replaced by gated ones and whose eager shells run
+    as written. Modifies nothing."""
+    bank = GateBank(analysis) if bank is None else bank
+    if capture.traced_whole:
+        return insert_gates(analysis, flat_keep, bank)
+    shared = {id(t): t for t in list(capture.root.parameters()) + list(capture.root.buffers())}
+    model = copy.deepcopy(capture.root, memo=shared)
+    model.add_module(GATES, bank)  # first, so that its parameters are named sepfx_gates.*
+    for path, part in capture.parts.items():
+        gm = insert_gates(analysis, None, bank, site_graph(capture, part))
+        model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
+    if flat_keep is not None:
+        bank.set_keep(flat_keep)
+    return model

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from passes import runtime
-from passes.values import scalar_values, tensor_shapes
+from passes.values import GLUE, scalar_values, tensor_shapes
 
 
 class Registry:
@@ -101,7 +101,11 @@ class Elementwise:
     def couple(self, ctx):
         out = ctx.shape()
         if out is None:
-            return  # arithmetic on Python numbers: sizes read into it are frozen by the check
+            # arithmetic on Python numbers: sizes read into it are frozen by the check, but a
+            # shape concatenated with a tuple (``x.shape[:2] + (4,)``) still carries its sizes,
+            # and a size times or over a literal may feed a reshape or a slice bound
+            _scaled_size(ctx)
+            return _concatenated_sizes(ctx)
         for x in ctx.tensor_inputs():
             shape = ctx.shape(x)
             if shape is None:
@@ -114,17 +118,115 @@ class Elementwise:
         ctx.touch(*ctx.axes())
 
 
+def _concatenated_sizes(ctx) -> None:
+    """``shape + (4,)`` or ``[2] + list(shape)``: the sizes read from the operands, at their new
+    positions, are the sizes of the result."""
+    node = ctx.node
+    if node.target is not operator.add or len(node.args) != 2:
+        return
+    reads, offset = {}, 0
+    for operand in node.args:
+        read = ctx.size_read(operand)
+        if isinstance(operand, (tuple, list)):
+            if any(isinstance(v, fx.Node) for v in operand):
+                return
+            offset += len(operand)
+            continue
+        values = scalar_values(operand) if isinstance(operand, fx.Node) else None
+        if not isinstance(read, dict) or values is None or not isinstance(values[0], tuple):
+            return
+        reads.update({offset + d: key for d, key in read.items()})
+        offset += len(values[0])
+    ctx.touch(*[ctx.b.axes[k] for k in reads.values() if k is not None])
+    ctx.read_size(reads)
+
+
+def _scaled_read(ctx, value):
+    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis; else
+    None."""
+    if not (isinstance(value, fx.Node) and value.target is operator.mul and len(value.args) == 2):
+        return None
+    for a, b in (value.args, value.args[::-1]):
+        read = ctx.size_read(a)
+        if isinstance(read, tuple) and isinstance(b, int) and not isinstance(b, bool) and b > 0:
+            return read, b
+    return None
+
+
+def _scaled_size(ctx) -> None:
+    """``C * K`` or ``C // 2`` of a size read from a channel axis, used only as a target size of
+    a reshape (``ReshapeRule`` couples C with the reshaped axis, whose slim size is then C' * K)
+    or as a slice bound (which ``GetItemRule`` checks is a fraction of that very axis): the read
+    is accounted for there. Any other use leaves it to be frozen."""
+    node = ctx.node
+    if node.target not in (operator.mul, operator.floordiv) or len(node.args) != 2:
+        return
+    reads = [ctx.size_read(a) for a in node.args]
+    keys = [r for r in reads if isinstance(r, tuple)]
+    literals = [a for a in node.args if isinstance(a, int) and not isinstance(a, bool)]
+    if len(keys) != 1 or len(literals) != 1 or (node.target is operator.floordiv
+                                                and not isinstance(node.args[1], int)):
+        return
+    for user in node.users:
+        if user.target is operator.getitem:
+            items = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+            if not any(isinstance(i, slice) and node in (i.start, i.stop) for i in items):
+                return
+        elif user.target not in ("view", "reshape", torch.reshape) \
+                or node.target is not operator.mul:
+            return
+    ctx.touch(ctx.b.axes[keys[0]])
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
+                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                      operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift}
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: an in-place method or function (its name
+    ends in ``_``, not a dunder: ``index_add_``, ``masked_fill_``, ``copy_``, ``torch.relu_``),
+    ``x[i] = v`` (``operator.setitem``) or an in-place operator."""
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return True
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("__")
+
+
+def regated(g, node):
+    """The gated model of an in-place op: the op on the gated tensors, then the pruned channels
+    of the tensor it wrote into zeroed again (in place: everyone reading that tensor afterwards
+    reads the same object), since the op may write non-zero values there (``fill_(1)``,
+    ``masked_fill_(m, 0.5)``, ``add_(0.1)``)."""
+    new = g.copy(node)
+    target = node.args[0] if node.args else None
+    shape = g.shape(target) if isinstance(target, fx.Node) else None
+    for dim in range(len(shape or ())):
+        mask = g.value_mask(target, dim)
+        if mask is not None:
+            g.call_function(runtime.regate_, (g.env[target], mask, dim))
+    return new
+
+
 ELEMENTWISE = RULES.add(
     Elementwise(),
     modules=[nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU,
              nn.Softplus, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
              nn.Dropout2d, nn.Hardswish, nn.Hardsigmoid],
     functions=[operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+               operator.floordiv,
                operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
                torch.maximum, torch.minimum, torch.where, torch.relu, torch.sigmoid, torch.tanh,
                torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.pow, torch.clamp,
                torch.neg, torch.sin, torch.cos, torch.log, torch.log1p, torch.square,
                torch.zeros_like, torch.ones_like, torch.sign, torch.nan_to_num,
+               torch.empty_like, torch.full_like, torch.masked_fill,
                F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.softplus, F.mish,
                F.sigmoid, F.tanh, F.hardtanh, F.dropout, F.hardswish],
     methods=["add", "sub", "mul", "div", "truediv", "__add__", "__sub__", "__mul__",
@@ -135,19 +237,138 @@ ELEMENTWISE = RULES.add(
              "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "tanh_", "new_zeros_like"])
 
 
+class InplaceElementwise(Elementwise):
+    """An elementwise op that writes into its first argument (``x.masked_fill_(m, 0.5)``,
+    ``buf.copy_(y)``, ``x.add_(0.1)``): coupled like any elementwise op; the gated model zeroes
+    the written tensor's pruned channels again afterwards (in eager code, where that cannot be
+    done, its axes are frozen)."""
+
+    def gated(self, g, node):
+        return regated(g, node)
+
+
+RULES.add(InplaceElementwise(), functions=[torch.relu_],
+          methods=["zero_", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "tanh_",
+                   "masked_fill_", "copy_", "fill_", "clamp_", "clamp_min_", "clamp_max_",
+                   "neg_", "abs_", "exp_", "sqrt_", "pow_", "square_", "nan_to_num_"])
+
+
 class CastRule:
-    """x.to(...), x.type_as(y): the data is x; a tensor argument only lends dtype/device."""
+    """x.to(...), x.type_as(y), x.type(x.type()), x.long(), Variable(x): the data is x; a tensor
+    argument only lends dtype/device. ``x.new_tensor(data)``: the data is ``data``. ``x.type()``
+    with no argument is a string (metadata)."""
 
     def couple(self, ctx):
-        x = ctx.node.args[0]
-        for a, o in zip(ctx.axes(x), ctx.axes()):
-            ctx.same(a, o)
+        node = ctx.node
+        x = node.args[1] if node.target == "new_tensor" and len(node.args) > 1 else node.args[0]
+        if isinstance(x, fx.Node):
+            for a, o in zip(ctx.axes(x), ctx.axes()):
+                ctx.same(a, o)
+            if ctx.shape() is None:  # x.type(): a string
+                ctx.touch(*ctx.axes(x))
         for other in ctx.tensor_inputs():
             if other is not x:
                 ctx.touch(*ctx.axes(other))
 
 
-RULES.add(CastRule(), methods=["to", "type_as", "type"])
+RULES.add(CastRule(), functions=[runtime.as_variable],
+          methods=["to", "type_as", "type", "long", "int", "bool", "new_tensor"])
+
+
+class FactoryRule:
+    """torch.zeros/ones/empty/full(sizes) and x.new_zeros/new_ones/new_empty/new_full(sizes):
+    a new tensor, a source of its static axes. A size read from another tensor (``B, N, T =
+    x.shape``; ``list(x.shape[:-1]) + [pad]``; ``x.shape``) makes the axis that tensor's axis,
+    and the slim model reads the kept size by itself; a literal size makes a fresh axis that
+    whoever uses the tensor couples (a cat, an add), and the slim model is given the kept count;
+    a size computed any other way freezes the axis. ``x`` of ``x.new_*`` only lends its dtype."""
+
+    def couple(self, ctx):
+        sizes = self._sizes(ctx.node)
+        if sizes is None:
+            return ctx.freeze_all("tensor factory with sizes sepfx cannot read")
+        whole = self._whole(ctx.node)
+        for j, size in enumerate(sizes if whole is None else ()):
+            o = ctx.axis(None, j)
+            read = ctx.size_read(size)
+            if isinstance(read, tuple):  # an int read from an axis
+                ctx.same(ctx.b.axes[read], o)
+            elif o is None:
+                continue
+            elif isinstance(size, int) and not isinstance(size, bool):
+                ctx.touch(o)
+            else:
+                ctx.freeze(o, "a factory's size computed from other values")
+        read = ctx.size_read(whole)
+        if whole is not None and not isinstance(read, dict):
+            return ctx.freeze_all("a factory's sizes computed from other values")
+        for j, key in (read.items() if whole is not None else ()):
+            ctx.same(ctx.b.axes[key], ctx.axis(None, j))
+        for x in ctx.tensor_inputs():
+            ctx.touch(*ctx.axes(x))
+
+    @staticmethod
+    def _size_slot(node):
+        """(where, sizes): where the sizes are given, ``("args", start)`` for separate arguments
+        from ``start``, ``("arg", i)`` for one sequence or shape argument, ``("kwarg", name)``;
+        sizes is that sequence (None for a shape node)."""
+        start = 1 if node.op == "call_method" else 0
+        if "size" in node.kwargs:
+            return ("kwarg", "size"), node.kwargs["size"]
+        full = node.target in ("new_full", torch.full)
+        rest = node.args[start:]
+        if full or (len(rest) == 1 and (isinstance(rest[0], (tuple, list, torch.Size))
+                                        or _is_shape(rest[0]))):
+            return ("arg", start), rest[0] if rest else None
+        return ("args", start), list(rest)
+
+    def _whole(self, node):
+        _, sizes = self._size_slot(node)
+        return sizes if isinstance(sizes, fx.Node) else None
+
+    def _sizes(self, node):
+        """The size given for each output dim (int, node or None), or None if unreadable."""
+        _, sizes = self._size_slot(node)
+        if isinstance(sizes, fx.Node):
+            shape = tensor_shapes(node)
+            return [None] * len(shape[0]) if shape else None
+        if isinstance(sizes, (tuple, list, torch.Size)):
+            return list(sizes)
+        return None
+
+    def rewrite(self, node, s):
+        (where, at), sizes = self._size_slot(node)
+        if isinstance(sizes, fx.Node) or sizes is None:
+            return
+        out = s.shape(node)
+        new = list(sizes)
+        for j, size in enumerate(sizes):
+            if isinstance(size, int) and not isinstance(size, bool) and j < len(out) \
+                    and size == out[j]:
+                kept = s.kept_value(node, j)
+                if _pruned(kept, size):
+                    new[j] = len(kept)
+        if new == list(sizes):
+            return
+        if where == "kwarg":
+            node.kwargs = {**node.kwargs, at: type(sizes)(new) if isinstance(sizes, tuple)
+                           else new}
+        elif where == "arg":
+            args = list(node.args)
+            args[at] = tuple(new) if isinstance(sizes, tuple) else new
+            node.args = tuple(args)
+        else:
+            node.args = tuple(node.args[:at]) + tuple(new)
+
+
+def _is_shape(value) -> bool:
+    """A node whose value is a shape (``x.shape``, ``x.size()``, a slice of one)."""
+    values = scalar_values(value) if isinstance(value, fx.Node) else None
+    return values is not None and isinstance(values[0], tuple)
+
+
+RULES.add(FactoryRule(), functions=[torch.zeros, torch.ones, torch.empty, torch.full],
+          methods=["new_zeros", "new_ones", "new_empty", "new_full"])
 
 
 class PReLURule:
@@ -245,6 +466,76 @@ class ConvRule:
 RULES.add(ConvRule(), modules=[nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d])
 
 
+class FunctionalConvRule:
+    """F.conv1d/conv2d(x, weight, bias, stride, padding, dilation, groups) and
+    F.conv_transpose1d/2d(x, weight, bias, stride, padding, output_padding, groups, dilation):
+    the layers' coupling on the weight's own axes ([out, in/groups, k...], transposed
+    [in, out/groups, k...]). The weight is usually a module's parameter or buffer (a get_attr
+    node, sliced by the slim pass with its axes); general groups prune whole conv groups, and a
+    literal ``groups`` is rewritten to the kept count."""
+
+    def __init__(self, transposed: bool):
+        self.transposed = transposed
+
+    def couple(self, ctx):
+        node = ctx.node
+        x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+        groups = arg(node, 6, "groups", 1)
+        if not isinstance(groups, int) or ctx.shape(w) is None or ctx.shape(x) is None:
+            return ctx.freeze_all("convolution with a computed groups or weight")
+        out_dim, in_dim = (1, 0) if self.transposed else (0, 1)
+        x_ch, o_ch = ctx.axis(x, 1), ctx.axis(None, 1)
+        w_in, w_out = ctx.axis(w, in_dim), ctx.axis(w, out_dim)
+        ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
+        for d in range(2, len(ctx.shape())):
+            ctx.freeze(ctx.axis(x, d), "a convolution slides along this axis")
+            ctx.freeze(ctx.axis(None, d), "a convolution slides along this axis")
+        for d in range(2, len(ctx.shape(w))):
+            ctx.freeze(ctx.axis(w, d), "kernel axis")
+        if isinstance(b, fx.Node):
+            ctx.same(ctx.axis(b, 0), o_ch)
+        if groups == 1:
+            ctx.same(x_ch, w_in)
+            ctx.same(o_ch, w_out)
+            ctx.cost((1.0, [x_ch, o_ch]))
+            return
+        # [out, in/groups] (or [in, out/groups]): the per-group axis is kept whole
+        c_in, c_out = ctx.shape(x)[1], ctx.shape()[1]
+        per_in, per_out = c_in // groups, c_out // groups
+        ctx.same(o_ch if not self.transposed else x_ch, w_out if not self.transposed else w_in)
+        ctx.freeze(w_in if not self.transposed else w_out, "per-group axis of a grouped "
+                   "convolution (whole groups are pruned)")
+        for g in range(groups):
+            ins = np.arange(g * per_in, (g + 1) * per_in)
+            outs = np.arange(g * per_out, (g + 1) * per_out)
+            if x_ch is not None and o_ch is not None:
+                ctx.link(x_ch, np.repeat(ins[:1], per_out), o_ch, outs)
+                ctx.unite(x_ch, ins)
+            elif o_ch is not None:
+                ctx.unite(o_ch, outs)
+            elif x_ch is not None:
+                ctx.unite(x_ch, ins)
+        ctx.cost((1.0, [x_ch if self.transposed else o_ch]))
+
+    def rewrite(self, node, s):
+        groups = arg(node, 6, "groups", 1)
+        if not isinstance(groups, int) or groups == 1:
+            return
+        x = node.args[0]
+        c_in, c_out = s.shape(x)[1], s.shape(node)[1]
+        if self.transposed:
+            kept, per = s.kept_value(x, 1), c_in // groups
+        else:
+            kept, per = s.kept_value(node, 1), c_out // groups
+        if kept is not None and _pruned(kept, groups * per):
+            set_arg(node, 6, "groups", int(len(np.unique(np.asarray(kept) // per))))
+
+
+RULES.add(FunctionalConvRule(False), functions=[F.conv1d, F.conv2d, torch.conv1d, torch.conv2d])
+RULES.add(FunctionalConvRule(True), functions=[F.conv_transpose1d, F.conv_transpose2d,
+                                               torch.conv_transpose1d, torch.conv_transpose2d])
+
+
 class LinearRule:
     def couple(self, ctx):
         m = ctx.module
@@ -295,6 +586,43 @@ class BatchNormRule:
 
 
 RULES.add(BatchNormRule(), modules=[nn.BatchNorm1d, nn.BatchNorm2d])
+
+
+class InstanceNormRule:
+    """InstanceNorm1d/2d, with or without affine parameters: statistics per sample and channel
+    over the spatial axes, so channels map through (and its parameters follow them); a static
+    spatial axis is frozen (the statistics span it)."""
+
+    def couple(self, ctx):
+        m = ctx.module
+        x = ctx.node.args[0]
+        spatial = 1 if isinstance(m, nn.InstanceNorm1d) else 2
+        n = len(ctx.shape(x))
+        channel = n - spatial - 1  # unbatched inputs have no batch axis
+        ctx.same(ctx.axis(x, channel), ctx.module_axis("channels", m.num_features))
+        for d in range(n):
+            a, o = ctx.axis(x, d), ctx.axis(None, d)
+            if d > channel:
+                ctx.freeze(a, "instance norm statistics span this axis")
+                ctx.freeze(o, "instance norm statistics span this axis")
+            else:
+                ctx.same(a, o)
+
+    def slim_module(self, m, s, qualname):
+        kept = s.kept_module(qualname, "channels")
+        if not _pruned(kept, m.num_features):
+            return None
+        idx = torch.as_tensor(kept, dtype=torch.long)
+        if m.affine:
+            m.weight, m.bias = _param(m.weight, kept), _param(m.bias, kept)
+        if m.track_running_stats:
+            m.running_mean = m.running_mean[idx].clone()
+            m.running_var = m.running_var[idx].clone()
+        m.num_features = len(kept)
+        return m
+
+
+RULES.add(InstanceNormRule(), modules=[nn.InstanceNorm1d, nn.InstanceNorm2d])
 
 
 class GroupNormRule:
@@ -358,11 +686,10 @@ class LayerNormRule:
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             ctx.same(a, o)
             if d >= n - k:
+                # a module axis with or without parameters: it carries the kept size of
+                # normalized_shape to slim_module
                 i = d - (n - k)
-                if m.weight is not None:
-                    ctx.same(a, ctx.module_axis(f"dim{i}", m.normalized_shape[i]))
-                elif m.bias is not None:
-                    ctx.same(a, ctx.module_axis(f"dim{i}", m.normalized_shape[i]))
+                ctx.same(a, ctx.module_axis(f"dim{i}", m.normalized_shape[i]))
 
     def gated(self, g, node):
         m = g.module(node.target)
@@ -390,6 +717,75 @@ class LayerNormRule:
 
 
 RULES.add(LayerNormRule(), modules=[nn.LayerNorm])
+
+
+class FunctionalLayerNormRule:
+    """F.layer_norm(x, normalized_shape, weight, bias, eps) (a LayerNorm subclass calling
+    ``super().forward``, or a direct call): every axis maps through, the last k are also the
+    weight's and bias's; the gated model takes the statistics over kept channels only, and the
+    slim model is given the kept sizes where ``normalized_shape`` is literal."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        shape = arg(node, 1, "normalized_shape")
+        k = len(ctx.shape(None)) - len(ctx.shape(x)) + self._k(shape, ctx)
+        n = len(ctx.shape(x))
+        for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
+            ctx.same(a, o)
+            if d >= n - k:
+                for p in (arg(node, 2, "weight"), arg(node, 3, "bias")):
+                    if isinstance(p, fx.Node):
+                        ctx.same(a, ctx.axis(p, d - (n - k)))
+        read = ctx.size_read(shape)
+        for key in _read_keys_of(read):
+            ctx.touch(ctx.b.axes[key])
+
+    @staticmethod
+    def _k(shape, ctx=None):
+        if isinstance(shape, int):
+            return 1
+        if isinstance(shape, (tuple, list)):
+            return len(shape)
+        values = scalar_values(shape) if isinstance(shape, fx.Node) else None
+        if values is not None and isinstance(values[0], (tuple, list)):
+            return len(values[0])
+        return 1
+
+    def gated(self, g, node):
+        x = node.args[0]
+        k = self._k(arg(node, 1, "normalized_shape"))
+        n = len(g.shape(x))
+        masks = [g.value_mask(x, d) for d in range(n - k, n)]
+        if all(mask is None for mask in masks):
+            return None
+        weight, bias = arg(node, 2, "weight"), arg(node, 3, "bias")
+        return g.call_function(runtime.masked_layer_norm, (
+            g.arg(x), k, g.arg(weight), g.arg(bias), arg(node, 4, "eps", 1e-5), masks))
+
+    def rewrite(self, node, s):
+        shape = arg(node, 1, "normalized_shape")
+        x = node.args[0]
+        sizes = [shape] if isinstance(shape, int) else shape
+        if not isinstance(sizes, (tuple, list)):
+            return
+        n = len(s.shape(x))
+        new = list(sizes)
+        for i, size in enumerate(sizes):
+            kept = s.kept_value(x, n - len(sizes) + i)
+            if isinstance(size, int) and _pruned(kept, size):
+                new[i] = len(kept)
+        if new != list(sizes):
+            set_arg(node, 1, "normalized_shape", new[0] if isinstance(shape, int) else tuple(new))
+
+
+def _read_keys_of(read) -> list:
+    if isinstance(read, dict):
+        return [k for k in read.values() if k is not None]
+    return [read] if isinstance(read, tuple) else []
+
+
+RULES.add(FunctionalLayerNormRule(), functions=[F.layer_norm, torch.layer_norm])
 
 
 # -- recurrent layers -----------------------------------------------------------------------
@@ -766,8 +1162,9 @@ class ReshapeRule:
         whole = ctx.axis(x, dims_in[0]) if split else ctx.axis(None, dims_out[0])
         factors = dims_out if split else dims_in
         sizes = [(ref_out if split else ref_in)[d] for d in factors]
-        keep = max(range(len(factors)), key=lambda i: (sizes[i], i))
         coords = np.unravel_index(np.arange(int(np.prod(sizes))), sizes)
+        keep = _prunable_factor(ctx, whole, [ctx.axis(None, d) if split else ctx.axis(x, d)
+                                             for d in factors], sizes, coords)
         for i, d in enumerate(factors):
             axis = ctx.axis(None, d) if split else ctx.axis(x, d)
             if i == keep:
@@ -786,6 +1183,15 @@ class ReshapeRule:
             if isinstance(read, tuple) and j < len(ref_out):
                 a = ctx.b.axes[read]
                 ctx.same(a, ctx.axis(None, j))
+            elif j < len(ref_out) and _scaled_read(ctx, s) is not None:
+                # ``x.reshape(B, C * K, S)``: channel c of the tensor C was read from is the
+                # block c*K..c*K+K-1 of this axis (C the outer factor)
+                key, factor = _scaled_read(ctx, s)
+                a, o = ctx.b.axes[key], ctx.axis(None, j)
+                if o is not None and o.size == a.size * factor:
+                    ctx.link(a, np.repeat(np.arange(a.size), factor), o, np.arange(o.size))
+                else:
+                    ctx.freeze(a, "its size times a literal is not the reshaped axis")
 
     def rewrite(self, node, s):
         if node.target in ("unflatten", torch.unflatten):
@@ -805,6 +1211,22 @@ class ReshapeRule:
         if changed:
             node.args = (node.args[0], *new) if node.target in ("view", "reshape") \
                 else (node.args[0], tuple(new))
+        if node.op == "call_method" and node.target == "view" and not any(
+                isinstance(v, torch.dtype) for v in sizes) and (
+                changed or self._touches_pruned(node, s)):
+            # slimming changes strides (a Linear over a transposed axis, a broadcast product):
+            # a view that merged dims of the dense tensor may not be viewable any more at some
+            # batch size; reshape is the same view where one exists and a copy where not
+            node.target = "reshape"
+
+    @staticmethod
+    def _touches_pruned(node, s) -> bool:
+        for x in (node.args[0], node):
+            shape = s.shape(x) if isinstance(x, fx.Node) else None
+            for d, size in enumerate(shape or ()):
+                if _pruned(s.kept_value(x, d), size):
+                    return True
+        return False
 
 
     @staticmethod
@@ -838,6 +1260,31 @@ def _size_args(node):
 
 def _shapes(node):
     return tensor_shapes(node)
+
+
+def _prunable_factor(ctx, whole, factor_axes, sizes, coords) -> int:
+    """Which factor of a channel axis split into (or merged from) several stays prunable: one
+    along which the elements already coupled together agree (an F.unfold's [C*K] blocks are
+    units of K consecutive elements: C, the outer factor), and not frozen by a rule; among
+    those, the largest."""
+    candidates = [i for i, a in enumerate(factor_axes) if a is not None]
+    if len(candidates) <= 1 or whole is None:
+        return max(range(len(sizes)), key=lambda i: (sizes[i], i))
+    uf = ctx.b.uf
+    roots = [uf.find(whole.start + e) for e in range(whole.size)]
+
+    def agrees(i):
+        seen = {}
+        return all(seen.setdefault(r, c) == c for r, c in zip(roots, coords[i]))
+
+    fitting = [i for i in candidates if agrees(i)] or candidates
+    if len(fitting) > 1:
+        frozen = {uf.find(ctx.b.axes[key].start + j) for key in ctx.b.frozen_axes
+                  for j in range(ctx.b.axes[key].size)}
+        free = [i for i in fitting if not any(
+            uf.find(factor_axes[i].start + j) in frozen for j in range(factor_axes[i].size))]
+        fitting = free or fitting
+    return max(fitting, key=lambda i: (sizes[i], i))
 
 
 RULES.add(ReshapeRule(), functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
@@ -902,6 +1349,11 @@ class GetItemRule:
             if isinstance(index, int) and isinstance(read, dict):
                 shape = ctx_shape_len(source) or (ctx.shape(source) or [None])[0]
                 ctx.read_size(read.get(index % shape) if shape else None)
+            elif isinstance(index, slice) and _literal_slice(index) and isinstance(read, dict) \
+                    and ctx_shape_len(source) is not None:
+                # ``x.size()[-2:]``, ``x.shape[:-1]``: the same sizes, renumbered
+                dims = list(range(ctx_shape_len(source)))[index]
+                ctx.read_size({j: read[d] for j, d in enumerate(dims) if d in read})
             elif isinstance(read, dict):
                 for k in read.values():
                     ctx.b.freeze(k, f"{ctx.where()}: sliced shape")
@@ -918,6 +1370,8 @@ class GetItemRule:
         self._tensor_index(ctx, source, index)
 
     def _tensor_index(self, ctx, x, index):
+        if ctx.shape(x) is None:
+            return  # indexing a Python value: sizes read into it are checked by their users
         items = _index_items(index, len(ctx.shape(x)))
         if items is None:
             return ctx.freeze_all("indexing with tensors or unsupported items")
@@ -944,6 +1398,17 @@ class GetItemRule:
                     ctx.freeze(a, "strided slice of a channel axis")
                 else:
                     ctx.touch(a)
+            elif _fraction_slice(ctx, item, a) is not None:
+                item, blocks = _fraction_slice(ctx, item, a)
+                idx = np.arange(a.size)[item]
+                if o is not None:
+                    ctx.link(a, idx, o, np.arange(len(idx)))
+                # ``x[:, :C // 2]``: the slim model slices at C' // 2, which is the kept count
+                # of the first half only if every half keeps as many: element i of each block
+                # lives and dies with element i of the others
+                width = a.size // blocks
+                for i in range(width):
+                    ctx.unite(a, i + width * np.arange(blocks))
             else:
                 ctx.freeze(a, "sliced by a length that varies with the input")
                 ctx.freeze(o, "sliced by a length that varies with the input")
@@ -973,6 +1438,28 @@ class GetItemRule:
 def ctx_shape_len(x):
     values = scalar_values(x)
     return len(values[0]) if values and isinstance(values[0], tuple) else None
+
+
+def _fraction_slice(ctx, item: slice, axis):
+    """For a slice of ``axis`` whose bounds are literal or ``size // m`` of that very axis
+    (rotary embeddings' halves): (the slice with its bounds' values, m); else None."""
+    if item.step not in (None, 1):
+        return None
+    blocks, bounds = None, []
+    for bound in (item.start, item.stop):
+        if bound is None or (isinstance(bound, int) and not isinstance(bound, bool)):
+            bounds.append(bound)
+            continue
+        if not (isinstance(bound, fx.Node) and bound.target is operator.floordiv
+                and isinstance(bound.args[1], int) and bound.args[1] > 0
+                and ctx.size_read(bound.args[0]) == axis.key
+                and axis.size % bound.args[1] == 0 and blocks in (None, bound.args[1])):
+            return None
+        blocks = bound.args[1]
+        bounds.append(axis.size // blocks)
+    if blocks is None:
+        return None
+    return slice(bounds[0], bounds[1]), blocks
 
 
 def _literal_slice(item: slice) -> bool:
@@ -1007,6 +1494,148 @@ def _index_items(index, ndim):
 RULES.add(GetItemRule(), functions=[operator.getitem])
 
 
+class SetItemRule:
+    """``x[index] = value`` (in place; the node's own value is None). The indexed part of ``x``
+    and ``value`` (broadcast from the right) share their axes: a whole axis (``:``) is the same
+    axis, a literal slice of a channel axis links its elements (rewritten for the kept ones in
+    the slim model), a slice of a dynamic axis maps nothing. A channel axis indexed by a
+    constant, sliced by a varying bound, or written with a broadcast value is frozen. The gated
+    model zeroes ``x``'s pruned channels again after the write."""
+
+    def couple(self, ctx):
+        target, index, value = ctx.node.args[:3]
+        shape = ctx.shape(target)
+        if shape is None:
+            return ctx.freeze_all("item assignment into something that is not a tensor")
+        items = _index_items(index, len(shape))
+        if items is None:
+            return ctx.freeze_all("item assignment with tensor or unsupported indices")
+        view = []  # (target axis or None, item) of each dim of the indexed part
+        for d_in, item in items:
+            if item is None:
+                view.append((None, None))
+                continue
+            a = ctx.axis(target, d_in)
+            if isinstance(item, int):
+                ctx.freeze(a, "assigned at a constant index")
+            else:
+                view.append((a, item))
+        value_axes = ctx.axes(value) if isinstance(value, fx.Node) else []
+        offset = len(view) - len(value_axes)
+        if offset < 0:
+            return ctx.freeze_all("item assignment of a value of higher rank")
+        for j, (a, item) in enumerate(view):
+            v = value_axes[j - offset] if j >= offset else None
+            if a is None:
+                ctx.touch(v) if v is None else ctx.freeze(v, "written into a dynamic axis")
+                continue
+            broadcast = v is None and not ctx.is_dynamic(value, j - offset) \
+                if j >= offset else True
+            if item == slice(None):
+                if broadcast:
+                    ctx.freeze(a, "a value broadcast along this axis is written into it")
+                else:
+                    ctx.same(a, v)
+            elif _literal_slice(item) and item.step in (None, 1):
+                idx = np.arange(a.size)[item]
+                if v is not None:
+                    ctx.link(a, idx, v, np.arange(len(idx)))
+                elif len(idx) > 1 or broadcast:
+                    ctx.freeze(a, "a value broadcast along this axis is written into it")
+                ctx.touch(a)
+            else:
+                ctx.freeze(a, "assigned through a slice sepfx cannot follow")
+                ctx.freeze(v, "assigned through a slice sepfx cannot follow")
+        for d, a in enumerate(ctx.axes(target)):
+            ctx.touch(a)
+
+    def gated(self, g, node):
+        return regated(g, node)
+
+    def rewrite(self, node, s):
+        target, index, value = node.args[:3]
+        if not isinstance(target, fx.Node) or s.shape(target) is None:
+            return
+        new_index = _kept_slices(index, target, s)
+        if new_index is not None:
+            node.args = (target, new_index, value)
+
+
+def _kept_slices(index, x, s):
+    """``index`` into ``x`` with literal slices of pruned axes narrowed to the kept elements,
+    or None if nothing changes."""
+    items = _index_items(index, len(s.shape(x)))
+    if items is None:
+        return None
+    new_items, changed = [], False
+    for d_in, item in items:
+        if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
+            kept = s.kept_value(x, d_in)
+            if _pruned(kept, s.shape(x)[d_in]):
+                start, stop, _ = item.indices(s.shape(x)[d_in])
+                item = slice(int((kept < start).sum()), int((kept < stop).sum()))
+                changed = True
+        new_items.append(item)
+    return tuple(new_items) if changed else None
+
+
+RULES.add(SetItemRule(), functions=[operator.setitem])
+
+
+class IndexAddRule:
+    """``x.index_add_(dim, index, source)`` (overlap-add) and ``x.index_add(...)``: every axis
+    but ``dim`` is the same axis in ``x``, ``source`` and the result; along ``dim`` (time, made
+    of frames) nothing maps; a static ``dim`` is frozen."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x, dim, index, source = (arg(node, i, name) for i, name in
+                                 enumerate(("self", "dim", "index", "source")))
+        shape = ctx.shape(x)
+        if shape is None or ctx.shape(source) is None or len(ctx.shape(source)) != len(shape):
+            return ctx.freeze_all("index_add with operands sepfx cannot follow")
+        dim = dim % len(shape)
+        for d in range(len(shape)):
+            a, v, o = ctx.axis(x, d), ctx.axis(source, d), ctx.axis(None, d)
+            if d == dim:
+                for axis in (a, v, o):
+                    ctx.freeze(axis, "index_add along this axis")
+                continue
+            ctx.same(a, v)
+            ctx.same(a, o)
+        if isinstance(index, fx.Node):
+            for axis in ctx.axes(index):
+                ctx.freeze(axis, "index of an index_add")
+
+    def gated(self, g, node):
+        return regated(g, node) if mutates(node) else None
+
+
+RULES.add(IndexAddRule(), functions=[torch.index_add], methods=["index_add_", "index_add"])
+
+
+class WindowsRule:
+    """``x.unfold(dim, size, step)`` (frames of a signal, or of an index range): the other axes
+    map through; ``dim`` becomes the frame axis and a new last axis the window; both are frozen
+    when static."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        n = len(ctx.shape(x))
+        dim = arg(node, 1, "dimension") % n
+        for d in range(n):
+            if d == dim:
+                ctx.freeze(ctx.axis(x, d), "cut into windows along this axis")
+                ctx.freeze(ctx.axis(None, d), "frames of a windowed axis")
+            else:
+                ctx.same(ctx.axis(x, d), ctx.axis(None, d))
+        ctx.freeze(ctx.axis(None, n), "window axis")
+
+
+RULES.add(WindowsRule(), methods=["unfold"])
+
+
 # -- reductions and the like -----------------------------------------------------------------
 def _reduce_dims(node, ndim):
     dims = arg(node, 1, "dim")
@@ -1021,6 +1650,8 @@ class ReduceRule:
     """sum/mean/var/std (and max-like, which freeze what they reduce). A mean or variance over
     a prunable axis counts only kept channels in the gated model."""
 
+    handles_eager_code = True  # freezes what it cannot mask when recorded from eager code
+
     def __init__(self, kind):
         self.kind = kind
 
@@ -1028,15 +1659,22 @@ class ReduceRule:
         node = ctx.node
         x = node.args[0]
         n = len(ctx.shape(x))
-        dims, keepdim, _ = _reduce_options(node, self.kind, n)
+        dims, keepdim, correction = _reduce_options(node, self.kind, n)
+        correction = 1 if correction is None else correction
         d_out = 0
         for d in range(n):
             a = ctx.axis(x, d)
             if d in dims:
                 if self.kind == "max":
                     ctx.freeze(a, "a maximum over this axis changes when channels are removed")
+                elif self.kind != "sum" and ctx.node.meta.get(GLUE):
+                    # eager code runs unchanged in the gated model: it would count pruned ones
+                    ctx.freeze(a, f"a {self.kind} over channels computed in eager code")
                 else:
                     ctx.touch(a)
+                    if self.kind in ("var", "std") and correction > 0:
+                        # an n - correction divisor: NaN unless more than ``correction`` kept
+                        ctx.require_min_kept(a, int(np.floor(correction)) + 1)
                 d_out += 1 if keepdim else 0
             else:
                 ctx.same(a, ctx.axis(None, d_out))
@@ -1168,6 +1806,114 @@ class MatmulRule:
 
 RULES.add(MatmulRule(), functions=[torch.matmul, operator.matmul, torch.bmm],
           methods=["matmul", "bmm"])
+
+
+class EinsumRule:
+    """torch.einsum(equation, *operands): axes carrying the same letter (in any operand or the
+    output) are one axis; a letter left out of the output is summed over, which pruning keeps
+    exact (pruned channels are zero). ``...`` stands for the same axes in every operand,
+    aligned from the right. Costs as a matmul: the product of every letter's kept fraction."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        parsed = _einsum_parse(node, ctx.shape)
+        if parsed is None:
+            return ctx.freeze_all("einsum equation sepfx cannot read")
+        specs, out_spec, operands = parsed
+        by_letter: dict[str, list] = {}
+        for x, spec in zip(operands, specs):
+            for d, letter in enumerate(spec):
+                by_letter.setdefault(letter, []).append((x, d))
+        for d, letter in enumerate(out_spec):
+            by_letter.setdefault(letter, []).append((None, d))
+        representatives = []
+        for letter, places in by_letter.items():
+            static = [ctx.axis(x, d) for x, d in places]
+            dynamic = any(ctx.is_dynamic(x if x is not None else node, d) for x, d in places)
+            static = [a for a in static if a is not None]
+            if dynamic:
+                for a in static:
+                    ctx.freeze(a, f"einsum letter {letter!r} is a dynamic axis elsewhere")
+                continue
+            for a in static[1:]:
+                ctx.same(static[0], a)
+            if static:
+                representatives.append(static[0])
+        ctx.cost((1.0, representatives))
+
+
+def _einsum_parse(node, shape_of):
+    """(operand letter strings, output letter string, operand nodes), ``...`` replaced by
+    digits (one per broadcast axis, aligned from the right), or None."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or not all(isinstance(x, fx.Node) for x in operands):
+        return None
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    specs = lhs.split(",")
+    if len(specs) != len(operands) or any(shape_of(x) is None for x in operands):
+        return None
+    ranks = [len(shape_of(x)) for x in operands]
+    widths = [rank - (len(spec) - 3) if "..." in spec else 0 for spec, rank in zip(specs, ranks)]
+    width = max(widths, default=0)
+    ellipsis = "".join(str(i) for i in range(width))
+    specs = [spec.replace("...", ellipsis[width - w:]) for spec, w in zip(specs, widths)]
+    if any(len(spec) != rank for spec, rank in zip(specs, ranks)):
+        return None
+    if arrow:
+        out = rhs.replace("...", ellipsis)
+    else:  # implicit output: the letters seen once, in order
+        letters = "".join(specs)
+        out = ellipsis + "".join(sorted(c for c in set(letters) if letters.count(c) == 1
+                                        and not c.isdigit()))
+    if len(out) != len(shape_of(node) or ()):
+        return None
+    return specs, out, operands
+
+
+RULES.add(EinsumRule(), functions=[torch.einsum])
+
+
+class UnfoldRule:
+    """F.unfold(x [B, C, H, W], kernel) -> [B, C*k, L] and F.fold([B, C*k, L], size, kernel) ->
+    [B, C, H, W] (dual-path chunking): channel c is the block of k consecutive elements
+    c*k..c*k+k-1 of the merged axis (C is the outer factor), so they live and die together.
+    The spatial and block axes are frozen when static."""
+
+    def __init__(self, fold: bool):
+        self.fold = fold
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        size = _pair(arg(node, 2 if self.fold else 1, "kernel_size"))
+        k = int(np.prod(size)) if size is not None else None
+        channels, merged = (ctx.axis(None, 1), ctx.axis(x, 1)) if self.fold else \
+            (ctx.axis(x, 1), ctx.axis(None, 1))
+        ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
+        for t, d_from in ((x, 2), (None, 2)):
+            for d in range(d_from, len(ctx.shape(t))):
+                ctx.freeze(ctx.axis(t, d), "a sliding-window axis")
+        if k is None or merged is None or channels is None or merged.size != channels.size * k:
+            ctx.freeze(channels, "channels folded with kernel positions sepfx cannot follow")
+            ctx.freeze(merged, "channels folded with kernel positions sepfx cannot follow")
+            return
+        ctx.link(channels, np.repeat(np.arange(channels.size), k), merged,
+                 np.arange(merged.size))
+
+
+def _pair(size):
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
+        return tuple(size)
+    return None
+
+
+RULES.add(UnfoldRule(False), functions=[F.unfold])
+RULES.add(UnfoldRule(True), functions=[F.fold])
 
 
 

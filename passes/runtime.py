@@ -31,6 +31,13 @@ def apply_gate(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+def regate_(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with its pruned channels along ``dim`` zeroed again, in place: after an in-place op
+    that may have written there (``masked_fill_(m, 0.5)``, ``buf[..., :T] = y``), so that every
+    later reader of ``x`` sees what the slim model computes."""
+    return x.copy_(apply_gate(x, mask, dim))
+
+
 def _kept(x: torch.Tensor, masks: list, dims: list[int]) -> torch.Tensor:
     """A broadcastable 0/1 tensor: 1 where every masked axis in ``dims`` is kept."""
     kept = torch.ones((), dtype=x.dtype, device=x.device)
@@ -208,6 +215,15 @@ def as_int(value):
     return int(value) if traced is None else traced
 
 
+def as_variable(data, *args, **kwargs):
+    """``torch.autograd.Variable(data, ...)`` (the legacy wrapper: a tensor sharing ``data``'s
+    storage, detached), recordable on a proxy."""
+    traced = _traced(as_variable, (data, *args), kwargs)
+    if traced is not None:
+        return traced
+    return torch.autograd.variable.Variable(data, *args, **kwargs)
+
+
 def shape_tensor(data, *args, **kwargs):
     """``torch.tensor(data, ...)``, recordable on a proxy (``torch.tensor(x.shape)``)."""
     traced = _traced(shape_tensor, (data, *args), kwargs)
@@ -275,3 +291,27 @@ def lower_prelu(module: nn.PReLU, weight):
 EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
 # module type -> lowering(module, weight node) -> (function, arguments after the input)
 EXPORT_MODULE_LOWERINGS = {nn.PReLU: lower_prelu}
+
+
+def assigned(x: torch.Tensor, index, value) -> torch.Tensor:
+    """``x[index] = value`` as a function: a copy of ``x`` holding what the assignment leaves in
+    ``x`` (recorded eager code's in-place assignments, ``passes.capture``)."""
+    out = x.clone()
+    out[index] = value
+    return out
+
+
+class PartCall(nn.Module):
+    """A captured part (``passes.capture``) as its callers call it: binds positional and keyword
+    arguments to the graph's placeholders by the part's forward signature."""
+
+    def __init__(self, graph_module: nn.Module, names: list[str], defaults: dict):
+        super().__init__()
+        self.graph_module = graph_module
+        self.names = list(names)
+        self.defaults = dict(defaults)
+
+    def forward(self, *args, **kwargs):
+        values = dict(zip(self.names, args))
+        values.update(kwargs)
+        return self.graph_module(*[values.get(n, self.defaults.get(n)) for n in self.names])

@@ -8,12 +8,16 @@ GraphModule is not modified.
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
 from torch import fx, nn
 
+from passes import runtime
+from passes.capture import Capture, site_graph
 from passes.channels import ChannelAnalysis, NodeContext, tensor_shapes
+from passes.values import CONSTANT
 from passes.errors import KeepSetError, SlimError
 
 
@@ -42,6 +46,12 @@ def check_keep(analysis: ChannelAnalysis, keep: dict) -> dict[int, np.ndarray]:
                                f"out of range 0..{group.size - 1} ({group.describe()})")
         if len(np.unique(idx)) != len(idx):
             raise KeepSetError(f"keep[{group.index}] repeats an index ({group.describe()})")
+        if idx.size < getattr(group, "min_size", 1):
+            raise KeepSetError(
+                f"keep[{group.index}] keeps {idx.size} unit(s) but {group.describe()} needs at "
+                f"least {group.min_size}: a variance or standard deviation with an n - 1 "
+                f"divisor spans its channels and is NaN with fewer; keep at least "
+                f"{group.min_size} of its units")
         out[group.index] = np.sort(idx.astype(np.int64))
     return out
 
@@ -79,18 +89,7 @@ def slim(analysis: ChannelAnalysis, keep: dict) -> fx.GraphModule:
     flat_keep = analysis.keep_vector(keep)
     s = SlimContext(analysis, flat_keep)
     gm = copy.deepcopy(analysis.graph_module)
-    modules = dict(gm.named_modules())
-    rule_by_target = {n.target: analysis.rules[n.name]
-                      for n in analysis.graph_module.graph.nodes if n.op == "call_module"}
-    for qualname in analysis.module_axes:
-        rule = rule_by_target.get(qualname)
-        if rule is None or not hasattr(rule, "slim_module"):
-            continue
-        new = rule.slim_module(modules[qualname], s, qualname)
-        if new is not None and new is not modules[qualname]:
-            gm.set_submodule(qualname, new)
-    for target, dims in analysis.attr_axes.items():
-        _slice_attr(gm, target, {d: s._kept(key) for d, key in dims.items()})
+    _slice_parameters(gm, analysis, s)
     for node in gm.graph.nodes:
         rule = analysis.rules.get(node.name)
         if hasattr(rule, "rewrite"):
@@ -99,6 +98,48 @@ def slim(analysis: ChannelAnalysis, keep: dict) -> fx.GraphModule:
     gm.recompile()
     _check_shapes(gm, analysis, s)
     return gm
+
+
+def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, s: SlimContext) -> None:
+    """Slice, in ``model`` (a copy), every module and attribute with a pruned channel axis."""
+    modules = dict(model.named_modules())
+    rule_by_target = {n.target: analysis.rules[n.name]
+                      for n in analysis.graph_module.graph.nodes if n.op == "call_module"}
+    for qualname in analysis.module_axes:
+        rule = rule_by_target.get(qualname)
+        if rule is None or not hasattr(rule, "slim_module"):
+            continue
+        new = rule.slim_module(modules[qualname], s, qualname)
+        if new is not None and new is not modules[qualname]:
+            model.set_submodule(qualname, new)
+    for target, dims in analysis.attr_axes.items():
+        if not target.startswith(CONSTANT):  # constants of eager code are frozen
+            _slice_attr(model, target, {d: s._kept(key) for d, key in dims.items()})
+
+
+def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Module:
+    """The slim model for ``keep``: the slim GraphModule when the whole model traced; else a
+    copy of the model with every pruned parameter sliced, its graph parts rewritten (literal
+    sizes fixed by the op rules) and its eager shells running their forward unchanged."""
+    if capture.traced_whole:
+        return slim(analysis, keep)
+    keep = check_keep(analysis, keep)
+    s = SlimContext(analysis, analysis.keep_vector(keep))
+    model = copy.deepcopy(capture.root)
+    _slice_parameters(model, analysis, s)
+    for path, part in capture.parts.items():
+        if part.leaf:  # the sliced layer itself, called by its shell
+            continue
+        graph = site_graph(capture, part)
+        for node in graph.nodes:
+            rule = analysis.rules.get(node.name)
+            if hasattr(rule, "rewrite"):
+                rule.rewrite(node, s)
+        objects = {n.target: operator.attrgetter(n.target)(model) for n in graph.nodes
+                   if n.op in ("call_module", "get_attr")}
+        gm = fx.GraphModule(objects, graph, class_name=type(part.graph_module).__name__)
+        model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
+    return model
 
 
 def _slice_attr(gm: fx.GraphModule, target: str, kept_by_dim: dict) -> None:
@@ -121,21 +162,44 @@ def _slice_attr(gm: fx.GraphModule, target: str, kept_by_dim: dict) -> None:
         setattr(owner, name, out.clone())
 
 
+def _check_input(example: torch.Tensor) -> torch.Tensor:
+    """A second check input: one more in the batch and an odd length, a multiple of no stride
+    (a slim graph can hold at one batch size only, e.g. a ``view`` of a strided tensor)."""
+    shape = list(example.shape)
+    shape[0] += 1
+    shape[-1] += shape[-1] // 4 + 37
+    shape[-1] += 1 - shape[-1] % 2
+    generator = torch.Generator().manual_seed(4321)
+    return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
+
+
 def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, s: SlimContext) -> None:
-    """Run the slim model once and check every tensor's static axes have the kept sizes."""
+    """Run the slim model (in eval mode: nothing it holds changes) at a second input and at the
+    example input (whose shapes stay in ``node.meta``) and check every tensor's static axes have
+    the kept sizes."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    example = analysis.example_input
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(analysis.example_input)
-    except Exception as error:
-        raise SlimError(f"the slim model does not run: {type(error).__name__}: {error}") from error
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if node.op == "output" or not hasattr(meta, "shape"):
-            continue
-        for dim, key in analysis.value_axes.get((node.name, ()), {}).items():
-            expected = len(s._kept(key))
-            if meta.shape[dim] != expected:
-                raise SlimError(f"node {node.name} dim {dim}: slim size {meta.shape[dim]}, "
-                                f"expected {expected} kept channels")
+        for x in (_check_input(example), example):
+            try:
+                with torch.no_grad():
+                    ShapeProp(gm).propagate(x)
+            except Exception as error:
+                raise SlimError(f"the slim model does not run at input {list(x.shape)}: "
+                                f"{type(error).__name__}: {error}") from error
+            for node in gm.graph.nodes:
+                meta = node.meta.get("tensor_meta")
+                if node.op == "output" or not hasattr(meta, "shape"):
+                    continue
+                for dim, key in analysis.value_axes.get((node.name, ()), {}).items():
+                    expected = len(s._kept(key))
+                    if meta.shape[dim] != expected:
+                        raise SlimError(f"node {node.name} dim {dim}: slim size "
+                                        f"{meta.shape[dim]} at input {list(x.shape)}, "
+                                        f"expected {expected} kept channels")
+    finally:
+        for m, training in modes.items():
+            m.training = training

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from passes import runtime
+from passes import rules, runtime
 from passes.errors import InputError, TraceError
 from passes.values import probe_input
 
@@ -32,6 +32,13 @@ _SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shape
 # reading these from a tensor gives metadata, not data
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+
+
+def is_impure_node(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its value: an
+    in-place op (``result.index_add_(-2, frame, chunk)``, ``buf[..., :T] = x``, ``y.copy_(x)``)
+    writes into a tensor that others read; and whatever torch itself calls impure."""
+    return rules.mutates(node) or node.is_impure()
 
 
 def _shape_only(node: fx.Node) -> bool:
@@ -90,6 +97,9 @@ class _ConcreteProxy(fx.Proxy):
     """A Proxy that answers len() and int() when the concrete values say the answer is fixed."""
 
     def __len__(self):
+        values = self.node.meta.get(_VALUES)
+        if values is not None and all(isinstance(v, torch.Tensor) for v in values):
+            return self.tracer.static_length(self)  # a tensor's first size: metadata, not data
         return self.tracer.static_value(self, (tuple, list, torch.Size), len)
 
     def __int__(self):
@@ -100,6 +110,21 @@ class _ConcreteProxy(fx.Proxy):
 
     def __getattr__(self, name):
         return _ConcreteAttribute(self, name)
+
+    def __setitem__(self, key, value):
+        """``buf[..., :T] = x``: recorded (and kept: ``is_impure_node``)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    # ``[slice(None)] * x.ndim``: repeating a Python sequence needs the count itself
+    def __mul__(self, other):
+        if isinstance(other, (list, tuple, str)):
+            return other * self.__index__()
+        return fx.Proxy.__mul__(self, other)
+
+    def __rmul__(self, other):
+        if isinstance(other, (list, tuple, str)):
+            return other * self.__index__()
+        return fx.Proxy.__rmul__(self, other)
 
 
 class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
@@ -121,6 +146,27 @@ def _recording(tracer: "_Tracer", original, recorded):
     return call
 
 
+# factories whose sizes may be given as separate arguments (``torch.zeros(B, N, gap)``), which
+# torch's argument parser refuses when they are proxies (a list of them it accepts)
+_FACTORIES = ("zeros", "ones", "empty", "full")
+
+
+def _traced_variable(tracer: "_Tracer", variable):
+    """``torch.autograd.Variable`` as a class again, recording ``runtime.as_variable`` when given
+    a proxy (the legacy wrapper refuses anything but a tensor); ``isinstance`` still works."""
+
+    class _Meta(type):
+        def __instancecheck__(cls, other):
+            return isinstance(other, variable)
+
+        def __call__(cls, *args, **kwargs):
+            if args and isinstance(args[0], fx.Proxy):
+                return tracer.create_proxy("call_function", runtime.as_variable, args, kwargs)
+            return variable(*args, **kwargs)
+
+    return _Meta("Variable", (), {"__doc__": variable.__doc__})
+
+
 @contextlib.contextmanager
 def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
     """While tracing, ``int(...)`` in the model's own modules and ``torch.tensor(...)`` record
@@ -130,21 +176,40 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
                                      if type(m).__module__ in sys.modules)
                   if not g.get("__name__", "").startswith("torch")}
     patched = []
+    replaced = []
     try:
         for g in namespaces.values():
             if "int" not in g:
                 g["int"] = _recording(tracer, int, runtime.as_int)
                 patched.append(g)
+        variable = torch.autograd.Variable
+        traced_variable = _traced_variable(tracer, variable)
+        for g in namespaces.values():  # ``from torch.autograd import Variable``
+            for name, value in list(g.items()):
+                if value is variable:
+                    replaced.append((g, name, value))
+                    g[name] = traced_variable
         apply = torch.autograd.Function.__dict__["apply"].__func__
-        with mock.patch.object(torch, "tensor",
-                               _recording(tracer, torch.tensor, runtime.shape_tensor)), \
-                mock.patch.object(torch, "as_tensor",
-                                  _recording(tracer, torch.as_tensor, runtime.shape_as_tensor)), \
-                mock.patch.object(torch.autograd.Function, "apply", _no_autograd_function(apply)):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(
+                torch, "tensor", _recording(tracer, torch.tensor, runtime.shape_tensor)))
+            stack.enter_context(mock.patch.object(
+                torch, "as_tensor", _recording(tracer, torch.as_tensor, runtime.shape_as_tensor)))
+            stack.enter_context(mock.patch.object(
+                torch.autograd.Function, "apply", _no_autograd_function(apply)))
+            for name in _FACTORIES:  # torch.zeros(B, N, gap): sizes given as separate proxies
+                original = getattr(torch, name)
+                stack.enter_context(mock.patch.object(
+                    torch, name, _recording(tracer, original, original)))
+            stack.enter_context(mock.patch.object(torch.autograd, "Variable", traced_variable))
+            stack.enter_context(mock.patch.object(torch.autograd.variable, "Variable",
+                                                  traced_variable))
             yield
     finally:
         for g in patched:
             g.pop("int", None)
+        for g, name, value in replaced:
+            g[name] = value
 
 
 class _Tracer(fx.Tracer):
@@ -257,6 +322,20 @@ class _Tracer(fx.Tracer):
             f"node {node.name} ({_user_line(node)}) is used as a Python value but varies with "
             f"the input ({seen} on two inputs of different batch and length)")
 
+    def static_length(self, proxy: fx.Proxy) -> int:
+        """``len()`` of a tensor (``len(torch.tensor(x.shape))``, the rank): its first size, if
+        that is the same on both inputs, else raise."""
+        node = proxy.node
+        lengths = [len(v) if v.dim() else None for v in node.meta[_VALUES]]
+        if lengths[0] is not None and lengths[0] == lengths[1]:
+            where = self.sepfx_module_stack[-1] if self.sepfx_module_stack else ""
+            self.assumptions.append((f"{_user_line(node)}  ->  {lengths[0]!r}", where))
+            return lengths[0]
+        raise torch.fx.proxy.TraceError(
+            f"node {node.name} ({_user_line(node)}): len() of a tensor whose first size varies "
+            f"with the input ({lengths[0]!r} vs {lengths[1]!r} on two inputs of different batch "
+            "and length)")
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.static_value(obj, (bool, int)))
 
@@ -266,6 +345,23 @@ class _Tracer(fx.Tracer):
                 and len(values[0]) == len(values[1]):
             return iter([obj[i] for i in range(len(values[0]))])
         return super().iter(obj)
+
+
+def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """The GraphModule of a traced ``graph`` over ``root``: tracing metadata dropped, dead code
+    (never an in-place op) and unused submodules removed."""
+    for node in graph.nodes:
+        node.meta.pop(_VALUES, None)
+        # annotations written as strings (``from __future__ import annotations``) would end
+        # up as bare strings in the generated code's globals, which breaks pickling
+        node.type = None
+    graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
+    gm = fx.GraphModule(root, graph, class_name=class_name)
+    gm.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept
+    gm.delete_all_unused_submodules()  # dead branches' weights would never get gradients
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: int = 64
@@ -281,17 +377,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
     leaves: dict[str, str] = {}
     while True:
         tracer, graph = _trace_with_fallback(root, examples, leaves, max_leaves)
-        for node in graph.nodes:
-            node.meta.pop(_VALUES, None)
-            # annotations written as strings (``from __future__ import annotations``) would end
-            # up as bare strings in the generated code's globals, which breaks pickling
-            node.type = None
-        graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
-        gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()  # dead branches' weights would never get gradients
-        gm.graph.lint()
-        gm.recompile()
+        gm = finish_graph(root, graph, type(model).__name__)
         mismatch = _generalisation_mismatch(root, gm, example_input)
         if mismatch is None:
             break
@@ -366,4 +452,4 @@ def _close(a, b) -> bool:
     return a == b
 
 
-__all__ = ["TraceResult", "trace", "probe_input"]
+__all__ = ["TraceResult", "trace", "probe_input", "is_impure_node"]

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import fx
 
+GLUE = "sepfx_glue"  # node.meta key: the node was recorded from eager code (passes.capture)
+CONSTANT = "_sepfx_constant_"  # attribute names of tensors that eager code made from values
+
 AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
 
 

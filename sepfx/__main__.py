@@ -114,8 +114,26 @@ def _separate(args) -> int:
     x = samples.astype(np.float32) / 32768.0
     if rate != args.sample_rate:
         x = resample(x, rate, args.sample_rate).astype(np.float32)
-    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    sources = session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a refused input is reported below as one line
+    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    try:
+        sources = session.run(None, {name: x[None]})[0][0]
+        failure = None if sources.size else "it gave an empty output"
+    except Exception as error:  # noqa: BLE001  (too short? see below; else raised as is)
+        failure = error
+    if failure is not None:
+        minimum = _minimum_length(session)
+        if minimum is not None and len(x) < minimum:
+            raise InputError(
+                f"{args.mixture} is too short: {len(x)} samples at {args.sample_rate} Hz, and "
+                f"this model's minimum input length is {minimum} samples "
+                f"({1000 * minimum / args.sample_rate:.1f} ms); give a longer recording or pad "
+                f"it with silence to at least {minimum} samples")
+        if isinstance(failure, Exception):
+            raise failure
+        raise InputError(f"{args.model} gave an empty output for {args.mixture}")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.mixture).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     peak = max(float(np.abs(sources).max()), 1e-9)
@@ -125,6 +143,37 @@ def _separate(args) -> int:
         write_wav(target, np.round(source * scale * 32767).astype(np.int16), args.sample_rate)
         print(f"wrote {target}")
     return 0
+
+
+def _minimum_length(session, limit: int = 1 << 22) -> int | None:
+    """The shortest input (samples) an ONNX model runs on with a non-empty output, found by
+    probing silence of growing length, then bisecting; a fixed time axis is its own length.
+    None if no length up to ``limit`` runs."""
+    import numpy as np
+
+    info = session.get_inputs()[0]
+    if isinstance(info.shape[-1], int):
+        return info.shape[-1]
+    batch = info.shape[0] if isinstance(info.shape[0], int) else 1
+    dtype = np.float64 if info.type == "tensor(double)" else np.float32
+
+    def runs(length: int) -> bool:
+        try:
+            out = session.run(None, {info.name: np.zeros((batch, length), dtype=dtype)})
+        except Exception:  # noqa: BLE001  (ONNX Runtime refuses this length)
+            return False
+        return all(o.size for o in out)
+
+    high = 1
+    while not runs(high):
+        high *= 2
+        if high > limit:
+            return None
+    low = high // 2  # fails (or 0); high runs
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if runs(mid) else (mid, high)
+    return high
 
 
 def _model(name: str, config: str | None):

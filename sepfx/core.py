@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from passes.capture import Capture, capture
 from passes.channels import ChannelAnalysis, analyze_channels
 from passes.cost import CostModel, cost_model
-from passes.gates import insert_gates
-from passes.slim import check_keep, slim
-from passes.trace import TraceResult, trace
+from passes.gates import gated_model
+from passes.slim import check_keep, slim_model
+from sepfx.checks import check_finite
 from sepfx.errors import InputError
 from sepfx.report import FrozenRow, GroupRow, Report
 
@@ -38,16 +39,24 @@ class Analysis:
         if not isinstance(example_input, torch.Tensor):
             raise InputError(f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
                              f"got {type(example_input).__name__}")
+        if not example_input.is_floating_point():
+            raise InputError(
+                f"example_input has dtype {example_input.dtype}, but sepfx expects a "
+                f"floating-point waveform [batch, time] in the model's dtype: convert it, e.g. "
+                f"x.float() / 32768 for 16-bit PCM samples, or pass torch.randn(1, 8000)")
         device = next(iter(model.parameters()), torch.empty(0)).device
         example_input = example_input.to(device)
         self.model_name = type(model).__name__
         self.sample_rate = getattr(model, "sample_rate", None)
         self.n_src = getattr(model, "n_src", None)
-        self.traced: TraceResult = trace(model, example_input)
-        self.channels: ChannelAnalysis = analyze_channels(self.traced.graph_module, example_input)
+        self.capture: Capture = capture(model, example_input)
+        self.channels: ChannelAnalysis = analyze_channels(
+            self.capture.graph_module, example_input, summarised=not self.capture.traced_whole)
         self.cost: CostModel = cost_model(self.channels)
         self.example_input = example_input
-        self.dense_params = sum(p.numel() for p in self.traced.graph_module.parameters())
+        # a traced model's dead code is gone; a model with eager shells keeps all its weights
+        counted = self.capture.graph_module if self.capture.traced_whole else self.capture.root
+        self.dense_params = sum(p.numel() for p in counted.parameters())
 
     @property
     def groups(self):
@@ -58,7 +67,8 @@ class Analysis:
         return {g.index: np.arange(g.size) for g in self.groups}
 
     def keep_ratio(self, ratio: float, importance: str = "magnitude", seed: int = 0):
-        """Keep ``ratio`` of every group's units (at least one): the largest by weight magnitude,
+        """Keep ``ratio`` of every group's units (at least one, at least the group's
+        ``min_size``): the largest by weight magnitude,
         the first ones, or random ones (``importance`` = "magnitude" | "first" | "random")."""
         if not 0 < ratio <= 1:
             raise InputError(f"keep ratio must be in (0, 1], got {ratio}")
@@ -66,7 +76,7 @@ class Analysis:
         rng = np.random.default_rng(seed)
         keep = {}
         for g in self.groups:
-            n = max(1, int(round(ratio * g.size)))
+            n = min(g.size, max(1, g.min_size, int(round(ratio * g.size))))
             if importance == "first":
                 idx = np.arange(n)
             elif importance == "random":
@@ -82,7 +92,7 @@ class Analysis:
     def unit_magnitudes(self) -> dict[int, np.ndarray]:
         """Per group, a data-free score per unit: the L2 norms of the parameter slices it owns,
         each member normalised by its mean so that members of different scale count alike."""
-        gm = self.traced.graph_module
+        gm = self.capture.graph_module
         scores = {}
         for g in self.groups:
             total = np.zeros(g.size)
@@ -96,13 +106,14 @@ class Analysis:
         return scores
 
     # -- models -----------------------------------------------------------------------------
-    def gated(self, keep: dict | None = None) -> fx.GraphModule:
-        """The hard-gated reference at the original width (all kept if ``keep`` is None)."""
+    def gated(self, keep: dict | None = None, bank: nn.Module | None = None) -> nn.Module:
+        """The hard-gated reference at the original width (all kept if ``keep`` is None), or the
+        model gated by a gate ``bank`` (gate learning)."""
         flat = None if keep is None else self.channels.keep_vector(check_keep(self.channels, keep))
-        return insert_gates(self.channels, flat)
+        return gated_model(self.capture, self.channels, flat, bank)
 
-    def slim(self, keep: dict, budget: float | None = None, notes=()) -> fx.GraphModule:
-        model = slim(self.channels, keep)
+    def slim(self, keep: dict, budget: float | None = None, notes=()) -> nn.Module:
+        model = slim_model(self.capture, self.channels, keep)
         for p in model.parameters():  # a new model: trainable like any other
             p.requires_grad_(True)
         model.sepfx_example_input = self.example_input
@@ -123,9 +134,10 @@ class Analysis:
         flat_none[0] = 1
         prunable = 1 - self.cost.macs(flat_none) / max(self.cost.dense_macs, 1)
         return Report(self.model_name, tuple(self.example_input.shape), self.sample_rate,
-                      groups, frozen, dict(self.traced.leaves), list(self.traced.assumptions),
+                      groups, frozen, dict(self.capture.shells),
+                      list(dict.fromkeys(self.capture.assumptions)),
                       self.cost.dense_macs, self.cost.macs(flat), self.dense_params, params,
-                      prunable, budget, list(notes or []))
+                      prunable, budget, list(self.capture.notes) + list(notes or []))
 
 
 def _slice_norms(gm: fx.GraphModule, analysis: ChannelAnalysis, key) -> np.ndarray | None:
@@ -187,4 +199,6 @@ def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = N
     analysis = Analysis(model, example_input)
     if keep is None:
         keep = analysis.keep_ratio(ratio, importance)
-    return analysis.slim(keep)
+    slim = analysis.slim(keep)
+    check_finite(analysis, keep, slim)
+    return slim

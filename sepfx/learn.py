@@ -16,8 +16,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from passes.gates import insert_gates
 from sepfx.budget import check_reachable, project
+from sepfx.checks import check_finite
 from sepfx.core import Analysis
 from sepfx.errors import InputError
 from sepfx.gates import LearnableGates, magnitude_init
@@ -114,7 +114,7 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
                                 spread=1.0)
     bank = LearnableGates(analysis.channels, eps, tau, init=logits, generator=generator)
     _start_at_budget(bank, analysis.cost, budget)
-    gated = insert_gates(analysis.channels, bank=bank).to(device)
+    gated = analysis.gated(bank=bank).to(device)
     trainable = {name: p.requires_grad for name, p in gated.named_parameters()}
     for name, p in gated.named_parameters():
         p.requires_grad_(name == "sepfx_gates.alpha")
@@ -249,6 +249,7 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
         notes.append(f"the channel granularity does not allow [{budget - 0.02:.2f}, "
                      f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}")
     slim = analysis.slim(keep, budget=budget, notes=notes)
+    check_finite(analysis, keep, slim)
     slim.sepfx_gate_history = history
     return slim
 

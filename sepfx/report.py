@@ -27,7 +27,7 @@ class Report:
     sample_rate: int | None
     groups: list[GroupRow]
     frozen: list[FrozenRow]
-    leaves: dict[str, str]
+    shells: dict[str, str]  # module path ("" = the model) -> why it runs eagerly
     assumptions: list[str]
     dense_macs: float
     macs: float
@@ -69,10 +69,10 @@ class Report:
         for f in with_params:
             lines.append(f"    {f.axis}: {f.reason}")
             lines.append(f"      keeps whole: {', '.join(f.parameters)}")
-        if self.leaves:
-            lines.append("  opaque leaves (run eagerly; channels pass through only where a "
-                         "numerical check certified them, else frozen):")
-            lines += [f"    {name}: {why}" for name, why in self.leaves.items()]
+        if self.shells:
+            lines.append("  eager shells (their Python forward runs as written; what it does to "
+                         "channels was read from recorded runs):")
+            lines += [f"    {name or '(the model)'}: {why}" for name, why in self.shells.items()]
         if self.assumptions:
             lines.append("  assumptions (values fixed from the example input):")
             lines += [f"    {a}" for a in self.assumptions]

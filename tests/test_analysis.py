@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sepfx
-from sepfx.errors import InputError, KeepSetError, SepfxError, TraceError
+from sepfx.errors import InputError, KeepSetError
 
 from conftest import ZOO_NAMES, build_seeded, max_relative_error, random_keep, wav
 
@@ -76,7 +76,7 @@ def test_callers_model_is_never_modified(name):
     with torch.no_grad():
         assert torch.equal(model(x), before)
         # the analysis' own dense graph is not modified by slimming either
-        assert max_relative_error(before, analysis.traced.graph_module(x)) <= 1e-6
+        assert max_relative_error(before, analysis.capture.graph_module(x)) <= 1e-6
     assert slim is not model and all(p is not q for p in slim.parameters()
                                      for q in model.parameters())
 
@@ -195,7 +195,7 @@ class _ClosedForms(fx.Interpreter):
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_dense_macs_cross_check(zoo, name):
     analysis = zoo(name).analysis
-    gm, x = analysis.traced.graph_module, analysis.example_input
+    gm, x = analysis.capture.graph_module, analysis.example_input
     counted = counted_macs(gm, x)
     interpreter = _ClosedForms(gm)
     with torch.no_grad():
@@ -287,11 +287,11 @@ def test_op_without_rule_is_frozen(mode):
     torch.manual_seed(0)
     model = _Net(mode).eval()
     analysis = sepfx.analyze(model, wav(1, 8000))
-    name = "cumsum" if mode == "cumsum" else "odd"
-    if mode == "mixing leaf":
-        assert list(analysis.traced.leaves) == ["odd"], analysis.traced.leaves
+    name = "cumsum"  # in the model's graph, or recorded from the eager module "odd"
+    if mode == "mixing leaf":  # "odd" cannot be traced: it and its parent run eagerly
+        assert set(analysis.capture.shells) == {"", "odd"}, analysis.capture.shells
     else:
-        assert not analysis.traced.leaves
+        assert not analysis.capture.shells
     frozen = analysis.channels.frozen
     frozen_params = {p for f in frozen for p in f.parameters}
     assert FROZEN_MIDDLE <= frozen_params, frozen
@@ -304,16 +304,19 @@ def test_op_without_rule_is_frozen(mode):
     print("\n" + text)
     assert "conv_a out" in text and name in text
     if mode == "mixing leaf":
-        assert slim.sepfx_report.leaves.keys() == {"odd"}
+        assert slim.sepfx_report.shells.keys() == {"", "odd"}
+        assert "eager shells" in text
 
 
-def test_channelwise_opaque_leaf_passes_channels_through():
-    """An opaque leaf that acts on each channel alone is not a reason to freeze (it is
-    certified numerically); the slim model runs it on the kept channels."""
+def test_channelwise_eager_module_passes_channels_through():
+    """A module that cannot be traced but acts on each channel alone is not a reason to
+    freeze: its recorded run shows the channels pass through (its data-dependent condition
+    sums over them, which the gated model computes exactly as the slim one); the slim model
+    runs its forward on the kept channels."""
     torch.manual_seed(0)
     model = _Net("channelwise leaf").eval()
     analysis = sepfx.analyze(model, wav(1, 8000))
-    assert list(analysis.traced.leaves) == ["odd"], analysis.traced.leaves
+    assert set(analysis.capture.shells) == {"", "odd"}, analysis.capture.shells
     _check_rest_prunes(model, analysis, middle_frozen=False)
 
 
@@ -344,7 +347,9 @@ def test_data_dependent_control_flow_is_not_baked_in():
     loud = 1000 * wav(1, 8000, seed=9)
     with torch.no_grad():
         expected = model(loud)
-        assert max_relative_error(expected, analysis.traced.graph_module(loud)) <= 1e-5
+        # (the analysis graph is a recorded run of the eager code: the models sepfx hands
+        # out run that code as written)
+        assert max_relative_error(expected, analysis.slim(analysis.keep_all())(loud)) <= 1e-5
         assert max_relative_error(expected, analysis.gated()(loud)) <= 1e-5
 
 
@@ -380,24 +385,23 @@ class _STENet(nn.Module):
         return self.decoder(y).squeeze(1)
 
 
-def test_custom_autograd_function_in_root_is_a_clear_error():
-    with pytest.raises(TraceError, match="autograd function _RoundSTE"):
-        sepfx.analyze(_STENet(in_root=True), wav(1, 8000))
-
-
-def test_custom_autograd_function_keeps_its_backward():
-    """In a submodule, the function's module becomes a leaf: eager, backward intact."""
+@pytest.mark.parametrize("in_root", [False, True])
+def test_custom_autograd_function_keeps_its_backward(in_root):
+    """Tracing would inline the function's forward and lose its backward, so the code calling
+    it runs eagerly (an eager shell, the root included): the slim model's gradient is the
+    custom one."""
     torch.manual_seed(0)
-    model = _STENet()
+    model = _STENet(in_root=in_root)
     analysis = sepfx.analyze(model, wav(1, 8000))
-    assert "quantize" in analysis.traced.leaves
+    assert "" in analysis.capture.shells
+    assert ("quantize" in analysis.capture.shells) != in_root
     x = wav(1, 8000, seed=12)
     model(x).sum().backward()
     expected = model.mid.weight.grad.clone()
-    gm = analysis.traced.graph_module
-    gm(x).sum().backward()
+    slim = analysis.slim(analysis.keep_all())
+    slim(x).sum().backward()
     assert expected.abs().sum() > 0
-    assert torch.allclose(gm.get_submodule("mid").weight.grad, expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(slim.mid.weight.grad, expected, rtol=1e-4, atol=1e-6)
 
 
 # -- Torch-Pruning cross-check ---------------------------------------------------------------
@@ -579,12 +583,12 @@ def test_non_tensor_example_input_is_input_error():
         sepfx.analyze(build_seeded("conv_tasnet"), example_input=[[0.0] * 8000])
 
 
-def test_untraceable_root_is_trace_error():
-    with pytest.raises(TraceError) as info:
-        sepfx.analyze(_ValueBranch(), wav(1, 800))
-    message = str(info.value)
-    assert "_ValueBranch" in message and "x.sum() > 0" in message, message
-    assert isinstance(info.value, SepfxError)
+def test_untraceable_root_runs_eagerly_and_says_why():
+    analysis = sepfx.analyze(_ValueBranch(), wav(1, 800))
+    assert list(analysis.capture.shells) == [""]
+    assert "x.sum() > 0" in analysis.capture.shells[""], analysis.capture.shells
+    text = str(analysis.report())
+    assert "(the model)" in text and "x.sum() > 0" in text, text
 
 
 def _keep_cases(analysis):
@@ -643,8 +647,8 @@ def test_report_text_and_dict(zoo):
     for g in analysis.groups:
         assert f"#{g.index}" in text
         assert f"{len(keep[g.index])}/{g.size}" in text.replace(" ", "")
-    for leaf in report.leaves:  # opaque leaves are listed with their reason
-        assert f"{leaf}:" in text
+    for shell in report.shells:  # eager shells are listed with their reason
+        assert f"{shell or '(the model)'}:" in text
     assert "budget 40%" in text and "a note" in text
     assert report.params < report.dense_params
     assert report.macs < report.dense_macs
@@ -653,7 +657,7 @@ def test_report_text_and_dict(zoo):
     assert round_trip["macs"] == report.macs and round_trip["params"] == report.params
     assert round_trip["macs_ratio"] == pytest.approx(report.macs / report.dense_macs)
     assert len(round_trip["groups"]) == len(analysis.groups)
-    assert round_trip["leaves"].keys() == report.leaves.keys()
+    assert round_trip["shells"].keys() == report.shells.keys()
     assert round_trip["assumptions"] == report.assumptions
     for assumption in report.assumptions:
         assert assumption in text

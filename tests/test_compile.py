@@ -257,7 +257,7 @@ def test_learned_keep_sets_beat_random_keep_sets(trained, budget_rows):
 
 def test_gate_learning_changes_only_gate_logits(untrained):
     analysis = sepfx.analyze(untrained.model)
-    gm = analysis.traced.graph_module
+    gm = analysis.capture.graph_module
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
     bank, history = sepfx.learn_gates(analysis, untrained.train, 0.4, steps=20, progress=False)

@@ -94,7 +94,7 @@ def test_gated_keep_all_equals_eager(zoo, name, dtype, tol):
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_slim_is_smaller(zoo, name):
     analysis = zoo(name).analysis
-    dense = analysis.traced.graph_module
+    dense = analysis.capture.graph_module
     rng = np.random.default_rng(5)
     sets = [random_keep(analysis, rng, single=True), analysis.keep_ratio(0.5),
             random_keep(analysis, rng)]
@@ -123,4 +123,4 @@ def test_slim_is_smaller(zoo, name):
         assert slim.sepfx_report.params == total_after
         assert slim.sepfx_report.dense_params == total_before
         # the dense analysis graph is untouched by slimming
-        assert sum(p.numel() for p in analysis.traced.graph_module.parameters()) == total_before
+        assert sum(p.numel() for p in analysis.capture.graph_module.parameters()) == total_before

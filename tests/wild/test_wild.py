@@ -337,7 +337,7 @@ def test_export_onnx_dynamic_time(cases, name, tmp_path):
 
 # -- the report ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_report_lists_assumptions_leaves_frozen(cases, name):
+def test_report_lists_assumptions_shells_frozen(cases, name):
     report = cases(name).compiled().sepfx_report
     text = str(report)
     print(f"\n{text}")
@@ -348,9 +348,9 @@ def test_report_lists_assumptions_leaves_frozen(cases, name):
     for a in report.assumptions:
         if a not in text:
             problems.append(f"assumption {a!r} not in the text")
-    for leaf, why in report.leaves.items():
-        if leaf not in text or why not in text:
-            problems.append(f"leaf {leaf!r} ({why}) not in the text")
+    for shell, why in report.shells.items():
+        if shell not in text or why not in text:
+            problems.append(f"eager shell {shell!r} ({why}) not in the text")
     with_parameters = [f for f in report.frozen if f.parameters]
     for f in with_parameters:
         missing = [p for p in f.parameters if p not in text]
@@ -372,7 +372,7 @@ def test_no_pattern_falls_back_to_a_leaf(cases, name):
     """Every pattern of the table is traced, none hidden in an opaque leaf (whose channels
     would be frozen)."""
     analysis = cases(name).analysis()
-    assert not analysis.traced.leaves, f"{name}: opaque leaves {analysis.traced.leaves}"
+    assert not analysis.capture.shells, f"{name}: eager shells {analysis.capture.shells}"
 
 
 def test_position_buffer_sliced_with_its_group(cases):

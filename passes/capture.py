@@ -1,0 +1,500 @@
+"""Capture by parts: graphs where tracing holds, eager shells where it does not.
+
+A module whose forward traces (``passes.trace``) and whose graph computes what the eager module
+computes at every call recorded on the check inputs is a **graph part**. A module that does not
+is an **eager shell**: its Python forward runs as written, and each module it calls is captured
+the same way, recursively (the root included). Built-in layers that shells call directly are
+**leaf parts** (a one-node graph).
+
+What a shell's own glue does is read from recorded runs: the model runs under a
+``TorchFunctionMode`` that writes every torch call made outside the parts as a node of one
+straight-line ``fx.Graph`` (parts are opaque calls while recording, identified by forward hooks;
+every recorded tensor is kept alive so that its ``id`` stays unique). Each part call is then
+replaced by a copy of the part's graph, which gives the **analysis graph**: one graph for the
+whole model, at the reference input, over which the op rules find the channel groups exactly as
+for a traced model. It runs at the reference input only (pads and sizes of the glue are baked
+in); the models sepfx hands out are built part by part (``passes.gates``, ``passes.slim``), and
+the shells in them run their Python forward unchanged.
+
+Static (channel) and dynamic (batch, time) axes are told apart as for traced graphs: the glue is
+recorded a second time on a twin input with another batch size and a length longer by a multiple
+of common strides and chunk sizes (so that shape-derived branches take the same side), and the
+two recordings are paired node by node. Where they do not pair, every axis of the glue is taken
+as dynamic, so nothing crossing it is pruned (the report says so).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from passes import rules, runtime
+from passes import trace as tracing
+from passes.channels import summarise
+from passes.values import CONSTANT, GLUE
+from passes.values import _summary as summary_of
+
+PART = "sepfx_part"  # node.meta key of a part call while recording: the part's module path
+REF, PROBE = "sepfx_ref", "sepfx_probe"  # node.meta keys of the value summaries (passes.values)
+
+TWIN_EXTRA_LENGTH = 16000  # 2^7 * 5^3: keeps T mod every common stride and chunk unchanged
+
+# Calls that read metadata or turn a tensor into Python values: not channel flow.
+_NOT_RECORDED = {
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "data_ptr",
+    "element_size", "__len__", "__bool__", "__int__", "__float__", "__index__", "item", "tolist",
+    "__format__", "__repr__", "__hash__", "get_device", "is_floating_point", "is_complex",
+    "numpy", "__array__", "__reduce_ex__", "__deepcopy__", "storage_offset", "untyped_storage",
+    "is_nonzero", "has_names", "__dlpack__", "__iter__", "__contains__",
+}
+_IN_PLACE_OPERATORS = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_",
+                       "__itruediv__": "div_", "__idiv__": "div_"}
+
+
+@dataclass
+class Constant:
+    """A part's argument that was not a recorded tensor at a call site (a number, None)."""
+    value: Any
+
+
+@dataclass
+class Part:
+    """A module captured as a graph: traced (``leaf`` False) or a built-in layer (``leaf``)."""
+    path: str
+    graph_module: fx.GraphModule
+    leaf: bool
+    placeholders: list[str]  # the forward's parameter names, in placeholder order
+    defaults: dict[str, Any]
+    # per call site: part node name -> analysis node name (or Constant, for arguments)
+    sites: list[dict[str, Any]] = field(default_factory=list)
+
+    def target(self, target: str) -> str:
+        """The analysis graph's (root-relative) name of a call_module/get_attr target."""
+        if self.leaf:
+            inner = target.split(".", 1)
+            return self.path + ("." + inner[1] if len(inner) > 1 else "")
+        return f"{self.path}.{target}" if self.path else target
+
+    def bind(self, args: tuple, kwargs: dict) -> list[Any]:
+        """The value of each placeholder for a call with ``args`` and ``kwargs``."""
+        values = dict(zip(self.placeholders, args))
+        values.update(kwargs)
+        return [values.get(name, self.defaults.get(name)) for name in self.placeholders]
+
+
+@dataclass
+class Capture:
+    """The model captured by parts, and its analysis graph at the reference input."""
+    root: nn.Module  # a deep copy of the caller's model, in eval mode
+    graph_module: fx.GraphModule  # the analysis graph (see module docstring)
+    parts: dict[str, Part]  # module path -> graph or leaf part
+    shells: dict[str, str]  # module path -> why it runs eagerly ("" is the root)
+    assumptions: list[str]  # values fixed while tracing the graph parts
+    notes: list[str]  # what the recordings showed (branches, unpaired glue)
+    example_input: torch.Tensor
+
+    @property
+    def traced_whole(self) -> bool:
+        return "" in self.parts
+
+
+# -- recorded calls of every module ----------------------------------------------------------
+def _detached(value):
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+def _record_calls(root: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list]:
+    """Module path -> [(run, args, kwargs, output)] of every call, over runs at ``inputs``."""
+    calls: dict[str, list] = {}
+    handles = []
+    run = 0
+    for path, module in root.named_modules(remove_duplicate=False):
+        def hook(module, args, kwargs, output, path=path):
+            calls.setdefault(path, []).append((run, _detached(args), _detached(kwargs),
+                                               _detached(output)))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for run, x in enumerate(inputs):
+                root(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+# -- graph parts -------------------------------------------------------------------------------
+def _signature(module: nn.Module) -> tuple[list[str], dict[str, Any]] | None:
+    """Parameter names and defaults of ``module.forward``; None for *args/**kwargs forwards."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return [p.name for p in params], {p.name: p.default for p in params
+                                      if p.default is not inspect.Parameter.empty}
+
+
+def _leaf_part(path: str, module: nn.Module) -> Part | None:
+    signature = _signature(module)
+    if signature is None:
+        return None
+    names, defaults = signature
+    graph = fx.Graph()
+    placeholders = [graph.placeholder(name, default_value=defaults.get(
+        name, inspect.Parameter.empty)) for name in names]
+    graph.output(graph.call_module("leaf", tuple(placeholders)))
+    gm = fx.GraphModule({"leaf": module}, graph, class_name=type(module).__name__)
+    return Part(path, gm, True, names, defaults)
+
+
+def _trace_part(path: str, module: nn.Module, calls: list) -> tuple[Part | None, str, list]:
+    """(part, "", assumptions) when ``module`` traces into a graph that matches every recorded
+    call, else (None, why not, [])."""
+    signature = _signature(module)
+    if signature is None:
+        return None, "its forward takes *args or **kwargs", []
+    names, defaults = signature
+    # the tracer tells fixed values from varying ones on a call of the reference run and one of
+    # the twin run (another batch size and length)
+    examples = [next((c for c in calls if c[0] == run), calls[0]) for run in (0, 1)]
+    positional = []
+    for _, args, kwargs, _ in examples:
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        positional.append(tuple(bound.get(n, defaults.get(n)) for n in names))
+    tracer = tracing._Tracer(set(), (positional[0], positional[1]))
+    try:
+        with tracing._traced_builtins(tracer, module):
+            graph = tracer.trace(module)
+    except Exception as error:  # noqa: BLE001 - any failure to trace makes a shell
+        cause = tracer.failed_module[1] if tracer.failed_module else error
+        return None, f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}", []
+    gm = tracing.finish_graph(module, graph, type(module).__name__)
+    for _, args, kwargs, expected in calls:
+        try:
+            with torch.no_grad():
+                got = gm(*args, **kwargs)
+            same = tracing._close(expected, got)
+        except Exception:  # noqa: BLE001
+            same = False
+        if not same:
+            shapes = [tuple(a.shape) for a in tree_flatten((args, kwargs))[0]
+                      if isinstance(a, torch.Tensor)]
+            return None, f"its traced graph differs from its eager forward at input {shapes}", []
+    assumptions = [f"{path or type(module).__name__}: {text}" for text, _ in tracer.assumptions]
+    return Part(path, gm, False, names, defaults), "", assumptions
+
+
+def _is_rule_leaf(module: nn.Module) -> bool:
+    """A built-in layer: fx keeps it as one call (its op rule, or opaque, decides)."""
+    return fx.Tracer().is_leaf_module(module, "")
+
+
+def _decide(root: nn.Module, calls: dict[str, list]) -> tuple[dict, dict, list]:
+    """Top-down: graph parts, leaf parts and shells of the modules that actually run."""
+    parts: dict[str, Part] = {}
+    shells: dict[str, str] = {}
+    assumptions: list[str] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        if path not in calls:  # not called itself (dead, or used through a method of its
+            for name, child in module.named_children():  # parent): its children may be
+                visit(f"{path}.{name}" if path else name, child)
+            return
+        if _is_rule_leaf(module) and path:
+            part = _leaf_part(path, module)
+            if part is not None:
+                parts[path] = part
+                return
+        part, why, fixed = _trace_part(path, module, calls[path])
+        if part is not None:
+            parts[path] = part
+            assumptions.extend(fixed)
+            return
+        shells[path] = why
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", root)
+    return parts, shells, assumptions
+
+
+# -- recording the glue -----------------------------------------------------------------------
+class _Recorder(TorchFunctionMode):
+    """Writes every torch call made outside the parts into ``graph``."""
+
+    def __init__(self, root: nn.Module, parts: dict[str, Part]):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.nodes: dict[int, fx.Node] = {}  # id(tensor) -> the node that made it
+        self.alive: list[Any] = []  # every recorded value, so that no id is reused
+        self.depth = 0  # > 0 while a part runs
+        self.constants: dict[str, torch.Tensor] = {}
+        self.attributes = {id(t): name for name, t in
+                           list(root.named_parameters(remove_duplicate=False))
+                           + list(root.named_buffers(remove_duplicate=False))}
+        self.attribute_nodes: dict[str, fx.Node] = {}
+        self.part_calls: list[fx.Node] = []
+        self.handles = []
+        for path, part in parts.items():
+            module = root.get_submodule(path)
+            self.handles.append(module.register_forward_pre_hook(
+                self._enter, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(
+                lambda m, a, k, out, path=path: self._leave(path, a, k, out), with_kwargs=True))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    # -- values -----------------------------------------------------------------------------
+    def node_of(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        node = self.nodes.get(id(value))
+        if node is not None:
+            return node
+        name = self.attributes.get(id(value))
+        if name is None:  # a tensor made outside torch calls: a constant of the glue
+            name = f"{CONSTANT}{len(self.constants)}"
+            self.constants[name] = value.detach()
+        if name not in self.attribute_nodes:
+            node = self.graph.get_attr(name)
+            node.meta[REF] = summary_of(value)
+            node.meta[GLUE] = True
+            self.attribute_nodes[name] = node
+        self.alive.append(value)
+        return self.attribute_nodes[name]
+
+    def bind(self, node: fx.Node, result) -> None:
+        """Map the tensors of ``result`` to ``node`` (and getitem nodes for containers)."""
+        node.meta[REF] = summary_of(result)
+        self.alive.append(result)
+        if isinstance(result, torch.Tensor):
+            self.nodes[id(result)] = node
+        elif isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
+            for i, item in enumerate(result):
+                if isinstance(item, (torch.Tensor, tuple, list)) and \
+                        not isinstance(item, torch.Size):
+                    element = self.graph.call_function(operator.getitem, (node, i))
+                    element.meta[GLUE] = True
+                    self.bind(element, item)
+
+    # -- parts ------------------------------------------------------------------------------
+    def _enter(self, module, args, kwargs):
+        self.depth += 1
+
+    def _leave(self, path, args, kwargs, output):
+        self.depth -= 1
+        if self.depth:
+            return
+        node = self.graph.call_module(path, tree_map(self.node_of, tuple(args)),
+                                      tree_map(self.node_of, dict(kwargs)))
+        node.meta[PART] = path
+        node.meta["sepfx_call_inputs"] = (_detached(tuple(args)), _detached(dict(kwargs)))
+        self.part_calls.append(node)
+        self.bind(node, output)
+
+    # -- glue -------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.depth:
+            return result
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: x.shape, x.T, x.data
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+            if not isinstance(result, torch.Tensor):
+                return result
+            node = self.graph.call_function(getattr, (self.node_of(args[0]), name))
+        elif name in _NOT_RECORDED:
+            return result
+        elif name == "__setitem__":
+            node = self.graph.call_function(runtime.assigned, tuple(
+                tree_map(self.node_of, tuple(args))))
+            result = args[0]
+        elif getattr(torch.Tensor, name, None) is func or name in _IN_PLACE_OPERATORS:
+            method = _IN_PLACE_OPERATORS.get(name, name)
+            if method == "__getitem__":
+                node = self.graph.call_function(operator.getitem, tuple(
+                    tree_map(self.node_of, tuple(args))))
+            else:
+                node = self.graph.call_method(method, tuple(tree_map(self.node_of, tuple(args))),
+                                              tree_map(self.node_of, kwargs))
+        else:
+            node = self.graph.call_function(func, tuple(tree_map(self.node_of, tuple(args))),
+                                            tree_map(self.node_of, kwargs))
+        node.meta[GLUE] = True
+        self.bind(node, result)
+        return result
+
+
+def _record(root: nn.Module, parts: dict[str, Part], x: torch.Tensor):
+    """One recorded run at ``x``: (graph, constants, the recorder's part calls)."""
+    recorder = _Recorder(root, parts)
+    try:
+        placeholder = recorder.graph.placeholder("mixture")
+        recorder.bind(placeholder, x)
+        with torch.no_grad(), recorder:
+            out = root(x)
+        recorder.graph.output(tree_map(recorder.node_of, out))
+    finally:
+        recorder.close()
+    return recorder.graph, recorder.constants, recorder.part_calls
+
+
+def _signature_of_graph(graph: fx.Graph) -> list[tuple]:
+    return [(n.op, n.target if isinstance(n.target, str) else id(n.target)) for n in graph.nodes]
+
+
+def _all_dynamic(summary):
+    """A probe summary for an unpaired node: every tensor axis taken as dynamic."""
+    kind = summary[0]
+    if kind == "tensor":
+        return ("tensor", tuple(-1 - s for s in summary[1]))
+    if kind == "tuple":
+        return ("tuple", tuple(_all_dynamic(s) for s in summary[1]))
+    return summary
+
+
+# -- inlining the parts -----------------------------------------------------------------------
+def _propagate(part: Part, key: str, args: tuple, kwargs: dict, keep_inputs) -> None:
+    summarise(part.graph_module, key, part.bind(args, kwargs), keep_inputs)
+
+
+def _inline(graph: fx.Graph, call: fx.Node, part: Part) -> None:
+    env: dict[fx.Node, Any] = {}
+    site: dict[str, Any] = {}
+    values = part.bind(call.args, call.kwargs)
+    placeholders = iter(values)
+    result = None
+    with graph.inserting_before(call):
+        for node in part.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                value = next(placeholders)
+                env[node] = value
+                site[node.name] = value.name if isinstance(value, fx.Node) else Constant(value)
+                continue
+            if node.op == "output":
+                result = fx.node.map_arg(node.args[0], lambda n: env[n])
+                continue
+            new = graph.node_copy(node, lambda n: env[n])
+            if new.op in ("call_module", "get_attr"):
+                new.target = part.target(node.target)
+            env[node] = new
+            site[node.name] = new.name
+    part.sites.append(site)
+    if isinstance(result, fx.Node):
+        call.replace_all_uses_with(result)
+    else:
+        for user in list(call.users):
+            if user.target is operator.getitem and isinstance(user.args[1], int) and \
+                    isinstance(result, (tuple, list)):
+                user.replace_all_uses_with(result[user.args[1]])
+                graph.erase_node(user)
+    graph.erase_node(call)
+
+
+def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
+    """Capture ``model`` (not modified: a deep copy is captured) by parts."""
+    root = copy.deepcopy(model).eval()
+    checks = tracing.check_lengths(example_input)
+    twin = twin_input(example_input)
+    calls = _record_calls(root, [example_input, twin] + checks[1:])
+    parts, shells, assumptions = _decide(root, calls)
+    notes: list[str] = []
+    if "" in parts:  # the whole model traces: the analysis graph is its graph
+        part = parts[""]
+        gm = part.graph_module
+        part.sites.append({n.name: n.name for n in gm.graph.nodes})
+        return Capture(root, gm, parts, shells, assumptions, notes, example_input)
+    graph, constants, part_calls = _record(root, parts, example_input)
+    twin_graph, _, twin_calls = _record(root, parts, twin)
+    paired = _signature_of_graph(graph) == _signature_of_graph(twin_graph)
+    if paired:
+        for node, other in zip(graph.nodes, twin_graph.nodes):
+            node.meta[PROBE] = other.meta.get(REF)
+    else:
+        notes.append("the eager glue ran differently at the twin input: every axis of the glue "
+                     "is taken as dynamic (nothing crossing it is pruned)")
+        for node in graph.nodes:
+            if REF in node.meta:
+                node.meta[PROBE] = _all_dynamic(node.meta[REF])
+    for index, call in enumerate(part_calls):
+        part = parts[call.meta[PART]]
+        twin_args = twin_calls[index].meta["sepfx_call_inputs"] if paired else None
+        args, kwargs = call.meta.pop("sepfx_call_inputs")
+        if twin_args is not None:
+            _propagate(part, PROBE, *twin_args, _opaque)
+        _propagate(part, REF, args, kwargs, _opaque)
+        if twin_args is None:
+            for node in part.graph_module.graph.nodes:
+                if REF in node.meta:
+                    node.meta[PROBE] = _all_dynamic(node.meta[REF])
+        _inline(graph, call, part)
+    for call in twin_calls:
+        call.meta.pop("sepfx_call_inputs", None)
+    graph.lint()
+    objects: dict[str, Any] = dict(constants)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in objects:
+            objects[node.target] = operator.attrgetter(node.target)(root)
+    gm = fx.GraphModule(objects, graph, class_name=type(model).__name__)
+    return Capture(root, gm, parts, shells, assumptions, notes, example_input)
+
+
+def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
+    """The part's graph as inlined at call ``site`` of the analysis graph: the analysis graph's
+    node names, root-relative targets and metadata, so that its channel axes are at hand. Its
+    placeholders are the part's, named after the analysis values they received."""
+    nodes = {n.name: n for n in capture.graph_module.graph.nodes}
+    mapping = part.sites[site]
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    for node in part.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            source = mapping[node.name]
+            default = node.args[0] if node.args else inspect.Parameter.empty
+            if isinstance(source, Constant):
+                graph.placeholder(node.name, default_value=default)
+                continue
+            new = graph.placeholder(source, default_value=default)
+            new.meta = copy.copy(nodes[source].meta)
+            env.setdefault(nodes[source], new)
+        elif node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], lambda n: env[nodes[mapping[n.name]]]
+                                         if not isinstance(mapping[n.name], Constant)
+                                         else mapping[n.name].value))
+        else:
+            original = nodes[mapping[node.name]]
+            env[original] = graph.node_copy(original, lambda n: env[n])
+    return graph
+
+
+def _opaque(node: fx.Node) -> bool:
+    """Opaque built-in layers (no op rule): their inputs are kept to certify them."""
+    if node.op != "call_module":
+        return False
+    owner = node.graph.owning_module
+    return rules.lookup(node, dict(owner.named_modules())) is rules.OPAQUE_LEAF
+
+
+def twin_input(example: torch.Tensor) -> torch.Tensor:
+    """The example with one more batch row and ``TWIN_EXTRA_LENGTH`` more samples."""
+    shape = list(example.shape)
+    shape[0] += 1
+    shape[-1] += TWIN_EXTRA_LENGTH
+    generator = torch.Generator().manual_seed(2468)
+    return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
+
+
+__all__ = ["Capture", "Constant", "Part", "capture", "site_graph", "twin_input", "PART"]
