@@ -1498,9 +1498,10 @@ class SetItemRule:
     """``x[index] = value`` (in place; the node's own value is None). The indexed part of ``x``
     and ``value`` (broadcast from the right) share their axes: a whole axis (``:``) is the same
     axis, a literal slice of a channel axis links its elements (rewritten for the kept ones in
-    the slim model), a slice of a dynamic axis maps nothing. A channel axis indexed by a
-    constant, sliced by a varying bound, or written with a broadcast value is frozen. The gated
-    model zeroes ``x``'s pruned channels again after the write."""
+    the slim model), a slice of a dynamic axis maps nothing; a value broadcast along a channel
+    axis is written into every kept channel alike. A channel axis indexed by a constant or
+    sliced by a varying bound is frozen. The gated model zeroes ``x``'s pruned channels again
+    after the write (what the slim model, which has none, computes)."""
 
     def couple(self, ctx):
         target, index, value = ctx.node.args[:3]
@@ -1529,19 +1530,14 @@ class SetItemRule:
             if a is None:
                 ctx.touch(v) if v is None else ctx.freeze(v, "written into a dynamic axis")
                 continue
-            broadcast = v is None and not ctx.is_dynamic(value, j - offset) \
-                if j >= offset else True
-            if item == slice(None):
-                if broadcast:
-                    ctx.freeze(a, "a value broadcast along this axis is written into it")
-                else:
-                    ctx.same(a, v)
+            if j >= offset and v is None and ctx.is_dynamic(value, j - offset):
+                ctx.freeze(a, "a dynamic axis is written into it")
+            elif item == slice(None):
+                ctx.same(a, v) if v is not None else ctx.touch(a)
             elif _literal_slice(item) and item.step in (None, 1):
                 idx = np.arange(a.size)[item]
                 if v is not None:
                     ctx.link(a, idx, v, np.arange(len(idx)))
-                elif len(idx) > 1 or broadcast:
-                    ctx.freeze(a, "a value broadcast along this axis is written into it")
                 ctx.touch(a)
             else:
                 ctx.freeze(a, "assigned through a slice sepfx cannot follow")

@@ -169,8 +169,11 @@ def _traced_variable(tracer: "_Tracer", variable):
 
 @contextlib.contextmanager
 def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
-    """While tracing, ``int(...)`` in the model's own modules and ``torch.tensor(...)`` record
-    graph nodes when given proxies, instead of failing; everything is restored afterwards."""
+    """While tracing, ``int(...)`` in the model's own modules, ``torch.tensor(...)``, the
+    factories given sizes as separate proxies (``torch.zeros(B, N, gap)``) and the legacy
+    ``Variable(...)`` (as ``torch.autograd.Variable`` or imported by name into the model's
+    modules) record graph nodes when given proxies, instead of failing; everything is restored
+    afterwards."""
     namespaces = {id(g): g for g in (sys.modules[type(m).__module__].__dict__
                                      for m in root.modules()
                                      if type(m).__module__ in sys.modules)
