@@ -164,7 +164,7 @@ def _trace_part(path: str, module: nn.Module, calls: list) -> tuple[Part | None,
         return None, "its forward takes *args or **kwargs", []
     names, defaults = signature
     # the tracer tells fixed values from varying ones on a call of the reference run and one of
-    # the twin run (another batch size and length)
+    # the probe run (another batch size and length)
     examples = [next((c for c in calls if c[0] == run), calls[0]) for run in (0, 1)]
     positional = []
     for _, args, kwargs, _ in examples:
@@ -407,9 +407,8 @@ def _inline(graph: fx.Graph, call: fx.Node, part: Part) -> None:
 def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
     """Capture ``model`` (not modified: a deep copy is captured) by parts."""
     root = copy.deepcopy(model).eval()
-    checks = tracing.check_lengths(example_input)
+    calls = _record_calls(root, tracing.check_lengths(example_input))  # example, probe, third
     twin = twin_input(example_input)
-    calls = _record_calls(root, [example_input, twin] + checks[1:])
     parts, shells, assumptions = _decide(root, calls)
     notes: list[str] = []
     if "" in parts:  # the whole model traces: the analysis graph is its graph

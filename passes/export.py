@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -69,10 +70,11 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
-                              input_names=["mixture"], output_names=names,
-                              dynamic_axes={"mixture": in_axes, **out_axes}
-                              if in_axes else None)
+            with _quiet_stdout():
+                torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
+                                  input_names=["mixture"], output_names=names,
+                                  dynamic_axes={"mixture": in_axes, **out_axes}
+                                  if in_axes else None)
         else:
             dims = {d: torch.export.Dim.AUTO for d in in_axes}
             quiet = logging.getLogger("torch.onnx")
@@ -86,6 +88,23 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
                                       dynamic_shapes=({**dims},) if dims else None)
             finally:
                 quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1: the TorchScript exporter's C++ logger prints the whole graph
+    there when it fails (torch 2.13 enables that logger whatever ``verbose`` says), and a
+    failure here only means the next exporter is tried."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[str, float]:

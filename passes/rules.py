@@ -417,7 +417,14 @@ GET_ATTR = GetAttr()
 # -- layers with weights -----------------------------------------------------------------
 class ConvRule:
     """Conv1d/2d and ConvTranspose1d/2d; groups == 1, depthwise (with multiplier) and general
-    grouped convolutions (whole conv groups are pruned)."""
+    grouped convolutions (whole conv groups are pruned).
+
+    A convolution slides along its spatial axes, so a static one is frozen, except where the
+    kernel spans the whole axis (at least as many taps as input positions: Asteroid's
+    SuDoRM-RF mask layer, a Conv2d over the channel axis): there the op is a dense matrix from
+    input to output positions, whose positions prune like a Linear's features; the slim model
+    folds such an axis into the channels (``runtime.SpannedConv``). Its cost term stays the
+    convolution's, an upper bound (the folded form skips the taps that only see padding)."""
 
     def couple(self, ctx):
         m = ctx.module
@@ -427,11 +434,22 @@ class ConvRule:
         ctx.same(ctx.axis(x, 1), m_in)
         ctx.same(ctx.axis(None, 1), m_out)
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
+        spans = []
         for d in range(2, len(ctx.shape())):
-            ctx.freeze(ctx.axis(x, d), "a convolution slides along this axis")
-            ctx.freeze(ctx.axis(None, d), "a convolution slides along this axis")
+            a_in, a_out = ctx.axis(x, d), ctx.axis(None, d)
+            if groups == 1 and _spanned(ctx, m, d, a_in, a_out):
+                s_in = ctx.module_axis(f"span{d}_in", a_in.size)
+                ctx.same(a_in, s_in)
+                spans.append(s_in)
+                if a_out is not None:
+                    s_out = ctx.module_axis(f"span{d}_out", a_out.size)
+                    ctx.same(a_out, s_out)
+                    spans.append(s_out)
+                continue
+            ctx.freeze(a_in, "a convolution slides along this axis")
+            ctx.freeze(a_out, "a convolution slides along this axis")
         if groups == 1:
-            ctx.cost((1.0, [m_in, m_out]))
+            ctx.cost((1.0, [m_in, m_out, *spans]))
             return
         per_in, per_out = c_in // groups, c_out // groups
         for g in range(groups):
@@ -445,10 +463,13 @@ class ConvRule:
 
     def slim_module(self, m, s, qualname):
         k_in, k_out = s.kept_module(qualname, "in"), s.kept_module(qualname, "out")
-        if not (_pruned(k_in, m.in_channels) or _pruned(k_out, m.out_channels)):
+        spans = _pruned_spans(m, s, qualname)
+        if not (_pruned(k_in, m.in_channels) or _pruned(k_out, m.out_channels) or spans):
             return None
         k_in = np.arange(m.in_channels) if k_in is None else k_in
         k_out = np.arange(m.out_channels) if k_out is None else k_out
+        if spans:
+            return runtime.SpannedConv.lowered(m, k_in, k_out, spans)
         transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
         if m.groups == 1:
             rows, cols = (k_in, k_out) if transposed else (k_out, k_in)
@@ -464,6 +485,35 @@ class ConvRule:
 
 
 RULES.add(ConvRule(), modules=[nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d])
+
+
+def _spanned(ctx, m, d: int, a_in, a_out) -> bool:
+    """Whether the (non-transposed, zero-padded) convolution ``m``'s kernel spans the whole
+    static input axis ``d``, whose output axis is static too (or of size 1)."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd) or m.padding_mode != "zeros" \
+            or not isinstance(m.padding, tuple) or a_in is None:
+        return False
+    if a_out is None and (ctx.shape()[d] != 1 or ctx.is_dynamic(ctx.node, d)):
+        return False
+    return m.kernel_size[d - 2] >= a_in.size
+
+
+def _pruned_spans(m, s, qualname) -> dict:
+    """{axis: (kept input positions, kept output positions)} of the spanned axes of conv ``m``
+    that lose positions in the keep set (``ConvRule``)."""
+    spans = {}
+    for d in range(2, 2 + len(m.kernel_size)):
+        kept_in = s.kept_module(qualname, f"span{d}_in")
+        if kept_in is None:
+            continue
+        key = s.analysis.module_axes[qualname][f"span{d}_in"]
+        size_in = s.analysis.axes[key].size
+        out_key = s.analysis.module_axes[qualname].get(f"span{d}_out")
+        kept_out = np.arange(1) if out_key is None else s.kept_module(qualname, f"span{d}_out")
+        size_out = 1 if out_key is None else s.analysis.axes[out_key].size
+        if len(kept_in) != size_in or len(kept_out) != size_out:
+            spans[d] = (kept_in, kept_out)
+    return spans
 
 
 class FunctionalConvRule:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,6 +197,81 @@ class SlimMultiheadAttention(nn.Module):
                         self.v_proj.bias, self.out_proj.weight, self.out_proj.bias,
                         self.num_heads, self.head_dim, self.batch_first)
         return out, None
+
+
+class SpannedConv(nn.Module):
+    """A Conv1d/Conv2d whose kernel spans one or more static axes, with those axes folded into
+    its channels. Along a folded axis the convolution is a dense (Toeplitz) matrix from input
+    positions to output positions, so keeping only some positions there (rows and columns of
+    that matrix) is exact. The other axes are convolved as before; when none remains, the op is
+    a matrix product."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, folded: list[int],
+                 out_sizes: list[int], ndim: int, stride, padding, dilation):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # [oc * prod(O), ic * prod(I), kernel of the rest]
+        self.bias = None if bias is None else nn.Parameter(bias)  # [oc * prod(O)]
+        self.folded, self.out_sizes = list(folded), list(out_sizes)
+        self.rest = [d for d in range(2, ndim) if d not in folded]
+        self.stride = [stride[d - 2] for d in self.rest]
+        self.padding = [padding[d - 2] for d in self.rest]
+        self.dilation = [dilation[d - 2] for d in self.rest]
+        self.in_order = [0, 1, *self.folded, *self.rest]
+        self.out_order = [self.in_order.index(d) for d in range(ndim)]
+        self.out_channels = weight.shape[0] // max(int(np.prod(out_sizes)), 1)
+
+    @classmethod
+    def lowered(cls, conv: nn.Module, kept_in, kept_out, spans: dict) -> "SpannedConv":
+        """``conv`` (groups 1, zero padding given as numbers) keeping channels ``kept_in`` and
+        ``kept_out`` and, per folded axis d, the positions ``spans[d] = (kept input positions,
+        kept output positions)``."""
+        weight = conv.weight.detach()[torch.as_tensor(np.asarray(kept_out), dtype=torch.long)]
+        weight = weight[:, torch.as_tensor(np.asarray(kept_in), dtype=torch.long)]
+        ndim = weight.dim()  # = the input's rank: [B, C, spatial...] vs [oc, ic, kernel...]
+        padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * (ndim - 2)
+        letters = iter("cdefghijklmnopqrstuvwxyz")
+        kernel = [next(letters) for _ in range(ndim - 2)]
+        operands, matrices, outs, ins = [], [], [], []
+        for d in sorted(spans):
+            j = d - 2
+            kept_i, kept_o = (torch.as_tensor(np.asarray(v), dtype=torch.long)
+                              for v in spans[d])
+            taps = torch.arange(conv.kernel_size[j]).view(-1, 1, 1)
+            # A[t, o, i] = 1 where input position i = o * stride - padding + t * dilation
+            position = kept_o.view(1, -1, 1) * conv.stride[j] - padding[j] \
+                + taps * conv.dilation[j]
+            matrices.append((position == kept_i.view(1, 1, -1)).to(weight.dtype))
+            o, i = next(letters), next(letters)
+            operands.append(kernel[j] + o + i)
+            outs.append(o)
+            ins.append(i)
+        rest = [kernel[d - 2] for d in range(2, ndim) if d not in spans]
+        equation = "ab" + "".join(kernel) + "," + ",".join(operands) + "->a" + "".join(outs) \
+            + "b" + "".join(ins) + "".join(rest)
+        expanded = torch.einsum(equation, weight, *matrices)
+        out_sizes = [len(spans[d][1]) for d in sorted(spans)]
+        in_count = len(kept_in) * int(np.prod([len(spans[d][0]) for d in spans]))
+        flat = expanded.reshape(len(kept_out) * int(np.prod(out_sizes)), in_count,
+                                *expanded.shape[2 + 2 * len(spans):])
+        bias = None
+        if conv.bias is not None:
+            b = conv.bias.detach()[torch.as_tensor(np.asarray(kept_out), dtype=torch.long)]
+            bias = b.repeat_interleave(int(np.prod(out_sizes)))
+        return cls(flat.clone(), bias, sorted(spans), out_sizes, ndim, conv.stride, padding,
+                   conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x = x.permute(self.in_order)
+        rest = x.shape[2 + len(self.folded):]
+        x = x.reshape(batch, self.weight.shape[1], *rest)
+        if not self.rest:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.rest) - 1]
+            y = conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        y = y.reshape(batch, self.out_channels, *self.out_sizes, *y.shape[2:])
+        return y.permute(self.out_order)
 
 
 # -- Python values recorded in graphs ------------------------------------------------------

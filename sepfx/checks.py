@@ -91,3 +91,54 @@ def _non_finite(model: nn.Module, inputs, dense_outputs) -> list[int] | None:
                     bool((torch.isfinite(e) & ~torch.isfinite(g)).any()):
                 return list(x.shape)
     return None
+
+
+def check_exact(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4) -> None:
+    """Raise ``SlimError`` when ``slim`` does not compute what the hard-gated model computes at
+    the check inputs (invariant 1), naming the channel groups whose pruning breaks it. Traced
+    graphs are exact by construction; this catches eager code (``passes.capture``) that reads
+    a channel count from somewhere sepfx cannot rewrite."""
+    gated = analysis.gated(keep)
+    inputs = check_inputs(analysis.example_input)
+    bad = _mismatch(gated, slim, inputs, tolerance)
+    if bad is None:
+        return
+    groups = {g.index: g for g in analysis.groups}
+    pruned = [i for i in sorted(keep) if len(keep[i]) < groups[i].size]
+    responsible = [i for i in pruned if _mismatch(
+        analysis.gated(_only(keep, groups, i)), analysis.slim(_only(keep, groups, i)), inputs,
+        tolerance) is not None]
+    names = "; ".join(groups[i].describe() for i in responsible) or "no single channel group"
+    raise SlimError(
+        f"the slim model differs from the hard-gated model at input {bad[0]} (relative error "
+        f"{bad[1]:.3g}); pruning alone breaks it: {names}. The model's own code probably reads "
+        "a channel count that sepfx cannot rewrite; keep those groups whole (an explicit keep "
+        "set) and please report it")
+
+
+def _only(keep: dict, groups: dict, index: int) -> dict:
+    """``keep`` for group ``index``, every other group kept whole."""
+    return {i: keep[i] if i == index else list(range(g.size)) for i, g in groups.items()}
+
+
+def _mismatch(gated: nn.Module, slim: nn.Module, inputs, tolerance: float):
+    """(input shape, relative error) of the first input where the two models differ, or None;
+    inputs the gated model does not take make no claim."""
+    for x in inputs:
+        try:
+            expected = _run(gated, x)
+        except Exception:
+            continue
+        try:
+            got = _run(slim, x)
+        except Exception:  # runs dense, not slim: the same failure as a wrong value
+            return list(x.shape), float("inf")
+        for e, g in zip(expected, got):
+            if e.shape != g.shape:
+                return list(x.shape), float("inf")
+            finite = torch.isfinite(e) & torch.isfinite(g)
+            scale = float(e[finite].abs().max()) if finite.any() else 1.0
+            error = float((e - g)[finite].abs().max()) / max(scale, 1e-12) if finite.any() else 0
+            if error > tolerance:
+                return list(x.shape), error
+    return None

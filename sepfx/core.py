@@ -12,14 +12,29 @@ from passes.channels import ChannelAnalysis, analyze_channels
 from passes.cost import CostModel, cost_model
 from passes.gates import gated_model
 from passes.slim import check_keep, slim_model
-from sepfx.checks import check_finite
+from sepfx.checks import check_exact, check_finite
 from sepfx.errors import InputError
 from sepfx.report import FrozenRow, GroupRow, Report
 
 
+def model_number(model: nn.Module, name: str) -> int | None:
+    """A positive whole number the model states about itself (``sample_rate``, ``n_src``): an
+    attribute, a property or a method without arguments; None where it has none we can read."""
+    try:
+        value = getattr(model, name, None)
+        if callable(value) and not isinstance(value, nn.Module):
+            value = value()
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        number = float(value)
+    except Exception:  # absent, or not a number: the model says nothing usable
+        return None
+    return int(number) if number > 0 and number == int(number) else None
+
+
 def default_example_input(model: nn.Module, seconds: float = 1.0) -> torch.Tensor:
     """One second of noise at the model's ``sample_rate`` (8 kHz if it has none), batch 1."""
-    rate = int(getattr(model, "sample_rate", 8000))
+    rate = model_number(model, "sample_rate") or 8000
     generator = torch.Generator().manual_seed(0)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -47,8 +62,8 @@ class Analysis:
         device = next(iter(model.parameters()), torch.empty(0)).device
         example_input = example_input.to(device)
         self.model_name = type(model).__name__
-        self.sample_rate = getattr(model, "sample_rate", None)
-        self.n_src = getattr(model, "n_src", None)
+        self.sample_rate = model_number(model, "sample_rate")
+        self.n_src = model_number(model, "n_src")
         self.capture: Capture = capture(model, example_input)
         self.channels: ChannelAnalysis = analyze_channels(
             self.capture.graph_module, example_input, summarised=not self.capture.traced_whole)
@@ -201,4 +216,5 @@ def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = N
         keep = analysis.keep_ratio(ratio, importance)
     slim = analysis.slim(keep)
     check_finite(analysis, keep, slim)
+    check_exact(analysis, keep, slim)
     return slim

@@ -1,29 +1,30 @@
 """Save a compiled model and load it back in a fresh process without the original model class.
 
-The file holds the slim GraphModule (its generated code, parameters and buffers; opaque leaf
-modules are stored by their import path, so their package must be importable), the example
-input and the report."""
+The file holds the slim model (a GraphModule: its generated code, parameters and buffers; opaque
+leaf modules are stored by their import path, so their package must be importable; a model with
+eager shells is the model's own class, which must be importable too), the example input and
+the report."""
 from __future__ import annotations
 
 import os
 
 import torch
-from torch import fx
 
 from sepfx.errors import InputError
 
 FORMAT = "sepfx-slim-1"
 
 
-def save(slim: fx.GraphModule, path) -> None:
-    if not isinstance(slim, fx.GraphModule):
-        raise InputError(f"sepfx.save takes the GraphModule sepfx made, got {type(slim).__name__}")
+def save(slim: torch.nn.Module, path) -> None:
+    if not isinstance(slim, torch.nn.Module) or not hasattr(slim, "sepfx_report"):
+        raise InputError(f"sepfx.save takes a model sepfx made (compile/prune), got "
+                         f"{type(slim).__name__}")
     torch.save({"format": FORMAT, "model": slim,
                 "example_input": getattr(slim, "sepfx_example_input", None),
                 "report": getattr(slim, "sepfx_report", None)}, os.fspath(path))
 
 
-def load(path, map_location="cpu") -> fx.GraphModule:
+def load(path, map_location="cpu") -> torch.nn.Module:
     """Load a model written by ``sepfx.save`` (this unpickles code: load only files you trust)."""
     if not os.path.exists(os.fspath(path)):
         raise InputError(f"no such file: {path}")

@@ -17,7 +17,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from sepfx.budget import check_reachable, project
-from sepfx.checks import check_finite
+from sepfx.checks import check_exact, check_finite
 from sepfx.core import Analysis
 from sepfx.errors import InputError
 from sepfx.gates import LearnableGates, magnitude_init
@@ -50,6 +50,20 @@ def check_batch(batch, n_src: int | None = None, where: str = "data") -> tuple:
     if not (torch.isfinite(mixture).all() and torch.isfinite(sources).all()):
         raise InputError(f"{where}: a batch contains NaN or inf")
     return mixture, sources
+
+
+def as_sources(output) -> torch.Tensor:
+    """A model's output as one [B, n_src, T] tensor: models that return a list, tuple or dict
+    of per-speaker [B, T] tensors are common."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output and \
+            all(isinstance(t, torch.Tensor) for t in output):
+        return torch.stack([t.reshape(t.shape[0], t.shape[-1]) for t in output], dim=1)
+    raise InputError(f"the model's output must be a tensor [B, n_src, T] or a list, tuple or "
+                     f"dict of [B, T] tensors, got {type(output).__name__}")
 
 
 def _batches(data, steps: int, n_src: int | None, device, dtype):
@@ -140,7 +154,7 @@ def _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, 
     dense = analysis.cost.dense_macs
     dtype = analysis.example_input.dtype  # the model's
     for mixture, sources in _batches(data, steps, analysis.n_src, device, dtype):
-        loss, _ = pit_si_snr_loss(model(mixture), sources)
+        loss, _ = pit_si_snr_loss(as_sources(model(mixture)), sources)
         ratio = analysis.cost.expected_macs(bank.keep_probability().double().cpu()) / dense
         violation = (ratio - budget).to(loss.device, loss.dtype)
         # augmented Lagrangian: the quadratic term holds E[MACs] near the budget while the
@@ -250,6 +264,7 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
                      f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}")
     slim = analysis.slim(keep, budget=budget, notes=notes)
     check_finite(analysis, keep, slim)
+    check_exact(analysis, keep, slim)
     slim.sepfx_gate_history = history
     return slim
 
@@ -269,7 +284,7 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
     n_src = getattr(slim, "sepfx_n_src", None)
     bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
     for mixture, sources in _batches(data, steps, n_src, device, dtype):
-        loss, _ = pit_si_snr_loss(model(mixture), sources)
+        loss, _ = pit_si_snr_loss(as_sources(model(mixture)), sources)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)

@@ -292,3 +292,61 @@ def test_shared_module_has_one_gate_per_group_at_every_call_site():
     assert sum(1 for n in gate_calls if isinstance(n.args[0], fx.Node)
                and n.args[0].op == "call_module" and n.args[0].target == "block.0") == 3
     _assert_gated_equals_slim(analysis)
+
+
+# -- a convolution whose kernel spans a static axis ------------------------------------------
+class SpannedChannelMask(nn.Module):
+    """The plain form: the spanning Conv2d's output positions are the encoder's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 12, 16, stride=8)
+        self.bottleneck = nn.Conv1d(12, 9, 1)
+        self.mask = nn.Conv2d(1, 2, kernel_size=(10, 3), padding=(6, 1))  # 9 -> 12 positions
+        self.dec = nn.ConvTranspose1d(12, 1, 16, stride=8)
+
+    def forward(self, x):
+        e = torch.relu(self.enc(x.unsqueeze(1)))  # [B, 12, T]
+        m = torch.sigmoid(self.mask(self.bottleneck(e).unsqueeze(1)))  # [B, 2, 12, T]
+        masked = m * e.unsqueeze(1)
+        b, n, c, t = masked.shape
+        return self.dec(masked.reshape(b * n, c, t)).view(b, n, -1)
+
+
+def test_spanning_convolution_prunes_its_positions_like_a_linear():
+    _, analysis = _analyze(SpannedChannelMask)
+    encoder = _groups_with(analysis, "enc out")
+    assert len(encoder) == 1 and encoder[0].size == 12, [g.describe() for g in analysis.groups]
+    assert "mask span2_out" in encoder[0].members and "dec in" in encoder[0].members
+    bottleneck = _groups_with(analysis, "bottleneck out")
+    assert len(bottleneck) == 1 and bottleneck[0].size == 9
+    assert "mask span2_in" in bottleneck[0].members
+    # only the two mask outputs (speakers, folded into the batch) are kept whole
+    assert {p for f in analysis.channels.frozen for p in f.parameters} == {"mask out"}
+    _assert_gated_equals_slim(analysis)
+    keep = {g.index: list(range(0, g.size, 2)) for g in analysis.groups}
+    slim = analysis.slim(keep)
+    lowered = [m for m in slim.modules() if type(m).__name__ == "SpannedConv"]
+    assert len(lowered) == 1, "the pruned spanning conv is folded into its channels"
+
+
+def test_spanning_convolution_exports(tmp_path):
+    _, analysis = _analyze(SpannedChannelMask)
+    keep = {g.index: list(range(0, g.size, 2)) for g in analysis.groups}
+    result = sepfx.export_onnx(analysis.slim(keep), tmp_path / "m.onnx")
+    assert result.dynamic_batch and result.dynamic_time, result
+    assert all(error <= 1e-4 for error in result.errors.values()), result.errors
+
+
+def test_sliding_convolution_over_a_static_axis_stays_frozen():
+    torch.manual_seed(0)
+    model = SpannedChannelMask().eval()
+    model.mask = nn.Conv2d(1, 2, kernel_size=(3, 3), padding=(2, 1))  # 9 -> 11 positions: slides
+    model.enc = nn.Conv1d(1, 11, 16, stride=8)
+    model.bottleneck = nn.Conv1d(11, 9, 1)
+    model.dec = nn.ConvTranspose1d(11, 1, 16, stride=8)
+    analysis = sepfx.analyze(model, torch.randn(2, 400))
+    assert _frozen_with(analysis, "a convolution slides along this axis")
+    assert not _groups_with(analysis, "bottleneck out"), [g.describe() for g in analysis.groups]
+    assert not _groups_with(analysis, "enc out")
+    assert not any("span" in m for g in analysis.groups for m in g.members)
