@@ -25,6 +25,7 @@ as dynamic, so nothing crossing it is pruned (the report says so).
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import operator
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ from passes.values import _summary as summary_of
 PART = "sepfx_part"  # node.meta key of a part call while recording: the part's module path
 REF, PROBE = "sepfx_ref", "sepfx_probe"  # node.meta keys of the value summaries (passes.values)
 
-TWIN_EXTRA_LENGTH = 16000  # 2^7 * 5^3: keeps T mod every common stride and chunk unchanged
+# How much longer the twin input is than the reference, tried in turn until the glue runs the
+# same ops at both: multiples of common strides, chunk sizes and pad units, so that T mod each
+# of them (and every branch on it) is unchanged. 16000 = 2^7 5^3; 201600 = 2^7 3^2 5^2 7.
+TWIN_EXTRA_LENGTHS = (16000, 201600)
 
 # Calls that read metadata or turn a tensor into Python values: not channel flow.
 _NOT_RECORDED = {
@@ -294,13 +298,15 @@ class _Recorder(TorchFunctionMode):
         self.depth += 1
 
     def _leave(self, path, args, kwargs, output):
-        self.depth -= 1
-        if self.depth:
+        if self.depth > 1:
+            self.depth -= 1
             return
         node = self.graph.call_module(path, tree_map(self.node_of, tuple(args)),
                                       tree_map(self.node_of, dict(kwargs)))
         node.meta[PART] = path
+        # copied while depth > 0, so that the copies are not recorded as glue
         node.meta["sepfx_call_inputs"] = (_detached(tuple(args)), _detached(dict(kwargs)))
+        self.depth -= 1
         self.part_calls.append(node)
         self.bind(node, output)
 
@@ -407,8 +413,8 @@ def _inline(graph: fx.Graph, call: fx.Node, part: Part) -> None:
 def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
     """Capture ``model`` (not modified: a deep copy is captured) by parts."""
     root = copy.deepcopy(model).eval()
-    calls = _record_calls(root, tracing.check_lengths(example_input))  # example, probe, third
-    twin = twin_input(example_input)
+    check_inputs = tracing.check_lengths(example_input)  # example, probe, third
+    calls = _record_calls(root, check_inputs)
     parts, shells, assumptions = _decide(root, calls)
     notes: list[str] = []
     if "" in parts:  # the whole model traces: the analysis graph is its graph
@@ -417,14 +423,19 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
         part.sites.append({n.name: n.name for n in gm.graph.nodes})
         return Capture(root, gm, parts, shells, assumptions, notes, example_input)
     graph, constants, part_calls = _record(root, parts, example_input)
-    twin_graph, _, twin_calls = _record(root, parts, twin)
-    paired = _signature_of_graph(graph) == _signature_of_graph(twin_graph)
+    notes += _branches(root, parts, graph, check_inputs[1:])
+    for extra in TWIN_EXTRA_LENGTHS:
+        twin_graph, _, twin_calls = _record(root, parts, twin_input(example_input, extra))
+        paired = _signature_of_graph(graph) == _signature_of_graph(twin_graph)
+        if paired:
+            break
     if paired:
         for node, other in zip(graph.nodes, twin_graph.nodes):
             node.meta[PROBE] = other.meta.get(REF)
     else:
-        notes.append("the eager glue ran differently at the twin input: every axis of the glue "
-                     "is taken as dynamic (nothing crossing it is pruned)")
+        notes.append("the eager glue ran other ops at every longer twin input tried (lengths "
+                     f"+{', +'.join(map(str, TWIN_EXTRA_LENGTHS))}): every axis of the glue is "
+                     "taken as dynamic (nothing crossing it is pruned)")
         for node in graph.nodes:
             if REF in node.meta:
                 node.meta[PROBE] = _all_dynamic(node.meta[REF])
@@ -487,11 +498,44 @@ def _opaque(node: fx.Node) -> bool:
     return rules.lookup(node, dict(owner.named_modules())) is rules.OPAQUE_LEAF
 
 
-def twin_input(example: torch.Tensor) -> torch.Tensor:
-    """The example with one more batch row and ``TWIN_EXTRA_LENGTH`` more samples."""
+def _branches(root: nn.Module, parts: dict[str, Part], graph: fx.Graph,
+              inputs: list[torch.Tensor]) -> list[str]:
+    """Notes for the report: where the glue ran other ops at another check input than at the
+    reference (a shape-derived branch: a pad at one length, none at another)."""
+    reference = [_op_name(n) for n in graph.nodes if n.op not in ("placeholder", "output")]
+    notes = []
+    for x in inputs:
+        other_graph, _, _ = _record(root, parts, x)
+        other = [_op_name(n) for n in other_graph.nodes if n.op not in ("placeholder", "output")]
+        if other == reference:
+            continue
+        matcher = difflib.SequenceMatcher(a=reference, b=other, autojunk=False)
+        only_reference, only_other = [], []
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag != "equal":
+                only_reference += reference[i1:i2]
+                only_other += other[j1:j2]
+        notes.append(
+            f"the eager glue took another branch at input {list(x.shape)} than at the reference "
+            f"{list(graph.find_nodes(op='placeholder')[0].meta[REF][1])}: ops only at the "
+            f"reference [{', '.join(only_reference) or 'none'}], only there "
+            f"[{', '.join(only_other) or 'none'}]; the channel analysis follows the reference's "
+            "ops, and the check of the slim model runs at both")
+    return notes
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"part {node.target}"
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def twin_input(example: torch.Tensor, extra: int = TWIN_EXTRA_LENGTHS[0]) -> torch.Tensor:
+    """The example with one more batch row and ``extra`` more samples."""
     shape = list(example.shape)
     shape[0] += 1
-    shape[-1] += TWIN_EXTRA_LENGTH
+    shape[-1] += extra
     generator = torch.Generator().manual_seed(2468)
     return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
 

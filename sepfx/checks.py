@@ -1,5 +1,17 @@
-"""Checks a compiled model must pass before sepfx returns it (invariant 6: finite output)."""
+"""Checks a slim model must pass before sepfx returns it, at the check inputs (batch 1 and 2, a
+length that is a multiple of no stride): it runs where the dense model runs (invariant 4's
+premise), it computes what the hard-gated model computes (invariant 1) and its output is finite
+wherever the dense model's is (invariant 6).
+
+Traced graphs are exact by construction; the checks catch what the analysis cannot see: eager
+code (``passes.capture``) that reads a channel count from somewhere sepfx cannot rewrite, or a
+statistic that an op rule failed to guard. A failure is traced to the channel groups whose
+pruning causes it, so that ``compile`` can keep exactly those whole (``failing_groups``) and
+``prune`` can name them (``check_slim``)."""
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,49 +31,136 @@ def check_inputs(example: torch.Tensor) -> list[torch.Tensor]:
             for batch, t in ((1, length), (2, other))]
 
 
-def check_finite(analysis, keep: dict, slim: nn.Module) -> None:
-    """Raise ``SlimError`` when ``slim`` (``analysis.slim(keep)``) outputs NaN or inf where the
-    dense model's output is finite at the check inputs, naming the channel group(s) whose
-    pruning causes it: each pruned group is restored in turn, then cumulatively."""
-    inputs = []
-    dense_outputs = []
-    dense = analysis.gated()  # every channel kept: the dense model
-    for x in check_inputs(analysis.example_input):
-        try:
-            dense_outputs.append(_run(dense, x))
-        except Exception:  # the dense model does not take this input: no claim on it
-            continue
-        inputs.append(x)
-    bad = _non_finite(slim, inputs, dense_outputs)
-    if bad is None:
-        return
+@dataclass
+class Failure:
+    kind: str  # "runs" | "exact" | "finite"
+    input_shape: list[int]
+    detail: str
+
+    def describe(self) -> str:
+        what = {"runs": "does not run", "exact": "differs from the hard-gated model",
+                "finite": "outputs NaN or inf where the dense model's output is finite"}
+        return f"the slim model {what[self.kind]} at input {self.input_shape} ({self.detail})"
+
+
+class _Reference:
+    """The dense and hard-gated outputs a slim model is checked against. Models are compared
+    in float64 where they run in it (copies: a statistic over few kept channels can amplify
+    float32 rounding past any fixed tolerance), else in their own dtype."""
+
+    def __init__(self, analysis):
+        self.analysis = analysis
+        self.double = analysis.example_input.dtype == torch.float32
+        self.inputs, self.dense = [], []
+        while True:
+            dense = self._cast(analysis.gated())  # every channel kept: the dense model
+            try:
+                for x in check_inputs(analysis.example_input):
+                    try:
+                        self.dense.append(_run(dense, self._cast(x)))
+                    except Exception:  # the dense model does not take it: no claim on it
+                        if self.double:
+                            raise
+                        continue
+                    self.inputs.append(self._cast(x))
+                return
+            except Exception:  # the model does not run in float64: compare in its own dtype
+                if not self.double:
+                    raise
+                self.double, self.inputs, self.dense = False, [], []
+
+    def _cast(self, value):
+        if not self.double:
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.double()
+        return copy.deepcopy(value).double()
+
+    def failure(self, keep: dict, slim: nn.Module, tolerance: float) -> Failure | None:
+        gated = self._cast(self.analysis.gated(keep))
+        slim = self._cast(slim)
+        for x, dense in zip(self.inputs, self.dense):
+            shape = list(x.shape)
+            try:
+                got = _run(slim, x)
+            except Exception as error:
+                return Failure("runs", shape, f"{type(error).__name__}: {error}")
+            expected = _run(gated, x)
+            if len(got) != len(expected):
+                return Failure("exact", shape, f"{len(got)} outputs, expected {len(expected)}")
+            for e, g, d in zip(expected, got, dense):
+                if e.shape != g.shape:
+                    return Failure("exact", shape, f"output shape {list(g.shape)}, expected "
+                                                   f"{list(e.shape)}")
+                if e.is_floating_point() and d.shape == g.shape and \
+                        bool((torch.isfinite(d) & ~torch.isfinite(g)).any()):
+                    return Failure("finite", shape, "non-finite values")
+                error = _relative_error(e, g)
+                if error > tolerance:
+                    return Failure("exact", shape, f"relative error {error:.3g}")
+        return None
+
+
+def _relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    if not expected.is_floating_point():
+        return 0.0 if torch.equal(expected, got) else float("inf")
+    finite = torch.isfinite(expected) & torch.isfinite(got)
+    if not finite.any():
+        return 0.0
+    scale = float(expected[finite].abs().max())
+    return float((expected - got)[finite].abs().max()) / max(scale, 1e-12)
+
+
+def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4
+                   ) -> tuple[Failure, list[int]] | None:
+    """None when ``slim`` (``analysis.slim(keep)``) passes the checks; else the failure and the
+    pruned groups responsible: each whose pruning alone reproduces a failure or, when none
+    does alone, the fewest that together do (restored cumulatively). Empty when even that finds
+    none."""
+    reference = _Reference(analysis)
+    failure = reference.failure(keep, slim, tolerance)
+    if failure is None:
+        return None
     groups = {g.index: g for g in analysis.groups}
     pruned = [i for i in sorted(keep) if len(keep[i]) < groups[i].size]
-    alone = [i for i in pruned if _non_finite(analysis.slim(_restored(keep, groups, [i])),
-                                              inputs, dense_outputs) is None]
-    responsible, how = alone, "keeping all of its units alone makes the output finite"
-    if not alone:
-        restored = []
-        for i in pruned:
-            restored.append(i)
-            if _non_finite(analysis.slim(_restored(keep, groups, restored)), inputs,
-                           dense_outputs) is None:
-                break
-        responsible, how = restored, "only keeping all units of these together makes the " \
-                                     "output finite"
-    names = "; ".join(f"{groups[i].describe()} with {len(keep[i])} kept" for i in responsible)
-    raise SlimError(
-        f"the slim model outputs NaN or inf at input {bad} where the dense model's output is "
-        f"finite; responsible: {names or 'no single channel group'} ({how}). Keep more units "
-        f"of {'these groups' if len(responsible) > 1 else 'that group'} (a larger budget or "
-        f"ratio, or an explicit keep set), and please report it: sepfx should have required it")
+
+    def fails(trial: dict) -> bool:
+        try:
+            return reference.failure(trial, analysis.slim(trial), tolerance) is not None
+        except SlimError:  # the slim pass itself refuses it: as broken as a wrong result
+            return True
+
+    alone = [i for i in pruned if fails(_only(keep, groups, [i]))]
+    if alone:
+        return failure, alone
+    together: list[int] = []
+    for i in pruned:
+        together.append(i)
+        if fails(_only(keep, groups, together)):
+            return failure, together
+    return failure, []
 
 
-def _restored(keep: dict, groups: dict, indices: list[int]) -> dict:
-    out = dict(keep)
-    for i in indices:
-        out[i] = list(range(groups[i].size))
-    return out
+def check_slim(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4) -> None:
+    """Raise ``SlimError`` when ``slim`` fails a check, naming the channel groups responsible."""
+    found = failing_groups(analysis, keep, slim, tolerance)
+    if found is None:
+        return
+    failure, responsible = found
+    groups = {g.index: g for g in analysis.groups}
+    names = "; ".join(f"{groups[i].describe()} with {len(keep[i])} kept"
+                      for i in responsible) or "no single channel group"
+    advice = ("keep more units of these groups (a larger budget or ratio, or an explicit keep "
+              "set)" if failure.kind == "finite" else
+              "the model's own code probably reads a channel count that sepfx cannot rewrite; "
+              "keep these groups whole (an explicit keep set)")
+    raise SlimError(f"{failure.describe()}; responsible: {names}. Its cause: {advice}, and "
+                    f"please report it: sepfx should have found it")
+
+
+def _only(keep: dict, groups: dict, indices: list[int]) -> dict:
+    """``keep`` with only ``indices`` pruned as in it, every other group kept whole."""
+    return {i: keep[i] if i in indices else list(range(g.size)) for i, g in groups.items()}
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -75,70 +174,3 @@ def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         for m, training in modes.items():
             m.training = training
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _non_finite(model: nn.Module, inputs, dense_outputs) -> list[int] | None:
-    """The shape of the first input at which ``model`` is non-finite where the dense model is
-    finite, or None."""
-    for x, expected in zip(inputs, dense_outputs):
-        try:
-            got = _run(model, x)
-        except Exception as error:
-            raise SlimError(f"the slim model does not run at input {list(x.shape)} where the "
-                            f"dense model does: {type(error).__name__}: {error}") from error
-        for e, g in zip(expected, got):
-            if e.shape == g.shape and e.is_floating_point() and \
-                    bool((torch.isfinite(e) & ~torch.isfinite(g)).any()):
-                return list(x.shape)
-    return None
-
-
-def check_exact(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4) -> None:
-    """Raise ``SlimError`` when ``slim`` does not compute what the hard-gated model computes at
-    the check inputs (invariant 1), naming the channel groups whose pruning breaks it. Traced
-    graphs are exact by construction; this catches eager code (``passes.capture``) that reads
-    a channel count from somewhere sepfx cannot rewrite."""
-    gated = analysis.gated(keep)
-    inputs = check_inputs(analysis.example_input)
-    bad = _mismatch(gated, slim, inputs, tolerance)
-    if bad is None:
-        return
-    groups = {g.index: g for g in analysis.groups}
-    pruned = [i for i in sorted(keep) if len(keep[i]) < groups[i].size]
-    responsible = [i for i in pruned if _mismatch(
-        analysis.gated(_only(keep, groups, i)), analysis.slim(_only(keep, groups, i)), inputs,
-        tolerance) is not None]
-    names = "; ".join(groups[i].describe() for i in responsible) or "no single channel group"
-    raise SlimError(
-        f"the slim model differs from the hard-gated model at input {bad[0]} (relative error "
-        f"{bad[1]:.3g}); pruning alone breaks it: {names}. The model's own code probably reads "
-        "a channel count that sepfx cannot rewrite; keep those groups whole (an explicit keep "
-        "set) and please report it")
-
-
-def _only(keep: dict, groups: dict, index: int) -> dict:
-    """``keep`` for group ``index``, every other group kept whole."""
-    return {i: keep[i] if i == index else list(range(g.size)) for i, g in groups.items()}
-
-
-def _mismatch(gated: nn.Module, slim: nn.Module, inputs, tolerance: float):
-    """(input shape, relative error) of the first input where the two models differ, or None;
-    inputs the gated model does not take make no claim."""
-    for x in inputs:
-        try:
-            expected = _run(gated, x)
-        except Exception:
-            continue
-        try:
-            got = _run(slim, x)
-        except Exception:  # runs dense, not slim: the same failure as a wrong value
-            return list(x.shape), float("inf")
-        for e, g in zip(expected, got):
-            if e.shape != g.shape:
-                return list(x.shape), float("inf")
-            finite = torch.isfinite(e) & torch.isfinite(g)
-            scale = float(e[finite].abs().max()) if finite.any() else 1.0
-            error = float((e - g)[finite].abs().max()) / max(scale, 1e-12) if finite.any() else 0
-            if error > tolerance:
-                return list(x.shape), error
-    return None

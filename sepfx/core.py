@@ -12,7 +12,7 @@ from passes.channels import ChannelAnalysis, analyze_channels
 from passes.cost import CostModel, cost_model
 from passes.gates import gated_model
 from passes.slim import check_keep, slim_model
-from sepfx.checks import check_exact, check_finite
+from sepfx.checks import check_slim
 from sepfx.errors import InputError
 from sepfx.report import FrozenRow, GroupRow, Report
 
@@ -215,6 +215,5 @@ def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = N
     if keep is None:
         keep = analysis.keep_ratio(ratio, importance)
     slim = analysis.slim(keep)
-    check_finite(analysis, keep, slim)
-    check_exact(analysis, keep, slim)
+    check_slim(analysis, keep, slim)
     return slim

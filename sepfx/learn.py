@@ -17,9 +17,9 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from sepfx.budget import check_reachable, project
-from sepfx.checks import check_exact, check_finite
+from sepfx.checks import failing_groups
 from sepfx.core import Analysis
-from sepfx.errors import InputError
+from sepfx.errors import InputError, SlimError
 from sepfx.gates import LearnableGates, magnitude_init
 from sepfx.losses import pit_si_snr_loss
 
@@ -249,24 +249,52 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
         initial = bank.deterministic_keep()
         notes.append(f"gates learned for {steps} steps from a {init} start; expected MACs at "
                      f"the end {history.expected_macs_ratio[-1]:.3f} of dense")
-    keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
-                   multiple=multiple)
-    achieved = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+    pinned: list[str] = []  # groups kept whole because pruning them failed a check
+    while True:
+        keep, projection_notes = _project(cost, probability, budget, initial, min_per_group,
+                                          multiple, pinned)
+        slim = analysis.slim(keep, budget=budget, notes=notes + pinned + projection_notes)
+        found = failing_groups(analysis, keep, slim)
+        if found is None:
+            break
+        failure, responsible = found
+        if not responsible:
+            raise SlimError(f"{failure.describe()}, and no channel group alone or together "
+                            "explains it; please report it")
+        for i in responsible:  # keep them whole from now on (the analysis is ours alone)
+            group = analysis.groups[i]
+            pinned.append(f"{group.describe()} kept whole: with it pruned, "
+                          f"{failure.describe()} (the model's own code reads its channel count, "
+                          "or needs more of its units)")
+            group.min_size = group.size
+    slim.sepfx_gate_history = history
+    return slim
+
+
+def _project(cost, probability, budget, initial, min_per_group, multiple, pinned):
+    """The final keep set within [budget - 0.02, budget] where the granularity allows, and
+    notes on how it was rounded."""
+    notes = []
+    try:
+        keep = project(cost, probability, budget, initial=initial,
+                       min_per_group=min_per_group, multiple=multiple)
+    except InputError as error:
+        if not pinned:
+            raise
+        raise SlimError(f"{'; '.join(pinned)}; with those groups whole the budget cannot be "
+                        f"met: {error}") from error
+    achieved = cost.macs(cost.analysis.keep_vector(keep)) / cost.dense_macs
     if achieved < budget - 0.02 and multiple > 1:  # rounding too coarse for this model
         keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
                        multiple=1)
         notes.append(f"kept counts not rounded to multiples of {multiple}: with rounding the "
                      f"model reached only {achieved:.3f} of dense MACs, outside "
                      f"[{budget - 0.02:.2f}, {budget:.2f}]")
-        achieved = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+        achieved = cost.macs(cost.analysis.keep_vector(keep)) / cost.dense_macs
     if achieved < budget - 0.02:
         notes.append(f"the channel granularity does not allow [{budget - 0.02:.2f}, "
                      f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}")
-    slim = analysis.slim(keep, budget=budget, notes=notes)
-    check_finite(analysis, keep, slim)
-    check_exact(analysis, keep, slim)
-    slim.sepfx_gate_history = history
-    return slim
+    return keep, notes
 
 
 def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip: float = 5.0,

@@ -132,7 +132,7 @@ def test_non_finite_output_is_refused_naming_the_group(std_model, monkeypatch):
     """Without the min_size constraint (as if an op's rule missed it), compile and prune refuse
     the NaN model and name the group responsible."""
     import passes.channels
-    from sepfx.checks import check_finite
+    from sepfx.checks import check_slim
 
     monkeypatch.setattr(passes.channels, "_min_sizes", lambda *args: None)
     example = torch.randn(1, 8000)
@@ -140,8 +140,8 @@ def test_non_finite_output_is_refused_naming_the_group(std_model, monkeypatch):
     assert analysis.groups[0].min_size == 1
     keep = {0: [5]}
     with pytest.raises(SlimError, match=r"NaN or inf .*group 0 \(16 units\)"):
-        check_finite(analysis, keep, analysis.slim(keep))
-    check_finite(analysis, {0: [5, 6]}, analysis.slim({0: [5, 6]}))  # finite: no error
+        check_slim(analysis, keep, analysis.slim(keep))
+    check_slim(analysis, {0: [5, 6]}, analysis.slim({0: [5, 6]}))  # finite: no error
     with pytest.raises(SlimError, match="group 0"):
         sepfx.prune(std_model, ratio=0.05, example_input=example)
     with pytest.raises(SlimError, match="group 0"):

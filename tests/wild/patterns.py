@@ -429,6 +429,31 @@ class BranchOnBatch(Sandwich):
         return self.head(w).unsqueeze(1)
 
 
+class AttributeWidth(nn.Module):
+    """Eager glue (the root pads by the length, so it is a shell) that reads a channel count
+    from an attribute, ``h.reshape(B, self.width, -1)``: sepfx cannot rewrite it, so pruning the
+    group behind ``width`` breaks the slim model, and ``compile`` must keep that group whole
+    and say so. Not in ``MODELS``: that group is not prunable."""
+
+    sample_rate = 8000
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 16, stride=8)
+        self.mid = nn.Conv1d(8, 6, 1)
+        self.width = 6
+        self.post = nn.Conv1d(6, 8, 1)
+        self.dec = nn.ConvTranspose1d(8, 1, 16, stride=8)
+
+    def forward(self, x):
+        if x.shape[-1] % 8:
+            x = F.pad(x, (0, 8 - x.shape[-1] % 8))
+        e = torch.relu(self.enc(x.unsqueeze(1)))
+        h = self.mid(e)
+        h = h.reshape(h.shape[0], self.width, -1)
+        return self.dec(e * torch.sigmoid(self.post(h)))
+
+
 MODELS = {
     "zeros_varargs": ZerosVarargs,
     "zeros_from_list": ZerosFromList,

@@ -117,13 +117,21 @@ def test_length_dependent_control_flow_fails_cleanly(name):
             assert relative_error(model(x), gm(x)) <= TOL, (name, traced.leaves)
 
 
-@pytest.mark.xfail(reason="needs eager shells (capture by parts)", strict=False)
 @pytest.mark.parametrize("name", patterns.NEEDS_SHELLS)
 def test_length_dependent_control_flow_prunable(name):
+    """The module with the branch runs as an eager shell; its layers stay prunable, exactly."""
     model = patterns.build(name)
     analysis = sepfx.analyze(model)
+    assert analysis.capture.shells, "a length- or batch-dependent branch cannot be one graph"
     assert_prunable(name, analysis, shells_allowed=True)
     assert_exact(name, model, analysis)
+
+
+def test_report_names_the_branches_seen():
+    """``if T % n: pad`` pads at the other check lengths but not at 8000: the report says so."""
+    analysis = sepfx.analyze(patterns.build("if_mod"))
+    notes = [n for n in analysis.report().notes if "another branch" in n]
+    assert notes and all("only there [pad]" in n for n in notes), analysis.report().notes
 
 
 def test_in_place_overlap_add_is_not_dropped():
@@ -172,3 +180,28 @@ def test_functional_conv_groups_rewritten():
     groups = [n.kwargs.get("groups") for n in slim.graph.nodes
               if n.target is torch.nn.functional.conv1d and n.kwargs.get("groups", 1) != 1]
     assert 8 in groups, groups
+
+
+def test_glue_reading_a_channel_count_keeps_that_group_whole():
+    """Pruning the group behind ``self.width`` fails the slim checks: ``prune`` names the group,
+    ``compile`` keeps it whole (and says why) and meets the budget with the others."""
+    torch.manual_seed(1)
+    model = patterns.AttributeWidth().eval()
+    with torch.no_grad():
+        model.mid.weight.mul_(0.01)  # ranks mid's outputs last by magnitude: pruned first
+    example = torch.randn(1, 800)
+    analysis = sepfx.analyze(model, example)
+    width = [g for g in analysis.groups if "mid out" in g.members]
+    assert len(width) == 1 and width[0].size == 6
+    keep = {g.index: list(range(g.size // 2)) for g in analysis.groups}
+    with pytest.raises(sepfx.errors.SlimError, match=r"group \d+ \(6 units\): mid out"):
+        sepfx.prune(model, keep, example_input=example)
+    slim = sepfx.compile(model, budget=0.45, example_input=example, multiple=1)
+    report = slim.sepfx_report
+    kept = {row.index: row.kept for row in report.groups}
+    assert kept[width[0].index] == 6
+    assert any("kept whole" in n and "mid out" in n for n in report.notes), report.notes
+    assert report.macs_ratio <= 0.45
+    with torch.no_grad():
+        for x in inputs():
+            assert slim(x).shape == model(x).shape
