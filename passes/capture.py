@@ -39,11 +39,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from passes import rules, runtime
 from passes import trace as tracing
 from passes.channels import summarise
-from passes.values import CONSTANT, GLUE
+from passes.values import CONSTANT, GLUE, PROBE, REF
 from passes.values import _summary as summary_of
 
 PART = "sepfx_part"  # node.meta key of a part call while recording: the part's module path
-REF, PROBE = "sepfx_ref", "sepfx_probe"  # node.meta keys of the value summaries (passes.values)
+CALL_INPUTS = "sepfx_call_inputs"  # node.meta key of a part call: its inputs (copies)
 
 # How much longer the twin input is than the reference, tried in turn until the glue runs the
 # same ops at both: multiples of common strides, chunk sizes and pad units, so that T mod each
@@ -305,7 +305,7 @@ class _Recorder(TorchFunctionMode):
                                       tree_map(self.node_of, dict(kwargs)))
         node.meta[PART] = path
         # copied while depth > 0, so that the copies are not recorded as glue
-        node.meta["sepfx_call_inputs"] = (_detached(tuple(args)), _detached(dict(kwargs)))
+        node.meta[CALL_INPUTS] = (_detached(tuple(args)), _detached(dict(kwargs)))
         self.depth -= 1
         self.part_calls.append(node)
         self.bind(node, output)
@@ -441,8 +441,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
                 node.meta[PROBE] = _all_dynamic(node.meta[REF])
     for index, call in enumerate(part_calls):
         part = parts[call.meta[PART]]
-        twin_args = twin_calls[index].meta["sepfx_call_inputs"] if paired else None
-        args, kwargs = call.meta.pop("sepfx_call_inputs")
+        twin_args = twin_calls[index].meta[CALL_INPUTS] if paired else None
+        args, kwargs = call.meta.pop(CALL_INPUTS)
         if twin_args is not None:
             _propagate(part, PROBE, *twin_args, _opaque)
         _propagate(part, REF, args, kwargs, _opaque)
@@ -452,7 +452,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
                     node.meta[PROBE] = _all_dynamic(node.meta[REF])
         _inline(graph, call, part)
     for call in twin_calls:
-        call.meta.pop("sepfx_call_inputs", None)
+        call.meta.pop(CALL_INPUTS, None)
     graph.lint()
     objects: dict[str, Any] = dict(constants)
     for node in graph.nodes:

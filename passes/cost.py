@@ -15,14 +15,18 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes.channels import AxisKey, ChannelAnalysis
+from passes.axes import ChannelAnalysis
+from passes.values import AxisKey
+
+
+COUNTED_MACS = "sepfx_counted_macs"  # node.meta key, while counting: the node's MACs
 
 
 class _MacCounter(fx.Interpreter):
     def run_node(self, n):
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
-        n.meta["sepfx_counted_macs"] = counter.get_total_flops() / 2
+        n.meta[COUNTED_MACS] = counter.get_total_flops() / 2
         return result
 
 
@@ -86,7 +90,7 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
     terms: list[tuple[float, list[AxisKey]]] = []
     node_macs: dict[str, float] = {}
     for node in gm.graph.nodes:
-        counted = node.meta.pop("sepfx_counted_macs", 0.0)
+        counted = node.meta.pop(COUNTED_MACS, 0.0)
         if node.name not in analysis.cost_terms:
             node_macs[node.name] = counted
             constant += counted

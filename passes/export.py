@@ -26,7 +26,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from passes.runtime import EXPORT_LOWERINGS, EXPORT_MODULE_LOWERINGS
+from passes import rules
 from passes.trace import is_impure_node
 
 from passes.errors import ExportError, InputError
@@ -229,47 +229,24 @@ def _variants(example: torch.Tensor, other_batch: bool, other_length: bool
 
 
 def _lower(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a GraphModule rewritten for the exporters: ops they cannot keep dynamic are
-    replaced by equivalent exportable ones (``runtime.EXPORT_LOWERINGS``) and empty operands
-    of ``torch.cat`` (ONNX Runtime rejects their rank) are dropped. A model with eager code
-    (``passes.capture``) gets its graph parts lowered so; others are returned as is."""
+    """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
+    the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
+    ones). A model with eager code (``passes.capture``) gets its graph parts lowered so; others
+    are returned as is."""
     if not isinstance(model, fx.GraphModule):
         parts = [name for name, m in model.named_modules() if isinstance(m, fx.GraphModule)]
-        if not parts:
-            return model
         for name in parts:  # ``model`` is export_onnx's own copy
             model.set_submodule(name, _lower(model.get_submodule(name)))
         return model
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
+    modules = dict(lowered.named_modules())
     changed = False
-    for node in lowered.graph.nodes:
-        if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
-            module = lowered.get_submodule(node.target)
-            if type(module) in EXPORT_MODULE_LOWERINGS:
-                with lowered.graph.inserting_before(node):  # dropped below if unused
-                    weight = lowered.graph.get_attr(f"{node.target}.weight")
-                function, args = EXPORT_MODULE_LOWERINGS[type(module)](module, weight)
-                node.op, node.target, node.args = "call_function", function, (node.args[0], *args)
-                changed = True
-            continue
-        if node.op != "call_function":
-            continue
-        if node.target in EXPORT_LOWERINGS:
-            node.target = EXPORT_LOWERINGS[node.target]
+    for node in list(lowered.graph.nodes):
+        rule = rules.lookup(node, modules) if node.op != "output" else None
+        if hasattr(rule, "lower") and rule.lower(node, lowered):
             changed = True
-        elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)):
-            kept = [t for t in node.args[0] if not _empty(t)]
-            if kept and len(kept) < len(node.args[0]):
-                node.args = (kept, *node.args[1:])
-                changed = True
     if not changed:
         return model
     lowered.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept
     lowered.recompile()
     return lowered
-
-
-def _empty(value) -> bool:
-    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-    return meta is not None and hasattr(meta, "shape") and meta.shape.numel() == 0
-

@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from passes import runtime
 from passes.capture import Capture, site_graph
-from passes.channels import AxisKey, ChannelAnalysis, tensor_shapes
+from passes.axes import ChannelAnalysis
+from passes.values import AxisKey, tensor_shapes
 
 GATES = "sepfx_gates"
 
@@ -49,7 +50,7 @@ class GateBank(nn.Module):
         return self.hard_mask
 
 
-class GatedBuilder:
+class GatedGraphBuilder:
     """What a rule's ``gated`` hook sees: the new graph under construction."""
 
     def __init__(self, analysis: ChannelAnalysis, bank: nn.Module):
@@ -138,7 +139,7 @@ def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
     it (``passes.capture.site_graph``), whose inputs are gated too (they may carry pruned
     channels made by the eager code around the part)."""
     bank = GateBank(analysis) if bank is None else bank
-    g = GatedBuilder(analysis, bank)
+    g = GatedGraphBuilder(analysis, bank)
     gate_inputs = graph is not None
     for node in (analysis.graph_module.graph if graph is None else graph).nodes:
         rule = analysis.rules.get(node.name)
@@ -158,14 +159,14 @@ def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
     return gm
 
 
-def _gate_outputs(g: GatedBuilder, node: fx.Node, new: fx.Node) -> fx.Node:
-    shape = g.shape(node)
+def _gate_outputs(builder: GatedGraphBuilder, node: fx.Node, new: fx.Node) -> fx.Node:
+    shape = builder.shape(node)
     if shape is None:
         return new
     for dim in range(len(shape)):
-        mask = g.value_mask(node, dim)
+        mask = builder.value_mask(node, dim)
         if mask is not None:
-            new = g.call_function(runtime.apply_gate, (new, mask, dim))
+            new = builder.call_function(runtime.apply_gate, (new, mask, dim))
     return new
 
 

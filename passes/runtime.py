@@ -96,13 +96,19 @@ def masked_layer_norm(x, k: int, weight, bias, eps: float, masks: list):
 
 
 # -- recurrent layers -------------------------------------------------------------------------
+def gate_blocks(rnn: nn.RNNBase) -> int:
+    """How many [hidden, ...] blocks an LSTM (i, f, g, o: 4) or GRU (r, z, n: 3) stacks in
+    each of its weights."""
+    return 4 if isinstance(rnn, nn.LSTM) else 3
+
+
 def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
     """Row scale for a stacked gate weight: the candidate block (LSTM's g, GRU's n) times mask.
 
     With its candidate zeroed a unit's cell and hidden state stay exactly 0 from a zero initial
     state, which is what removing the unit computes."""
     h = rnn.hidden_size
-    blocks = 4 if isinstance(rnn, nn.LSTM) else 3
+    blocks = gate_blocks(rnn)
     ones = torch.ones(h, dtype=mask.dtype, device=mask.device)
     parts = [ones] * blocks
     parts[2] = mask
@@ -364,10 +370,6 @@ def lower_prelu(module: nn.PReLU, weight):
         return prelu_min, (weight,)
     return prelu, (weight,)
 
-
-EXPORT_LOWERINGS = {F.adaptive_avg_pool1d: adaptive_avg_pool1d}
-# module type -> lowering(module, weight node) -> (function, arguments after the input)
-EXPORT_MODULE_LOWERINGS = {nn.PReLU: lower_prelu}
 
 
 def assigned(x: torch.Tensor, index, value) -> torch.Tensor:

@@ -16,7 +16,9 @@ from torch import fx, nn
 
 from passes import runtime
 from passes.capture import Capture, site_graph
-from passes.channels import ChannelAnalysis, NodeContext, tensor_shapes
+from passes.axes import ChannelAnalysis
+from passes.context import NodeContext
+from passes.values import tensor_shapes
 from passes.values import CONSTANT
 from passes.errors import KeepSetError, SlimError
 
@@ -56,7 +58,7 @@ def check_keep(analysis: ChannelAnalysis, keep: dict) -> dict[int, np.ndarray]:
     return out
 
 
-class SlimContext:
+class Pruning:
     """What a rule's ``slim_module``/``rewrite`` sees: kept indices of every axis."""
 
     def __init__(self, analysis: ChannelAnalysis, flat_keep: np.ndarray):
@@ -87,20 +89,20 @@ def slim(analysis: ChannelAnalysis, keep: dict) -> fx.GraphModule:
     """The slim GraphModule for ``keep`` ({group index: indices of units to keep})."""
     keep = check_keep(analysis, keep)
     flat_keep = analysis.keep_vector(keep)
-    s = SlimContext(analysis, flat_keep)
+    pruning = Pruning(analysis, flat_keep)
     gm = copy.deepcopy(analysis.graph_module)
-    _slice_parameters(gm, analysis, s)
+    _slice_parameters(gm, analysis, pruning)
     for node in gm.graph.nodes:
         rule = analysis.rules.get(node.name)
         if hasattr(rule, "rewrite"):
-            rule.rewrite(node, s)
+            rule.rewrite(node, pruning)
     gm.graph.lint()
     gm.recompile()
-    _check_shapes(gm, analysis, s)
+    _check_shapes(gm, analysis, pruning)
     return gm
 
 
-def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, s: SlimContext) -> None:
+def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, pruning: Pruning) -> None:
     """Slice, in ``model`` (a copy), every module and attribute with a pruned channel axis."""
     modules = dict(model.named_modules())
     rule_by_target = {n.target: analysis.rules[n.name]
@@ -109,12 +111,12 @@ def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, s: SlimContex
         rule = rule_by_target.get(qualname)
         if rule is None or not hasattr(rule, "slim_module"):
             continue
-        new = rule.slim_module(modules[qualname], s, qualname)
+        new = rule.slim_module(modules[qualname], pruning, qualname)
         if new is not None and new is not modules[qualname]:
             model.set_submodule(qualname, new)
     for target, dims in analysis.attr_axes.items():
         if not target.startswith(CONSTANT):  # constants of eager code are frozen
-            _slice_attr(model, target, {d: s._kept(key) for d, key in dims.items()})
+            _slice_attr(model, target, {d: pruning._kept(key) for d, key in dims.items()})
 
 
 def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Module:
@@ -124,9 +126,9 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Mo
     if capture.traced_whole:
         return slim(analysis, keep)
     keep = check_keep(analysis, keep)
-    s = SlimContext(analysis, analysis.keep_vector(keep))
+    pruning = Pruning(analysis, analysis.keep_vector(keep))
     model = copy.deepcopy(capture.root)
-    _slice_parameters(model, analysis, s)
+    _slice_parameters(model, analysis, pruning)
     for path, part in capture.parts.items():
         if part.leaf:  # the sliced layer itself, called by its shell
             continue
@@ -134,7 +136,7 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Mo
         for node in graph.nodes:
             rule = analysis.rules.get(node.name)
             if hasattr(rule, "rewrite"):
-                rule.rewrite(node, s)
+                rule.rewrite(node, pruning)
         objects = {n.target: operator.attrgetter(n.target)(model) for n in graph.nodes
                    if n.op in ("call_module", "get_attr")}
         gm = fx.GraphModule(objects, graph, class_name=type(part.graph_module).__name__)
@@ -173,7 +175,7 @@ def _check_input(example: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
 
 
-def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, s: SlimContext) -> None:
+def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, pruning: Pruning) -> None:
     """Run the slim model (in eval mode: nothing it holds changes) at a second input and at the
     example input (whose shapes stay in ``node.meta``) and check every tensor's static axes have
     the kept sizes."""
@@ -195,7 +197,7 @@ def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, s: SlimContext)
                 if node.op == "output" or not hasattr(meta, "shape"):
                     continue
                 for dim, key in analysis.value_axes.get((node.name, ()), {}).items():
-                    expected = len(s._kept(key))
+                    expected = len(pruning._kept(key))
                     if meta.shape[dim] != expected:
                         raise SlimError(f"node {node.name} dim {dim}: slim size "
                                         f"{meta.shape[dim]} at input {list(x.shape)}, "

@@ -6,15 +6,60 @@ the helpers here. Nothing in this module imports another module of ``passes``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import fx
 
-GLUE = "sepfx_glue"  # node.meta key: the node was recorded from eager code (passes.capture)
+# node.meta keys shared by the passes
+REF = "sepfx_ref"  # summary of the node's value at the reference (example) input
+PROBE = "sepfx_probe"  # ... at the probe input (another batch size and length)
+GLUE = "sepfx_glue"  # the node was recorded from eager code (passes.capture)
+LEAF_INPUTS = "sepfx_leaf_inputs"  # an opaque leaf's inputs at the reference, to certify it
+
 CONSTANT = "_sepfx_constant_"  # attribute names of tensors that eager code made from values
 
-AxisKey = tuple  # ("value", node, path, dim) | ("module", qualname, name) | ("attr", target, dim)
+
+class ValueAxisKey(NamedTuple):
+    """Axis ``dim`` of the tensor at ``path`` in the value of graph node ``node``."""
+    kind: Literal["value"]
+    node: str
+    path: tuple
+    dim: int
+
+
+class ModuleAxisKey(NamedTuple):
+    """A parameter axis of module ``qualname``, named by its rule (``in``, ``out``, ``heads``...)."""
+    kind: Literal["module"]
+    qualname: str
+    name: str
+
+
+class AttrAxisKey(NamedTuple):
+    """Axis ``dim`` of the parameter or buffer ``target`` read by the graph (``get_attr``)."""
+    kind: Literal["attr"]
+    target: str
+    dim: int
+
+
+AxisKey = Union[ValueAxisKey, ModuleAxisKey, AttrAxisKey]
+
+
+def value_axis_key(node: str, path: tuple, dim: int) -> ValueAxisKey:
+    return ValueAxisKey("value", node, path, dim)
+
+
+def module_axis_key(qualname: str, name: str) -> ModuleAxisKey:
+    return ModuleAxisKey("module", qualname, name)
+
+
+def attr_axis_key(target: str, dim: int) -> AttrAxisKey:
+    return AttrAxisKey("attr", target, dim)
+
+
+def holds_parameters(key: AxisKey) -> bool:
+    """Whether pruning the axis slices a parameter or buffer (module and attribute axes)."""
+    return key.kind in ("module", "attr")
 
 
 def probe_input(example: torch.Tensor) -> torch.Tensor:
@@ -46,7 +91,7 @@ def _flatten(summary, path=()):
         yield path, summary
 
 
-def _value_leaf(node: fx.Node, path: tuple, which: str = "sepfx_ref"):
+def _value_leaf(node: fx.Node, path: tuple, which: str = REF):
     summary = node.meta.get(which)
     if summary is None:
         return None
@@ -58,14 +103,14 @@ def _value_leaf(node: fx.Node, path: tuple, which: str = "sepfx_ref"):
 
 def tensor_shapes(node: fx.Node, path: tuple = ()):
     """(reference shape, probe shape) of a tensor value, or None."""
-    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, PROBE)
     if ref is None or probe is None or ref[0] != "tensor" or probe[0] != "tensor":
         return None
     return ref[1], probe[1]
 
 
 def scalar_values(node: fx.Node, path: tuple = ()):
-    ref, probe = _value_leaf(node, path), _value_leaf(node, path, "sepfx_probe")
+    ref, probe = _value_leaf(node, path), _value_leaf(node, path, PROBE)
     if ref is None or probe is None or ref[0] != "value":
         return None
     return ref[1], probe[1]

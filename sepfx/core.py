@@ -8,9 +8,11 @@ import torch
 from torch import fx, nn
 
 from passes.capture import Capture, capture
-from passes.channels import ChannelAnalysis, analyze_channels
+from passes.axes import ChannelAnalysis
+from passes.channels import analyze_channels
 from passes.cost import CostModel, cost_model
 from passes.gates import gated_model
+from passes.rules import RULES
 from passes.slim import check_keep, slim_model
 from sepfx.checks import check_slim
 from sepfx.errors import InputError
@@ -157,41 +159,18 @@ class Analysis:
 
 def _slice_norms(gm: fx.GraphModule, analysis: ChannelAnalysis, key) -> np.ndarray | None:
     """L2 norm of each index's slice of the parameters behind a module or attribute axis."""
-    kind = key[0]
-    if kind == "attr":
-        tensor, dim = operator.attrgetter(key[1])(gm), key[2]
-        return _norms(tensor, dim)
-    if kind != "module":
+    if key.kind == "attr":
+        return _norms(operator.attrgetter(key.target)(gm), key.dim)
+    if key.kind != "module":
         return None
-    module = gm.get_submodule(key[1])
+    module = gm.get_submodule(key.qualname)
     total = None
-    for tensor, dim in _module_slices(module, key[2]):
+    rule = RULES.for_module(module)
+    slices = rule.importance(module, key.name) if hasattr(rule, "importance") else []
+    for tensor, dim in slices:
         n = _norms(tensor, dim)
         total = n if total is None else total + n
     return total
-
-
-def _module_slices(module: nn.Module, axis: str):
-    """(parameter, dim) pairs that an axis of a module indexes, for magnitude scores."""
-    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-    weight = getattr(module, "weight", None)
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        grouped = getattr(module, "groups", 1) > 1  # then one weight dim is per-group only
-        in_dim, out_dim = (0, 1) if transposed else (1, 0)
-        if axis == "in":
-            return [(weight, in_dim)] if in_dim == 0 or not grouped else []
-        if axis == "out":
-            bias = [(module.bias, 0)] if module.bias is not None else []
-            return ([(weight, out_dim)] if out_dim == 0 or not grouped else []) + bias
-        return []
-    if axis in ("channels", "weight", "dim0") and weight is not None and weight.dim() >= 1:
-        return [(weight, 0)] + ([(module.bias, 0)] if getattr(module, "bias", None) is not None else [])
-    if isinstance(module, nn.MultiheadAttention) and axis == "heads":
-        rows = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
-        return [(rows[: module.embed_dim], 0), (module.out_proj.weight, 1)]
-    if isinstance(module, nn.RNNBase) and axis == "hidden":
-        return [(module.weight_hh_l0, 1)]
-    return []
 
 
 def _norms(tensor: torch.Tensor, dim: int) -> np.ndarray:

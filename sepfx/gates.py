@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.channels import ChannelAnalysis
+from passes.axes import ChannelAnalysis
 from passes.gates import GateBank
 
 

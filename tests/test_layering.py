@@ -56,7 +56,7 @@ def _imported_modules(path: Path, known: set[str]) -> set[str]:
 
 
 def _import_graph() -> dict[str, set[str]]:
-    paths = [p for package in PACKAGES for p in sorted((ROOT / package).glob("*.py"))]
+    paths = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
     known = {_module_name(p) for p in paths}
     return {_module_name(p): _imported_modules(p, known) for p in paths}
 

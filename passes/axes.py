@@ -1,0 +1,85 @@
+"""The core data of the channel analysis: axes, their keys, channel groups, frozen axes, and
+the analysis they make (``passes.channels`` builds it; every later pass reads it).
+
+A keep set ``{group index: unit indices}`` becomes a flat keep vector over *units*: unit 0
+stands for every frozen (always kept) element, and group ``g`` owns units
+``g.offset .. g.offset + g.size - 1``; ``ChannelAnalysis`` holds that arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from passes.values import AxisKey
+
+
+@dataclass
+class Axis:
+    key: AxisKey
+    size: int
+    start: int  # id of its first element
+    label: str
+
+    @property
+    def elements(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.size)
+
+
+@dataclass
+class ChannelGroup:
+    """Units that share one gate: unit ``u`` of the group holds ``positions[axis][u]`` of each
+    member axis."""
+    index: int
+    size: int
+    positions: dict[AxisKey, np.ndarray]  # axis -> int array [size, multiplicity]
+    members: list[str]
+    offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
+    macs_share: float = 0.0  # filled by the cost pass
+    min_size: int = 1  # fewest units a keep set may keep (an n - 1 divisor spans its channels)
+
+    def describe(self) -> str:
+        head = ", ".join(self.members[:4]) + (" ..." if len(self.members) > 4 else "")
+        return f"group {self.index} ({self.size} units): {head}"
+
+
+@dataclass
+class Frozen:
+    label: str
+    reason: str
+    parameters: list[str] = field(default_factory=list)  # parameter axes kept whole by it
+
+
+@dataclass
+class ChannelAnalysis:
+    graph_module: fx.GraphModule
+    axes: dict[AxisKey, Axis]
+    groups: list[ChannelGroup]
+    frozen: list[Frozen]
+    element_unit: np.ndarray  # element id -> flat unit index (0: frozen, kept)
+    num_units: int  # flat units including unit 0
+    rules: dict[str, Any]  # node name -> rule object (or None: no rule)
+    value_axes: dict[tuple, dict[int, AxisKey]]  # (node, path) -> {dim: axis}
+    module_axes: dict[str, dict[str, AxisKey]]
+    attr_axes: dict[str, dict[int, AxisKey]]
+    size_reads: dict[str, Any]  # node -> axis key (int) or {dim: axis key} (shape)
+    cost_terms: dict[str, tuple[bool, list[tuple[float, list[AxisKey]]]]]
+    example_input: torch.Tensor
+
+    def axis_units(self, key: AxisKey) -> np.ndarray:
+        axis = self.axes[key]
+        return self.element_unit[axis.start:axis.start + axis.size]
+
+    def keep_vector(self, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Flat bool vector over units from a keep set {group index: unit indices}."""
+        flat = np.zeros(self.num_units, dtype=bool)
+        flat[0] = True
+        for group in self.groups:
+            flat[group.offset + np.asarray(keep[group.index], dtype=np.int64)] = True
+        return flat
+
+    def kept_indices(self, key: AxisKey, flat_keep: np.ndarray) -> np.ndarray:
+        return np.nonzero(flat_keep[self.axis_units(key)])[0]

@@ -1,0 +1,29 @@
+"""The op-rule registry: everything sepfx knows about how one kind of op treats channels.
+
+One rule per op kind (a module class, a function, a tensor method). A rule may implement:
+
+- ``couple(ctx)``: link, unite or freeze the static axes of the node's inputs, outputs and
+  parameters (``passes.channels.NodeContext``). Axes it leaves untouched are frozen.
+- ``cost(ctx)`` (inside ``couple``): how the node's MACs scale with kept channels.
+- ``gated(builder, node)``: how the gated model computes this node when channels are masked, where
+  the plain op would not (norm statistics, recurrent state, attention heads). Default: run the
+  op as is; the gate pass then zeroes pruned channels of the output.
+- ``slim_module(module, pruning, qualname)``: the module with its channels sliced (slim pass;
+  ``pruning`` says which indices of each axis the keep set keeps).
+- ``rewrite(node, pruning)``: fix literal sizes in the node's arguments (slim pass).
+
+An op with no rule freezes every static axis it touches. Supporting a new op is one new entry.
+
+Layout: ``registry`` (the registry and the helpers rules share; it knows no rule), then one
+module per op family, each registering its own entries: ``pointwise``, ``conv``, ``norms``,
+``recurrent``, ``attention``, ``layout``, ``reduce``, ``contraction``, ``opaque``.
+"""
+from passes.rules import (attention, contraction, conv, layout, norms, opaque,  # noqa: F401
+                          pointwise, recurrent, reduce)  # each registers its rules
+from passes.rules.layout import ReshapeRule, reshape_groups
+from passes.rules.opaque import OPAQUE_LEAF
+from passes.rules.pointwise import mutates
+from passes.rules.registry import RULES, Registry, arg, describe_op, lookup, set_arg
+
+__all__ = ["OPAQUE_LEAF", "RULES", "Registry", "ReshapeRule", "arg", "describe_op", "lookup",
+           "mutates", "reshape_groups", "set_arg"]

@@ -1,0 +1,758 @@
+"""Ops that move elements without computing on them: cat, split/chunk, stack, permute,
+reshapes, size reads, indexing and item assignment, index_add (overlap-add), windows
+(unfold/fold)."""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from passes import runtime
+from passes.rules.pointwise import mutates, regated, scaled_read
+from passes.rules.registry import RULES, arg, pruned, set_arg
+from passes.values import scalar_values, tensor_shapes
+
+
+class CatRule:
+    def couple(self, ctx):
+        node = ctx.node
+        tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
+        out_shape = ctx.shape()
+        dim = arg(node, 1, "dim", 0) % len(out_shape)
+        out = ctx.axis(None, dim)
+        offset = 0
+        broken = False
+        for t in tensors:
+            shape = ctx.shape(t)
+            if shape is None or len(shape) != len(out_shape):
+                continue  # an empty operand (numel 0, any rank) adds nothing
+            n = shape[dim]
+            a = ctx.axis(t, dim)
+            if out is not None and a is not None:
+                ctx.link(a, np.arange(n), out, offset + np.arange(n))
+            elif out is not None and n > 0:
+                broken = True
+            else:
+                ctx.freeze(a, "concatenated along a dynamic axis")
+            for d in range(len(out_shape)):
+                if d != dim:
+                    ctx.same(ctx.axis(t, d), ctx.axis(None, d))
+            offset += n
+        if broken:
+            ctx.freeze(out, "an operand of size 1 is concatenated along this axis")
+
+
+    def lower(self, node, graph_module) -> bool:
+        """For export: drop empty operands (ONNX Runtime rejects their rank)."""
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)):
+            return False
+        kept = [t for t in tensors if not _empty(t)]
+        if not kept or len(kept) == len(tensors):
+            return False
+        node.args = (kept, *node.args[1:])
+        return True
+
+
+def _empty(value) -> bool:
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    return meta is not None and hasattr(meta, "shape") and meta.shape.numel() == 0
+
+
+RULES.add(CatRule(), functions=[torch.cat, torch.concat])
+
+
+class SplitRule:
+    """split/chunk along an axis: piece i holds a slice at an offset. The slim model splits
+    with the kept sizes (chunk becomes split, since halves may keep different counts)."""
+
+    def _pieces(self, ctx):
+        return [p for p in ctx.tensor_paths(ctx.node) if len(p) == 1]
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        dim = self._dim(node) % len(ctx.shape(x))
+        source = ctx.axis(x, dim)
+        offset = 0
+        for path in self._pieces(ctx):
+            n = ctx.shape(None, path)[dim]
+            piece = ctx.axis(None, dim, path)
+            if source is not None and piece is not None:
+                ctx.link(source, offset + np.arange(n), piece, np.arange(n))
+            elif source is not None:
+                ctx.freeze(source, "split into pieces of size 1")
+            for d in range(len(ctx.shape(x))):
+                if d != dim:
+                    ctx.same(ctx.axis(x, d), ctx.axis(None, d, path))
+            offset += n
+
+    def _dim(self, node):
+        return arg(node, 2, "dim", 0)
+
+    def rewrite(self, node, pruning):
+        x = node.args[0]
+        dim = self._dim(node) % len(pruning.shape(x))
+        kept = pruning.kept_value(x, dim)
+        if not pruned(kept, pruning.shape(x)[dim]):
+            return
+        sizes, offset = [], 0
+        for path in sorted(p for p in pruning.tensor_paths(node) if len(p) == 1):
+            n = pruning.shape(node, path)[dim]
+            sizes.append(int(((kept >= offset) & (kept < offset + n)).sum()))
+            offset += n
+        if node.op == "call_method":
+            node.target = "split"
+        else:
+            node.target = torch.split
+        node.args = (x, sizes)
+        node.kwargs = {"dim": dim}
+
+
+RULES.add(SplitRule(), functions=[torch.split, torch.chunk], methods=["split", "chunk"])
+
+
+class StackRule:
+    def couple(self, ctx):
+        node = ctx.node
+        tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
+        n = len(ctx.shape())
+        dim = arg(node, 1, "dim", 0) % n
+        ctx.freeze(ctx.axis(None, dim), "stacked axis")
+        for t in tensors:
+            for d, a in enumerate(ctx.axes(t)):
+                ctx.same(a, ctx.axis(None, d if d < dim else d + 1))
+
+
+RULES.add(StackRule(), functions=[torch.stack])
+
+
+class PermuteRule:
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        n = len(ctx.shape(x))
+        perm = self.permutation(node, n)
+        for d_out, d_in in enumerate(perm):
+            ctx.same(ctx.axis(x, d_in), ctx.axis(None, d_out))
+
+    @staticmethod
+    def permutation(node, n):
+        if node.target in ("transpose", torch.transpose, "swapaxes"):
+            a, b = arg(node, 1, "dim0") % n, arg(node, 2, "dim1") % n
+            perm = list(range(n))
+            perm[a], perm[b] = perm[b], perm[a]
+            return perm
+        if node.target in ("t",):
+            return [1, 0][:n]
+        dims = node.args[1:] if node.target == "permute" else (arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        return [d % n for d in dims]
+
+
+RULES.add(PermuteRule(), functions=[torch.transpose, torch.permute],
+          methods=["transpose", "permute", "t", "swapaxes"])
+
+
+def reshape_groups(in_shape, out_shape):
+    """Pair runs of input dims with runs of output dims of equal product (size-1 dims left
+    out). Returns a list of (input dims, output dims), or None when the shapes do not pair."""
+    ins = [d for d, s in enumerate(in_shape) if s != 1]
+    outs = [d for d, s in enumerate(out_shape) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ins) and j < len(outs):
+        gi, go = [ins[i]], [outs[j]]
+        pi, po = in_shape[ins[i]], out_shape[outs[j]]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po and i < len(ins):
+                gi.append(ins[i])
+                pi *= in_shape[ins[i]]
+                i += 1
+            elif po < pi and j < len(outs):
+                go.append(outs[j])
+                po *= out_shape[outs[j]]
+                j += 1
+            else:
+                return None
+        groups.append((gi, go))
+    if i != len(ins) or j != len(outs):
+        return None
+    return groups
+
+
+class ReshapeRule:
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze. A channel axis split into factors
+    (n_src x C, heads x head_dim) keeps its largest factor prunable and freezes the others; an
+    axis merged with a batch or time axis is frozen. Literal sizes are fixed by the slim pass."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        (ref_in, probe_in), (ref_out, probe_out) = _shapes(x), _shapes(node)
+        groups = reshape_groups(ref_in, ref_out)
+        if groups is None or reshape_groups(probe_in, probe_out) is None:
+            return ctx.freeze_all("reshape mixes axes in a way sepfx cannot follow")
+        for dims_in, dims_out in groups:
+            dynamic = any(ref_in[d] != probe_in[d] for d in dims_in) or\
+                any(ref_out[d] != probe_out[d] for d in dims_out)
+            if dynamic and self._inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in,
+                                              ref_out, probe_out):
+                continue
+            if dynamic:
+                for d in dims_in:
+                    ctx.freeze(ctx.axis(x, d), "merged with or split from a batch/time axis")\
+                        if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(x, d))
+                for d in dims_out:
+                    ctx.freeze(ctx.axis(None, d), "merged with or split from a batch/time axis")\
+                        if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(None, d))
+            elif len(dims_in) == 1 and len(dims_out) == 1:
+                ctx.same(ctx.axis(x, dims_in[0]), ctx.axis(None, dims_out[0]))
+            elif len(dims_in) == 1 or len(dims_out) == 1:
+                self._factor(ctx, x, dims_in, dims_out, ref_in, ref_out)
+            else:
+                for d in dims_in:
+                    ctx.freeze(ctx.axis(x, d), "reshape regroups several axes")
+                for d in dims_out:
+                    ctx.freeze(ctx.axis(None, d), "reshape regroups several axes")
+        self._shape_args(ctx, ref_out)
+
+    @staticmethod
+    def _inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in, ref_out, probe_out) -> bool:
+        """[B, r*C] <-> [B*r, C] (a mask conv's n_src x C channels folded into the batch, or
+        unfolded back): when the one static axis on each side is the innermost of the group,
+        channel c on the narrow side is channel c of every block of the wide side."""
+        static_in = [d for d in dims_in if ref_in[d] == probe_in[d]]
+        static_out = [d for d in dims_out if ref_out[d] == probe_out[d]]
+        if len(static_in) != 1 or len(static_out) != 1 or static_in[0] != dims_in[-1]\
+                or static_out[0] != dims_out[-1]:
+            return False
+        a, o = ctx.axis(x, static_in[0]), ctx.axis(None, static_out[0])
+        if a is None or o is None or (a.size % o.size and o.size % a.size):
+            return False
+        if a.size >= o.size:
+            ctx.link(a, np.arange(a.size), o, np.arange(a.size) % o.size)
+        else:
+            ctx.link(a, np.arange(o.size) % a.size, o, np.arange(o.size))
+        return True
+
+    @staticmethod
+    def _factor(ctx, x, dims_in, dims_out, ref_in, ref_out):
+        split = len(dims_in) == 1
+        whole = ctx.axis(x, dims_in[0]) if split else ctx.axis(None, dims_out[0])
+        factors = dims_out if split else dims_in
+        sizes = [(ref_out if split else ref_in)[d] for d in factors]
+        coords = np.unravel_index(np.arange(int(np.prod(sizes))), sizes)
+        keep = _prunable_factor(ctx, whole, [ctx.axis(None, d) if split else ctx.axis(x, d)
+                                             for d in factors], sizes, coords)
+        for i, d in enumerate(factors):
+            axis = ctx.axis(None, d) if split else ctx.axis(x, d)
+            if i == keep:
+                ctx.link(whole, np.arange(whole.size), axis, coords[i])
+            else:
+                ctx.freeze(axis, "another factor of a split channel axis is the prunable one")
+
+    @staticmethod
+    def _shape_args(ctx, ref_out):
+        """A size read from another tensor passed as a target size ties that axis here."""
+        sizes = _size_args(ctx.node)
+        if sizes is None:
+            return
+        for j, s in enumerate(sizes):
+            read = ctx.size_read(s)
+            if isinstance(read, tuple) and j < len(ref_out):
+                a = ctx.state.axes[read]
+                ctx.same(a, ctx.axis(None, j))
+            elif j < len(ref_out) and scaled_read(ctx, s) is not None:
+                # ``x.reshape(B, C * K, S)``: channel c of the tensor C was read from is the
+                # block c*K..c*K+K-1 of this axis (C the outer factor)
+                key, factor = scaled_read(ctx, s)
+                a, o = ctx.state.axes[key], ctx.axis(None, j)
+                if o is not None and o.size == a.size * factor:
+                    ctx.link(a, np.repeat(np.arange(a.size), factor), o, np.arange(o.size))
+                else:
+                    ctx.freeze(a, "its size times a literal is not the reshaped axis")
+
+    def rewrite(self, node, pruning):
+        if node.target in ("unflatten", torch.unflatten):
+            return self._rewrite_unflatten(node, pruning)
+        sizes = _size_args(node)
+        if sizes is None:
+            return
+        out = pruning.shape(node)
+        new = list(sizes)
+        changed = False
+        for j, size in enumerate(sizes):
+            if isinstance(size, int) and size == out[j] and size > 1:
+                kept = pruning.kept_value(node, j)
+                if pruned(kept, size):
+                    new[j] = len(kept)
+                    changed = True
+        if changed:
+            node.args = (node.args[0], *new) if node.target in ("view", "reshape")\
+                else (node.args[0], tuple(new))
+        if node.op == "call_method" and node.target == "view" and not any(
+                isinstance(v, torch.dtype) for v in sizes) and (
+                changed or self._touches_pruned(node, pruning)):
+            # slimming changes strides (a Linear over a transposed axis, a broadcast product):
+            # a view that merged dims of the dense tensor may not be viewable any more at some
+            # batch size; reshape is the same view where one exists and a copy where not
+            node.target = "reshape"
+
+    @staticmethod
+    def _touches_pruned(node, pruning) -> bool:
+        for x in (node.args[0], node):
+            shape = pruning.shape(x) if isinstance(x, fx.Node) else None
+            for d, size in enumerate(shape or ()):
+                if pruned(pruning.kept_value(x, d), size):
+                    return True
+        return False
+
+
+    @staticmethod
+    def _rewrite_unflatten(node, pruning):
+        """x.unflatten(dim, sizes): literal sizes of pruned output dims become kept counts."""
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        out = pruning.shape(node)
+        if not isinstance(sizes, (tuple, list)) or out is None:
+            return
+        dim = dim % len(pruning.shape(node.args[0]))
+        new = list(sizes)
+        for i, size in enumerate(sizes):
+            kept = pruning.kept_value(node, dim + i)
+            if isinstance(size, int) and size == out[dim + i] and pruned(kept, size):
+                new[i] = len(kept)
+        if new != list(sizes):
+            set_arg(node, 2, "sizes", tuple(new))
+
+
+def _size_args(node):
+    """The target sizes of view/reshape, as a list, or None."""
+    if node.target in ("unflatten", torch.unflatten):
+        return None
+    if node.target in ("view", "reshape") or node.target is torch.reshape:
+        rest = node.args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            return list(rest[0])
+        return list(rest) if rest and all(not isinstance(r, (tuple, list)) for r in rest) else None
+    return None
+
+
+def _shapes(node):
+    return tensor_shapes(node)
+
+
+def _prunable_factor(ctx, whole, factor_axes, sizes, coords) -> int:
+    """Which factor of a channel axis split into (or merged from) several stays prunable: one
+    along which the elements already coupled together agree (an F.unfold's [C*K] blocks are
+    units of K consecutive elements: C, the outer factor), and not frozen by a rule; among
+    those, the largest."""
+    candidates = [i for i, a in enumerate(factor_axes) if a is not None]
+    if len(candidates) <= 1 or whole is None:
+        return max(range(len(sizes)), key=lambda i: (sizes[i], i))
+    union_find = ctx.state.union_find
+    roots = [union_find.find(whole.start + e) for e in range(whole.size)]
+
+    def agrees(i):
+        seen = {}
+        return all(seen.setdefault(r, c) == c for r, c in zip(roots, coords[i]))
+
+    fitting = [i for i in candidates if agrees(i)] or candidates
+    if len(fitting) > 1:
+        frozen = {union_find.find(ctx.state.axes[key].start + j) for key in ctx.state.frozen_axes
+                  for j in range(ctx.state.axes[key].size)}
+        free = [i for i in fitting if not any(
+            union_find.find(factor_axes[i].start + j) in frozen for j in range(factor_axes[i].size))]
+        fitting = free or fitting
+    return max(fitting, key=lambda i: (sizes[i], i))
+
+
+RULES.add(ReshapeRule(), functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+                                    torch.unflatten],
+          methods=["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"])
+
+
+class SizeRule:
+    """x.shape / x.size() / x.size(d) / x.dim(): reading sizes couples nothing, but the value
+    carries the sizes of static axes, so whoever uses it must account for them."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        ctx.touch(*ctx.axes(x))
+        if node.target is getattr:
+            attr = node.args[1]
+            if attr == "shape":
+                ctx.read_size({d: a.key for d, a in enumerate(ctx.axes(x)) if a is not None})
+            elif attr not in ("ndim", "dtype", "device", "is_cuda", "requires_grad"):
+                ctx.freeze_all(f"tensor attribute .{attr}")
+            return
+        if node.target == "size":
+            d = arg(node, 1, "dim")
+            if d is None:
+                ctx.read_size({i: a.key for i, a in enumerate(ctx.axes(x)) if a is not None})
+            else:
+                a = ctx.axis(x, d)
+                ctx.read_size(a.key if a is not None else None)
+
+
+RULES.add(SizeRule(), functions=[getattr], methods=["size", "dim"])
+
+
+class ShapeTensorRule:
+    """torch.tensor(x.shape): a tensor holding sizes. It carries the sizes like the shape does,
+    so indexing it reads a size; any other use of a static size in it freezes that axis."""
+
+    def couple(self, ctx):
+        source = ctx.node.args[0] if ctx.node.args else None
+        read = ctx.size_read(source)
+        if not isinstance(read, dict):
+            return ctx.freeze_all("tensor made from Python values")
+        ctx.touch(*[ctx.state.axes[k] for k in read.values()])
+        ctx.touch(*ctx.axes())
+        ctx.read_size(read)
+
+
+RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor, runtime.shape_tensor,
+                                        runtime.shape_as_tensor])
+
+
+class GetItemRule:
+    """Indexing a tuple (a layer's several outputs), a shape, or a tensor (literal slices)."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        source, index = node.args
+        if source.name in ctx.state.size_reads:
+            read = ctx.state.size_reads[source.name]
+            ctx.touch(*[ctx.state.axes[k] for k in read.values()]) if isinstance(read, dict) else None
+            if isinstance(index, int) and isinstance(read, dict):
+                shape = ctx_shape_len(source) or (ctx.shape(source) or [None])[0]
+                ctx.read_size(read.get(index % shape) if shape else None)
+            elif isinstance(index, slice) and _literal_slice(index) and isinstance(read, dict)\
+                    and ctx_shape_len(source) is not None:
+                # ``x.size()[-2:]``, ``x.shape[:-1]``: the same sizes, renumbered
+                dims = list(range(ctx_shape_len(source)))[index]
+                ctx.read_size({j: read[d] for j, d in enumerate(dims) if d in read})
+            elif isinstance(read, dict):
+                for k in read.values():
+                    ctx.state.freeze(k, f"{ctx.where()}: sliced shape")
+            return
+        if ctx.tensor_paths(source) and ctx.tensor_paths(source) != [()]:
+            for path in ctx.tensor_paths(node):
+                for a, b in zip(ctx.axes(source, (index,) + path), ctx.axes(None, path)):
+                    ctx.same(a, b)
+            # the source's other outputs are not this node's business
+            for path in ctx.tensor_paths(source):
+                if path[:1] != (index,):
+                    ctx.touch(*ctx.axes(source, path))
+            return
+        self._tensor_index(ctx, source, index)
+
+    def _tensor_index(self, ctx, x, index):
+        if ctx.shape(x) is None:
+            return  # indexing a Python value: sizes read into it are checked by their users
+        items = _index_items(index, len(ctx.shape(x)))
+        if items is None:
+            return ctx.freeze_all("indexing with tensors or unsupported items")
+        d_out = 0
+        for d_in, item in items:
+            if item is None:
+                d_out += 1
+                continue
+            a = ctx.axis(x, d_in)
+            if isinstance(item, int):
+                ctx.freeze(a, "indexed by a constant")
+                continue
+            o = ctx.axis(None, d_out)
+            d_out += 1
+            if item == slice(None):
+                ctx.same(a, o)
+            elif a is None:
+                ctx.touch(o) if o is None else ctx.freeze(o, "slice of a dynamic axis")
+            elif _literal_slice(item):
+                idx = np.arange(a.size)[item]
+                if o is not None:
+                    ctx.link(a, idx, o, np.arange(len(idx)))
+                if item.step not in (None, 1):
+                    ctx.freeze(a, "strided slice of a channel axis")
+                else:
+                    ctx.touch(a)
+            elif _fraction_slice(ctx, item, a) is not None:
+                item, blocks = _fraction_slice(ctx, item, a)
+                idx = np.arange(a.size)[item]
+                if o is not None:
+                    ctx.link(a, idx, o, np.arange(len(idx)))
+                # ``x[:, :C // 2]``: the slim model slices at C' // 2, which is the kept count
+                # of the first half only if every half keeps as many: element i of each block
+                # lives and dies with element i of the others
+                width = a.size // blocks
+                for i in range(width):
+                    ctx.unite(a, i + width * np.arange(blocks))
+            else:
+                ctx.freeze(a, "sliced by a length that varies with the input")
+                ctx.freeze(o, "sliced by a length that varies with the input")
+
+    def rewrite(self, node, pruning):
+        source, index = node.args
+        if not isinstance(source, fx.Node) or pruning.shape(source) is None\
+                or pruning.tensor_paths(source) != [()]:
+            return
+        items = _index_items(index, len(pruning.shape(source)))
+        if items is None:
+            return
+        new_items = []
+        changed = False
+        for d_in, item in items:
+            if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
+                kept = pruning.kept_value(source, d_in)
+                if pruned(kept, pruning.shape(source)[d_in]):
+                    start, stop, _ = item.indices(pruning.shape(source)[d_in])
+                    item = slice(int((kept < start).sum()), int((kept < stop).sum()))
+                    changed = True
+            new_items.append(item)
+        if changed:
+            node.args = (source, tuple(new_items))
+
+
+def ctx_shape_len(x):
+    values = scalar_values(x)
+    return len(values[0]) if values and isinstance(values[0], tuple) else None
+
+
+def _fraction_slice(ctx, item: slice, axis):
+    """For a slice of ``axis`` whose bounds are literal or ``size // m`` of that very axis
+    (rotary embeddings' halves): (the slice with its bounds' values, m); else None."""
+    if item.step not in (None, 1):
+        return None
+    blocks, bounds = None, []
+    for bound in (item.start, item.stop):
+        if bound is None or (isinstance(bound, int) and not isinstance(bound, bool)):
+            bounds.append(bound)
+            continue
+        if not (isinstance(bound, fx.Node) and bound.target is operator.floordiv
+                and isinstance(bound.args[1], int) and bound.args[1] > 0
+                and ctx.size_read(bound.args[0]) == axis.key
+                and axis.size % bound.args[1] == 0 and blocks in (None, bound.args[1])):
+            return None
+        blocks = bound.args[1]
+        bounds.append(axis.size // blocks)
+    if blocks is None:
+        return None
+    return slice(bounds[0], bounds[1]), blocks
+
+
+def _literal_slice(item: slice) -> bool:
+    return all(v is None or isinstance(v, int) for v in (item.start, item.stop, item.step))
+
+
+def _index_items(index, ndim):
+    """[(input dim or None, item)] for a tensor index, Ellipsis expanded; None if unsupported."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
+        return None
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(ndim - used):
+                out.append((d, slice(None)))
+                d += 1
+        elif item is None:
+            out.append((None, None))
+        else:
+            if not isinstance(item, (int, slice)):
+                return None
+            out.append((d, item))
+            d += 1
+    while d < ndim:
+        out.append((d, slice(None)))
+        d += 1
+    return out
+
+
+RULES.add(GetItemRule(), functions=[operator.getitem])
+
+
+class SetItemRule:
+    """``x[index] = value`` (in place; the node's own value is None). The indexed part of ``x``
+    and ``value`` (broadcast from the right) share their axes: a whole axis (``:``) is the same
+    axis, a literal slice of a channel axis links its elements (rewritten for the kept ones in
+    the slim model), a slice of a dynamic axis maps nothing; a value broadcast along a channel
+    axis is written into every kept channel alike. A channel axis indexed by a constant or
+    sliced by a varying bound is frozen. The gated model zeroes ``x``'s pruned channels again
+    after the write (what the slim model, which has none, computes)."""
+
+    def couple(self, ctx):
+        target, index, value = ctx.node.args[:3]
+        shape = ctx.shape(target)
+        if shape is None:
+            return ctx.freeze_all("item assignment into something that is not a tensor")
+        items = _index_items(index, len(shape))
+        if items is None:
+            return ctx.freeze_all("item assignment with tensor or unsupported indices")
+        view = []  # (target axis or None, item) of each dim of the indexed part
+        for d_in, item in items:
+            if item is None:
+                view.append((None, None))
+                continue
+            a = ctx.axis(target, d_in)
+            if isinstance(item, int):
+                ctx.freeze(a, "assigned at a constant index")
+            else:
+                view.append((a, item))
+        value_axes = ctx.axes(value) if isinstance(value, fx.Node) else []
+        offset = len(view) - len(value_axes)
+        if offset < 0:
+            return ctx.freeze_all("item assignment of a value of higher rank")
+        for j, (a, item) in enumerate(view):
+            v = value_axes[j - offset] if j >= offset else None
+            if a is None:
+                ctx.touch(v) if v is None else ctx.freeze(v, "written into a dynamic axis")
+                continue
+            if j >= offset and v is None and ctx.is_dynamic(value, j - offset):
+                ctx.freeze(a, "a dynamic axis is written into it")
+            elif item == slice(None):
+                ctx.same(a, v) if v is not None else ctx.touch(a)
+            elif _literal_slice(item) and item.step in (None, 1):
+                idx = np.arange(a.size)[item]
+                if v is not None:
+                    ctx.link(a, idx, v, np.arange(len(idx)))
+                ctx.touch(a)
+            else:
+                ctx.freeze(a, "assigned through a slice sepfx cannot follow")
+                ctx.freeze(v, "assigned through a slice sepfx cannot follow")
+        for d, a in enumerate(ctx.axes(target)):
+            ctx.touch(a)
+
+    def gated(self, builder, node):
+        return regated(builder, node)
+
+    def rewrite(self, node, pruning):
+        target, index, value = node.args[:3]
+        if not isinstance(target, fx.Node) or pruning.shape(target) is None:
+            return
+        new_index = _kept_slices(index, target, pruning)
+        if new_index is not None:
+            node.args = (target, new_index, value)
+
+
+def _kept_slices(index, x, pruning):
+    """``index`` into ``x`` with literal slices of pruned axes narrowed to the kept elements,
+    or None if nothing changes."""
+    items = _index_items(index, len(pruning.shape(x)))
+    if items is None:
+        return None
+    new_items, changed = [], False
+    for d_in, item in items:
+        if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
+            kept = pruning.kept_value(x, d_in)
+            if pruned(kept, pruning.shape(x)[d_in]):
+                start, stop, _ = item.indices(pruning.shape(x)[d_in])
+                item = slice(int((kept < start).sum()), int((kept < stop).sum()))
+                changed = True
+        new_items.append(item)
+    return tuple(new_items) if changed else None
+
+
+RULES.add(SetItemRule(), functions=[operator.setitem])
+
+
+class IndexAddRule:
+    """``x.index_add_(dim, index, source)`` (overlap-add) and ``x.index_add(...)``: every axis
+    but ``dim`` is the same axis in ``x``, ``source`` and the result; along ``dim`` (time, made
+    of frames) nothing maps; a static ``dim`` is frozen."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x, dim, index, source = (arg(node, i, name) for i, name in
+                                 enumerate(("self", "dim", "index", "source")))
+        shape = ctx.shape(x)
+        if shape is None or ctx.shape(source) is None or len(ctx.shape(source)) != len(shape):
+            return ctx.freeze_all("index_add with operands sepfx cannot follow")
+        dim = dim % len(shape)
+        for d in range(len(shape)):
+            a, v, o = ctx.axis(x, d), ctx.axis(source, d), ctx.axis(None, d)
+            if d == dim:
+                for axis in (a, v, o):
+                    ctx.freeze(axis, "index_add along this axis")
+                continue
+            ctx.same(a, v)
+            ctx.same(a, o)
+        if isinstance(index, fx.Node):
+            for axis in ctx.axes(index):
+                ctx.freeze(axis, "index of an index_add")
+
+    def gated(self, builder, node):
+        return regated(builder, node) if mutates(node) else None
+
+
+RULES.add(IndexAddRule(), functions=[torch.index_add], methods=["index_add_", "index_add"])
+
+
+class WindowsRule:
+    """``x.unfold(dim, size, step)`` (frames of a signal, or of an index range): the other axes
+    map through; ``dim`` becomes the frame axis and a new last axis the window; both are frozen
+    when static."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        n = len(ctx.shape(x))
+        dim = arg(node, 1, "dimension") % n
+        for d in range(n):
+            if d == dim:
+                ctx.freeze(ctx.axis(x, d), "cut into windows along this axis")
+                ctx.freeze(ctx.axis(None, d), "frames of a windowed axis")
+            else:
+                ctx.same(ctx.axis(x, d), ctx.axis(None, d))
+        ctx.freeze(ctx.axis(None, n), "window axis")
+
+
+RULES.add(WindowsRule(), methods=["unfold"])
+
+
+class UnfoldRule:
+    """F.unfold(x [B, C, H, W], kernel) -> [B, C*k, L] and F.fold([B, C*k, L], size, kernel) ->
+    [B, C, H, W] (dual-path chunking): channel c is the block of k consecutive elements
+    c*k..c*k+k-1 of the merged axis (C is the outer factor), so they live and die together.
+    The spatial and block axes are frozen when static."""
+
+    def __init__(self, fold: bool):
+        self.fold = fold
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        size = _pair(arg(node, 2 if self.fold else 1, "kernel_size"))
+        k = int(np.prod(size)) if size is not None else None
+        channels, merged = (ctx.axis(None, 1), ctx.axis(x, 1)) if self.fold else\
+            (ctx.axis(x, 1), ctx.axis(None, 1))
+        ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
+        for t, d_from in ((x, 2), (None, 2)):
+            for d in range(d_from, len(ctx.shape(t))):
+                ctx.freeze(ctx.axis(t, d), "a sliding-window axis")
+        if k is None or merged is None or channels is None or merged.size != channels.size * k:
+            ctx.freeze(channels, "channels folded with kernel positions sepfx cannot follow")
+            ctx.freeze(merged, "channels folded with kernel positions sepfx cannot follow")
+            return
+        ctx.link(channels, np.repeat(np.arange(channels.size), k), merged,
+                 np.arange(merged.size))
+
+
+def _pair(size):
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
+        return tuple(size)
+    return None
+
+
+RULES.add(UnfoldRule(False), functions=[F.unfold])
+
+
+RULES.add(UnfoldRule(True), functions=[F.fold])

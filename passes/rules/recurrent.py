@@ -1,0 +1,86 @@
+"""Recurrent layers: nn.LSTM and nn.GRU."""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from passes import runtime
+from passes.rules.registry import RULES, pruned, sliced_parameter
+
+
+class RecurrentRule:
+    """nn.LSTM / nn.GRU: one group of hidden units across every layer and direction (the slim
+    model is again an nn.LSTM/GRU, whose hidden size is one number)."""
+
+    def couple(self, ctx):
+        m: nn.RNNBase = ctx.module
+        node = ctx.node
+        x = node.args[0]
+        if len(node.args) > 1 or node.kwargs or m.proj_size > 0:
+            return ctx.freeze_all("recurrent layer with an initial state or projections")
+        d = 2 if m.bidirectional else 1
+        h = m.hidden_size
+        m_in = ctx.module_axis("input", m.input_size)
+        hidden = ctx.module_axis("hidden", h)
+        ctx.same(ctx.axis(x, 2), m_in)
+        out = ctx.axis(None, 2, (0,))
+        if out is not None and hidden is not None:
+            ctx.link(out, np.arange(d * h), hidden, np.tile(np.arange(h), d))
+        step, batch = (1, 0) if m.batch_first else (0, 1)
+        ctx.same(ctx.axis(x, batch), ctx.axis(None, batch, (0,)))
+        for t in (ctx.axis(x, step), ctx.axis(None, step, (0,))):
+            ctx.freeze(t, "the recurrence runs along this axis")
+        for path in ctx.tensor_paths(node)[1:]:  # final states [layers*dirs, batch, hidden]
+            state = ctx.axis(None, 2, path)
+            if state is not None and hidden is not None:
+                ctx.link(state, np.arange(h), hidden, np.arange(h))
+            ctx.freeze(ctx.axis(None, 0, path), "layers x directions axis of a final state")
+            ctx.same(ctx.axis(x, batch), ctx.axis(None, 1, path))
+        gates = runtime.gate_blocks(m)
+        steps = ctx.shape(x)[step]
+        batch_size = ctx.shape(x)[batch]
+        unit = gates * h * steps * batch_size * d
+        terms = [(unit * m.input_size, [m_in, hidden])]
+        terms += [(unit * d * h, [hidden, hidden])] * (m.num_layers - 1)
+        terms += [(unit * h, [hidden, hidden])] * m.num_layers
+        ctx.cost(*terms, absolute=True)
+
+    def gated(self, builder, node):
+        mask = builder.module_mask(node.target, "hidden")
+        if mask is None:
+            return None
+        target = builder.add_module(runtime.GatedRNN(builder.module(node.target)), node.target)
+        return builder.call_module(target, (builder.arg(node.args[0]), mask))
+
+    def slim_module(self, m, pruning, qualname):
+        k_in, k_h = pruning.kept_module(qualname, "input"), pruning.kept_module(qualname, "hidden")
+        if not (pruned(k_in, m.input_size) or pruned(k_h, m.hidden_size)):
+            return None
+        h = m.hidden_size
+        k_in = np.arange(m.input_size) if k_in is None else k_in
+        k_h = np.arange(h) if k_h is None else k_h
+        gates = runtime.gate_blocks(m)
+        d = 2 if m.bidirectional else 1
+        rows = np.concatenate([b * h + k_h for b in range(gates)])
+        deeper_cols = np.concatenate([j * h + k_h for j in range(d)])
+        new = type(m)(len(k_in), len(k_h), num_layers=m.num_layers, bias=m.bias,
+                      batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional)
+        new = new.to(device=m.weight_ih_l0.device, dtype=m.weight_ih_l0.dtype)
+        for name in m._flat_weights_names:
+            w = getattr(m, name)
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                p = sliced_parameter(w, rows, k_in if layer == 0 else deeper_cols)
+            elif name.startswith("weight_hh"):
+                p = sliced_parameter(w, rows, k_h)
+            else:
+                p = sliced_parameter(w, rows)
+            setattr(new, name, p)
+        new.train(m.training)
+        return new
+
+    def importance(self, m, axis: str):
+        return [(m.weight_hh_l0, 1)] if axis == "hidden" else []
+
+
+RULES.add(RecurrentRule(), modules=[nn.LSTM, nn.GRU])

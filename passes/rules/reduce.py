@@ -1,0 +1,173 @@
+"""Reductions over axes (sum, mean, var, std, max-like), softmax, and per-channel ops along
+the spatial axes (pooling, resampling, padding)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes import runtime
+from passes.rules.registry import RULES, arg
+from passes.values import GLUE
+
+
+def _reduce_dims(node, ndim):
+    dims = arg(node, 1, "dim")
+    if dims is None:
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return [d % ndim for d in dims]
+
+
+class ReduceRule:
+    """sum/mean/var/std (and max-like, which freeze what they reduce). A mean or variance over
+    a prunable axis counts only kept channels in the gated model."""
+
+    handles_eager_code = True  # freezes what it cannot mask when recorded from eager code
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        n = len(ctx.shape(x))
+        dims, keepdim, correction = _reduce_options(node, self.kind, n)
+        correction = 1 if correction is None else correction
+        d_out = 0
+        for d in range(n):
+            a = ctx.axis(x, d)
+            if d in dims:
+                if self.kind == "max":
+                    ctx.freeze(a, "a maximum over this axis changes when channels are removed")
+                elif self.kind != "sum" and ctx.node.meta.get(GLUE):
+                    # eager code runs unchanged in the gated model: it would count pruned ones
+                    ctx.freeze(a, f"a {self.kind} over channels computed in eager code")
+                else:
+                    ctx.touch(a)
+                    if self.kind in ("var", "std") and correction > 0:
+                        # an n - correction divisor: NaN unless more than ``correction`` kept
+                        ctx.require_min_kept(a, int(np.floor(correction)) + 1)
+                d_out += 1 if keepdim else 0
+            else:
+                ctx.same(a, ctx.axis(None, d_out))
+                d_out += 1
+
+    def gated(self, builder, node):
+        if self.kind not in ("mean", "var", "std"):
+            return None
+        x = node.args[0]
+        dims, keepdim, correction = _reduce_options(node, self.kind, len(builder.shape(x)))
+        masks = [builder.value_mask(x, d) for d in dims]
+        if all(m is None for m in masks):
+            return None
+        return builder.call_function(runtime.masked_reduce,
+                               (self.kind, builder.arg(x), dims, keepdim, correction, masks, dims))
+
+
+def _reduce_options(node, kind, ndim):
+    """(reduced dims, keepdim, correction) of sum/mean/var/std/amax calls."""
+    dims = _reduce_dims(node, ndim)
+    positional = list(node.args[2:])
+    correction = 0
+    if kind in ("var", "std"):  # x.var(dim, unbiased, keepdim) or keyword forms
+        unbiased = positional.pop(0) if positional and isinstance(positional[0], bool) else\
+            node.kwargs.get("unbiased", True)
+        correction = node.kwargs.get("correction", 1 if unbiased else 0)
+    keepdim = positional[0] if positional else node.kwargs.get("keepdim", False)
+    return dims, bool(keepdim), correction
+
+
+RULES.add(ReduceRule("sum"), functions=[torch.sum], methods=["sum"])
+
+
+RULES.add(ReduceRule("mean"), functions=[torch.mean], methods=["mean"])
+
+
+RULES.add(ReduceRule("var"), functions=[torch.var], methods=["var"])
+
+
+RULES.add(ReduceRule("std"), functions=[torch.std], methods=["std"])
+
+
+RULES.add(ReduceRule("max"), functions=[torch.amax, torch.amin, torch.logsumexp],
+          methods=["amax", "amin", "logsumexp"])
+
+
+class SoftmaxRule:
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        if node.op == "call_module":
+            dim = ctx.module.dim
+        else:
+            dim = arg(node, 1, "dim")
+        n = len(ctx.shape(x))
+        for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
+            if d == dim % n:
+                ctx.freeze(a, "softmax normalises over this axis")
+                ctx.freeze(o, "softmax normalises over this axis")
+            else:
+                ctx.same(a, o)
+
+
+RULES.add(SoftmaxRule(), modules=[nn.Softmax, nn.LogSoftmax],
+          functions=[torch.softmax, F.softmax, F.log_softmax, torch.log_softmax],
+          methods=["softmax", "log_softmax"])
+
+
+class ChannelwiseRule:
+    """Ops acting on each channel of [B, C, *spatial] independently (pooling, resampling,
+    padding of the spatial axes): batch and channel axes map through; static spatial axes are
+    frozen."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
+            if d < 2:
+                ctx.same(a, o)
+            else:
+                ctx.freeze(a, "resampled or pooled along this axis")
+                ctx.freeze(o, "resampled or pooled along this axis")
+
+
+    def lower(self, node, graph_module) -> bool:
+        """For export: ``F.adaptive_avg_pool1d``, which the exporters cannot keep dynamic, as an
+        equivalent matmul (``runtime.adaptive_avg_pool1d``)."""
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool1d:
+            node.target = runtime.adaptive_avg_pool1d
+            return True
+        return False
+
+
+RULES.add(ChannelwiseRule(),
+          modules=[nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+                   nn.Upsample, nn.AvgPool2d, nn.MaxPool2d],
+          functions=[F.interpolate, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
+                     F.avg_pool1d, F.max_pool1d, F.upsample])
+
+
+class PadRule:
+    """F.pad: unpadded axes map through; a padded static axis is frozen."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        pad = arg(node, 1, "pad")
+        n = len(ctx.shape(x))
+        padded = set()
+        for i in range(0, len(pad), 2):
+            if not (pad[i] == 0 and pad[i + 1] == 0):
+                padded.add(n - 1 - i // 2)
+        for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
+            if d in padded:
+                ctx.freeze(a, "padded along this axis")
+                ctx.freeze(o, "padded along this axis")
+            else:
+                ctx.same(a, o)
+
+
+RULES.add(PadRule(), functions=[F.pad])
