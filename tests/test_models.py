@@ -27,7 +27,7 @@ UNTRACEABLE_SUBMODULES = {
 }
 
 # Roots without any wild pattern: the whole model must trace.
-TRACEABLE_ROOTS = ("dprnn", "sudormrf", "sepformer")
+TRACEABLE_ROOTS = ("dprnn", "sudormrf", "sepformer", "afrcnn")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +56,7 @@ def tiny_model(request):
 
 
 def test_zoo_and_configs_are_consistent():
-    assert set(NAMES) == {"conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer"}
+    assert set(NAMES) == {"conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer", "afrcnn"}
     assert set(CONFIGS) == set(ZOO)
     for name in NAMES:
         assert {"tiny", "small"} <= set(CONFIGS[name])

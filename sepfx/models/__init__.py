@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .afrcnn import AFRCNN
 from .conv_tasnet import ConvTasNet
 from .dprnn import DPRNN
 from .sepformer import Sepformer
 from .sudormrf import SuDORMRF
 from .tdanet import TDANet
 
-__all__ = ["ZOO", "CONFIGS", "build", "pretrained", "pretrained_names", "ConvTasNet", "DPRNN", "SuDORMRF", "TDANet", "Sepformer"]
+__all__ = ["ZOO", "CONFIGS", "build", "pretrained", "pretrained_names", "ConvTasNet", "DPRNN", "SuDORMRF", "TDANet", "Sepformer", "AFRCNN"]
 
 ZOO: dict[str, type[nn.Module]] = {
     "conv_tasnet": ConvTasNet,
@@ -31,6 +32,7 @@ ZOO: dict[str, type[nn.Module]] = {
     "sudormrf": SuDORMRF,
     "tdanet": TDANet,
     "sepformer": Sepformer,
+    "afrcnn": AFRCNN,
 }
 
 # "tiny": every channel count in 8..64, one forward of [2, 8000] well under
@@ -58,6 +60,10 @@ CONFIGS: dict[str, dict[str, dict]] = {
     "sepformer": {
         "tiny": dict(N=32, L=16, C=32, chunk_size=50, n_blocks=1, n_layers=1, n_heads=2, d_ffn=16),
         "small": dict(N=64, L=16, C=64, chunk_size=50, n_blocks=2, n_layers=2, n_heads=4, d_ffn=256),
+    },
+    "afrcnn": {
+        "tiny": dict(N=32, L=16, B=16, C=16, depth=4, iters=4),
+        "small": dict(N=128, L=16, B=64, C=144, depth=4, iters=4),
     },
 }
 
