@@ -38,8 +38,12 @@ class ChannelGroup:
     positions: dict[AxisKey, np.ndarray]  # axis -> int array [size, multiplicity]
     members: list[str]
     offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
-    macs_share: float = 0.0  # filled by the cost pass
     min_size: int = 1  # fewest units a keep set may keep (an n - 1 divisor spans its channels)
+
+    @property
+    def units(self) -> slice:
+        """Its units in a flat keep vector."""
+        return slice(self.offset, self.offset + self.size)
 
     def describe(self) -> str:
         head = ", ".join(self.members[:4]) + (" ..." if len(self.members) > 4 else "")

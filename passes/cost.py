@@ -38,6 +38,7 @@ class CostModel:
     node_macs: dict[str, float]
     analysis: ChannelAnalysis
     reference_shape: tuple
+    shares: list[float]  # per group (by index): the fraction of dense MACs scaling with it
 
     def _fractions(self, flat: torch.Tensor) -> dict[AxisKey, torch.Tensor]:
         fractions = {}
@@ -63,26 +64,19 @@ class CostModel:
         flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
         return float(self.expected_macs(flat))
 
-    def group_shares(self) -> list[float]:
-        """Per group: the fraction of dense MACs that scales with its channels."""
-        shares = []
-        for group in self.analysis.groups:
-            flat = np.ones(self.analysis.num_units)
-            flat[group.offset:group.offset + group.size] = 0.0
-            shares.append((self.dense_macs - self.macs(flat)) / max(self.dense_macs, 1.0))
-        return shares
-
     def floor_macs(self) -> float:
         """MACs with every group at one unit: no keep set can go below (about) this."""
         flat = np.zeros(self.analysis.num_units)
         flat[0] = 1.0
         for group in self.analysis.groups:
-            flat[group.offset] = 1.0
+            flat[group.units.start] = 1.0
         return self.macs(flat)
 
 
 def cost_model(analysis: ChannelAnalysis) -> CostModel:
-    """Count each node's MACs on the analysis' reference input and attach them to groups."""
+    """The cost model of ``analysis``: each node's MACs counted on its reference input, and the
+    groups' MAC shares. Requires the analysis' graph to run on its example input; modifies
+    nothing (the counts are written into ``node.meta`` and removed again)."""
     gm = analysis.graph_module
     with torch.no_grad():
         _MacCounter(gm).run(analysis.example_input)
@@ -102,7 +96,9 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
         constant += sum(w for w, axes in scaled if not axes)
     dense = constant + sum(w for w, _ in terms)
     model = CostModel(dense, constant, terms, node_macs, analysis,
-                      tuple(analysis.example_input.shape))
-    for group, share in zip(analysis.groups, model.group_shares()):
-        group.macs_share = share
+                      tuple(analysis.example_input.shape), [])
+    for group in analysis.groups:  # the MACs that go when the group goes
+        flat = np.ones(analysis.num_units)
+        flat[group.units] = 0.0
+        model.shares.append((dense - model.macs(flat)) / max(dense, 1.0))
     return model

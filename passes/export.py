@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from passes import rules
@@ -150,7 +151,7 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
     example = _float32_example(model, example_input.detach().cpu())
-    lowered = _lower(model)
+    lowered = _lower(model, example)
     failures = []
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
     for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
@@ -228,17 +229,35 @@ def _variants(example: torch.Tensor, other_batch: bool, other_length: bool
                         dtype=example.dtype) for i, shape in enumerate(shapes)]
 
 
-def _lower(model: torch.nn.Module) -> torch.nn.Module:
+def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
     the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
-    ones). A model with eager code (``passes.capture``) gets its graph parts lowered so; others
-    are returned as is."""
-    if not isinstance(model, fx.GraphModule):
-        parts = [name for name, m in model.named_modules() if isinstance(m, fx.GraphModule)]
-        for name in parts:  # ``model`` is export_onnx's own copy
-            model.set_submodule(name, _lower(model.get_submodule(name)))
-        return model
+    ones), after shape propagation at ``example`` (the hooks read shapes). A model with eager
+    code (``passes.capture``) gets its graph parts lowered so, each at the inputs it receives
+    at ``example``; a model without graphs is returned as is."""
+    if isinstance(model, fx.GraphModule):
+        return _lowered_graph(model, (example,))
+    parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}
+    inputs: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda module, args, name=name: inputs.setdefault(name, args))
+        for name, m in parts.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, part in parts.items():  # ``model`` is export_onnx's own copy
+        if name in inputs:
+            model.set_submodule(name, _lowered_graph(part, inputs[name]))
+    return model
+
+
+def _lowered_graph(model: fx.GraphModule, args: tuple) -> fx.GraphModule:
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
+    with torch.no_grad():
+        ShapeProp(lowered).propagate(*args)
     modules = dict(lowered.named_modules())
     changed = False
     for node in list(lowered.graph.nodes):

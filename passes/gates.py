@@ -4,7 +4,7 @@ Every tensor with a prunable axis is multiplied by its group's gate along that a
 it is made, and the ops whose result depends on how many channels there are (norm statistics,
 means and variances over channels, recurrent state, attention heads) are replaced by masked
 versions (``passes.runtime``). With hard 0/1 gates from a keep set, the gated model computes
-exactly what the slim model computes (invariant 1); ``sepfx.gates.GateBank`` turns the same
+exactly what the slim model computes (invariant 1); ``sepfx.learnable_gates.LearnableGates`` turns the same
 gates into learnable ones.
 """
 from __future__ import annotations

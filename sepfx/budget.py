@@ -56,7 +56,7 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
     groups = cost.analysis.groups
     limit = budget * cost.dense_macs
     steps = _multiples(cost, multiple)
-    order = {g.index: np.argsort(-probability[g.offset:g.offset + g.size], kind="stable")
+    order = {g.index: np.argsort(-probability[g.units], kind="stable")
              for g in groups}
     check_reachable(cost, budget, min_per_group, multiple)
     low = floor_counts(cost, min_per_group, multiple)
@@ -74,7 +74,7 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
             lo, hi = (mid, hi) if cost.macs(_flat(cost, order, counts)) <= limit else (lo, mid)
         counts = [snap(max(1, round(lo * g.size)), g, s) for g, s in zip(groups, steps)]
     else:
-        counts = [snap(int(initial[g.offset:g.offset + g.size].sum()), g, s)
+        counts = [snap(int(initial[g.units].sum()), g, s)
                   for g, s in zip(groups, steps)]
     prob_sorted = {g.index: probability[g.offset + order[g.index]] for g in groups}
     macs = cost.macs(_flat(cost, order, counts))

@@ -144,8 +144,8 @@ class Analysis:
         flat = self.channels.keep_vector(keep)
         params = self.dense_params if slim_model is None else sum(
             p.numel() for p in slim_model.parameters())
-        groups = [GroupRow(g.index, g.size, len(keep[g.index]), g.macs_share, g.members)
-                  for g in self.groups]
+        groups = [GroupRow(g.index, g.size, len(keep[g.index]), self.cost.shares[g.index],
+                           g.members) for g in self.groups]
         frozen = [FrozenRow(f.label, f.reason, f.parameters) for f in self.channels.frozen]
         flat_none = np.zeros(self.channels.num_units)
         flat_none[0] = 1

@@ -20,7 +20,7 @@ from sepfx.budget import check_reachable, project
 from sepfx.checks import failing_groups
 from sepfx.core import Analysis
 from sepfx.errors import InputError, SlimError
-from sepfx.gates import LearnableGates, magnitude_init
+from sepfx.learnable_gates import LearnableGates, magnitude_init
 from sepfx.losses import pit_si_snr_loss
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 import sepfx
-from sepfx.gates import LearnableGates
+from sepfx.learnable_gates import LearnableGates
 
 from conftest import build_seeded, wav
 

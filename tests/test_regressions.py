@@ -113,7 +113,7 @@ def test_compile_keeps_two_and_names_the_reachable_budget(std_model):
 
 def test_budget_projection_and_gates_honour_min_size(std_analysis):
     from sepfx.budget import floor_counts, project
-    from sepfx.gates import LearnableGates
+    from sepfx.learnable_gates import LearnableGates
 
     cost = std_analysis.cost
     assert floor_counts(cost, 1, 8) == [2]

@@ -66,7 +66,7 @@ def assert_prunable(name, analysis, shells_allowed=False):
         groups = [g for g in analysis.groups if member in g.members]
         if not groups:
             problems.append(f"{member!r} is in no group")
-        elif not groups[0].macs_share > 0:
+        elif not analysis.cost.shares[groups[0].index] > 0:
             problems.append(f"{member!r}: its group has no MAC share")
         for f in analysis.channels.frozen:
             if member in f.parameters:

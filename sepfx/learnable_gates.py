@@ -92,5 +92,5 @@ def magnitude_init(analysis: ChannelAnalysis, magnitudes: dict[int, np.ndarray],
     for group in analysis.groups:
         scores = magnitudes[group.index]
         ranks = np.argsort(np.argsort(scores)) / max(group.size - 1, 1)  # 0 smallest, 1 largest
-        init[group.offset:group.offset + group.size] = threshold + spread * (ranks - 0.5)
+        init[group.units] = threshold + spread * (ranks - 0.5)
     return init
