@@ -115,3 +115,19 @@ def test_prelu_export_lowering(tmp_path, slopes, op):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert _relative_error(expected, got) <= 1e-6
     assert all(e <= RTOL for e in result.errors.values())
+
+
+def test_dual_path_fold_exports_with_dynamic_time(tmp_path):
+    """F.fold with a length-dependent output size (DPRNN's overlap-add) is lowered to a grouped
+    transposed convolution, so the fast TorchScript exporter keeps the time axis dynamic (its
+    Col2Im cannot) and ONNX Runtime matches at lengths that are multiples of no stride."""
+    from wild import patterns
+
+    model = patterns.build("unfold_fold")
+    keep_half = {g.index: list(range(0, g.size, 2)) for g in sepfx.analyze(model).groups}
+    slim = sepfx.prune(model, keep_half)
+    result = sepfx.export_onnx(slim, tmp_path / "m.onnx")
+    assert result.exporter == "torchscript" and result.dynamic_time and result.dynamic_batch
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "Col2Im" not in ops and "ConvTranspose" in ops, ops
+    assert all(e <= RTOL for e in result.errors.values()), result.errors

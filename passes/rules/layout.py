@@ -743,6 +743,24 @@ class UnfoldRule:
         ctx.link(channels, np.repeat(np.arange(channels.size), k), merged,
                  np.arange(merged.size))
 
+    def lower(self, node, graph_module) -> bool:
+        """For export: a dual-path fold (windows along one axis) as ``runtime.fold_1d``."""
+        if not self.fold or node.op != "call_function":
+            return False
+        names = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
+        values = [arg(node, i, name, default) for i, (name, default) in
+                  enumerate(zip(names, (None, None, None, 1, 0, 1)))]
+        _, size, kernel, dilation, padding, stride = values
+        second = [v[1] if isinstance(v, (tuple, list)) and len(v) == 2 else
+                  v if isinstance(v, int) and v is not size else None
+                  for v in (size, kernel, dilation, padding, stride)]
+        meta = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
+        if second != [1, 1, 1, 0, 1] or not hasattr(meta, "shape") or len(meta.shape) != 3:
+            return False
+        node.target = runtime.fold_1d
+        node.args, node.kwargs = (*values, int(meta.shape[1]) // kernel[0]), {}
+        return True
+
 
 def _pair(size):
     if isinstance(size, int):
@@ -753,6 +771,4 @@ def _pair(size):
 
 
 RULES.add(UnfoldRule(False), functions=[F.unfold])
-
-
 RULES.add(UnfoldRule(True), functions=[F.fold])
