@@ -97,21 +97,24 @@ def masked_layer_norm(x, k: int, weight, bias, eps: float, masks: list):
 
 # -- recurrent layers -------------------------------------------------------------------------
 def gate_blocks(rnn: nn.RNNBase) -> int:
-    """How many [hidden, ...] blocks an LSTM (i, f, g, o: 4) or GRU (r, z, n: 3) stacks in
-    each of its weights."""
-    return 4 if isinstance(rnn, nn.LSTM) else 3
+    """How many [hidden, ...] blocks an LSTM (i, f, g, o: 4), a GRU (r, z, n: 3) or a plain RNN
+    (1) stacks in each of its weights."""
+    if isinstance(rnn, nn.LSTM):
+        return 4
+    return 3 if isinstance(rnn, nn.GRU) else 1
 
 
 def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
-    """Row scale for a stacked gate weight: the candidate block (LSTM's g, GRU's n) times mask.
+    """Row scale for a stacked gate weight: the candidate block (LSTM's g, GRU's n, a plain
+    RNN's only block) times mask.
 
     With its candidate zeroed a unit's cell and hidden state stay exactly 0 from a zero initial
-    state, which is what removing the unit computes."""
+    state (tanh(0) = relu(0) = 0), which is what removing the unit computes."""
     h = rnn.hidden_size
     blocks = gate_blocks(rnn)
     ones = torch.ones(h, dtype=mask.dtype, device=mask.device)
     parts = [ones] * blocks
-    parts[2] = mask
+    parts[2 if blocks > 1 else 0] = mask
     return torch.cat(parts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import operator
 
 import numpy as np
+import pytest
 import torch
 from torch import fx, nn
 
@@ -350,3 +351,66 @@ def test_sliding_convolution_over_a_static_axis_stays_frozen():
     assert not _groups_with(analysis, "bottleneck out"), [g.describe() for g in analysis.groups]
     assert not _groups_with(analysis, "enc out")
     assert not any("span" in m for g in analysis.groups for m in g.members)
+
+
+# -- recurrent layers, traced or called by an eager shell ------------------------------------
+class Recurrent(nn.Module):
+    """A 2-layer bidirectional recurrent layer between an encoder and a mask; ``shell`` pads
+    by the length at the top level first, so that the model runs as an eager shell and the
+    layer is called from recorded glue (a leaf part called with its default ``hx=None``)."""
+
+    def __init__(self, kind: str, shell: bool, initial_state: bool = False):
+        super().__init__()
+        self.shell, self.initial_state = shell, initial_state
+        self.enc = nn.Conv1d(1, 16, 16, stride=8)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](
+            16, 12, num_layers=2, batch_first=True, bidirectional=True)
+        self.proj = nn.Linear(24, 16)
+        self.dec = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, x):
+        if self.shell and x.shape[-1] % 8:
+            x = torch.nn.functional.pad(x, (0, 8 - x.shape[-1] % 8))
+        e = self.enc(x.unsqueeze(1))
+        if self.initial_state:
+            state = torch.zeros(4, e.shape[0], 12)
+            h, _ = self.rnn(e.transpose(1, 2), (state, state) if isinstance(
+                self.rnn, nn.LSTM) else state)
+        else:
+            h, _ = self.rnn(e.transpose(1, 2))
+        return self.dec(e * torch.sigmoid(self.proj(h).transpose(1, 2)))
+
+
+def _recurrent_macs(kind: str, steps: int) -> float:
+    """The closed form: gates x hidden x (input + hidden) per step, per direction and layer."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    return 2 * steps * gates * 12 * ((16 + 12) + (24 + 12))
+
+
+@pytest.mark.parametrize("shell", [False, True], ids=["traced", "shell"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_layer_prunes_and_counts_its_closed_form(kind, shell):
+    torch.manual_seed(0)
+    model = Recurrent(kind, shell).eval()
+    analysis = sepfx.analyze(model, torch.randn(1, 8000))
+    assert bool(analysis.capture.shells) == shell
+    steps = (8000 - 16) // 8 + 1
+    rnn_nodes = [n.name for n in analysis.capture.graph_module.graph.nodes
+                 if n.op == "call_module" and n.target == "rnn"]
+    assert len(rnn_nodes) == 1
+    assert analysis.cost.node_macs[rnn_nodes[0]] == _recurrent_macs(kind, steps)
+    hidden = _groups_with(analysis, "rnn hidden")
+    assert len(hidden) == 1 and hidden[0].size == 12
+    assert not [f for f in analysis.channels.frozen if f.parameters], analysis.channels.frozen
+    _assert_gated_equals_slim(analysis, count=3)
+
+
+def test_recurrent_layer_with_an_initial_state_is_frozen_but_counted():
+    torch.manual_seed(0)
+    model = Recurrent("lstm", shell=False, initial_state=True).eval()
+    analysis = sepfx.analyze(model, torch.randn(1, 8000))
+    assert _frozen_with(analysis, "initial state")
+    assert not _groups_with(analysis, "rnn hidden")
+    rnn_nodes = [n.name for n in analysis.capture.graph_module.graph.nodes
+                 if n.op == "call_module" and n.target == "rnn"]
+    assert analysis.cost.node_macs[rnn_nodes[0]] == _recurrent_macs("lstm", (8000 - 16) // 8 + 1)

@@ -1,22 +1,27 @@
-"""Recurrent layers: nn.LSTM and nn.GRU."""
+"""Recurrent layers: nn.LSTM, nn.GRU and nn.RNN."""
 from __future__ import annotations
 
 import numpy as np
 from torch import nn
 
 from passes import runtime
-from passes.rules.registry import RULES, pruned, sliced_parameter
+from passes.rules.registry import RULES, arg, pruned, sliced_parameter
 
 
 class RecurrentRule:
-    """nn.LSTM / nn.GRU: one group of hidden units across every layer and direction (the slim
-    model is again an nn.LSTM/GRU, whose hidden size is one number)."""
+    """nn.LSTM / nn.GRU / nn.RNN: one group of hidden units across every layer and direction
+    (the slim model is again an nn.LSTM/GRU/RNN, whose hidden size is one number). Its MACs are
+    the closed form gates x hidden x (input + hidden) per step, direction and layer (the
+    counter does not see inside), frozen or not."""
 
     def couple(self, ctx):
         m: nn.RNNBase = ctx.module
         node = ctx.node
         x = node.args[0]
-        if len(node.args) > 1 or node.kwargs or m.proj_size > 0:
+        self._cost(ctx, m, x, None, None)
+        initial = arg(node, 1, "hx")
+        if initial is not None or len(node.args) > 2 or set(node.kwargs) - {"hx"} \
+                or m.proj_size > 0:
             return ctx.freeze_all("recurrent layer with an initial state or projections")
         d = 2 if m.bidirectional else 1
         h = m.hidden_size
@@ -36,13 +41,21 @@ class RecurrentRule:
                 ctx.link(state, np.arange(h), hidden, np.arange(h))
             ctx.freeze(ctx.axis(None, 0, path), "layers x directions axis of a final state")
             ctx.same(ctx.axis(x, batch), ctx.axis(None, 1, path))
-        gates = runtime.gate_blocks(m)
-        steps = ctx.shape(x)[step]
-        batch_size = ctx.shape(x)[batch]
-        unit = gates * h * steps * batch_size * d
+        self._cost(ctx, m, x, m_in, hidden)
+
+    @staticmethod
+    def _cost(ctx, m, x, m_in, hidden) -> None:
+        d = 2 if m.bidirectional else 1
+        h, out = m.hidden_size, m.proj_size or m.hidden_size
+        step, batch = (1, 0) if m.batch_first else (0, 1)
+        shape = ctx.shape(x)
+        steps, batch_size = shape[step], (shape[batch] if len(shape) == 3 else 1)
+        unit = runtime.gate_blocks(m) * h * steps * batch_size * d
         terms = [(unit * m.input_size, [m_in, hidden])]
-        terms += [(unit * d * h, [hidden, hidden])] * (m.num_layers - 1)
-        terms += [(unit * h, [hidden, hidden])] * m.num_layers
+        terms += [(unit * d * out, [hidden, hidden])] * (m.num_layers - 1)
+        terms += [(unit * out, [hidden, hidden])] * m.num_layers
+        if m.proj_size:
+            terms += [(steps * batch_size * d * h * m.proj_size, [hidden])] * m.num_layers
         ctx.cost(*terms, absolute=True)
 
     def gated(self, builder, node):
@@ -63,8 +76,10 @@ class RecurrentRule:
         d = 2 if m.bidirectional else 1
         rows = np.concatenate([b * h + k_h for b in range(gates)])
         deeper_cols = np.concatenate([j * h + k_h for j in range(d)])
+        options = {"nonlinearity": m.nonlinearity} if isinstance(m, nn.RNN) else {}
         new = type(m)(len(k_in), len(k_h), num_layers=m.num_layers, bias=m.bias,
-                      batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional)
+                      batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional,
+                      **options)
         new = new.to(device=m.weight_ih_l0.device, dtype=m.weight_ih_l0.dtype)
         for name in m._flat_weights_names:
             w = getattr(m, name)
@@ -83,4 +98,4 @@ class RecurrentRule:
         return [(m.weight_hh_l0, 1)] if axis == "hidden" else []
 
 
-RULES.add(RecurrentRule(), modules=[nn.LSTM, nn.GRU])
+RULES.add(RecurrentRule(), modules=[nn.LSTM, nn.GRU, nn.RNN])
