@@ -470,16 +470,28 @@ def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
     mapping = part.sites[site]
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
+    taken: set[str] = set()  # placeholder names are the generated forward's argument names
+
+    def placeholder(name: str, default) -> fx.Node:
+        unique, count = name, 0
+        while unique in taken:
+            count += 1
+            unique = f"{name}_{count}"
+        taken.add(unique)
+        return graph.placeholder(unique, default_value=default)
+
     for node in part.graph_module.graph.nodes:
         if node.op == "placeholder":
             source = mapping[node.name]
             default = node.args[0] if node.args else inspect.Parameter.empty
-            if isinstance(source, Constant):
-                graph.placeholder(node.name, default_value=default)
+            if isinstance(source, Constant) or nodes[source] in env:
+                # a constant, or a value already passed in another argument (``mha(e, e, e)``):
+                # the graph reads the first one
+                placeholder(node.name, default)
                 continue
-            new = graph.placeholder(source, default_value=default)
+            new = placeholder(source, default)
             new.meta = copy.copy(nodes[source].meta)
-            env.setdefault(nodes[source], new)
+            env[nodes[source]] = new
         elif node.op == "output":
             graph.output(fx.node.map_arg(node.args[0], lambda n: env[nodes[mapping[n.name]]]
                                          if not isinstance(mapping[n.name], Constant)

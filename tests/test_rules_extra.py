@@ -414,3 +414,29 @@ def test_recurrent_layer_with_an_initial_state_is_frozen_but_counted():
     rnn_nodes = [n.name for n in analysis.capture.graph_module.graph.nodes
                  if n.op == "call_module" and n.target == "rnn"]
     assert analysis.cost.node_macs[rnn_nodes[0]] == _recurrent_macs("lstm", (8000 - 16) // 8 + 1)
+
+
+class ShellAttention(nn.Module):
+    """Self-attention ``mha(e, e, e)`` called from eager glue (the root pads by the length):
+    one value in three arguments of a leaf part, and an unused attention-weights output."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 16, 16, stride=8)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.dec = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, x):
+        if x.shape[-1] % 8:
+            x = torch.nn.functional.pad(x, (0, 8 - x.shape[-1] % 8))
+        e = self.enc(x.unsqueeze(1)).transpose(1, 2)
+        h, _ = self.mha(e, e, e)
+        return self.dec((e + h).transpose(1, 2))
+
+
+def test_attention_called_from_eager_glue_prunes_heads():
+    _, analysis = _analyze(ShellAttention)
+    assert analysis.capture.shells
+    heads = _groups_with(analysis, "mha heads")
+    assert len(heads) == 1 and heads[0].size == 4, [g.describe() for g in analysis.groups]
+    _assert_gated_equals_slim(analysis)

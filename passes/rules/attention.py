@@ -44,7 +44,9 @@ class AttentionRule:
         ctx.same(ctx.axis(q, seq), ctx.axis(None, seq, (0,)))
         for t in (k, v):
             ctx.freeze(ctx.axis(t, seq), "attention mixes along this axis")
-        weights_used = any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
+        # recorded eager code unpacks both outputs (``out, _ = mha(...)``): used means read
+        weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users
+                           for u in node.users)
         if weights_used:
             ctx.freeze(heads, "the attention weights (averaged over heads) are used")
         for path in ctx.tensor_paths(node)[1:]:
