@@ -14,6 +14,7 @@ import copy
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            with _quiet_stdout():
+            with _quiet_output():
                 torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
                                   input_names=["mixture"], output_names=names,
                                   dynamic_axes={"mixture": in_axes, **out_axes}
@@ -82,7 +83,7 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
             level = quiet.level
             quiet.setLevel(logging.ERROR)
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with _quiet_output(), contextlib.redirect_stdout(io.StringIO()):
                     torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
                                       optimize=False, verbose=False, input_names=["mixture"],
                                       output_names=names,
@@ -92,20 +93,25 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
-    """Silence file descriptor 1: the TorchScript exporter's C++ logger prints the whole graph
-    there when it fails (torch 2.13 enables that logger whatever ``verbose`` says), and a
-    failure here only means the next exporter is tried."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+def _quiet_output():
+    """Silence file descriptors 1 and 2 while an exporter runs: on failure the TorchScript
+    exporter's C++ logger prints the whole graph (torch 2.13 enables it whatever ``verbose``
+    says) and torch.export logs its graphs, and a failure here only means the next exporter
+    is tried (``ExportError`` says why each one failed)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
             yield
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy_of in zip((1, 2), saved):
+            os.dup2(copy_of, fd)
+            os.close(copy_of)
 
 
 def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[str, float]:
@@ -167,8 +173,9 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
                             dynamic_time, opset)
                     errors = _check(candidate, model, inputs, rtol)
                 except Exception as error:
+                    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
                     failures.append(f"{label}: {type(error).__name__}: "
-                                    f"{str(error).splitlines()[0][:300]}")
+                                    f"{text.splitlines()[0][:300] if text else ''}")
                     continue
                 if all(e <= rtol for e in errors.values()):
                     shutil.move(candidate, path)  # may cross filesystems

@@ -26,10 +26,11 @@ def apply_gate(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 
     The value is ``where(mask > 0, x, 0)``; the gradient with respect to ``mask`` is the
     straight-through one, ``x`` (so a closed gate still learns whether to reopen)."""
-    m = _along(mask, x.dim(), dim).to(x.dtype)
+    m = _along(mask, x.dim(), dim)
     out = torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if mask.requires_grad:
-        out = out + (m - m.detach()) * torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0)
+        straight_through = (m - m.detach()).to(x.dtype)
+        out = out + straight_through * torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0)
     return out
 
 

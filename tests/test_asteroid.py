@@ -1,5 +1,7 @@
 """Real separation code as its authors published it: Asteroid 0.7.0's ConvTasNet, DPRNNTasNet,
-SuDORMRFNet and DPTNet (small configs, random weights), compiled unedited.
+SuDORMRFNet, SuDORMRFImprovedNet, DPTNet, LSTMTasNet and DeMask (small configs, random
+weights), compiled unedited; DCUNet (complex-valued) compiles but cannot be exported to ONNX
+(neither can its dense model: ONNX has no complex tensors), which must be a clear ExportError.
 
 Asteroid installs with ``pip install --no-deps asteroid==0.7.0 asteroid-filterbanks==0.4.0``
 (its declared dependencies would pull another torch); the README's test command does that. In CI
@@ -30,6 +32,10 @@ CONFIGS = {
                         n_filters=64),
     "SuDORMRFNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3, n_filters=64),
     "DPTNet": dict(n_src=2, n_repeats=1, n_filters=64, ff_hid=64, chunk_size=50),
+    "SuDORMRFImprovedNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3,
+                                n_filters=64),
+    "LSTMTasNet": dict(n_src=2, hid_size=32, n_layers=2, n_filters=64),
+    "DeMask": dict(hidden_dims=(128,)),
 }
 CHECK_SHAPES = [(1, 8000), (2, 12345), (2, 16000)]
 
@@ -110,3 +116,17 @@ def test_learned_gates_on_real_code():
     assert any("gates learned" in note for note in slim.sepfx_report.notes)
     with torch.no_grad():
         assert torch.isfinite(slim(wav(2, 12345))).all()
+
+
+def test_complex_model_compiles_and_refuses_export_clearly(tmp_path):
+    """DCUNet: complex spectrogram masks (view_as_complex, .real/.imag, F.batch_norm of each
+    part, atan2 phase): 0.4 of its MACs, exactly (compile checks slim against hard-gated), and
+    an ExportError that names the op ONNX lacks."""
+    torch.manual_seed(0)
+    model = asteroid_models.DCUNet(architecture="DCUNet-10", n_src=2,
+                                   fix_length_mode="pad").eval()
+    slim = sepfx.compile(model, budget=0.4, example_input=wav(1, 8000))
+    assert 0.38 <= slim.sepfx_report.macs_ratio <= 0.40
+    assert slim.sepfx_report.prunable_macs_share >= 0.9
+    with pytest.raises(sepfx.errors.ExportError, match="view_as_complex"):
+        sepfx.export_onnx(slim, tmp_path / "slim.onnx")

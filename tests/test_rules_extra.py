@@ -440,3 +440,40 @@ def test_attention_called_from_eager_glue_prunes_heads():
     heads = _groups_with(analysis, "mha heads")
     assert len(heads) == 1 and heads[0].size == 4, [g.describe() for g in analysis.groups]
     _assert_gated_equals_slim(analysis)
+
+
+# -- repeat, complex views, functional batch norm, cat of a tuple ----------------------------
+class Spectral(nn.Module):
+    """DeMask/DCUNet-style ops around an encoder: a magnitude mask repeated over the (real,
+    imaginary) halves (``repeat(1, 2, 1)``), a functional batch norm with the module's own
+    statistics, a complex view and its parts, and ``torch.cat`` of a tuple node."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 16, 16, stride=8)  # [real(8); imag(8)] halves
+        self.mask = nn.Conv1d(16, 8, 1)
+        self.norm = nn.BatchNorm1d(8)
+        self.norm.running_mean.uniform_(-0.5, 0.5)
+        self.norm.running_var.uniform_(0.5, 1.5)
+        self.dec = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, x):
+        e = self.enc(x.unsqueeze(1))
+        m = self.mask(e)
+        m = torch.nn.functional.batch_norm(m, self.norm.running_mean, self.norm.running_var,
+                                           self.norm.weight, self.norm.bias, False, 0.1, 1e-5)
+        masked = e * torch.sigmoid(m).repeat(1, 2, 1)
+        z = torch.view_as_complex(torch.stack(masked.chunk(2, dim=1), dim=-1).contiguous())
+        parts = torch.cat((z.real, z.imag), dim=1)
+        return self.dec(torch.cat(parts.chunk(2, dim=1), dim=1))
+
+
+def test_repeat_complex_views_and_functional_batch_norm_prune_exactly():
+    _, analysis = _analyze(Spectral)
+    members = {m for g in analysis.groups for m in g.members}
+    assert "mask out" in members and "norm.running_mean dim 0" in members, members
+    encoder = _groups_with(analysis, "enc out")
+    # a channel c of each half lives with c of the other half (repeat, complex view)
+    assert len(encoder) == 1 and encoder[0].size == 8, [g.describe() for g in analysis.groups]
+    assert not [f for f in analysis.channels.frozen if f.parameters], analysis.channels.frozen
+    _assert_gated_equals_slim(analysis)

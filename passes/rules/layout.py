@@ -16,21 +16,28 @@ from passes.rules.registry import RULES, arg, pruned, set_arg
 from passes.values import scalar_values, tensor_shapes
 
 
+def _operands(ctx, sequence) -> list[tuple[fx.Node, tuple]]:
+    """The tensors of a cat/stack argument as (node, path): a list of nodes, or one node
+    holding a tuple of tensors (``torch.cat(x.chunk(2))``)."""
+    if isinstance(sequence, fx.Node):
+        return [(sequence, p) for p in ctx.tensor_paths(sequence) if len(p) == 1]
+    return [(t, ()) for t in sequence if isinstance(t, fx.Node)]
+
+
 class CatRule:
     def couple(self, ctx):
         node = ctx.node
-        tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
         out_shape = ctx.shape()
         dim = arg(node, 1, "dim", 0) % len(out_shape)
         out = ctx.axis(None, dim)
         offset = 0
         broken = False
-        for t in tensors:
-            shape = ctx.shape(t)
+        for t, path in _operands(ctx, arg(node, 0, "tensors")):
+            shape = ctx.shape(t, path)
             if shape is None or len(shape) != len(out_shape):
                 continue  # an empty operand (numel 0, any rank) adds nothing
             n = shape[dim]
-            a = ctx.axis(t, dim)
+            a = ctx.axis(t, dim, path)
             if out is not None and a is not None:
                 ctx.link(a, np.arange(n), out, offset + np.arange(n))
             elif out is not None and n > 0:
@@ -39,16 +46,15 @@ class CatRule:
                 ctx.freeze(a, "concatenated along a dynamic axis")
             for d in range(len(out_shape)):
                 if d != dim:
-                    ctx.same(ctx.axis(t, d), ctx.axis(None, d))
+                    ctx.same(ctx.axis(t, d, path), ctx.axis(None, d))
             offset += n
         if broken:
             ctx.freeze(out, "an operand of size 1 is concatenated along this axis")
 
-
     def lower(self, node, graph_module) -> bool:
         """For export: drop empty operands (ONNX Runtime rejects their rank)."""
         tensors = arg(node, 0, "tensors")
-        if not isinstance(tensors, (list, tuple)):
+        if not isinstance(tensors, (list, tuple)):  # one node holding a tuple: nothing to drop
             return False
         kept = [t for t in tensors if not _empty(t)]
         if not kept or len(kept) == len(tensors):
@@ -118,16 +124,64 @@ RULES.add(SplitRule(), functions=[torch.split, torch.chunk], methods=["split", "
 class StackRule:
     def couple(self, ctx):
         node = ctx.node
-        tensors = [t for t in arg(node, 0, "tensors") if isinstance(t, fx.Node)]
         n = len(ctx.shape())
         dim = arg(node, 1, "dim", 0) % n
         ctx.freeze(ctx.axis(None, dim), "stacked axis")
-        for t in tensors:
-            for d, a in enumerate(ctx.axes(t)):
+        for t, path in _operands(ctx, arg(node, 0, "tensors")):
+            for d, a in enumerate(ctx.axes(t, path)):
                 ctx.same(a, ctx.axis(None, d if d < dim else d + 1))
 
 
 RULES.add(StackRule(), functions=[torch.stack])
+
+
+class RepeatRule:
+    """``x.repeat(*factors)`` / ``torch.tile(x, factors)``: along a repeated static axis the r
+    copies of element c (c, c + n, ... of the result) live and die together; the factors
+    stay as they are in the slim model."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        factors = list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "dims")]
+        if len(factors) == 1 and isinstance(factors[0], (tuple, list, torch.Size)):
+            factors = list(factors[0])
+        shape, out = ctx.shape(x), ctx.shape()
+        if shape is None or out is None or not all(isinstance(f, int) for f in factors):
+            return ctx.freeze_all("repeat by factors sepfx cannot read")
+        offset = len(out) - len(shape)
+        factors = [1] * (len(out) - len(factors)) + factors
+        for d in range(len(shape)):
+            a, o, r = ctx.axis(x, d), ctx.axis(None, d + offset), factors[d + offset]
+            if r == 1 or a is None or o is None:
+                ctx.same(a, o)
+            else:
+                ctx.link(a, np.tile(np.arange(a.size), r), o, np.arange(o.size))
+        for d in range(offset):  # new leading axes: copies of the whole tensor
+            ctx.freeze(ctx.axis(None, d), "a new axis of repeated copies")
+
+
+RULES.add(RepeatRule(), functions=[torch.tile], methods=["repeat", "tile"])
+
+
+class ComplexViewRule:
+    """``torch.view_as_complex(x [..., 2])`` and ``torch.view_as_real(z)``: the axes but the
+    (real, imaginary) pair are the same axes."""
+
+    def __init__(self, to_complex: bool):
+        self.to_complex = to_complex
+
+    def couple(self, ctx):
+        x = ctx.node.args[0]
+        inner, outer = (x, None) if self.to_complex else (None, x)
+        pair = ctx.axis(inner, -1)
+        ctx.freeze(pair, "the (real, imaginary) pair of a complex view")
+        for d in range(len(ctx.shape(outer))):
+            ctx.same(ctx.axis(inner, d), ctx.axis(outer, d))
+
+
+RULES.add(ComplexViewRule(True), functions=[torch.view_as_complex])
+RULES.add(ComplexViewRule(False), functions=[torch.view_as_real])
 
 
 class PermuteRule:
@@ -388,6 +442,9 @@ class SizeRule:
             attr = node.args[1]
             if attr == "shape":
                 ctx.read_size({d: a.key for d, a in enumerate(ctx.axes(x)) if a is not None})
+            elif attr in ("real", "imag"):  # a complex tensor's parts: the same axes
+                for a, o in zip(ctx.axes(x), ctx.axes()):
+                    ctx.same(a, o)
             elif attr not in ("ndim", "dtype", "device", "is_cuda", "requires_grad"):
                 ctx.freeze_all(f"tensor attribute .{attr}")
             return

@@ -48,6 +48,26 @@ class BatchNormRule:
 RULES.add(BatchNormRule(), modules=[nn.BatchNorm1d, nn.BatchNorm2d])
 
 
+class FunctionalBatchNormRule:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)``: per-channel statistics
+    and parameters along axis 1 (usually parameters and buffers read by the graph, sliced by
+    the slim pass with their axes); every axis maps through."""
+
+    def couple(self, ctx):
+        node = ctx.node
+        x = node.args[0]
+        channel = ctx.axis(x, 1)
+        for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+            p = arg(node, i, name)
+            if isinstance(p, fx.Node):
+                ctx.same(channel, ctx.axis(p, 0))
+        for a, o in zip(ctx.axes(x), ctx.axes()):
+            ctx.same(a, o)
+
+
+RULES.add(FunctionalBatchNormRule(), functions=[F.batch_norm, torch.batch_norm])
+
+
 class InstanceNormRule:
     """InstanceNorm1d/2d, with or without affine parameters: statistics per sample and channel
     over the spatial axes, so channels map through (and its parameters follow them); a static

@@ -141,7 +141,7 @@ ELEMENTWISE = RULES.add(
                operator.floordiv,
                operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
                torch.maximum, torch.minimum, torch.where, torch.relu, torch.sigmoid, torch.tanh,
-               torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.pow, torch.clamp,
+               torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.pow, torch.clamp, torch.atan2,
                torch.neg, torch.sin, torch.cos, torch.log, torch.log1p, torch.square,
                torch.zeros_like, torch.ones_like, torch.sign, torch.nan_to_num,
                torch.empty_like, torch.full_like, torch.masked_fill,
