@@ -8,6 +8,7 @@ expected MACs of the stochastic gates to the budget from either side. Under
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field
 
@@ -66,8 +67,22 @@ def as_sources(output) -> torch.Tensor:
                      f"dict of [B, T] tensors, got {type(output).__name__}")
 
 
-def _batches(data, steps: int, n_src: int | None, device, dtype):
-    """``steps`` validated batches on ``device`` in the model's ``dtype``, cycling ``data``."""
+def check_mixture(batch, where: str = "data") -> torch.Tensor:
+    """The mixture [B, T] of a batch that needs no clean sources (distillation): a tensor, or
+    the first element of a (mixture, sources) pair."""
+    mixture = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(mixture, torch.Tensor) or mixture.dim() != 2:
+        got = list(mixture.shape) if isinstance(mixture, torch.Tensor) else type(mixture).__name__
+        raise InputError(f"{where}: each batch must be a mixture [B, T] (or a pair whose first "
+                         f"element is one), got {got}")
+    if not torch.isfinite(mixture).all():
+        raise InputError(f"{where}: a batch contains NaN or inf")
+    return mixture
+
+
+def _batches(data, steps: int, n_src: int | None, device, dtype, mixtures_only: bool = False):
+    """``steps`` validated batches on ``device`` in the model's ``dtype``, cycling ``data``:
+    (mixture, sources) pairs, or (mixture, None) when ``mixtures_only``."""
     if data is None:
         raise InputError("data is None: give an iterable of (mixture, sources) batches")
     produced = 0
@@ -75,8 +90,11 @@ def _batches(data, steps: int, n_src: int | None, device, dtype):
         empty = True
         for batch in data:
             empty = False
-            mixture, sources = check_batch(batch, n_src)
-            yield mixture.to(device, dtype), sources.to(device, dtype)
+            if mixtures_only:
+                yield check_mixture(batch).to(device, dtype), None
+            else:
+                mixture, sources = check_batch(batch, n_src)
+                yield mixture.to(device, dtype), sources.to(device, dtype)
             produced += 1
             if produced >= steps:
                 return
@@ -298,11 +316,20 @@ def _project(cost, probability, budget, initial, min_per_group, multiple, pinned
 
 
 def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip: float = 5.0,
-             device=None, progress: bool = True) -> nn.Module:
+             teacher: nn.Module | None = None, device=None, progress: bool = True) -> nn.Module:
     """Ordinary training of a slim model (Adam, gradient norm clipped to ``clip``); returns it
-    in eval mode."""
+    in eval mode (trained in place).
+
+    ``teacher``: a model (usually the dense one) whose outputs the slim model learns instead of
+    the clean sources (knowledge distillation, PIT SI-SNR to the teacher's estimates). Then a
+    batch may be a mixture [B, T] alone, so a user's own unlabelled recordings will do; the
+    sources of (mixture, sources) pairs are ignored. The teacher is not modified (a copy
+    runs, in eval mode)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise InputError(f"teacher must be a torch.nn.Module (the dense model), got "
+                         f"{type(teacher).__name__}")
     device = torch.device(device or "cpu")
     slim.to(device).train()
     model = _wrap(slim, device)
@@ -310,8 +337,14 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
     optimizer = torch.optim.Adam(params, lr=lr)
     dtype = params[0].dtype if params else torch.float32
     n_src = getattr(slim, "sepfx_n_src", None)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).to(device, dtype).eval()
     bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
-    for mixture, sources in _batches(data, steps, n_src, device, dtype):
+    for mixture, sources in _batches(data, steps, n_src, device, dtype,
+                                     mixtures_only=teacher is not None):
+        if teacher is not None:
+            with torch.no_grad():
+                sources = as_sources(teacher(mixture))
         loss, _ = pit_si_snr_loss(as_sources(model(mixture)), sources)
         optimizer.zero_grad()
         loss.backward()

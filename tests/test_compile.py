@@ -611,6 +611,32 @@ def test_finetune_after_learned_compile(untrained):
     print(f"\n[finetune] learned slim at 0.25: loss on the batch {before:.3f} -> {after:.3f}")
 
 
+def test_finetune_distils_from_a_teacher_on_mixtures_alone(untrained):
+    """Knowledge distillation: with ``teacher=`` the batches may be bare mixtures (no clean
+    sources); the slim model moves towards the teacher's outputs, and the teacher is left
+    exactly as it was (a copy runs)."""
+    teacher = untrained.model
+    slim = sepfx.compile(teacher, 0.25, progress=False)
+    mixtures = [mixture for mixture, _ in untrained.train[:2]]
+    with torch.no_grad():
+        targets = [teacher(m) for m in mixtures]
+
+    def distance() -> float:
+        with torch.no_grad():
+            return float(sum(pit_si_snr_loss(slim.eval()(m), t)[0]
+                             for m, t in zip(mixtures, targets)))
+
+    before = distance()
+    out = sepfx.finetune(slim, mixtures, steps=20, teacher=teacher, progress=False)
+    assert out is slim and not slim.training
+    assert distance() < before, (before, distance())
+    assert_unchanged(teacher, untrained.snapshot)
+    with pytest.raises(InputError, match="teacher"):
+        sepfx.finetune(slim, mixtures, steps=1, teacher="dense", progress=False)
+    with pytest.raises(InputError, match="mixture"):
+        sepfx.finetune(slim, [torch.randn(2, 2, 100)], steps=1, teacher=teacher, progress=False)
+
+
 @pytest.mark.parametrize("steps", [0, -1, 1.5])
 def test_finetune_bad_steps(plain, steps):
     model, batch = plain
