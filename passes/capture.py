@@ -114,16 +114,24 @@ def _detached(value):
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
-def _record_calls(root: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list]:
-    """Module path -> [(run, args, kwargs, output)] of every call, over runs at ``inputs``."""
+def _record_calls(root: nn.Module, paths: list[str], inputs: list[torch.Tensor]
+                  ) -> dict[str, list]:
+    """Module path -> [(run, args, kwargs, output)] of every call of the modules at ``paths``,
+    over runs of ``root`` at ``inputs`` (copies: in-place code cannot change them later)."""
     calls: dict[str, list] = {}
+    if "" in paths:
+        with torch.no_grad():
+            calls[""] = [(run, (x,), {}, _detached(root(x))) for run, x in enumerate(inputs)]
+    paths = [p for p in paths if p]
+    if not paths:
+        return calls
     handles = []
     run = 0
-    for path, module in root.named_modules(remove_duplicate=False):
+    for path in paths:
         def hook(module, args, kwargs, output, path=path):
             calls.setdefault(path, []).append((run, _detached(args), _detached(kwargs),
                                                _detached(output)))
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        handles.append(root.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             for run, x in enumerate(inputs):
@@ -203,32 +211,39 @@ def _is_rule_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def _decide(root: nn.Module, calls: dict[str, list]) -> tuple[dict, dict, list]:
-    """Top-down: graph parts, leaf parts and shells of the modules that actually run."""
+def _decide(root: nn.Module, inputs: list[torch.Tensor]) -> tuple[dict, dict, list]:
+    """Top-down, one level of shells at a time: graph parts, leaf parts and shells of the
+    modules that actually run. Only the modules a shell calls are recorded (one run of the
+    model per level), so a model that traces whole runs just once per input here."""
     parts: dict[str, Part] = {}
     shells: dict[str, str] = {}
     assumptions: list[str] = []
 
-    def visit(path: str, module: nn.Module) -> None:
-        if path not in calls:  # not called itself (dead, or used through a method of its
-            for name, child in module.named_children():  # parent): its children may be
-                visit(f"{path}.{name}" if path else name, child)
-            return
-        if _is_rule_leaf(module) and path:
-            part = _leaf_part(path, module)
+    def children(path: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{path}.{name}" if path else name, child)
+                for name, child in module.named_children()]
+
+    candidates = [("", root)]
+    while candidates:
+        calls = _record_calls(root, [path for path, _ in candidates], inputs)
+        found: list[tuple[str, nn.Module]] = []
+        for path, module in candidates:
+            if path not in calls:  # not called itself (dead, or used through a method of its
+                found += children(path, module)  # parent): its children may be
+                continue
+            if _is_rule_leaf(module) and path:
+                part = _leaf_part(path, module)
+                if part is not None:
+                    parts[path] = part
+                    continue
+            part, why, fixed = _trace_part(path, module, calls[path])
             if part is not None:
                 parts[path] = part
-                return
-        part, why, fixed = _trace_part(path, module, calls[path])
-        if part is not None:
-            parts[path] = part
-            assumptions.extend(fixed)
-            return
-        shells[path] = why
-        for name, child in module.named_children():
-            visit(f"{path}.{name}" if path else name, child)
-
-    visit("", root)
+                assumptions.extend(fixed)
+                continue
+            shells[path] = why
+            found += children(path, module)
+        candidates = found
     return parts, shells, assumptions
 
 
@@ -414,8 +429,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
     """Capture ``model`` (not modified: a deep copy is captured) by parts."""
     root = copy.deepcopy(model).eval()
     check_inputs = tracing.check_lengths(example_input)  # example, probe, third
-    calls = _record_calls(root, check_inputs)
-    parts, shells, assumptions = _decide(root, calls)
+    parts, shells, assumptions = _decide(root, check_inputs)
     notes: list[str] = []
     if "" in parts:  # the whole model traces: the analysis graph is its graph
         part = parts[""]
