@@ -63,17 +63,19 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
 
 # -- the pass -------------------------------------------------------------------------------
 def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
-                     summarised: bool = False) -> ChannelAnalysis:
+                     summarised: bool = False,
+                     frozen: dict[AxisKey, str] | None = None) -> ChannelAnalysis:
     """Find the channel groups of ``gm`` (not modified, apart from shape metadata in
     ``node.meta``). ``summarised``: the nodes' value summaries are already there (a captured
-    analysis graph, ``passes.capture``), so shapes are not propagated again."""
+    analysis graph, ``passes.capture``), so shapes are not propagated again. ``frozen``: axes
+    to freeze besides those the rules freeze (found unprunable by a check), with the reason."""
     from passes import rules as op_rules
 
     modules = dict(gm.named_modules())
     if not summarised:
         propagate_shapes(gm, example_input, lambda n: n.op == "call_module"
                          and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF)
-    state = CouplingState(gm)
+    state = CouplingState(gm, frozen)
     rule_of: dict[str, Any] = {}
     for node in gm.graph.nodes:
         ctx = NodeContext(state, node)
@@ -127,8 +129,9 @@ def _finish(gm, state: CouplingState, rule_of, example_input) -> ChannelAnalysis
         owner[axis.start:axis.start + axis.size] = [axis.key] * axis.size
     frozen_roots = set()
     for key in state.frozen_axes:
-        axis = state.axes[key]
-        frozen_roots.update(roots[axis.start:axis.start + axis.size].tolist())
+        axis = state.axes.get(key)  # None: an axis frozen by the caller that no rule made
+        if axis is not None:
+            frozen_roots.update(roots[axis.start:axis.start + axis.size].tolist())
     # members of each component, per axis
     components: dict[int, dict[AxisKey, list[int]]] = {}
     for axis in state.axes.values():
@@ -207,7 +210,9 @@ def _frozen_report(state: CouplingState, roots: np.ndarray) -> list[Frozen]:
                 params_of_root.setdefault(r, set()).add(axis.label)
     out = []
     for key, reason in state.frozen_axes.items():
-        axis = state.axes[key]
+        axis = state.axes.get(key)
+        if axis is None:
+            continue
         params: set[str] = set()
         for r in set(roots[axis.start:axis.start + axis.size].tolist()):
             params |= params_of_root.get(r, set())

@@ -45,8 +45,9 @@ class _UnionFind:
 class CouplingState:
     """State shared by the rules while coupling (see ``NodeContext``)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, frozen: dict[AxisKey, str] | None = None):
         self.gm = gm
+        self.frozen_on_creation = dict(frozen or {})  # axes to freeze once a rule makes them
         self.modules = dict(gm.named_modules())
         self.union_find = _UnionFind()
         self.axes: dict[AxisKey, Axis] = {}
@@ -62,6 +63,8 @@ class CouplingState:
         axis = self.axes.get(key)
         if axis is None:
             axis = self.axes[key] = Axis(key, int(size), self.union_find.add(int(size)), label)
+            if key in self.frozen_on_creation:
+                self.freeze(key, self.frozen_on_creation[key])
         return axis
 
     def freeze(self, key: AxisKey, reason: str) -> None:

@@ -28,6 +28,9 @@ from passes.values import probe_input
 
 _VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
 _SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shapes, not data
+# node.meta key: the value derives from a size that varies with the input (batch, length):
+# a bool, or one per element for a shape
+_VARYING = "_sepfx_varying"
 
 # reading these from a tensor gives metadata, not data
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
@@ -53,6 +56,43 @@ def _shape_only(node: fx.Node) -> bool:
     inputs = []
     fx.node.map_arg((node.args, node.kwargs), inputs.append)
     return bool(inputs) and all(n.meta.get(_SHAPE_ONLY, False) for n in inputs)
+
+
+def _varying(node: fx.Node):
+    """Whether ``node``'s value derives from a size that varies with the input: a direct size
+    read varies where its two example values differ (the examples differ in batch and length);
+    anything computed from a varying value varies, even when its two values happen to agree
+    (``T % 4`` can be 1 at both); a shape varies per element, and indexing it picks those."""
+    values = node.meta.get(_VALUES)
+    reads_shape = (node.op == "call_function" and node.target is getattr
+                   and node.args[1] == "shape") or \
+        (node.op == "call_method" and node.target == "size" and len(node.args) == 1
+         and "dim" not in node.kwargs)
+    if reads_shape:
+        if values is None or not all(isinstance(v, tuple) for v in values) or \
+                len(values[0]) != len(values[1]):
+            return True
+        return tuple(a != b for a, b in zip(*values))
+    if node.op == "call_method" and node.target in ("size", "numel"):
+        return values is None or values[0] != values[1]
+    if node.op == "call_method" and node.target in ("dim", "ndimension") or \
+            node.op == "call_function" and node.target is getattr and node.args[1] == "ndim":
+        return False
+    if node.op == "call_function" and node.target is operator.getitem \
+            and isinstance(node.args[0], fx.Node):
+        source = node.args[0].meta.get(_VARYING, False)
+        if isinstance(source, tuple):
+            index = node.args[1]
+            if isinstance(index, int) and -len(source) <= index < len(source):
+                return source[index]
+            if isinstance(index, slice) and all(
+                    v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
+                return source[index]
+            return any(source)
+    inputs: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), inputs.append)
+    return any(any(v) if isinstance(v, tuple) else bool(v)
+               for v in (n.meta.get(_VARYING, False) for n in inputs))
 
 
 def _no_autograd_function(original):
@@ -100,7 +140,8 @@ class _ConcreteProxy(fx.Proxy):
         values = self.node.meta.get(_VALUES)
         if values is not None and all(isinstance(v, torch.Tensor) for v in values):
             return self.tracer.static_length(self)  # a tensor's first size: metadata, not data
-        return self.tracer.static_value(self, (tuple, list, torch.Size), len)
+        # a sequence's length is its structure (a rank), fixed even if its items vary
+        return self.tracer.static_value(self, (tuple, list, torch.Size), len, structural=True)
 
     def __int__(self):
         return self.tracer.static_value(self, (int,))
@@ -268,6 +309,7 @@ class _Tracer(fx.Tracer):
         elif kind != "output":
             node.meta[_VALUES] = tuple(self._evaluate(node, k) for k in range(2))
             node.meta[_SHAPE_ONLY] = _shape_only(node)
+            node.meta[_VARYING] = _varying(node)
         return proxy
 
     def _evaluate(self, node: fx.Node, k: int) -> Any:
@@ -299,9 +341,11 @@ class _Tracer(fx.Tracer):
         finally:
             self._evaluating = False
 
-    def static_value(self, proxy: fx.Proxy, types: tuple, project=lambda value: value) -> Any:
+    def static_value(self, proxy: fx.Proxy, types: tuple, project=lambda value: value,
+                     structural: bool = False) -> Any:
         """``project(value)`` of ``proxy`` if the value is of ``types`` and the projection is the
-        same on both inputs, else raise."""
+        same on both inputs and derives from no size that varies with the input (unless the
+        projection reads only the value's structure, ``structural``), else raise."""
         node = proxy.node
         values = node.meta.get(_VALUES)
         ok = (values is not None and all(isinstance(v, types) and not isinstance(v, torch.Tensor)
@@ -312,6 +356,13 @@ class _Tracer(fx.Tracer):
                 "tensor data, not only on shapes: it cannot be fixed while tracing")
         if ok:
             values = [project(v) for v in values]
+        varying = False if structural else node.meta.get(_VARYING, False)
+        if ok and (any(varying) if isinstance(varying, tuple) else varying):
+            seen = f"{values[0]!r} vs {values[1]!r}"
+            raise torch.fx.proxy.TraceError(
+                f"node {node.name} ({_user_line(node)}) is used as a Python value but derives "
+                f"from the input's length or batch size ({seen} on two inputs of different "
+                "batch and length): it would be fixed for one input only")
         if ok and values[0] == values[1]:
             where = self.sepfx_module_stack[-1] if self.sepfx_module_stack else ""
             self.assumptions.append((f"{_user_line(node)}  ->  {values[0]!r}", where))
@@ -355,6 +406,7 @@ def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
     (never an in-place op) and unused submodules removed."""
     for node in graph.nodes:
         node.meta.pop(_VALUES, None)
+        node.meta.pop(_VARYING, None)
         # annotations written as strings (``from __future__ import annotations``) would end
         # up as bare strings in the generated code's globals, which breaks pickling
         node.type = None

@@ -126,7 +126,8 @@ def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-
 
     def fails(trial: dict) -> bool:
         try:
-            return reference.failure(trial, analysis.slim(trial), tolerance) is not None
+            return reference.failure(trial, analysis.slim(trial, check=False),
+                                     tolerance) is not None
         except SlimError:  # the slim pass itself refuses it: as broken as a wrong result
             return True
 
@@ -139,6 +140,45 @@ def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-
         if fails(_only(keep, groups, together)):
             return failure, together
     return failure, []
+
+
+def unslimmable_groups(analysis, tolerance: float = 1e-4) -> dict[int, Failure]:
+    """The groups of a model with eager shells that no keep set can prune: pruning each to
+    every other unit (respecting its ``min_size``) fails a check, alone or together with
+    others, so the eager code around them reads their channel count (``self.width``) where
+    sepfx cannot rewrite it. Found by bisection: one check when every group is fine."""
+    reference = _Reference(analysis)
+    groups = {g.index: g for g in analysis.groups}
+    whole = {i: list(range(g.size)) for i, g in groups.items()}
+    half = {i: list(range(0, g.size, 2)) + list(range(1, g.size, 2))[:max(0, g.min_size - (
+        g.size + 1) // 2)] for i, g in groups.items()}
+
+    def failure(indices: list[int]) -> Failure | None:
+        keep = {**whole, **{i: sorted(half[i]) for i in indices}}
+        try:
+            return reference.failure(keep, analysis.slim(keep, check=False), tolerance)
+        except SlimError as error:
+            return Failure("runs", list(analysis.example_input.shape), str(error)[:300])
+
+    found: dict[int, Failure] = {}
+
+    def search(indices: list[int], known: Failure) -> None:
+        if len(indices) == 1:
+            found[indices[0]] = known
+            return
+        left, right = indices[:len(indices) // 2], indices[len(indices) // 2:]
+        failures = [(part, failure(part)) for part in (left, right)]
+        if all(f is None for _, f in failures):  # only together: keep them all whole
+            found.update({i: known for i in indices})
+        for part, f in failures:
+            if f is not None:
+                search(part, f)
+
+    prunable = [i for i, g in groups.items() if g.size > g.min_size]
+    first = failure(prunable) if prunable else None
+    if first is not None:
+        search(prunable, first)
+    return found
 
 
 def check_slim(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4) -> None:

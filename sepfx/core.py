@@ -14,7 +14,7 @@ from passes.cost import CostModel, cost_model
 from passes.gates import gated_model
 from passes.rules import RULES
 from passes.slim import check_keep, slim_model
-from sepfx.checks import check_slim
+from sepfx.checks import check_slim, unslimmable_groups
 from sepfx.errors import InputError
 from sepfx.report import FrozenRow, GroupRow, Report
 
@@ -67,13 +67,32 @@ class Analysis:
         self.sample_rate = model_number(model, "sample_rate")
         self.n_src = model_number(model, "n_src")
         self.capture: Capture = capture(model, example_input)
+        self.example_input = example_input
         self.channels: ChannelAnalysis = analyze_channels(
             self.capture.graph_module, example_input, summarised=not self.capture.traced_whole)
         self.cost: CostModel = cost_model(self.channels)
-        self.example_input = example_input
         # a traced model's dead code is gone; a model with eager shells keeps all its weights
         counted = self.capture.graph_module if self.capture.traced_whole else self.capture.root
         self.dense_params = sum(p.numel() for p in counted.parameters())
+        if not self.capture.traced_whole:
+            self._freeze_unslimmable()
+
+    def _freeze_unslimmable(self) -> None:
+        """Eager code may read a channel count that sepfx cannot rewrite (``x.view(B,
+        self.width, -1)``): the groups whose pruning breaks the slim model are frozen, with the
+        failure as the reason, and the analysis redone without them."""
+        broken = unslimmable_groups(self)
+        if not broken:
+            return
+        frozen = {}
+        for index, failure in broken.items():
+            group = self.groups[index]
+            reason = (f"eager code reads its channel count where sepfx cannot rewrite it: with "
+                      f"{group.describe()} pruned, {failure.describe()}")
+            frozen.update({key: reason for key in group.positions})
+        self.channels = analyze_channels(self.capture.graph_module, self.example_input,
+                                         summarised=True, frozen=frozen)
+        self.cost = cost_model(self.channels)
 
     @property
     def groups(self):
@@ -129,13 +148,20 @@ class Analysis:
         flat = None if keep is None else self.channels.keep_vector(check_keep(self.channels, keep))
         return gated_model(self.capture, self.channels, flat, bank)
 
-    def slim(self, keep: dict, budget: float | None = None, notes=()) -> nn.Module:
+    def slim(self, keep: dict, budget: float | None = None, notes=(), check: bool = True
+             ) -> nn.Module:
+        """The slim model of a keep set. A model with eager shells is checked (it runs and
+        computes what the hard-gated model computes at the check inputs; ``check``), since
+        eager code may read a channel count sepfx cannot rewrite: a ``SlimError`` names the
+        groups at fault."""
         model = slim_model(self.capture, self.channels, keep)
         for p in model.parameters():  # a new model: trainable like any other
             p.requires_grad_(True)
         model.sepfx_example_input = self.example_input
         model.sepfx_n_src = self.n_src
         model.sepfx_report = self.report(keep, model, budget=budget, notes=list(notes))
+        if check and not self.capture.traced_whole:
+            check_slim(self, keep, model)
         return model
 
     def report(self, keep: dict | None = None, slim_model: nn.Module | None = None,
@@ -193,6 +219,6 @@ def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = N
     analysis = Analysis(model, example_input)
     if keep is None:
         keep = analysis.keep_ratio(ratio, importance)
-    slim = analysis.slim(keep)
+    slim = analysis.slim(keep, check=False)
     check_slim(analysis, keep, slim)
     return slim

@@ -148,8 +148,8 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     _start_at_budget(bank, analysis.cost, budget)
     gated = analysis.gated(bank=bank).to(device)
     trainable = {name: p.requires_grad for name, p in gated.named_parameters()}
-    for name, p in gated.named_parameters():
-        p.requires_grad_(name == "sepfx_gates.alpha")
+    for p in gated.parameters():  # by identity: parts of a shell model share the bank
+        p.requires_grad_(p is bank.alpha)
     gated.eval()  # frozen weights: norms use their running statistics, no dropout
     bank.train()  # the gates alone are stochastic
     model = _wrap(gated, device)
@@ -271,7 +271,8 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
     while True:
         keep, projection_notes = _project(cost, probability, budget, initial, min_per_group,
                                           multiple, pinned)
-        slim = analysis.slim(keep, budget=budget, notes=notes + pinned + projection_notes)
+        slim = analysis.slim(keep, budget=budget, notes=notes + pinned + projection_notes,
+                             check=False)  # checked here, groups at fault kept whole
         found = failing_groups(analysis, keep, slim)
         if found is None:
             break

@@ -9,7 +9,7 @@ Which model carries which pattern of the issue's table:
 | ``if wav.ndim == 1: wav = wav.unsqueeze(0)`` in the root module          | TinyTransformer (root), TinyTDANet (root) |
 | ``len(x.shape)``, ``torch.arange(1, len(x.shape)).tolist()`` in a custom global layer norm | TinyTDANet (``GlobalLayerNorm``: input norm and block norms) |
 | ``torch.tensor(x.shape)`` to remember a shape                            | TinyTransformer (root: trims the output to ``shape[-1]``) |
-| ``rest = k - int(x.shape[-1]) % k; if rest > 0: x = F.pad(x, (0, rest))`` | TinyTransformer (module-level helper ``pad_to_multiple`` called by the root) |
+| ``rest = k - int(x.shape[-1]) % k; if rest > 0: x = F.pad(x, (0, rest))`` | TinyTransformer (module-level helper ``pad_to_multiple`` called by the root, which therefore runs as an eager shell) |
 | positional-encoding buffer ``pe[:, :x.size(1)]`` added to a channel axis | TinyTransformer (``SinusoidalPosition``: ``register_buffer`` of ``[1, max_len, D]``) |
 | ``F.adaptive_avg_pool1d(y, output_size=z.shape[-1])`` to fuse scales     | TinyTDANet (global aggregation), TinyAFRCNN (down-sampling a neighbour scale) |
 | ``torch.cat([torch.Tensor().to(x.device), a, b], 1)`` (empty operands)   | TinyAFRCNN (every scale's fusion) |

@@ -507,7 +507,10 @@ PRUNABLE = {
 }
 # ``rest = n - T % n; if rest > 0`` is true at every length (the pad is computed from the
 # length in the graph): it traces, and is tested with the traced patterns
-NEEDS_SHELLS = ["if_mod", "res_flag", "origin_vs_estimate", "int_lcm", "squeeze_dim"]
+# ``rest_positive`` (``rest = n - T % n; if rest > 0``) is always true, but no trace can know
+# that: a branch on a length-derived value is taken as varying, so its module is a shell.
+NEEDS_SHELLS = ["if_mod", "res_flag", "rest_positive", "origin_vs_estimate", "int_lcm",
+                "squeeze_dim"]
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

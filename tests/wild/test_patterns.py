@@ -182,26 +182,20 @@ def test_functional_conv_groups_rewritten():
     assert 8 in groups, groups
 
 
-def test_glue_reading_a_channel_count_keeps_that_group_whole():
-    """Pruning the group behind ``self.width`` fails the slim checks: ``prune`` names the group,
-    ``compile`` keeps it whole (and says why) and meets the budget with the others."""
+def test_glue_reading_a_channel_count_freezes_that_group_only():
+    """Pruning the group behind ``self.width`` breaks the eager glue (sepfx cannot rewrite an
+    attribute): the analysis finds it by bisection and freezes that group, with the reason;
+    the other group stays prunable, and compile meets the budget with it, exactly."""
     torch.manual_seed(1)
     model = patterns.AttributeWidth().eval()
-    with torch.no_grad():
-        model.mid.weight.mul_(0.01)  # ranks mid's outputs last by magnitude: pruned first
     example = torch.randn(1, 800)
     analysis = sepfx.analyze(model, example)
-    width = [g for g in analysis.groups if "mid out" in g.members]
-    assert len(width) == 1 and width[0].size == 6
-    keep = {g.index: list(range(g.size // 2)) for g in analysis.groups}
-    with pytest.raises(sepfx.errors.SlimError, match=r"group \d+ \(6 units\): mid out"):
-        sepfx.prune(model, keep, example_input=example)
-    slim = sepfx.compile(model, budget=0.45, example_input=example, multiple=1)
-    report = slim.sepfx_report
-    kept = {row.index: row.kept for row in report.groups}
-    assert kept[width[0].index] == 6
-    assert any("kept whole" in n and "mid out" in n for n in report.notes), report.notes
-    assert report.macs_ratio <= 0.45
+    assert not [g for g in analysis.groups if "mid out" in g.members]
+    frozen = [f for f in analysis.channels.frozen if "mid out" in f.parameters]
+    assert frozen and all("eager code reads its channel count" in f.reason for f in frozen)
+    assert [g for g in analysis.groups if "enc out" in g.members]
+    slim = sepfx.compile(model, budget=0.6, example_input=example, multiple=1)
+    assert slim.sepfx_report.macs_ratio <= 0.6
     with torch.no_grad():
         for x in inputs():
             assert slim(x).shape == model(x).shape

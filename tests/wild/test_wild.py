@@ -41,7 +41,7 @@ N_RANDOM_KEEP_SETS = 4  # plus one keeping a single unit per group
 EXPECTED_ASSUMPTIONS = {
     "tdanet": ["wav.ndim == 1", "len(x.shape)"],
     "afrcnn": [],
-    "transformer": ["wav.ndim == 1"],
+    "transformer": [],  # its root is an eager shell (see test_length_branch_makes_a_shell)
 }
 # a module called in a Python loop: (a submodule of the shared block, how many call sites)
 SHARED_BLOCK = {"tdanet": ("block.proj_in", 3), "afrcnn": ("block.proj_in.conv", 3)}
@@ -162,9 +162,11 @@ def snapshot_differences(model: nn.Module, before: Snapshot) -> list[str]:
     for cls, forward in before.forwards.items():
         if cls.forward is not forward:
             problems.append(f"{cls.__name__}.forward replaced")
-    if set(after.module_globals) != set(before.module_globals):
-        problems.append(f"module globals added/removed: "
-                        f"{sorted(set(after.module_globals) ^ set(before.module_globals))}")
+    # Python's warnings machinery adds __warningregistry__ to the globals of a module whose
+    # code warns (a torch warning raised in the model's own forward): bookkeeping, not sepfx's
+    changed = (set(after.module_globals) ^ set(before.module_globals)) - {"__warningregistry__"}
+    if changed:
+        problems.append(f"module globals added/removed: {sorted(changed)}")
     for k, v in before.module_globals.items():
         if k in after.module_globals and after.module_globals[k] is not v:
             problems.append(f"module global {k!r} replaced")
@@ -367,12 +369,27 @@ def test_report_lists_assumptions_shells_frozen(cases, name):
 
 
 # -- the patterns, one by one ------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "transformer"])
 def test_no_pattern_falls_back_to_a_leaf(cases, name):
     """Every pattern of the table is traced, none hidden in an opaque leaf (whose channels
     would be frozen)."""
     analysis = cases(name).analysis()
     assert not analysis.capture.shells, f"{name}: eager shells {analysis.capture.shells}"
+
+
+def test_length_branch_makes_a_shell_and_its_glue_freezes_what_it_reads(cases):
+    """TinyTransformer's ``pad_to_multiple`` branches on ``rest = k - T % k > 0``: a value
+    derived from the length, so its root runs as an eager shell (a trace would fix the branch
+    for one length). Its layers are graphs, still prunable; the shell's own ``m.view(B, L,
+    n_src, self.enc_channels)`` reads the encoder's channel count from an attribute, so that
+    group (and only it) is frozen, with the reason."""
+    analysis = cases("transformer").analysis()
+    assert set(analysis.capture.shells) == {""} and "rest > 0" in analysis.capture.shells[""]
+    assert {"layers.0", "layers.1", "position"} <= set(analysis.capture.parts)
+    glue = [f for f in analysis.channels.frozen if "eager code reads its channel count" in f.reason]
+    assert {p for f in glue for p in f.parameters} >= {"encoder out", "decoder in"}
+    members = {m for g in analysis.groups for m in g.members}
+    assert {"layers.0.attn heads", "layers.0.ffn.0 out", "in_proj out"} <= members, members
 
 
 def test_position_buffer_sliced_with_its_group(cases):
@@ -388,8 +405,8 @@ def test_position_buffer_sliced_with_its_group(cases):
     # the buffer's own position axis (dim 1, max_len) is rightly frozen: it is sliced by the
     # input length; its channel axis must not be
     frozen = [f for f in analysis.channels.frozen
-              if any(p.startswith(("position", "in_proj", "layers")) and p != "position.pe dim 1"
-                     for p in f.parameters)]
+              if any(p.startswith(("position", "in_proj", "layers"))
+                     and p not in ("position.pe dim 1", "in_proj in") for p in f.parameters)]
     assert not frozen, "\n".join(f"{f.label}: {f.reason} ({f.parameters})" for f in frozen)
 
 
