@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=float, default=0.4)
     demo.add_argument("--steps", type=int, default=100, help="gate-learning steps (default 100)")
     demo.add_argument("--finetune-steps", type=int, default=100, help="default 100")
+    demo.add_argument("--no-distill", action="store_true",
+                      help="fine-tune on the clean sources instead of distilling from the dense "
+                           "model (measured worse: see README)")
     demo.add_argument("--out", default="slim.onnx")
     sep = sub.add_parser("separate", help="separate a WAV file with an ONNX model",
                          description="Run an exported model on a mono WAV file and write one "
@@ -67,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
-                                      "sepformer): its bundled checkpoint if there is one; or a "
+                                      "sepformer, afrcnn): its bundled checkpoint if there is "
+                                      "one; or a "
                                       "file written by sepfx.save")
     parser.add_argument("--config", default=None,
                         help="build the zoo model untrained with this config (tiny, small) "
@@ -93,7 +97,8 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from sepfx import demo
 
-    result = demo.run(args.budget, args.steps, args.finetune_steps, args.out)
+    result = demo.run(args.budget, args.steps, args.finetune_steps, args.out,
+                      distill=not args.no_distill)
     print(demo.summary(result))
     return 0
 
