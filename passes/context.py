@@ -162,6 +162,14 @@ class NodeContext:
         for i in indices[1:]:
             self.state.union_find.union(a.start + indices[0], a.start + i)
 
+    def keep_elements(self, a: Axis, indices, reason: str) -> None:
+        """The given elements of ``a`` are never pruned (the rest of ``a`` may be): they are
+        linked to a one-element axis of this node that is frozen with ``reason``."""
+        key = value_axis_key(self.node.name, ("kept", a.label), 0)
+        pinned = self.state.new_axis(key, 1, f"{self.node.name} (kept from {a.label})")
+        self.state.freeze(key, f"{self.where()}: {reason}")
+        self.link(a, np.asarray(indices), pinned, np.zeros(len(np.asarray(indices)), int))
+
     def freeze(self, a: Axis | None, reason: str) -> None:
         if a is not None:
             self.touch(a)

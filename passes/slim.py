@@ -134,7 +134,9 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Mo
             continue
         graph = site_graph(capture, part)
         for node in graph.nodes:
-            rule = analysis.rules.get(node.name)
+            # the part's placeholders carry the names of the analysis values they receive:
+            # the rules of those values are not theirs
+            rule = analysis.rules.get(node.name) if node.op != "placeholder" else None
             if hasattr(rule, "rewrite"):
                 rule.rewrite(node, pruning)
         objects = {n.target: operator.attrgetter(n.target)(model) for n in graph.nodes

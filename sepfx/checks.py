@@ -48,14 +48,14 @@ class _Reference:
     in float64 where they run in it (copies: a statistic over few kept channels can amplify
     float32 rounding past any fixed tolerance), else in their own dtype."""
 
-    def __init__(self, analysis):
+    def __init__(self, analysis, double: bool = True, inputs: slice = slice(None)):
         self.analysis = analysis
-        self.double = analysis.example_input.dtype == torch.float32
+        self.double = double and analysis.example_input.dtype == torch.float32
         self.inputs, self.dense = [], []
         while True:
             dense = self._cast(analysis.gated())  # every channel kept: the dense model
             try:
-                for x in check_inputs(analysis.example_input):
+                for x in check_inputs(analysis.example_input)[inputs]:
                     try:
                         self.dense.append(_run(dense, self._cast(x)))
                     except Exception:  # the dense model does not take it: no claim on it
@@ -142,23 +142,32 @@ def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-
     return failure, []
 
 
-def unslimmable_groups(analysis, tolerance: float = 1e-4) -> dict[int, Failure]:
-    """The groups of a model with eager shells that no keep set can prune: pruning each to
-    every other unit (respecting its ``min_size``) fails a check, alone or together with
-    others, so the eager code around them reads their channel count (``self.width``) where
-    sepfx cannot rewrite it. Found by bisection: one check when every group is fine."""
-    reference = _Reference(analysis)
+def unslimmable_groups(analysis, tolerance: float = 1e-3) -> dict[int, Failure]:
+    """The groups of a model with eager shells that keep sets cannot prune: pruning them (one
+    unit fewer, or down to their ``min_size``) fails a check, alone or together with others,
+    so the eager code around them reads their channel count (``self.width``) where sepfx
+    cannot rewrite it. Each group is tried alone, then the others together (bisected when
+    they fail only together). Such code fails grossly (it raises, or mixes channels up), so
+    this search compares in the model's dtype at one input, batch 2 and an odd length; the
+    keep set a compile returns is checked in full."""
+    reference = _Reference(analysis, double=False, inputs=slice(1, 2))
     groups = {g.index: g for g in analysis.groups}
     whole = {i: list(range(g.size)) for i, g in groups.items()}
-    half = {i: list(range(0, g.size, 2)) + list(range(1, g.size, 2))[:max(0, g.min_size - (
-        g.size + 1) // 2)] for i, g in groups.items()}
+    # two ways to prune each group: one unit fewer, and as few as it may keep (glue that
+    # splits or chunks by a literal may survive one of them by coincidence, not both)
+    patterns = [{i: list(range(g.size - 1)) for i, g in groups.items()},
+                {i: list(range(g.size - max(1, g.min_size), g.size)) for i, g in groups.items()}]
 
     def failure(indices: list[int]) -> Failure | None:
-        keep = {**whole, **{i: sorted(half[i]) for i in indices}}
-        try:
-            return reference.failure(keep, analysis.slim(keep, check=False), tolerance)
-        except SlimError as error:
-            return Failure("runs", list(analysis.example_input.shape), str(error)[:300])
+        for pattern in patterns:
+            keep = {**whole, **{i: pattern[i] for i in indices}}
+            try:
+                found = reference.failure(keep, analysis.slim(keep, check=False), tolerance)
+            except SlimError as error:
+                found = Failure("runs", list(analysis.example_input.shape), str(error)[:300])
+            if found is not None:
+                return found
+        return None
 
     found: dict[int, Failure] = {}
 
@@ -174,10 +183,15 @@ def unslimmable_groups(analysis, tolerance: float = 1e-4) -> dict[int, Failure]:
             if f is not None:
                 search(part, f)
 
-    prunable = [i for i, g in groups.items() if g.size > g.min_size]
-    first = failure(prunable) if prunable else None
-    if first is not None:
-        search(prunable, first)
+    for i, g in groups.items():  # each alone, then the rest together (bisected)
+        if g.size > g.min_size:
+            alone = failure([i])
+            if alone is not None:
+                found[i] = alone
+    rest = [i for i, g in groups.items() if g.size > g.min_size and i not in found]
+    together = failure(rest) if len(rest) > 1 else None
+    if together is not None:
+        search(rest, together)
     return found
 
 

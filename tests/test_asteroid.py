@@ -118,6 +118,7 @@ def test_learned_gates_on_real_code():
         assert torch.isfinite(slim(wav(2, 12345))).all()
 
 
+@pytest.mark.slow  # about 40 s: a 1.4 M-parameter model, three shells to check
 def test_complex_model_compiles_and_refuses_export_clearly(tmp_path):
     """DCUNet: complex spectrogram masks (view_as_complex, .real/.imag, F.batch_norm of each
     part, atan2 phase): 0.4 of its MACs, exactly (compile checks slim against hard-gated), and

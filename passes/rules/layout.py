@@ -535,6 +535,8 @@ class GetItemRule:
                 idx = np.arange(a.size)[item]
                 if o is not None:
                     ctx.link(a, idx, o, np.arange(len(idx)))
+                elif len(idx):  # ``e[:, 2:3]``: one channel, feeding an axis of size 1
+                    ctx.keep_elements(a, idx, "a literal slice takes it alone")
                 if item.step not in (None, 1):
                     ctx.freeze(a, "strided slice of a channel axis")
                 else:
