@@ -63,7 +63,7 @@ def measure(name: str, config: str, tool: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+",
-                        default=["conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer"])
+                        default=["conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer", "afrcnn"])
     parser.add_argument("--config", default="small")
     parser.add_argument("--smoke", action="store_true", help="tiny conv_tasnet only")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -40,13 +40,15 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, one length, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="latency",
+                        help="results file name (one file per model when models are run apart)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.config, args.budgets = ["conv_tasnet"], "tiny", [0.4]
         args.seconds, args.threads, args.runs = [1], [1], 3
     rows = run(args.models, args.config, args.budgets, args.seconds, sorted(set(args.threads)),
                args.runs)
-    name = "latency_smoke" if args.smoke else "latency"
+    name = "latency_smoke" if args.smoke else args.name
     write(name, {"machine": machine(), "config": args.config, "runs": args.runs, "rows": rows},
           markdown_table(rows, COLUMNS), args.out)
     series = {}
