@@ -338,8 +338,8 @@ def _row(model_name, budget, method, **fields) -> dict:
     return {"model": model_name, "budget": budget, "method": method, **fields}
 
 
-def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_name, budget
-               ) -> tuple[dict, nn.Module | None]:
+def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_name, budget,
+               teacher: nn.Module | None = None) -> tuple[dict, nn.Module | None]:
     """``make()`` -> (pruned model, extra fields); then evaluate, fine-tune, evaluate."""
     args = setup.args
     start = time.perf_counter()
@@ -358,7 +358,7 @@ def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_
     before, arctic_before = setup.scores(model)
     slim_start = time.perf_counter()
     tuned = sepfx.finetune(copy.deepcopy(model), setup.make_train(), steps=args.finetune_steps,
-                           progress=args.progress)
+                           progress=args.progress, teacher=teacher)
     finetune_s = time.perf_counter() - slim_start
     after, arctic_after = setup.scores(tuned)
     macs_ratio = extra.pop("macs_ratio", None)
@@ -399,7 +399,8 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
         search_error = None
     except Exception as error:  # torch_pruning missing, or the dead-code probe failed
         search, search_error = None, f"{type(error).__name__}: {str(error)[:300]}"
-    common = dict(dense_scores=dense_scores, dense_macs=dense_macs, model_name=name)
+    common = dict(dense_scores=dense_scores, dense_macs=dense_macs, model_name=name,
+                  teacher=dense if args.distill else None)
     for budget in args.budgets:
         learned = {}
 
@@ -468,6 +469,9 @@ def main(argv=None):
                         help="gate-learning steps (default 200; the paper uses ~500)")
     parser.add_argument("--finetune-steps", type=int, default=100,
                         help="fine-tuning steps, the same for every method (default 100)")
+    parser.add_argument("--distill", action="store_true",
+                        help="fine-tune every method by distillation from the dense model "
+                             "(sepfx.finetune(teacher=...)) instead of on the clean sources")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--segment", type=float, default=2.0, help="seconds per training item")
     parser.add_argument("--eval-limit", type=int, default=100, help="test mixtures evaluated")
@@ -516,7 +520,7 @@ def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -
     name = args.name or ("quality_smoke" if args.smoke else "quality")
     settings = {k: getattr(args, k) for k in ("models", "config", "data", "budgets", "gate_steps",
                                               "finetune_steps", "batch", "segment", "eval_limit",
-                                              "tp_tolerance", "threads", "seed", "smoke")}
+                                              "tp_tolerance", "threads", "seed", "smoke", "distill")}
     settings["test_set"] = setup.test_name
     write(name, {"machine": machine(), "settings": settings, "complete": complete,
                  "seconds": time.perf_counter() - start, "rows": rows}, _table(rows), args.out)
