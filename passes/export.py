@@ -158,13 +158,14 @@ def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
     example = _float32_example(model, example_input.detach().cpu())
     lowered = _lower(model, example)
+    eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
     failures = []
     length_fixed: set[str] = set()  # exporters whose dynamic-time file was wrong at a length
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
     for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
         traced_with = _with_batch(example, 2) if dynamic_batch and example.shape[0] == 1 else example
-        inputs = [example] + _variants(example, dynamic_batch, dynamic_time)
+        inputs = [example] + _variants(example, dynamic_batch, dynamic_time, eager)
         for exporter in ("torchscript", "dynamo"):
             label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time})"
             if dynamic_time and not dynamic_batch and exporter in length_fixed:
@@ -228,14 +229,24 @@ def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=example.dtype)
 
 
-def _variants(example: torch.Tensor, other_batch: bool, other_length: bool
-              ) -> list[torch.Tensor]:
+# For a model with eager code: lengths added to the example's, so that a branch on the length
+# taken by the Python glue (pad when frames % k) meets both sides for every small stride and k.
+EAGER_EXTRA_LENGTHS = tuple(range(1, 17)) + tuple(16 * k for k in range(2, 17))
+
+
+def _variants(example: torch.Tensor, other_batch: bool, other_length: bool,
+              eager: bool = False) -> list[torch.Tensor]:
     """Check inputs differing from the example in the axes the export keeps dynamic: another
     batch size, and lengths that are multiples of no stride or chunk (a pad computed from the
-    length and baked into the export shows there)."""
+    length and baked into the export shows there). A model with eager code (``eager``), whose
+    Python the exporters run once, is checked at many more lengths: a branch its glue takes on
+    the length would be baked into the file, and two lengths can agree on it by chance."""
     shapes = []
-    for extra_batch, length in ((1, example.shape[-1] * 3 // 2 + 37),
-                                (1 - example.shape[0] % 2, example.shape[-1] * 2 + 1)):
+    pairs = [(1, example.shape[-1] * 3 // 2 + 37),
+             (1 - example.shape[0] % 2, example.shape[-1] * 2 + 1)]
+    if eager and other_length:
+        pairs += [(0, example.shape[-1] + extra) for extra in EAGER_EXTRA_LENGTHS]
+    for extra_batch, length in pairs:
         shape = list(example.shape)
         if other_batch:
             shape[0] += extra_batch
