@@ -12,9 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import fx
 
-from passes.values import AxisKey
+from passes.values import AxisKey, SizeRead, ValuePath
+
+
+# a node's MACs: (absolute, [(weight, [axes whose kept fractions multiply it])])
+CostTerms = tuple[bool, list[tuple[float, list[AxisKey]]]]
 
 
 @dataclass
@@ -25,7 +30,7 @@ class Axis:
     label: str
 
     @property
-    def elements(self) -> np.ndarray:
+    def elements(self) -> NDArray[np.int_]:
         return np.arange(self.start, self.start + self.size)
 
 
@@ -35,7 +40,7 @@ class ChannelGroup:
     member axis."""
     index: int
     size: int
-    positions: dict[AxisKey, np.ndarray]  # axis -> int array [size, multiplicity]
+    positions: dict[AxisKey, NDArray[Any]]  # axis -> int array [size, multiplicity]
     members: list[str]
     offset: int = 0  # first flat unit index (flat unit 0 means "always kept")
     min_size: int = 1  # fewest units a keep set may keep (an n - 1 divisor spans its channels)
@@ -63,21 +68,21 @@ class ChannelAnalysis:
     axes: dict[AxisKey, Axis]
     groups: list[ChannelGroup]
     frozen: list[Frozen]
-    element_unit: np.ndarray  # element id -> flat unit index (0: frozen, kept)
+    element_unit: NDArray[Any]  # element id -> flat unit index (0: frozen, kept)
     num_units: int  # flat units including unit 0
     rules: dict[str, Any]  # node name -> rule object (or None: no rule)
-    value_axes: dict[tuple, dict[int, AxisKey]]  # (node, path) -> {dim: axis}
+    value_axes: dict[tuple[str, ValuePath], dict[int, AxisKey]]  # (node, path) -> {dim: axis}
     module_axes: dict[str, dict[str, AxisKey]]
     attr_axes: dict[str, dict[int, AxisKey]]
-    size_reads: dict[str, Any]  # node -> axis key (int) or {dim: axis key} (shape)
-    cost_terms: dict[str, tuple[bool, list[tuple[float, list[AxisKey]]]]]
+    size_reads: dict[str, SizeRead]  # node -> axis key (int) or {dim: axis key} (shape)
+    cost_terms: dict[str, CostTerms]
     example_input: torch.Tensor
 
-    def axis_units(self, key: AxisKey) -> np.ndarray:
+    def axis_units(self, key: AxisKey) -> NDArray[Any]:
         axis = self.axes[key]
         return self.element_unit[axis.start:axis.start + axis.size]
 
-    def keep_vector(self, keep: dict[int, np.ndarray]) -> np.ndarray:
+    def keep_vector(self, keep: dict[int, NDArray[Any]]) -> NDArray[np.bool_]:
         """Flat bool vector over units from a keep set {group index: unit indices}."""
         flat = np.zeros(self.num_units, dtype=bool)
         flat[0] = True
@@ -85,5 +90,5 @@ class ChannelAnalysis:
             flat[group.offset + np.asarray(keep[group.index], dtype=np.int64)] = True
         return flat
 
-    def kept_indices(self, key: AxisKey, flat_keep: np.ndarray) -> np.ndarray:
+    def kept_indices(self, key: AxisKey, flat_keep: NDArray[Any]) -> NDArray[np.intp]:
         return np.nonzero(flat_keep[self.axis_units(key)])[0]

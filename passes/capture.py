@@ -28,18 +28,20 @@ import copy
 import difflib
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.hooks import RemovableHandle
 
 from passes import rules, runtime
 from passes import trace as tracing
 from passes.channels import summarise
-from passes.values import CONSTANT, GLUE, PROBE, REF
+from passes.values import CONSTANT, GLUE, PROBE, REF, Summary
 from passes.values import _summary as summary_of
 
 PART = "sepfx_part"  # node.meta key of a part call while recording: the part's module path
@@ -60,6 +62,9 @@ _NOT_RECORDED = {
 }
 _IN_PLACE_OPERATORS = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_",
                        "__itruediv__": "div_", "__idiv__": "div_"}
+
+# one recorded call of a module: (run, args, kwargs, output), copies
+_Call = tuple[int, tuple[Any, ...], dict[str, Any], Any]
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Part:
             return self.path + ("." + inner[1] if len(inner) > 1 else "")
         return f"{self.path}.{target}" if self.path else target
 
-    def bind(self, args: tuple, kwargs: dict) -> list[Any]:
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """The value of each placeholder for a call with ``args`` and ``kwargs``."""
         values = dict(zip(self.placeholders, args))
         values.update(kwargs)
@@ -110,25 +115,26 @@ class Capture:
 
 
 # -- recorded calls of every module ----------------------------------------------------------
-def _detached(value):
+def _detached(value: Any) -> Any:
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _record_calls(root: nn.Module, paths: list[str], inputs: list[torch.Tensor]
-                  ) -> dict[str, list]:
+                  ) -> dict[str, list[_Call]]:
     """Module path -> [(run, args, kwargs, output)] of every call of the modules at ``paths``,
     over runs of ``root`` at ``inputs`` (copies: in-place code cannot change them later)."""
-    calls: dict[str, list] = {}
+    calls: dict[str, list[_Call]] = {}
     if "" in paths:
         with torch.no_grad():
             calls[""] = [(run, (x,), {}, _detached(root(x))) for run, x in enumerate(inputs)]
     paths = [p for p in paths if p]
     if not paths:
         return calls
-    handles = []
+    handles: list[RemovableHandle] = []
     run = 0
     for path in paths:
-        def hook(module, args, kwargs, output, path=path):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
+                 path: str = path) -> None:
             calls.setdefault(path, []).append((run, _detached(args), _detached(kwargs),
                                                _detached(output)))
         handles.append(root.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
@@ -168,7 +174,8 @@ def _leaf_part(path: str, module: nn.Module) -> Part | None:
     return Part(path, gm, True, names, defaults)
 
 
-def _trace_part(path: str, module: nn.Module, calls: list) -> tuple[Part | None, str, list]:
+def _trace_part(path: str, module: nn.Module, calls: list[_Call]
+                ) -> tuple[Part | None, str, list[str]]:
     """(part, "", assumptions) when ``module`` traces into a graph that matches every recorded
     call, else (None, why not, [])."""
     signature = _signature(module)
@@ -178,7 +185,7 @@ def _trace_part(path: str, module: nn.Module, calls: list) -> tuple[Part | None,
     # the tracer tells fixed values from varying ones on a call of the reference run and one of
     # the probe run (another batch size and length)
     examples = [next((c for c in calls if c[0] == run), calls[0]) for run in (0, 1)]
-    positional = []
+    positional: list[tuple[Any, ...]] = []
     for _, args, kwargs, _ in examples:
         bound = dict(zip(names, args))
         bound.update(kwargs)
@@ -211,7 +218,8 @@ def _is_rule_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def _decide(root: nn.Module, inputs: list[torch.Tensor]) -> tuple[dict, dict, list]:
+def _decide(root: nn.Module, inputs: list[torch.Tensor]
+            ) -> tuple[dict[str, Part], dict[str, str], list[str]]:
     """Top-down, one level of shells at a time: graph parts, leaf parts and shells of the
     modules that actually run. Only the modules a shell calls are recorded (one run of the
     model per level), so a model that traces whole runs just once per input here."""
@@ -251,7 +259,7 @@ def _decide(root: nn.Module, inputs: list[torch.Tensor]) -> tuple[dict, dict, li
 class _Recorder(TorchFunctionMode):
     """Writes every torch call made outside the parts into ``graph``."""
 
-    def __init__(self, root: nn.Module, parts: dict[str, Part]):
+    def __init__(self, root: nn.Module, parts: dict[str, Part]) -> None:
         super().__init__()
         self.graph = fx.Graph()
         self.nodes: dict[int, fx.Node] = {}  # id(tensor) -> the node that made it
@@ -263,7 +271,7 @@ class _Recorder(TorchFunctionMode):
                            + list(root.named_buffers(remove_duplicate=False))}
         self.attribute_nodes: dict[str, fx.Node] = {}
         self.part_calls: list[fx.Node] = []
-        self.handles = []
+        self.handles: list[RemovableHandle] = []
         for path, part in parts.items():
             module = root.get_submodule(path)
             self.handles.append(module.register_forward_pre_hook(
@@ -276,7 +284,7 @@ class _Recorder(TorchFunctionMode):
             handle.remove()
 
     # -- values -----------------------------------------------------------------------------
-    def node_of(self, value):
+    def node_of(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         node = self.nodes.get(id(value))
@@ -294,7 +302,7 @@ class _Recorder(TorchFunctionMode):
         self.alive.append(value)
         return self.attribute_nodes[name]
 
-    def bind(self, node: fx.Node, result) -> None:
+    def bind(self, node: fx.Node, result: Any) -> None:
         """Map the tensors of ``result`` to ``node`` (and getitem nodes for containers)."""
         node.meta[REF] = summary_of(result)
         self.alive.append(result)
@@ -309,10 +317,11 @@ class _Recorder(TorchFunctionMode):
                     self.bind(element, item)
 
     # -- parts ------------------------------------------------------------------------------
-    def _enter(self, module, args, kwargs):
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.depth += 1
 
-    def _leave(self, path, args, kwargs, output):
+    def _leave(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               output: Any) -> None:
         if self.depth > 1:
             self.depth -= 1
             return
@@ -326,7 +335,9 @@ class _Recorder(TorchFunctionMode):
         self.bind(node, output)
 
     # -- glue -------------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: Any,
+                           args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if self.depth:
@@ -359,7 +370,8 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
-def _record(root: nn.Module, parts: dict[str, Part], x: torch.Tensor):
+def _record(root: nn.Module, parts: dict[str, Part], x: torch.Tensor
+            ) -> tuple[fx.Graph, dict[str, torch.Tensor], list[fx.Node]]:
     """One recorded run at ``x``: (graph, constants, the recorder's part calls)."""
     recorder = _Recorder(root, parts)
     try:
@@ -373,11 +385,11 @@ def _record(root: nn.Module, parts: dict[str, Part], x: torch.Tensor):
     return recorder.graph, recorder.constants, recorder.part_calls
 
 
-def _signature_of_graph(graph: fx.Graph) -> list[tuple]:
+def _signature_of_graph(graph: fx.Graph) -> list[tuple[str, str | int]]:
     return [(n.op, n.target if isinstance(n.target, str) else id(n.target)) for n in graph.nodes]
 
 
-def _all_dynamic(summary):
+def _all_dynamic(summary: Summary) -> Summary:
     """A probe summary for an unpaired node: every tensor axis taken as dynamic."""
     kind = summary[0]
     if kind == "tensor":
@@ -388,7 +400,8 @@ def _all_dynamic(summary):
 
 
 # -- inlining the parts -----------------------------------------------------------------------
-def _propagate(part: Part, key: str, args: tuple, kwargs: dict, keep_inputs) -> None:
+def _propagate(part: Part, key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               keep_inputs: Callable[[fx.Node], bool]) -> None:
     summarise(part.graph_module, key, part.bind(args, kwargs), keep_inputs)
 
 
@@ -410,7 +423,7 @@ def _inline(graph: fx.Graph, call: fx.Node, part: Part) -> None:
                 continue
             new = graph.node_copy(node, lambda n: env[n])
             if new.op in ("call_module", "get_attr"):
-                new.target = part.target(node.target)
+                new.target = part.target(cast(str, node.target))  # a qualified name
             env[node] = new
             site[node.name] = new.name
     part.sites.append(site)
@@ -455,7 +468,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
                 node.meta[PROBE] = _all_dynamic(node.meta[REF])
     for index, call in enumerate(part_calls):
         part = parts[call.meta[PART]]
-        twin_args = twin_calls[index].meta[CALL_INPUTS] if paired else None
+        twin_args: tuple[tuple[Any, ...], dict[str, Any]] | None = \
+            twin_calls[index].meta[CALL_INPUTS] if paired else None
         args, kwargs = call.meta.pop(CALL_INPUTS)
         if twin_args is not None:
             _propagate(part, PROBE, *twin_args, _opaque)
@@ -486,7 +500,7 @@ def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
     env: dict[fx.Node, Any] = {}
     taken: set[str] = set()  # placeholder names are the generated forward's argument names
 
-    def placeholder(name: str, default) -> fx.Node:
+    def placeholder(name: str, default: Any) -> fx.Node:
         unique, count = name, 0
         while unique in taken:
             count += 1
@@ -521,6 +535,7 @@ def _opaque(node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
     owner = node.graph.owning_module
+    assert owner is not None  # a part's graph, in its GraphModule
     return rules.lookup(node, dict(owner.named_modules())) is rules.OPAQUE_LEAF
 
 

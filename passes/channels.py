@@ -12,14 +12,16 @@ of different batch and length (``torch.fx.passes.shape_prop``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.axes import ChannelAnalysis, ChannelGroup, Frozen
+from passes.axes import Axis, ChannelAnalysis, ChannelGroup, Frozen
 from passes.context import CouplingState, NodeContext, _read_keys
 from passes.values import (CONSTANT, GLUE, LEAF_INPUTS, PROBE, REF, AxisKey, _summary,
                            holds_parameters, probe_input)
@@ -30,12 +32,13 @@ class _Shapes(ShapeProp):
     """ShapeProp that also records every node's value summary: shapes for tensors, the value
     itself for Python scalars and sizes."""
 
-    def __init__(self, gm, key, keep_inputs=lambda node: False):
+    def __init__(self, gm: fx.GraphModule, key: str,
+                 keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
         super().__init__(gm)
         self.key = key
         self.keep_inputs = keep_inputs
 
-    def run_node(self, n):
+    def run_node(self, n: fx.Node) -> Any:
         if self.keep_inputs(n):  # opaque leaves: their inputs, to certify them numerically
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             n.meta[LEAF_INPUTS] = torch.utils._pytree.tree_map(
@@ -45,7 +48,8 @@ class _Shapes(ShapeProp):
         return result
 
 
-def summarise(gm: fx.GraphModule, key: str, args, keep_inputs=lambda node: False) -> None:
+def summarise(gm: fx.GraphModule, key: str, args: Sequence[Any],
+              keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
     """Run ``gm`` on ``args`` and write each node's value summary into ``node.meta[key]`` (and
     ``tensor_meta``), and the inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
@@ -53,7 +57,7 @@ def summarise(gm: fx.GraphModule, key: str, args, keep_inputs=lambda node: False
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
-                     keep_inputs=lambda node: False) -> None:
+                     keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
     """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries, and
     the reference inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
@@ -105,7 +109,7 @@ def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
     return _finish(gm, state, rule_of, example_input)
 
 
-def _freeze_untouched(ctx: NodeContext, rule) -> None:
+def _freeze_untouched(ctx: NodeContext, rule: Any) -> None:
     name = type(rule).__name__
     for x in ctx.tensor_inputs() + [ctx.node]:
         for path in ctx.tensor_paths(x):
@@ -120,11 +124,13 @@ def _freeze_untouched(ctx: NodeContext, rule) -> None:
                                   f"({name} cannot adjust it)")
 
 
-def _finish(gm, state: CouplingState, rule_of, example_input) -> ChannelAnalysis:
+def _finish(gm: fx.GraphModule, state: CouplingState, rule_of: dict[str, Any],
+            example_input: torch.Tensor) -> ChannelAnalysis:
     union_find = state.union_find
     n = len(union_find.parent)
     roots = np.fromiter((union_find.find(i) for i in range(n)), dtype=np.int64, count=n)
     owner = np.empty(n, dtype=object)
+    axis: Axis | None
     for axis in state.axes.values():
         owner[axis.start:axis.start + axis.size] = [axis.key] * axis.size
     frozen_roots = set()
@@ -140,7 +146,7 @@ def _finish(gm, state: CouplingState, rule_of, example_input) -> ChannelAnalysis
             if root not in frozen_roots:
                 components.setdefault(root, {}).setdefault(axis.key, []).append(i)
     # units with the same signature (axes and multiplicities) form a group
-    by_signature: dict[tuple, list[int]] = {}
+    by_signature: dict[tuple[tuple[AxisKey, int], ...], list[int]] = {}
     for root, members in components.items():
         signature = tuple(sorted((k, len(v)) for k, v in members.items()))
         by_signature.setdefault(signature, []).append(root)
@@ -191,7 +197,7 @@ def _min_sizes(state: CouplingState, groups: list[ChannelGroup], element_unit: n
                 group.min_size = max(group.min_size, min(group.size, need))
 
 
-def _members(state: CouplingState, positions) -> list[str]:
+def _members(state: CouplingState, positions: dict[AxisKey, NDArray[Any]]) -> list[str]:
     names = []
     for key in positions:
         if holds_parameters(key):
@@ -204,6 +210,7 @@ def _members(state: CouplingState, positions) -> list[str]:
 def _frozen_report(state: CouplingState, roots: np.ndarray) -> list[Frozen]:
     """One entry per frozen axis, with the parameter axes it keeps whole."""
     params_of_root: dict[int, set[str]] = {}
+    axis: Axis | None
     for axis in state.axes.values():
         if holds_parameters(axis.key):
             for r in set(roots[axis.start:axis.start + axis.size].tolist()):

@@ -3,20 +3,21 @@ shared ``CouplingState``): the node's input and output axes, the called module's
 axes, and the operations that link, unite or freeze their elements."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import fx
 
-from passes.axes import Axis
-from passes.values import (REF, AxisKey, _flatten, attr_axis_key, module_axis_key,
-                           tensor_shapes, value_axis_key)
+from passes.axes import Axis, CostTerms
+from passes.values import (REF, AxisKey, Shape, SizeRead, ValuePath, _flatten, attr_axis_key,
+                           module_axis_key, tensor_shapes, value_axis_key)
 
 
 # -- union-find over elements ---------------------------------------------------------------
 class _UnionFind:
-    def __init__(self):
+    def __init__(self) -> None:
         self.parent: list[int] = []
 
     def add(self, count: int) -> int:
@@ -45,18 +46,18 @@ class _UnionFind:
 class CouplingState:
     """State shared by the rules while coupling (see ``NodeContext``)."""
 
-    def __init__(self, gm: fx.GraphModule, frozen: dict[AxisKey, str] | None = None):
+    def __init__(self, gm: fx.GraphModule, frozen: dict[AxisKey, str] | None = None) -> None:
         self.gm = gm
         self.frozen_on_creation = dict(frozen or {})  # axes to freeze once a rule makes them
-        self.modules = dict(gm.named_modules())
+        self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules())
         self.union_find = _UnionFind()
         self.axes: dict[AxisKey, Axis] = {}
         self.frozen_axes: dict[AxisKey, str] = {}
-        self.value_axes: dict[tuple, dict[int, AxisKey]] = {}
+        self.value_axes: dict[tuple[str, ValuePath], dict[int, AxisKey]] = {}
         self.module_axes: dict[str, dict[str, AxisKey]] = {}
         self.attr_axes: dict[str, dict[int, AxisKey]] = {}
-        self.size_reads: dict[str, Any] = {}
-        self.cost_terms: dict[str, list] = {}
+        self.size_reads: dict[str, SizeRead] = {}
+        self.cost_terms: dict[str, CostTerms] = {}
         self.min_kept: dict[AxisKey, int] = {}  # axis -> fewest elements it may keep
 
     def new_axis(self, key: AxisKey, size: int, label: str) -> Axis:
@@ -76,7 +77,7 @@ class NodeContext:
     and outputs must be touched (linked, frozen, or declared harmless) by the rule; the ones it
     leaves untouched are frozen afterwards."""
 
-    def __init__(self, state: CouplingState, node: fx.Node):
+    def __init__(self, state: CouplingState, node: fx.Node) -> None:
         self.state = state
         self.node = node
         self.touched: set[AxisKey] = set()
@@ -84,14 +85,14 @@ class NodeContext:
     # -- looking ----------------------------------------------------------------------------
     @property
     def module(self) -> torch.nn.Module:
-        return self.state.modules[self.node.target]
+        return self.state.modules[cast(str, self.node.target)]  # a call_module node's target
 
-    def shape(self, x: Any = None, path: tuple = ()) -> tuple | None:
+    def shape(self, x: Any = None, path: ValuePath = ()) -> Shape | None:
         x = self.node if x is None else x
         shapes = tensor_shapes(x, path) if isinstance(x, fx.Node) else None
         return None if shapes is None else shapes[0]
 
-    def axis(self, x: Any = None, dim: int = 0, path: tuple = ()) -> Axis | None:
+    def axis(self, x: Any = None, dim: int = 0, path: ValuePath = ()) -> Axis | None:
         """The axis of tensor ``x`` (default: this node's output) at ``dim``; None when that dim
         is dynamic (varies with batch/length), of size 1, or ``x`` is not a tensor."""
         x = self.node if x is None else x
@@ -106,11 +107,11 @@ class NodeContext:
         self.state.value_axes.setdefault((x.name, path), {})[dim] = key
         return self.state.new_axis(key, ref[dim], f"{x.name}{_path_str(path)} dim {dim}")
 
-    def axes(self, x: Any = None, path: tuple = ()) -> list[Axis | None]:
+    def axes(self, x: Any = None, path: ValuePath = ()) -> list[Axis | None]:
         shape = self.shape(x, path)
         return [] if shape is None else [self.axis(x, d, path) for d in range(len(shape))]
 
-    def is_dynamic(self, x: Any, dim: int, path: tuple = ()) -> bool:
+    def is_dynamic(self, x: Any, dim: int, path: ValuePath = ()) -> bool:
         shapes = tensor_shapes(x, path)
         return shapes is not None and shapes[0][dim] != shapes[1][dim]
 
@@ -118,7 +119,7 @@ class NodeContext:
         """A parameter axis of the called module (None if of size 1: nothing to prune)."""
         if size <= 1:
             return None
-        qualname = self.node.target if qualname is None else qualname
+        qualname = cast(str, self.node.target) if qualname is None else qualname
         key = module_axis_key(qualname, name)
         self.state.module_axes.setdefault(qualname, {})[name] = key
         return self.state.new_axis(key, size, f"{qualname} {name}")
@@ -149,20 +150,20 @@ class NodeContext:
         for i in range(a.size):
             self.state.union_find.union(a.start + i, b.start + i)
 
-    def link(self, a: Axis, index_a, b: Axis, index_b) -> None:
+    def link(self, a: Axis, index_a: ArrayLike, b: Axis, index_b: ArrayLike) -> None:
         """Element index_a[k] of ``a`` lives and dies with element index_b[k] of ``b``."""
         self.touch(a, b)
         for i, j in zip(np.asarray(index_a).ravel(), np.asarray(index_b).ravel()):
             self.state.union_find.union(a.start + int(i), b.start + int(j))
 
-    def unite(self, a: Axis, indices) -> None:
+    def unite(self, a: Axis, indices: ArrayLike) -> None:
         """The given elements of ``a`` form one unit."""
         self.touch(a)
-        indices = [int(i) for i in np.asarray(indices).ravel()]
-        for i in indices[1:]:
-            self.state.union_find.union(a.start + indices[0], a.start + i)
+        elements = [int(i) for i in np.asarray(indices).ravel()]
+        for i in elements[1:]:
+            self.state.union_find.union(a.start + elements[0], a.start + i)
 
-    def keep_elements(self, a: Axis, indices, reason: str) -> None:
+    def keep_elements(self, a: Axis, indices: ArrayLike, reason: str) -> None:
         """The given elements of ``a`` are never pruned (the rest of ``a`` may be): they are
         linked to a one-element axis of this node that is frozen with ``reason``."""
         key = value_axis_key(self.node.name, ("kept", a.label), 0)
@@ -198,11 +199,11 @@ class NodeContext:
         if a is not None and count > 1:
             self.state.min_kept[a.key] = max(self.state.min_kept.get(a.key, 1), int(count))
 
-    def read_size(self, value) -> None:
+    def read_size(self, value: SizeRead) -> None:
         """Record that this node's (int or shape) value carries sizes of the given axes."""
         self.state.size_reads[self.node.name] = value
 
-    def size_read(self, x: Any):
+    def size_read(self, x: Any) -> SizeRead:
         return self.state.size_reads.get(x.name) if isinstance(x, fx.Node) else None
 
     # -- helpers ----------------------------------------------------------------------------
@@ -223,14 +224,14 @@ class NodeContext:
         return [n for n in dict.fromkeys(found) if n.name in self.state.size_reads]
 
     @staticmethod
-    def tensor_paths(x: fx.Node) -> list[tuple]:
+    def tensor_paths(x: fx.Node) -> list[ValuePath]:
         summary = x.meta.get(REF)
         if summary is None:
             return []
         return [p for p, leaf in _flatten(summary) if leaf[0] == "tensor"]
 
 
-def _read_keys(read) -> list[AxisKey]:
+def _read_keys(read: SizeRead) -> list[AxisKey]:
     if read is None:
         return []
     if isinstance(read, dict):
@@ -238,5 +239,5 @@ def _read_keys(read) -> list[AxisKey]:
     return [read]
 
 
-def _path_str(path: tuple) -> str:
+def _path_str(path: ValuePath) -> str:
     return "".join(f"[{i}]" for i in path)

@@ -9,6 +9,7 @@ keep set and, for gate learning, the expected MACs of keep probabilities (differ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ COUNTED_MACS = "sepfx_counted_macs"  # node.meta key, while counting: the node's
 
 
 class _MacCounter(fx.Interpreter):
-    def run_node(self, n):
+    def run_node(self, n: fx.Node) -> Any:
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         n.meta[COUNTED_MACS] = counter.get_total_flops() / 2
@@ -37,7 +38,7 @@ class CostModel:
     terms: list[tuple[float, list[AxisKey]]]  # (dense MACs, axes whose kept fractions scale it)
     node_macs: dict[str, float]
     analysis: ChannelAnalysis
-    reference_shape: tuple
+    reference_shape: tuple[int, ...]
     shares: list[float]  # per group (by index): the fraction of dense MACs scaling with it
 
     def _fractions(self, flat: torch.Tensor) -> dict[AxisKey, torch.Tensor]:

@@ -19,8 +19,10 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +55,8 @@ def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(expected - got).max() / scale)
 
 
-def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_time: bool,
-            opset: int) -> None:
+def _export(model: torch.nn.Module, example: torch.Tensor, path: str, exporter: str,
+            dynamic_batch: bool, dynamic_time: bool, opset: int) -> None:
     in_rank = example.dim()
     with torch.no_grad():
         outputs = tree_flatten(model(example))[0]
@@ -93,7 +95,7 @@ def _export(model, example, path, exporter: str, dynamic_batch: bool, dynamic_ti
 
 
 @contextlib.contextmanager
-def _quiet_output():
+def _quiet_output() -> Iterator[None]:
     """Silence file descriptors 1 and 2 while an exporter runs: on failure the TorchScript
     exporter's C++ logger prints the whole graph (torch 2.13 enables it whatever ``verbose``
     says) and torch.export logs its graphs, and a failure here only means the next exporter
@@ -114,7 +116,8 @@ def _quiet_output():
             os.close(copy_of)
 
 
-def _check(path: str, model, inputs: list[torch.Tensor], rtol: float) -> dict[str, float]:
+def _check(path: str, model: torch.nn.Module, inputs: list[torch.Tensor],
+           rtol: float) -> dict[str, float]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -140,7 +143,8 @@ def output_names(count: int) -> list[str]:
     return ["sources"] if count == 1 else [f"sources_{i}" for i in range(count)]
 
 
-def export_onnx(model: torch.nn.Module, path, example_input: torch.Tensor | None = None, *,
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike[str],
+                example_input: torch.Tensor | None = None, *,
                 opset: int = 17, rtol: float = 1e-4) -> ExportResult:
     """Export ``model`` to the single file ``path`` and check ONNX Runtime against PyTorch.
 
@@ -267,7 +271,7 @@ def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     if isinstance(model, fx.GraphModule):
         return _lowered_graph(model, (example,))
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}
-    inputs: dict[str, tuple] = {}
+    inputs: dict[str, tuple[Any, ...]] = {}
     handles = [m.register_forward_pre_hook(
         lambda module, args, name=name: inputs.setdefault(name, args))
         for name, m in parts.items()]
@@ -283,14 +287,14 @@ def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     return model
 
 
-def _lowered_graph(model: fx.GraphModule, args: tuple) -> fx.GraphModule:
+def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModule:
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
     with torch.no_grad():
         ShapeProp(lowered).propagate(*args)
     modules = dict(lowered.named_modules())
     changed = False
     for node in list(lowered.graph.nodes):
-        rule = rules.lookup(node, modules) if node.op != "output" else None
+        rule: Any = rules.lookup(node, modules) if node.op != "output" else None
         if hasattr(rule, "lower") and rule.lower(node, lowered):
             changed = True
     if not changed:

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import fx, nn
 
 from passes import runtime
 from passes.capture import Capture, site_graph
 from passes.axes import ChannelAnalysis
-from passes.values import AxisKey, tensor_shapes
+from passes.values import AxisKey, Shape, ValuePath, tensor_shapes
 
 GATES = "sepfx_gates"
 
@@ -29,13 +31,15 @@ class GateBank(nn.Module):
     """Holds the flat gate vector over all units (unit 0 is 'always kept') and, per gated axis,
     the index of each of its elements into that vector. ``forward()`` returns the vector."""
 
-    def __init__(self, analysis: ChannelAnalysis):
+    hard_mask: torch.Tensor  # a buffer
+
+    def __init__(self, analysis: ChannelAnalysis) -> None:
         super().__init__()
         self.num_units = analysis.num_units
         self.register_buffer("hard_mask", torch.ones(analysis.num_units))
         self.axis_names: dict[AxisKey, str] = {}
 
-    def index_name(self, key: AxisKey, units: np.ndarray) -> str:
+    def index_name(self, key: AxisKey, units: NDArray[Any]) -> str:
         name = self.axis_names.get(key)
         if name is None:
             name = f"axis{len(self.axis_names)}"
@@ -43,7 +47,7 @@ class GateBank(nn.Module):
             self.axis_names[key] = name
         return name
 
-    def set_keep(self, flat_keep: np.ndarray) -> None:
+    def set_keep(self, flat_keep: NDArray[Any]) -> None:
         self.hard_mask.copy_(torch.as_tensor(np.asarray(flat_keep, dtype=np.float32)))
 
     def forward(self) -> torch.Tensor:
@@ -53,10 +57,10 @@ class GateBank(nn.Module):
 class GatedGraphBuilder:
     """What a rule's ``gated`` hook sees: the new graph under construction."""
 
-    def __init__(self, analysis: ChannelAnalysis, bank: nn.Module):
+    def __init__(self, analysis: ChannelAnalysis, bank: GateBank) -> None:
         self.analysis = analysis
         self.old = analysis.graph_module
-        self.modules = dict(self.old.named_modules())
+        self.modules: dict[str, nn.Module] = dict(self.old.named_modules())
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.objects: dict[str, Any] = {GATES: bank}
@@ -66,10 +70,10 @@ class GatedGraphBuilder:
         self._wrappers: dict[str, str] = {}
 
     # -- for rules -----------------------------------------------------------------------------
-    def arg(self, x):
+    def arg(self, x: Any) -> Any:
         return fx.node.map_arg(x, lambda n: self.env[n])
 
-    def shape(self, x, path=()):
+    def shape(self, x: Any, path: ValuePath = ()) -> Shape | None:
         shapes = tensor_shapes(x, path)
         return None if shapes is None else shapes[0]
 
@@ -79,13 +83,16 @@ class GatedGraphBuilder:
     def copy(self, node: fx.Node) -> fx.Node:
         new = self.graph.node_copy(node, lambda n: self.env[n])
         if node.op in ("call_module", "get_attr"):
-            self.objects[node.target] = operator.attrgetter(node.target)(self.old)
+            target = cast(str, node.target)  # a qualified name
+            self.objects[target] = operator.attrgetter(target)(self.old)
         return new
 
-    def call_function(self, fn, args, kwargs=None) -> fx.Node:
+    def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any] | None = None) -> fx.Node:
         return self.graph.call_function(fn, args, kwargs or {})
 
-    def call_module(self, target: str, args, kwargs=None) -> fx.Node:
+    def call_module(self, target: str, args: tuple[Any, ...],
+                    kwargs: dict[str, Any] | None = None) -> fx.Node:
         return self.graph.call_module(target, args, kwargs or {})
 
     def get_attr(self, target: str) -> fx.Node:
@@ -117,7 +124,7 @@ class GatedGraphBuilder:
             self._masks[key] = self.graph.call_function(operator.getitem, (self._flat, index))
         return self._masks[key]
 
-    def value_mask(self, x: fx.Node, dim: int, path: tuple = ()) -> fx.Node | None:
+    def value_mask(self, x: fx.Node, dim: int, path: ValuePath = ()) -> fx.Node | None:
         shape = self.shape(x, path)
         if shape is None:
             return None
@@ -128,8 +135,8 @@ class GatedGraphBuilder:
         return self.mask(self.analysis.module_axes.get(qualname, {}).get(name))
 
 
-def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
-                 bank: nn.Module | None = None, graph: fx.Graph | None = None
+def insert_gates(analysis: ChannelAnalysis, flat_keep: NDArray[Any] | None = None,
+                 bank: GateBank | None = None, graph: fx.Graph | None = None
                  ) -> fx.GraphModule:
     """A new GraphModule at the original width whose channels are gated by ``bank`` (default:
     a ``GateBank`` with hard gates from ``flat_keep``, all kept if None). Shares the parameters
@@ -142,7 +149,7 @@ def insert_gates(analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
     g = GatedGraphBuilder(analysis, bank)
     gate_inputs = graph is not None
     for node in (analysis.graph_module.graph if graph is None else graph).nodes:
-        rule = analysis.rules.get(node.name)
+        rule: Any = analysis.rules.get(node.name)
         new = None
         if node.op not in ("placeholder", "output") and hasattr(rule, "gated"):
             new = rule.gated(g, node)
@@ -170,8 +177,8 @@ def _gate_outputs(builder: GatedGraphBuilder, node: fx.Node, new: fx.Node) -> fx
     return new
 
 
-def gated_model(capture: Capture, analysis: ChannelAnalysis, flat_keep: np.ndarray | None = None,
-                bank: nn.Module | None = None) -> nn.Module:
+def gated_model(capture: Capture, analysis: ChannelAnalysis, flat_keep: NDArray[Any] | None = None,
+                bank: GateBank | None = None) -> nn.Module:
     """The captured model at its original width, gated by ``bank`` (see ``insert_gates``): the
     gated graph itself when the whole model traced; else a copy of the model (sharing its
     weights) whose graph and leaf parts are replaced by gated ones and whose eager shells run

@@ -7,8 +7,11 @@ variance over channels) counts kept channels only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +44,8 @@ def regate_(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return x.copy_(apply_gate(x, mask, dim))
 
 
-def _kept(x: torch.Tensor, masks: list, dims: list[int]) -> torch.Tensor:
+def _kept(x: torch.Tensor, masks: Sequence[torch.Tensor | None], dims: Sequence[int]
+          ) -> torch.Tensor:
     """A broadcastable 0/1 tensor: 1 where every masked axis in ``dims`` is kept."""
     kept = torch.ones((), dtype=x.dtype, device=x.device)
     for mask, dim in zip(masks, dims):
@@ -50,7 +54,9 @@ def _kept(x: torch.Tensor, masks: list, dims: list[int]) -> torch.Tensor:
     return kept
 
 
-def masked_moments(x, dims, masks, mask_dims, correction=0):
+def masked_moments(x: torch.Tensor, dims: list[int], masks: Sequence[torch.Tensor | None],
+                   mask_dims: Sequence[int], correction: float = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ``x`` over ``dims`` counting only kept channels."""
     kept = _kept(x, masks, mask_dims).expand_as(x)
     count = kept.sum(dim=dims, keepdim=True)
@@ -60,7 +66,9 @@ def masked_moments(x, dims, masks, mask_dims, correction=0):
     return mean, var
 
 
-def masked_reduce(kind: str, x, dims, keepdim, correction, masks, mask_dims):
+def masked_reduce(kind: str, x: torch.Tensor, dims: Sequence[int], keepdim: bool,
+                  correction: float, masks: Sequence[torch.Tensor | None],
+                  mask_dims: Sequence[int]) -> torch.Tensor:
     """``x.mean/var/std(dims)`` over kept channels only (``masks[i]`` masks ``mask_dims[i]``)."""
     dims = [d % x.dim() for d in dims]
     mean, var = masked_moments(x, dims, masks, mask_dims, correction)
@@ -70,7 +78,9 @@ def masked_reduce(kind: str, x, dims, keepdim, correction, masks, mask_dims):
     return out if keepdim else out.squeeze(tuple(dims))
 
 
-def masked_group_norm(x, num_groups: int, weight, bias, eps: float, mask):
+def masked_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, eps: float, mask: torch.Tensor
+                      ) -> torch.Tensor:
     b = x.shape[0]
     kept = (_along(mask, x.dim(), 1) > 0).to(x.dtype).expand_as(x).reshape(b, num_groups, -1)
     xg = x.reshape(b, num_groups, -1)
@@ -79,12 +89,14 @@ def masked_group_norm(x, num_groups: int, weight, bias, eps: float, mask):
     centred = torch.where(kept > 0, xg - mean, torch.zeros((), dtype=x.dtype, device=x.device))
     var = (centred * centred).sum(-1, keepdim=True) / count
     y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    if weight is not None:
-        y = y * _along(weight, x.dim(), 1) + _along(bias, x.dim(), 1)
+    if weight is not None:  # affine: bias too
+        y = y * _along(weight, x.dim(), 1) + _along(cast(torch.Tensor, bias), x.dim(), 1)
     return y
 
 
-def masked_layer_norm(x, k: int, weight, bias, eps: float, masks: list):
+def masked_layer_norm(x: torch.Tensor, k: int, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, eps: float,
+                      masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """LayerNorm over the last ``k`` dims of ``x``; ``masks[i]`` masks dim ``-k + i``."""
     dims = list(range(x.dim() - k, x.dim()))
     mean, var = masked_moments(x, dims, masks, dims)
@@ -122,13 +134,13 @@ def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
 class GatedRNN(nn.Module):
     """An nn.LSTM/nn.GRU whose hidden units are gated; weights stay those of ``rnn``."""
 
-    def __init__(self, rnn: nn.RNNBase):
+    def __init__(self, rnn: nn.RNNBase) -> None:
         super().__init__()
         self.rnn = rnn
 
-    def forward(self, x, hidden_mask):
+    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor) -> Any:
         rows = _candidate_rows(self.rnn, hidden_mask)
-        params = {}
+        params: dict[str, torch.Tensor] = {}
         for name in self.rnn._flat_weights_names:
             w = getattr(self.rnn, name)
             if name.startswith(("weight_ih", "weight_hh")):
@@ -140,8 +152,11 @@ class GatedRNN(nn.Module):
 
 
 # -- attention ---------------------------------------------------------------------------------
-def attention(query, key, value, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int, head_dim: int,
-              batch_first: bool, head_mask=None):
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wq: torch.Tensor,
+              bq: torch.Tensor | None, wk: torch.Tensor, bk: torch.Tensor | None,
+              wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor,
+              bo: torch.Tensor | None, num_heads: int, head_dim: int, batch_first: bool,
+              head_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention with separate projections, computed with plain ops (exports to any
     ONNX opset). ``head_mask`` (one entry per internal dim) zeroes pruned heads' outputs."""
     if not batch_first:
@@ -160,7 +175,10 @@ def attention(query, key, value, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int,
     return out if batch_first else out.transpose(0, 1)
 
 
-def _mha_weights(mha: nn.MultiheadAttention):
+def _mha_weights(mha: nn.MultiheadAttention) -> tuple[
+        torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
+        torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(wq, bq, wk, bk, wv, bv, wo, bo) of ``mha``, the in-projection split per input."""
     e = mha.embed_dim
     if mha._qkv_same_embed_dim:
         wq, wk, wv = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
@@ -176,11 +194,12 @@ def _mha_weights(mha: nn.MultiheadAttention):
 class GatedAttention(nn.Module):
     """nn.MultiheadAttention with pruned heads zeroed (weights stay those of ``mha``)."""
 
-    def __init__(self, mha: nn.MultiheadAttention):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
         self.mha = mha
 
-    def forward(self, query, key, value, head_mask, **unused):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                head_mask: torch.Tensor | None, **unused: Any) -> tuple[torch.Tensor, None]:
         m = self.mha
         out = attention(query, key, value, *_mha_weights(m), m.num_heads, m.head_dim,
                         m.batch_first, head_mask)
@@ -192,7 +211,7 @@ class SlimMultiheadAttention(nn.Module):
     independent, which is what pruning nn.MultiheadAttention leaves. Same call signature."""
 
     def __init__(self, q_in: int, k_in: int, v_in: int, num_heads: int, head_dim: int,
-                 out_dim: int, bias: bool = True, batch_first: bool = False):
+                 out_dim: int, bias: bool = True, batch_first: bool = False) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(q_in, inner, bias=bias)
@@ -201,7 +220,8 @@ class SlimMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, out_dim, bias=bias)
         self.num_heads, self.head_dim, self.batch_first = num_heads, head_dim, batch_first
 
-    def forward(self, query, key, value, **unused):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                **unused: Any) -> tuple[torch.Tensor, None]:
         out = attention(query, key, value, self.q_proj.weight, self.q_proj.bias,
                         self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
                         self.v_proj.bias, self.out_proj.weight, self.out_proj.bias,
@@ -217,7 +237,8 @@ class SpannedConv(nn.Module):
     a matrix product."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, folded: list[int],
-                 out_sizes: list[int], ndim: int, stride, padding, dilation):
+                 out_sizes: list[int], ndim: int, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)  # [oc * prod(O), ic * prod(I), kernel of the rest]
         self.bias = None if bias is None else nn.Parameter(bias)  # [oc * prod(O)]
@@ -231,7 +252,9 @@ class SpannedConv(nn.Module):
         self.out_channels = weight.shape[0] // max(int(np.prod(out_sizes)), 1)
 
     @classmethod
-    def lowered(cls, conv: nn.Module, kept_in, kept_out, spans: dict) -> "SpannedConv":
+    def lowered(cls, conv: nn.modules.conv._ConvNd, kept_in: NDArray[Any],
+                kept_out: NDArray[Any], spans: dict[int, tuple[NDArray[Any], NDArray[Any]]]
+                ) -> "SpannedConv":
         """``conv`` (groups 1, zero padding given as numbers) keeping channels ``kept_in`` and
         ``kept_out`` and, per folded axis d, the positions ``spans[d] = (kept input positions,
         kept output positions)``."""
@@ -287,7 +310,8 @@ class SpannedConv(nn.Module):
 # -- Python values recorded in graphs ------------------------------------------------------
 # The tracer records ``int(size)`` and ``torch.tensor(shape)`` as calls of these. They are
 # proxy-aware, so a GraphModule holding them can be traced again (unpickling does that).
-def _traced(fn, args, kwargs):
+def _traced(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A proxy for ``fn(*args, **kwargs)`` when an argument is one (tracing), else None."""
     from torch import fx
 
     proxies = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
@@ -296,35 +320,37 @@ def _traced(fn, args, kwargs):
     return None
 
 
-def as_int(value):
+def as_int(value: Any) -> Any:
     """``int(value)``, recordable on a proxy."""
     traced = _traced(as_int, (value,), {})
     return int(value) if traced is None else traced
 
 
-def as_variable(data, *args, **kwargs):
+def as_variable(data: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd.Variable(data, ...)`` (the legacy wrapper: a tensor sharing ``data``'s
     storage, detached), recordable on a proxy."""
     traced = _traced(as_variable, (data, *args), kwargs)
     if traced is not None:
         return traced
-    return torch.autograd.variable.Variable(data, *args, **kwargs)
+    # the stubs know torch.autograd.variable only as a function; at run time it has .Variable
+    return torch.autograd.variable.Variable(data, *args, **kwargs)  # type: ignore[attr-defined]
 
 
-def shape_tensor(data, *args, **kwargs):
+def shape_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch.tensor(data, ...)``, recordable on a proxy (``torch.tensor(x.shape)``)."""
     traced = _traced(shape_tensor, (data, *args), kwargs)
     return torch.tensor(data, *args, **kwargs) if traced is None else traced
 
 
-def shape_as_tensor(data, *args, **kwargs):
+def shape_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch.as_tensor(data, ...)``, recordable on a proxy."""
     traced = _traced(shape_as_tensor, (data, *args), kwargs)
     return torch.as_tensor(data, *args, **kwargs) if traced is None else traced
 
 
 # -- export lowerings --------------------------------------------------------------------------
-def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
+def adaptive_avg_pool1d(x: torch.Tensor, output_size: int | tuple[int, ...] | list[int]
+                        ) -> torch.Tensor:
     """F.adaptive_avg_pool1d as a matmul with a bin-averaging matrix built from the sizes at run
     time (PyTorch's bins: [floor(i*L/n), ceil((i+1)*L/n))), so that an ONNX export keeps both
     lengths dynamic; the exporters refuse or fix them for the built-in op."""
@@ -340,8 +366,10 @@ def adaptive_avg_pool1d(x: torch.Tensor, output_size) -> torch.Tensor:
     return torch.matmul(x, weights.transpose(0, 1))
 
 
-def fold_1d(x: torch.Tensor, output_size, kernel_size, dilation, padding, stride,
-            channels: int) -> torch.Tensor:
+def fold_1d(x: torch.Tensor, output_size: Sequence[int],
+            kernel_size: int | tuple[int, ...] | list[int],
+            dilation: int | tuple[int, ...] | list[int], padding: int | tuple[int, ...] | list[int],
+            stride: int | tuple[int, ...] | list[int], channels: int) -> torch.Tensor:
     """``F.fold`` for windows along the first spatial axis only (kernel ``(k, 1)``, output
     ``(T, 1)``: dual-path overlap-add) of ``x [B, channels * k, L]``, as a grouped transposed
     convolution with an identity kernel, which the exporters keep dynamic in ``T``
@@ -378,7 +406,8 @@ def prelu_min(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, _channel_weight(x, weight) * x)
 
 
-def lower_prelu(module: nn.PReLU, weight):
+def lower_prelu(module: nn.PReLU, weight: Any
+                ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
     """The fastest exact form for this module's slopes, chosen once at export: (function, its
     arguments after the input), ``weight`` being the graph node of the module's weight. One
     shared slope is ONNX LeakyRelu, which ONNX Runtime fuses into the Conv before it."""
@@ -392,7 +421,7 @@ def lower_prelu(module: nn.PReLU, weight):
 
 
 
-def assigned(x: torch.Tensor, index, value) -> torch.Tensor:
+def assigned(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     """``x[index] = value`` as a function: a copy of ``x`` holding what the assignment leaves in
     ``x`` (recorded eager code's in-place assignments, ``passes.capture``)."""
     out = x.clone()
@@ -404,13 +433,14 @@ class PartCall(nn.Module):
     """A captured part (``passes.capture``) as its callers call it: binds positional and keyword
     arguments to the graph's placeholders by the part's forward signature."""
 
-    def __init__(self, graph_module: nn.Module, names: list[str], defaults: dict):
+    def __init__(self, graph_module: nn.Module, names: list[str],
+                 defaults: dict[str, Any]) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.names = list(names)
         self.defaults = dict(defaults)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         values = dict(zip(self.names, args))
         values.update(kwargs)
         return self.graph_module(*[values.get(n, self.defaults.get(n)) for n in self.names])

@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import copy
 import operator
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import fx, nn
 
 from passes import runtime
 from passes.capture import Capture, site_graph
 from passes.axes import ChannelAnalysis
 from passes.context import NodeContext
-from passes.values import tensor_shapes
+from passes.values import AxisKey, Shape, ValuePath, tensor_shapes
 from passes.values import CONSTANT
 from passes.errors import KeepSetError, SlimError
 
 
-def check_keep(analysis: ChannelAnalysis, keep: dict) -> dict[int, np.ndarray]:
+def check_keep(analysis: ChannelAnalysis, keep: dict[int, Any]) -> dict[int, NDArray[np.int64]]:
     """Validate a keep set {group index: unit indices}; return it as sorted int arrays."""
     if not isinstance(keep, dict):
         raise KeepSetError(f"a keep set is a dict {{group index: indices}}, got {type(keep).__name__}")
-    out = {}
+    out: dict[int, NDArray[np.int64]] = {}
     known = {g.index for g in analysis.groups}
     extra = set(keep) - known
     if extra:
@@ -61,31 +63,31 @@ def check_keep(analysis: ChannelAnalysis, keep: dict) -> dict[int, np.ndarray]:
 class Pruning:
     """What a rule's ``slim_module``/``rewrite`` sees: kept indices of every axis."""
 
-    def __init__(self, analysis: ChannelAnalysis, flat_keep: np.ndarray):
+    def __init__(self, analysis: ChannelAnalysis, flat_keep: NDArray[Any]) -> None:
         self.analysis = analysis
         self.flat_keep = flat_keep
-        self.original = {n.name: n for n in analysis.graph_module.graph.nodes}
+        self.original: dict[str, fx.Node] = {n.name: n for n in analysis.graph_module.graph.nodes}
 
-    def _kept(self, key):
+    def _kept(self, key: AxisKey | None) -> NDArray[np.intp] | None:
         return None if key is None else self.analysis.kept_indices(key, self.flat_keep)
 
-    def kept_module(self, qualname: str, name: str):
+    def kept_module(self, qualname: str, name: str) -> NDArray[np.intp] | None:
         return self._kept(self.analysis.module_axes.get(qualname, {}).get(name))
 
-    def kept_value(self, x: fx.Node, dim: int, path: tuple = ()):
+    def kept_value(self, x: fx.Node, dim: int, path: ValuePath = ()) -> NDArray[np.intp] | None:
         shape = self.shape(x, path)
         axes = self.analysis.value_axes.get((x.name, path), {})
         return self._kept(axes.get(dim % len(shape))) if shape else None
 
-    def shape(self, x: fx.Node, path: tuple = ()):
+    def shape(self, x: fx.Node, path: ValuePath = ()) -> Shape | None:
         shapes = tensor_shapes(self.original[x.name], path)
         return None if shapes is None else shapes[0]
 
-    def tensor_paths(self, x: fx.Node):
+    def tensor_paths(self, x: fx.Node) -> list[ValuePath]:
         return NodeContext.tensor_paths(self.original[x.name])
 
 
-def slim(analysis: ChannelAnalysis, keep: dict) -> fx.GraphModule:
+def slim(analysis: ChannelAnalysis, keep: dict[int, Any]) -> fx.GraphModule:
     """The slim GraphModule for ``keep`` ({group index: indices of units to keep})."""
     keep = check_keep(analysis, keep)
     flat_keep = analysis.keep_vector(keep)
@@ -93,7 +95,7 @@ def slim(analysis: ChannelAnalysis, keep: dict) -> fx.GraphModule:
     gm = copy.deepcopy(analysis.graph_module)
     _slice_parameters(gm, analysis, pruning)
     for node in gm.graph.nodes:
-        rule = analysis.rules.get(node.name)
+        rule: Any = analysis.rules.get(node.name)
         if hasattr(rule, "rewrite"):
             rule.rewrite(node, pruning)
     gm.graph.lint()
@@ -119,7 +121,7 @@ def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, pruning: Prun
             _slice_attr(model, target, {d: pruning._kept(key) for d, key in dims.items()})
 
 
-def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Module:
+def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict[int, Any]) -> nn.Module:
     """The slim model for ``keep``: the slim GraphModule when the whole model traced; else a
     copy of the model with every pruned parameter sliced, its graph parts rewritten (literal
     sizes fixed by the op rules) and its eager shells running their forward unchanged."""
@@ -136,7 +138,7 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Mo
         for node in graph.nodes:
             # the part's placeholders carry the names of the analysis values they receive:
             # the rules of those values are not theirs
-            rule = analysis.rules.get(node.name) if node.op != "placeholder" else None
+            rule: Any = analysis.rules.get(node.name) if node.op != "placeholder" else None
             if hasattr(rule, "rewrite"):
                 rule.rewrite(node, pruning)
         objects = {n.target: operator.attrgetter(n.target)(model) for n in graph.nodes
@@ -146,7 +148,7 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict) -> nn.Mo
     return model
 
 
-def _slice_attr(gm: fx.GraphModule, target: str, kept_by_dim: dict) -> None:
+def _slice_attr(gm: nn.Module, target: str, kept_by_dim: dict[int, NDArray[Any] | None]) -> None:
     owner_name, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     value = getattr(owner, name)
@@ -199,7 +201,9 @@ def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, pruning: Prunin
                 if node.op == "output" or not hasattr(meta, "shape"):
                     continue
                 for dim, key in analysis.value_axes.get((node.name, ()), {}).items():
-                    expected = len(pruning._kept(key))
+                    kept = pruning._kept(key)
+                    assert kept is not None  # an axis key has kept indices
+                    expected = len(kept)
                     if meta.shape[dim] != expected:
                         raise SlimError(f"node {node.name} dim {dim}: slim size "
                                         f"{meta.shape[dim]} at input {list(x.shape)}, "

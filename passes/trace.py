@@ -15,9 +15,11 @@ import copy
 import math
 import operator
 import sys
+import types
+from collections.abc import Callable, Iterator
 from unittest import mock
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -53,12 +55,12 @@ def _shape_only(node: fx.Node) -> bool:
         return True
     if node.op in ("placeholder", "get_attr", "call_module"):
         return False
-    inputs = []
+    inputs: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), inputs.append)
     return bool(inputs) and all(n.meta.get(_SHAPE_ONLY, False) for n in inputs)
 
 
-def _varying(node: fx.Node):
+def _varying(node: fx.Node) -> bool | tuple[bool, ...]:
     """Whether ``node``'s value derives from a size that varies with the input: a direct size
     read varies where its two example values differ (the examples differ in batch and length);
     anything computed from a varying value varies, even when its two values happen to agree
@@ -80,7 +82,7 @@ def _varying(node: fx.Node):
         return False
     if node.op == "call_function" and node.target is operator.getitem \
             and isinstance(node.args[0], fx.Node):
-        source = node.args[0].meta.get(_VARYING, False)
+        source: bool | tuple[bool, ...] = node.args[0].meta.get(_VARYING, False)
         if isinstance(source, tuple):
             index = node.args[1]
             if isinstance(index, int) and -len(source) <= index < len(source):
@@ -95,12 +97,12 @@ def _varying(node: fx.Node):
                for v in (n.meta.get(_VARYING, False) for n in inputs))
 
 
-def _no_autograd_function(original):
+def _no_autograd_function(original: types.FunctionType) -> classmethod[Any, ..., Any]:
     """Function.apply that refuses proxies: tracing would inline ``forward`` and lose the custom
     ``backward``; the enclosing module becomes a leaf instead (run eagerly, backward intact)."""
 
-    def apply(cls, *args, **kwargs):
-        found = []
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        found: list[fx.Proxy] = []
         torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
                                      (args, kwargs))
         if found:
@@ -125,7 +127,7 @@ def _user_line(node: fx.Node) -> str:
               for i in range(len(lines)) if lines[i].startswith("File ")]
     user = [f for f in frames if "/torch/" not in f[0] and "/passes/trace.py" not in f[0]]
     if not user:
-        return node.format_node()
+        return cast(str, node.format_node())  # None only for Graph.__str__'s placeholders
     where, source = user[-1]
     parts = where.split('"')
     file = parts[1].rsplit("/", 1)[-1] if len(parts) > 1 else where
@@ -136,48 +138,53 @@ def _user_line(node: fx.Node) -> str:
 class _ConcreteProxy(fx.Proxy):
     """A Proxy that answers len() and int() when the concrete values say the answer is fixed."""
 
-    def __len__(self):
+    tracer: _Tracer  # it is made by ``_Tracer.proxy``
+
+    def __len__(self) -> int:
         values = self.node.meta.get(_VALUES)
         if values is not None and all(isinstance(v, torch.Tensor) for v in values):
             return self.tracer.static_length(self)  # a tensor's first size: metadata, not data
         # a sequence's length is its structure (a rank), fixed even if its items vary
-        return self.tracer.static_value(self, (tuple, list, torch.Size), len, structural=True)
+        return cast(int, self.tracer.static_value(self, (tuple, list, torch.Size), len,
+                                                  structural=True))
 
-    def __int__(self):
-        return self.tracer.static_value(self, (int,))
+    def __int__(self) -> int:
+        return cast(int, self.tracer.static_value(self, (int,)))
 
-    def __index__(self):
-        return self.tracer.static_value(self, (int,))
+    def __index__(self) -> int:
+        return cast(int, self.tracer.static_value(self, (int,)))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> _ConcreteAttribute:
         return _ConcreteAttribute(self, name)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         """``buf[..., :T] = x``: recorded (and kept: ``is_impure_node``)."""
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     # ``[slice(None)] * x.ndim``: repeating a Python sequence needs the count itself
-    def __mul__(self, other):
+    # (fx.Proxy's operators are installed by setattr when torch.fx loads: the stubs lack them)
+    def __mul__(self, other: Any) -> Any:
         if isinstance(other, (list, tuple, str)):
             return other * self.__index__()
-        return fx.Proxy.__mul__(self, other)
+        return fx.Proxy.__mul__(self, other)  # type: ignore[operator]
 
-    def __rmul__(self, other):
+    def __rmul__(self, other: Any) -> Any:
         if isinstance(other, (list, tuple, str)):
             return other * self.__index__()
-        return fx.Proxy.__rmul__(self, other)
+        return fx.Proxy.__rmul__(self, other)  # type: ignore[attr-defined]
 
 
 class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
     pass
 
 
-def _recording(tracer: "_Tracer", original, recorded):
+def _recording(tracer: "_Tracer", original: Callable[..., Any], recorded: Callable[..., Any]
+               ) -> Callable[..., Any]:
     """``original`` that records a call of ``recorded`` (its proxy-aware twin in
     ``passes.runtime``) when called on a Proxy, as torch.fx.wrap does."""
 
-    def call(*args, **kwargs):
-        found = []
+    def call(*args: Any, **kwargs: Any) -> Any:
+        found: list[fx.Proxy] = []
         torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
                                      (args, kwargs))
         if found:
@@ -192,15 +199,15 @@ def _recording(tracer: "_Tracer", original, recorded):
 _FACTORIES = ("zeros", "ones", "empty", "full")
 
 
-def _traced_variable(tracer: "_Tracer", variable):
+def _traced_variable(tracer: "_Tracer", variable: type) -> type:
     """``torch.autograd.Variable`` as a class again, recording ``runtime.as_variable`` when given
     a proxy (the legacy wrapper refuses anything but a tensor); ``isinstance`` still works."""
 
     class _Meta(type):
-        def __instancecheck__(cls, other):
+        def __instancecheck__(cls, other: Any) -> bool:
             return isinstance(other, variable)
 
-        def __call__(cls, *args, **kwargs):
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
             if args and isinstance(args[0], fx.Proxy):
                 return tracer.create_proxy("call_function", runtime.as_variable, args, kwargs)
             return variable(*args, **kwargs)
@@ -209,7 +216,7 @@ def _traced_variable(tracer: "_Tracer", variable):
 
 
 @contextlib.contextmanager
-def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
+def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module) -> Iterator[None]:
     """While tracing, ``int(...)`` in the model's own modules, ``torch.tensor(...)``, the
     factories given sizes as separate proxies (``torch.zeros(B, N, gap)``) and the legacy
     ``Variable(...)`` (as ``torch.autograd.Variable`` or imported by name into the model's
@@ -219,8 +226,8 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
                                      for m in root.modules()
                                      if type(m).__module__ in sys.modules)
                   if not g.get("__name__", "").startswith("torch")}
-    patched = []
-    replaced = []
+    patched: list[dict[str, Any]] = []
+    replaced: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for g in namespaces.values():
             if "int" not in g:
@@ -257,7 +264,8 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaves: set[str], examples: tuple[tuple, tuple]):
+    def __init__(self, extra_leaves: set[str],
+                 examples: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
         super().__init__(autowrap_modules=(math,))
         self.record_stack_traces = True
         self.proxy_buffer_attributes = True  # buffers become graph attributes, sliceable by proxies
@@ -269,7 +277,8 @@ class _Tracer(fx.Tracer):
         self._placeholders = 0
         self._evaluating = False
 
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
+    def getattr(self, attr: str, attr_val: Any,
+                parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
         if self._evaluating:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -278,7 +287,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
 
-    def call_module(self, m, forward, args, kwargs):
+    def call_module(self, m: torch.nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
         if self._evaluating:  # computing a concrete value: run the real module
             return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
@@ -296,8 +306,9 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
-                     proxy_factory_fn=None):
+    def create_proxy(self, kind: str, target: fx.node.Target, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], name: str | None = None, type_expr: Any | None = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if kind == "placeholder":
@@ -313,9 +324,9 @@ class _Tracer(fx.Tracer):
         return proxy
 
     def _evaluate(self, node: fx.Node, k: int) -> Any:
-        missing = []
+        missing: list[fx.Node] = []
 
-        def value_of(n: fx.Node):
+        def value_of(n: fx.Node) -> Any:
             values = n.meta.get(_VALUES)
             if values is None:
                 missing.append(n)
@@ -330,24 +341,25 @@ class _Tracer(fx.Tracer):
         try:
             with torch.no_grad():
                 if node.op == "get_attr":
-                    return operator.attrgetter(node.target)(self.root)
+                    return operator.attrgetter(cast(str, node.target))(self.root)
                 if node.op == "call_module":
-                    return self.root.get_submodule(node.target)(*args, **kwargs)
+                    return self.root.get_submodule(cast(str, node.target))(*args, **kwargs)
                 if node.op == "call_method":
-                    return getattr(args[0], node.target)(*args[1:], **kwargs)
-                return node.target(*args, **kwargs)
+                    return getattr(args[0], cast(str, node.target))(*args[1:], **kwargs)
+                return cast(Callable[..., Any], node.target)(*args, **kwargs)
         except Exception:
             return None
         finally:
             self._evaluating = False
 
-    def static_value(self, proxy: fx.Proxy, types: tuple, project=lambda value: value,
+    def static_value(self, proxy: fx.Proxy, types: tuple[type, ...],
+                     project: Callable[[Any], Any] = lambda value: value,
                      structural: bool = False) -> Any:
         """``project(value)`` of ``proxy`` if the value is of ``types`` and the projection is the
         same on both inputs and derives from no size that varies with the input (unless the
         projection reads only the value's structure, ``structural``), else raise."""
         node = proxy.node
-        values = node.meta.get(_VALUES)
+        values: Any = node.meta.get(_VALUES)  # (reference, probe) values, or None
         ok = (values is not None and all(isinstance(v, types) and not isinstance(v, torch.Tensor)
                                          for v in values))
         if ok and not node.meta.get(_SHAPE_ONLY, False):
@@ -393,11 +405,12 @@ class _Tracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.static_value(obj, (bool, int)))
 
-    def iter(self, obj: fx.Proxy):
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         values = obj.node.meta.get(_VALUES)
         if values is not None and all(isinstance(v, (tuple, torch.Size)) for v in values) \
                 and len(values[0]) == len(values[1]):
-            return iter([obj[i] for i in range(len(values[0]))])
+            # (fx.Proxy's __getitem__ is installed by setattr: the stubs lack it)
+            return iter([obj[i] for i in range(len(values[0]))])  # type: ignore[index]
         return super().iter(obj)
 
 
@@ -450,7 +463,8 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
     return TraceResult(gm, leaves, list(dict.fromkeys(assumptions)))
 
 
-def _trace_with_fallback(root, examples, leaves: dict[str, str], max_leaves: int):
+def _trace_with_fallback(root: torch.nn.Module, examples: tuple[tuple[Any, ...], tuple[Any, ...]],
+                         leaves: dict[str, str], max_leaves: int) -> tuple[_Tracer, fx.Graph]:
     """Trace ``root``, turning each custom module that fails into a leaf (``leaves`` grows)."""
     while True:
         tracer = _Tracer(set(leaves), examples)
@@ -482,7 +496,8 @@ def check_lengths(example: torch.Tensor) -> list[torch.Tensor]:
                                                        dtype=example.dtype)]
 
 
-def _generalisation_mismatch(eager: torch.nn.Module, gm: fx.GraphModule, example):
+def _generalisation_mismatch(eager: torch.nn.Module, gm: fx.GraphModule, example: torch.Tensor
+                             ) -> tuple[int, ...] | None:
     """None if the graph computes what the eager model computes at three input sizes, else the
     first input shape where they differ."""
     with torch.no_grad():
@@ -496,7 +511,7 @@ def _generalisation_mismatch(eager: torch.nn.Module, gm: fx.GraphModule, example
     return None
 
 
-def _close(a, b) -> bool:
+def _close(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape:
             return False
@@ -504,7 +519,11 @@ def _close(a, b) -> bool:
         return bool(((a - b).abs().max() / scale) <= 1e-5)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
         return all(_close(x, y) for x, y in zip(a, b))
-    return a == b
+    if isinstance(a, dict) and isinstance(b, dict):  # per-speaker outputs by name
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return cast(bool, a == b)  # (other values as their == compares them)
 
 
 __all__ = ["TraceResult", "trace", "probe_input", "is_impure_node"]

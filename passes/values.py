@@ -6,6 +6,7 @@ the helpers here. Nothing in this module imports another module of ``passes``.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple, Union
 
 import torch
@@ -19,12 +20,19 @@ LEAF_INPUTS = "sepfx_leaf_inputs"  # an opaque leaf's inputs at the reference, t
 
 CONSTANT = "_sepfx_constant_"  # attribute names of tensors that eager code made from values
 
+Shape = tuple[int, ...]
+# where a tensor sits in a node's (nested tuple) value: item indices; a rule may tag a path of
+# its own (``NodeContext.keep_elements``: ("kept", label))
+ValuePath = tuple[Any, ...]
+# a value's summary: ("tensor", shape), ("tuple", (summaries...)), ("value", v), ("other", name)
+Summary = tuple[str, Any]
+
 
 class ValueAxisKey(NamedTuple):
     """Axis ``dim`` of the tensor at ``path`` in the value of graph node ``node``."""
     kind: Literal["value"]
     node: str
-    path: tuple
+    path: ValuePath
     dim: int
 
 
@@ -44,8 +52,12 @@ class AttrAxisKey(NamedTuple):
 
 AxisKey = Union[ValueAxisKey, ModuleAxisKey, AttrAxisKey]
 
+# the sizes a node's value carries (``NodeContext.read_size``): an int read from one axis, or a
+# shape {dim: axis}; None when it carries none
+SizeRead = Union[AxisKey, dict[int, AxisKey], None]
 
-def value_axis_key(node: str, path: tuple, dim: int) -> ValueAxisKey:
+
+def value_axis_key(node: str, path: ValuePath, dim: int) -> ValueAxisKey:
     return ValueAxisKey("value", node, path, dim)
 
 
@@ -72,7 +84,7 @@ def probe_input(example: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=example.dtype)
 
 
-def _summary(value):
+def _summary(value: Any) -> Summary:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape))
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
@@ -82,7 +94,7 @@ def _summary(value):
     return ("other", type(value).__name__)
 
 
-def _flatten(summary, path=()):
+def _flatten(summary: Summary, path: ValuePath = ()) -> Iterator[tuple[ValuePath, Summary]]:
     """Yield (path, summary leaf) for every leaf of a summary tree."""
     if summary[0] == "tuple":
         for i, item in enumerate(summary[1]):
@@ -91,8 +103,8 @@ def _flatten(summary, path=()):
         yield path, summary
 
 
-def _value_leaf(node: fx.Node, path: tuple, which: str = REF):
-    summary = node.meta.get(which)
+def _value_leaf(node: fx.Node, path: ValuePath, which: str = REF) -> Summary | None:
+    summary: Summary | None = node.meta.get(which)
     if summary is None:
         return None
     for p, leaf in _flatten(summary):
@@ -101,7 +113,7 @@ def _value_leaf(node: fx.Node, path: tuple, which: str = REF):
     return None
 
 
-def tensor_shapes(node: fx.Node, path: tuple = ()):
+def tensor_shapes(node: fx.Node, path: ValuePath = ()) -> tuple[Shape, Shape] | None:
     """(reference shape, probe shape) of a tensor value, or None."""
     ref, probe = _value_leaf(node, path), _value_leaf(node, path, PROBE)
     if ref is None or probe is None or ref[0] != "tensor" or probe[0] != "tensor":
@@ -109,12 +121,12 @@ def tensor_shapes(node: fx.Node, path: tuple = ()):
     return ref[1], probe[1]
 
 
-def scalar_values(node: fx.Node, path: tuple = ()):
+def scalar_values(node: fx.Node, path: ValuePath = ()) -> tuple[Any, Any] | None:
     ref, probe = _value_leaf(node, path), _value_leaf(node, path, PROBE)
     if ref is None or probe is None or ref[0] != "value":
         return None
     return ref[1], probe[1]
 
 
-def is_tensor(node: Any, path: tuple = ()) -> bool:
+def is_tensor(node: Any, path: ValuePath = ()) -> bool:
     return isinstance(node, fx.Node) and tensor_shapes(node, path) is not None

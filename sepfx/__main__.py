@@ -103,6 +103,17 @@ def _demo(args) -> int:
     return 0
 
 
+def _as_sources(outputs: list):
+    """[n_src, T] from a model's ONNX outputs for a batch of one: one output [1, n_src, T] (or
+    [1, T] for a single source), or one output per speaker, each [1, T] or [1, 1, T]."""
+    import numpy as np
+
+    if len(outputs) > 1:
+        return np.stack([np.asarray(o)[0].reshape(-1) for o in outputs])
+    first = np.asarray(outputs[0])[0]
+    return first[None] if first.ndim == 1 else first.reshape(first.shape[0], -1)
+
+
 def _separate(args) -> int:
     from pathlib import Path
 
@@ -124,7 +135,7 @@ def _separate(args) -> int:
     session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     try:
-        sources = session.run(None, {name: x[None]})[0][0]
+        sources = _as_sources(session.run(None, {name: x[None]}))
         failure = None if sources.size else "it gave an empty output"
     except Exception as error:  # noqa: BLE001  (too short? see below; else raised as is)
         failure = error

@@ -95,9 +95,9 @@ class _Reference:
                 if e.is_floating_point() and d.shape == g.shape and \
                         bool((torch.isfinite(d) & ~torch.isfinite(g)).any()):
                     return Failure("finite", shape, "non-finite values")
-                error = _relative_error(e, g)
-                if error > tolerance:
-                    return Failure("exact", shape, f"relative error {error:.3g}")
+                relative = _relative_error(e, g)
+                if relative > tolerance:
+                    return Failure("exact", shape, f"relative error {relative:.3g}")
         return None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from passes.capture import Capture, capture
 from passes.axes import ChannelAnalysis
 from passes.channels import analyze_channels
 from passes.cost import CostModel, cost_model
-from passes.gates import gated_model
+from passes.gates import GateBank, gated_model
 from passes.rules import RULES
 from passes.slim import check_keep, slim_model
 from sepfx.checks import check_slim, unslimmable_groups
@@ -23,7 +24,7 @@ def model_number(model: nn.Module, name: str) -> int | None:
     """A positive whole number the model states about itself (``sample_rate``, ``n_src``): an
     attribute, a property or a method without arguments; None where it has none we can read."""
     try:
-        value = getattr(model, name, None)
+        value: Any = getattr(model, name, None)
         if callable(value) and not isinstance(value, nn.Module):
             value = value()
         if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -118,6 +119,7 @@ class Analysis:
             elif importance == "random":
                 idx = rng.choice(g.size, n, replace=False)
             elif importance == "magnitude":
+                assert scores is not None  # computed above for "magnitude"
                 idx = np.argsort(-scores[g.index], kind="stable")[:n]
             else:
                 raise InputError(f"importance must be 'magnitude', 'first' or 'random', "
@@ -142,7 +144,7 @@ class Analysis:
         return scores
 
     # -- models -----------------------------------------------------------------------------
-    def gated(self, keep: dict | None = None, bank: nn.Module | None = None) -> nn.Module:
+    def gated(self, keep: dict | None = None, bank: GateBank | None = None) -> nn.Module:
         """The hard-gated reference at the original width (all kept if ``keep`` is None), or the
         model gated by a gate ``bank`` (gate learning)."""
         flat = None if keep is None else self.channels.keep_vector(check_keep(self.channels, keep))
@@ -158,8 +160,11 @@ class Analysis:
         for p in model.parameters():  # a new model: trainable like any other
             p.requires_grad_(True)
         model.sepfx_example_input = self.example_input
-        model.sepfx_n_src = self.n_src
-        model.sepfx_report = self.report(keep, model, budget=budget, notes=list(notes))
+        # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain
+        # attributes)
+        model.sepfx_n_src = self.n_src  # type: ignore[assignment]
+        model.sepfx_report = self.report(  # type: ignore[assignment]
+            keep, model, budget=budget, notes=list(notes))
         if check and not self.capture.traced_whole:
             check_slim(self, keep, model)
         return model
@@ -211,13 +216,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor | None = None) -> Anal
 
 def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = None,
           importance: str = "magnitude", example_input: torch.Tensor | None = None
-          ) -> fx.GraphModule:
-    """The slim GraphModule of ``model`` for an explicit keep set, or keeping ``ratio`` of every
-    group by ``importance``. Its report is ``slim.sepfx_report``."""
+          ) -> nn.Module:
+    """The slim model of ``model`` (see ``compile``) for an explicit keep set, or keeping
+    ``ratio`` of every group by ``importance``. Its report is ``slim.sepfx_report``."""
     if (keep is None) == (ratio is None):
         raise InputError("prune needs exactly one of keep= (a keep set) or ratio= (a fraction)")
     analysis = Analysis(model, example_input)
     if keep is None:
+        assert ratio is not None  # exactly one of the two
         keep = analysis.keep_ratio(ratio, importance)
     slim = analysis.slim(keep, check=False)
     check_slim(analysis, keep, slim)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from sepfx.budget import check_reachable, project
@@ -217,8 +217,10 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
 def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None, *,
             steps: int = 500, lr: float = 0.02, eps: float = 0.7, tau: float = 1.0,
             init: str = "random", min_per_group: int = 1, multiple: int = 8, seed: int = 0,
-            device=None, progress: bool = True) -> fx.GraphModule:
-    """Compile ``model`` into a slim GraphModule doing at most ``budget`` x its dense MACs.
+            device=None, progress: bool = True) -> nn.Module:
+    """Compile ``model`` into a slim model doing at most ``budget`` x its dense MACs (a
+    GraphModule when the whole model traces, else a copy of the model with its graph parts
+    rewritten and its eager shells' parameters sliced).
 
     ``data``: an iterable of ``(mixture[B, T], sources[B, n_src, T])`` batches for learning the
     gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
@@ -247,7 +249,7 @@ def check_budget(budget) -> float:
 
 
 def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_per_group,
-             multiple, seed, device, progress) -> fx.GraphModule:
+             multiple, seed, device, progress) -> nn.Module:
     analysis = Analysis(model, example_input)
     cost = analysis.cost
     notes = []
@@ -286,7 +288,8 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
                           f"{failure.describe()} (the model's own code reads its channel count, "
                           "or needs more of its units)")
             group.min_size = group.size
-    slim.sepfx_gate_history = history
+    # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain attributes)
+    slim.sepfx_gate_history = history  # type: ignore[assignment]
     return slim
 
 

@@ -73,7 +73,7 @@ class LearnableGates(GateBank):
     def forward(self) -> torch.Tensor:
         if self.hard:
             return self.hard_mask
-        logits = self.alpha
+        logits: torch.Tensor = self.alpha
         if self.training:
             u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
             u = u.clamp(1e-6, 1 - 1e-6)

@@ -477,3 +477,43 @@ def test_repeat_complex_views_and_functional_batch_norm_prune_exactly():
     assert len(encoder) == 1 and encoder[0].size == 8, [g.describe() for g in analysis.groups]
     assert not [f for f in analysis.channels.frozen if f.parameters], analysis.channels.frozen
     _assert_gated_equals_slim(analysis)
+
+
+# -- found by typing: dict outputs, softmax without a dim ------------------------------------
+class DictOutput(nn.Module):
+    """Per-speaker outputs by name: the whole model traces (it used to fall back to a shell,
+    the graph check comparing two dicts of tensors with ==)."""
+
+    def __init__(self, implicit_softmax: bool = False):
+        super().__init__()
+        self.enc = nn.Conv1d(1, 8, 16, stride=8)
+        self.mask = nn.Conv1d(8, 16, 1)
+        self.dec = nn.ConvTranspose1d(8, 1, 16, stride=8)
+        self.softmax = nn.Softmax() if implicit_softmax else None
+
+    def forward(self, x):
+        e = torch.relu(self.enc(x.unsqueeze(1)))
+        m = self.mask(e)
+        if self.softmax is not None:
+            m = self.softmax(m)
+        a, b = torch.sigmoid(m).chunk(2, dim=1)
+        return {"s1": self.dec(e * a).squeeze(1), "s2": self.dec(e * b).squeeze(1)}
+
+
+def test_dict_output_traces_whole_and_prunes():
+    _, analysis = _analyze(DictOutput)
+    assert analysis.capture.traced_whole, analysis.capture.shells
+    assert _groups_with(analysis, "enc out")
+    keep = {g.index: list(range(g.size // 2)) for g in analysis.groups}
+    x = torch.randn(2, 437)
+    with torch.no_grad():
+        gated, slim = analysis.gated(keep)(x), analysis.slim(keep)(x)
+    assert gated.keys() == slim.keys() == {"s1", "s2"}
+    assert all(max_relative_error(gated[k], slim[k]) <= 1e-5 for k in gated)
+
+
+def test_softmax_without_a_dim_is_frozen_not_a_crash():
+    torch.manual_seed(0)
+    model = DictOutput(implicit_softmax=True).eval()
+    analysis = sepfx.analyze(model, torch.randn(2, 400))
+    assert _frozen_with(analysis, "softmax without an explicit dim")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import operator
+from typing import Any, cast
 
 import numpy as np
-from torch import nn
+import torch
+from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, arg, sliced_parameter
+from passes.context import NodeContext
+from passes.rules.registry import RULES, GatedBuilderView, PruningView, arg, sliced_parameter
 
 
 class AttentionRule:
@@ -15,11 +18,11 @@ class AttentionRule:
     output embedding axes, which it shares with the residual stream. The slim model uses
     ``runtime.SlimMultiheadAttention`` (nn.MultiheadAttention needs in == out == inner width)."""
 
-    def _inputs(self, node):
+    def _inputs(self, node: fx.Node) -> list[Any]:
         return [arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
 
-    def couple(self, ctx):
-        m: nn.MultiheadAttention = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.MultiheadAttention, ctx.module)
         node = ctx.node
         q, k, v = self._inputs(node)
         for name in ("key_padding_mask", "attn_mask"):
@@ -27,8 +30,9 @@ class AttentionRule:
                 return ctx.freeze_all(f"attention with a {name}")
         e, h, hd = m.embed_dim, m.num_heads, m.head_dim
         heads = ctx.module_axis("heads", e)
-        for i in range(h):
-            ctx.unite(heads, np.arange(i * hd, (i + 1) * hd))
+        if heads is not None:  # None: e == 1, one head of one unit, nothing to unite
+            for i in range(h):
+                ctx.unite(heads, np.arange(i * hd, (i + 1) * hd))
         if m._qkv_same_embed_dim:
             ins = [ctx.module_axis("in", e)] * 3
         else:
@@ -52,23 +56,28 @@ class AttentionRule:
         for path in ctx.tensor_paths(node)[1:]:
             for a in ctx.axes(None, path):
                 ctx.freeze(a, "attention weights")
-        lq, lk = ctx.shape(q)[seq], ctx.shape(k)[seq]
-        b = ctx.shape(q)[batch]
+        q_shape, k_shape = ctx.shape(q), ctx.shape(k)
+        assert q_shape is not None and k_shape is not None  # query and key are tensors
+        lq, lk = q_shape[seq], k_shape[seq]
+        b = q_shape[batch]
         ctx.cost((b * lq * e * e, [ins[0], heads]), (b * lk * m.kdim * e, [ins[1], heads]),
                  (b * lk * m.vdim * e, [ins[2], heads]), (2 * b * lq * lk * e, [heads]),
                  (b * lq * e * e, [heads, out]), absolute=True)
 
-    def gated(self, builder, node):
-        mask = builder.module_mask(node.target, "heads")
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
+        qualname = cast(str, node.target)  # a call_module node
+        mask = builder.module_mask(qualname, "heads")
         q, k, v = self._inputs(node)
-        target = builder.add_module(runtime.GatedAttention(builder.module(node.target)), node.target)
+        mha = cast(nn.MultiheadAttention, builder.module(qualname))
+        target = builder.add_module(runtime.GatedAttention(mha), qualname)
         return builder.call_module(target, (builder.arg(q), builder.arg(k), builder.arg(v), mask))
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.MultiheadAttention, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         names = ["in", "in", "in"] if m._qkv_same_embed_dim else ["in_q", "in_k", "in_v"]
         sizes = [m.embed_dim, m.kdim, m.vdim]
-        kept_in = [pruning.kept_module(qualname, n) for n in names]
-        kept_in = [np.arange(n) if k is None else k for k, n in zip(kept_in, sizes)]
+        found_in = [pruning.kept_module(qualname, n) for n in names]
+        kept_in = [np.arange(n) if k is None else k for k, n in zip(found_in, sizes)]
         heads = pruning.kept_module(qualname, "heads")
         heads = np.arange(m.embed_dim) if heads is None else heads
         out = pruning.kept_module(qualname, "out")
@@ -93,7 +102,8 @@ class AttentionRule:
         return new
 
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.MultiheadAttention,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         if axis != "heads":
             return []
         rows = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight

@@ -2,21 +2,27 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import fx
 
+from passes.axes import Axis
+from passes.context import NodeContext
 from passes.rules.registry import RULES
+from passes.values import Shape
 
 
 class MatmulRule:
     """a @ b with both operands at least 2-D: the contracted axes of a and b are one axis."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         a_node, b_node = ctx.node.args[:2]
         sa, sb, so = ctx.shape(a_node), ctx.shape(b_node), ctx.shape()
         if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
             return ctx.freeze_all("matmul with a 1-D operand")
+        assert so is not None  # the product of two tensors
         n = len(so)
         for x, shape in ((a_node, sa), (b_node, sb)):
             offset = n - len(shape)
@@ -42,19 +48,19 @@ class EinsumRule:
     exact (pruned channels are zero). ``...`` stands for the same axes in every operand,
     aligned from the right. Costs as a matmul: the product of every letter's kept fraction."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         parsed = _einsum_parse(node, ctx.shape)
         if parsed is None:
             return ctx.freeze_all("einsum equation sepfx cannot read")
         specs, out_spec, operands = parsed
-        by_letter: dict[str, list] = {}
+        by_letter: dict[str, list[tuple[fx.Node | None, int]]] = {}
         for x, spec in zip(operands, specs):
             for d, letter in enumerate(spec):
                 by_letter.setdefault(letter, []).append((x, d))
         for d, letter in enumerate(out_spec):
             by_letter.setdefault(letter, []).append((None, d))
-        representatives = []
+        representatives: list[Axis | None] = []
         for letter, places in by_letter.items():
             static = [ctx.axis(x, d) for x, d in places]
             dynamic = any(ctx.is_dynamic(x if x is not None else node, d) for x, d in places)
@@ -70,7 +76,8 @@ class EinsumRule:
         ctx.cost((1.0, representatives))
 
 
-def _einsum_parse(node, shape_of):
+def _einsum_parse(node: fx.Node, shape_of: Callable[[Any], Shape | None]
+                  ) -> tuple[list[str], str, list[fx.Node]] | None:
     """(operand letter strings, output letter string, operand nodes), ``...`` replaced by
     digits (one per broadcast axis, aligned from the right), or None."""
     equation, *operands = node.args
@@ -83,7 +90,7 @@ def _einsum_parse(node, shape_of):
     specs = lhs.split(",")
     if len(specs) != len(operands) or any(shape_of(x) is None for x in operands):
         return None
-    ranks = [len(shape_of(x)) for x in operands]
+    ranks = [len(cast(Shape, shape_of(x))) for x in operands]  # not None: checked above
     widths = [rank - (len(spec) - 3) if "..." in spec else 0 for spec, rank in zip(specs, ranks)]
     width = max(widths, default=0)
     ellipsis = "".join(str(i) for i in range(width))
@@ -98,7 +105,7 @@ def _einsum_parse(node, shape_of):
                                         and not c.isdigit()))
     if len(out) != len(shape_of(node) or ()):
         return None
-    return specs, out, operands
+    return specs, out, cast(list[fx.Node], operands)  # all nodes: checked above
 
 
 RULES.add(EinsumRule(), functions=[torch.einsum])

@@ -1,13 +1,18 @@
 """Convolutions (modules and functional) and Linear."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, arg, pruned, set_arg, sliced_parameter
+from passes.axes import Axis
+from passes.context import NodeContext
+from passes.rules.registry import RULES, PruningView, arg, pruned, set_arg, sliced_parameter
 
 
 class ConvRule:
@@ -21,18 +26,21 @@ class ConvRule:
     folds such an axis into the channels (``runtime.SpannedConv``). Its cost term stays the
     convolution's, an upper bound (the folded form skips the taps that only see padding)."""
 
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.modules.conv._ConvNd, ctx.module)
         x = ctx.node.args[0]
         c_in, c_out, groups = m.in_channels, m.out_channels, m.groups
         m_in, m_out = ctx.module_axis("in", c_in), ctx.module_axis("out", c_out)
         ctx.same(ctx.axis(x, 1), m_in)
         ctx.same(ctx.axis(None, 1), m_out)
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
-        spans = []
-        for d in range(2, len(ctx.shape())):
+        spans: list[Axis | None] = []
+        out_shape = ctx.shape()
+        assert out_shape is not None  # a convolution's output is a tensor
+        for d in range(2, len(out_shape)):
             a_in, a_out = ctx.axis(x, d), ctx.axis(None, d)
             if groups == 1 and _spanned(ctx, m, d, a_in, a_out):
+                assert a_in is not None  # _spanned is False without it
                 s_in = ctx.module_axis(f"span{d}_in", a_in.size)
                 ctx.same(a_in, s_in)
                 spans.append(s_in)
@@ -56,13 +64,15 @@ class ConvRule:
                 ctx.unite(m_out, outs)
         ctx.cost((1.0, [m_out]))
 
-    def slim_module(self, m, pruning, qualname):
-        k_in, k_out = pruning.kept_module(qualname, "in"), pruning.kept_module(qualname, "out")
+    def slim_module(self, m: nn.modules.conv._ConvNd, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
+        kept_in = pruning.kept_module(qualname, "in")
+        kept_out = pruning.kept_module(qualname, "out")
         spans = _pruned_spans(m, pruning, qualname)
-        if not (pruned(k_in, m.in_channels) or pruned(k_out, m.out_channels) or spans):
+        if not (pruned(kept_in, m.in_channels) or pruned(kept_out, m.out_channels) or spans):
             return None
-        k_in = np.arange(m.in_channels) if k_in is None else k_in
-        k_out = np.arange(m.out_channels) if k_out is None else k_out
+        k_in = np.arange(m.in_channels) if kept_in is None else kept_in
+        k_out = np.arange(m.out_channels) if kept_out is None else kept_out
         if spans:
             return runtime.SpannedConv.lowered(m, k_in, k_out, spans)
         transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
@@ -79,19 +89,21 @@ class ConvRule:
         return m
 
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.modules.conv._ConvNd,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         return _weight_slices(m, axis, isinstance(m, nn.modules.conv._ConvTransposeNd),
                               m.groups > 1)
 
 
-def _weight_slices(m, axis: str, transposed: bool, grouped: bool):
+def _weight_slices(m: nn.modules.conv._ConvNd | nn.Linear, axis: str, transposed: bool,
+                   grouped: bool) -> list[tuple[torch.Tensor, int]]:
     """(parameter, dim) pairs that the ``in``/``out`` axis of a conv or Linear indexes, for
     magnitude scores; a grouped weight's per-group dim is no channel index."""
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     if axis == "in":
         return [(m.weight, in_dim)] if in_dim == 0 or not grouped else []
     if axis == "out":
-        bias = [(m.bias, 0)] if m.bias is not None else []
+        bias: list[tuple[torch.Tensor, int]] = [(m.bias, 0)] if m.bias is not None else []
         return ([(m.weight, out_dim)] if out_dim == 0 or not grouped else []) + bias
     return []
 
@@ -99,21 +111,25 @@ def _weight_slices(m, axis: str, transposed: bool, grouped: bool):
 RULES.add(ConvRule(), modules=[nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d])
 
 
-def _spanned(ctx, m, d: int, a_in, a_out) -> bool:
+def _spanned(ctx: NodeContext, m: nn.modules.conv._ConvNd, d: int, a_in: Axis | None,
+             a_out: Axis | None) -> bool:
     """Whether the (non-transposed, zero-padded) convolution ``m``'s kernel spans the whole
     static input axis ``d``, whose output axis is static too (or of size 1)."""
     if isinstance(m, nn.modules.conv._ConvTransposeNd) or m.padding_mode != "zeros"\
             or not isinstance(m.padding, tuple) or a_in is None:
         return False
-    if a_out is None and (ctx.shape()[d] != 1 or ctx.is_dynamic(ctx.node, d)):
+    out_shape = ctx.shape()
+    assert out_shape is not None  # a convolution's output is a tensor
+    if a_out is None and (out_shape[d] != 1 or ctx.is_dynamic(ctx.node, d)):
         return False
     return m.kernel_size[d - 2] >= a_in.size
 
 
-def _pruned_spans(m, pruning, qualname) -> dict:
+def _pruned_spans(m: nn.modules.conv._ConvNd, pruning: PruningView, qualname: str
+                  ) -> dict[int, tuple[NDArray[Any], NDArray[Any]]]:
     """{axis: (kept input positions, kept output positions)} of the spanned axes of conv ``m``
     that lose positions in the keep set (``ConvRule``)."""
-    spans = {}
+    spans: dict[int, tuple[NDArray[Any], NDArray[Any]]] = {}
     for d in range(2, 2 + len(m.kernel_size)):
         kept_in = pruning.kept_module(qualname, f"span{d}_in")
         if kept_in is None:
@@ -122,6 +138,7 @@ def _pruned_spans(m, pruning, qualname) -> dict:
         size_in = pruning.analysis.axes[key].size
         out_key = pruning.analysis.module_axes[qualname].get(f"span{d}_out")
         kept_out = np.arange(1) if out_key is None else pruning.kept_module(qualname, f"span{d}_out")
+        assert kept_out is not None  # the axis exists: it has kept indices
         size_out = 1 if out_key is None else pruning.analysis.axes[out_key].size
         if len(kept_in) != size_in or len(kept_out) != size_out:
             spans[d] = (kept_in, kept_out)
@@ -136,23 +153,25 @@ class FunctionalConvRule:
     node, sliced by the slim pass with its axes); general groups prune whole conv groups, and a
     literal ``groups`` is rewritten to the kept count."""
 
-    def __init__(self, transposed: bool):
+    def __init__(self, transposed: bool) -> None:
         self.transposed = transposed
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
         groups = arg(node, 6, "groups", 1)
-        if not isinstance(groups, int) or ctx.shape(w) is None or ctx.shape(x) is None:
+        w_shape, x_shape, out_shape = ctx.shape(w), ctx.shape(x), ctx.shape()
+        if not isinstance(groups, int) or w_shape is None or x_shape is None:
             return ctx.freeze_all("convolution with a computed groups or weight")
+        assert out_shape is not None  # a convolution's output is a tensor
         out_dim, in_dim = (1, 0) if self.transposed else (0, 1)
         x_ch, o_ch = ctx.axis(x, 1), ctx.axis(None, 1)
         w_in, w_out = ctx.axis(w, in_dim), ctx.axis(w, out_dim)
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
-        for d in range(2, len(ctx.shape())):
+        for d in range(2, len(out_shape)):
             ctx.freeze(ctx.axis(x, d), "a convolution slides along this axis")
             ctx.freeze(ctx.axis(None, d), "a convolution slides along this axis")
-        for d in range(2, len(ctx.shape(w))):
+        for d in range(2, len(w_shape)):
             ctx.freeze(ctx.axis(w, d), "kernel axis")
         if isinstance(b, fx.Node):
             ctx.same(ctx.axis(b, 0), o_ch)
@@ -162,7 +181,7 @@ class FunctionalConvRule:
             ctx.cost((1.0, [x_ch, o_ch]))
             return
         # [out, in/groups] (or [in, out/groups]): the per-group axis is kept whole
-        c_in, c_out = ctx.shape(x)[1], ctx.shape()[1]
+        c_in, c_out = x_shape[1], out_shape[1]
         per_in, per_out = c_in // groups, c_out // groups
         ctx.same(o_ch if not self.transposed else x_ch, w_out if not self.transposed else w_in)
         ctx.freeze(w_in if not self.transposed else w_out, "per-group axis of a grouped "
@@ -179,12 +198,14 @@ class FunctionalConvRule:
                 ctx.unite(x_ch, ins)
         ctx.cost((1.0, [x_ch if self.transposed else o_ch]))
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         groups = arg(node, 6, "groups", 1)
         if not isinstance(groups, int) or groups == 1:
             return
-        x = node.args[0]
-        c_in, c_out = pruning.shape(x)[1], pruning.shape(node)[1]
+        x = cast(fx.Node, node.args[0])  # the input tensor
+        x_shape, out_shape = pruning.shape(x), pruning.shape(node)
+        assert x_shape is not None and out_shape is not None  # tensors in, tensor out
+        c_in, c_out = x_shape[1], out_shape[1]
         if self.transposed:
             kept, per = pruning.kept_value(x, 1), c_in // groups
         else:
@@ -201,8 +222,8 @@ RULES.add(FunctionalConvRule(True), functions=[F.conv_transpose1d, F.conv_transp
 
 
 class LinearRule:
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.Linear, ctx.module)
         x = ctx.node.args[0]
         m_in, m_out = ctx.module_axis("in", m.in_features), ctx.module_axis("out", m.out_features)
         ctx.same(ctx.axis(x, -1), m_in)
@@ -211,7 +232,8 @@ class LinearRule:
             ctx.same(a, o)
         ctx.cost((1.0, [m_in, m_out]))
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.Linear, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         k_in, k_out = pruning.kept_module(qualname, "in"), pruning.kept_module(qualname, "out")
         if not (pruned(k_in, m.in_features) or pruned(k_out, m.out_features)):
             return None
@@ -223,7 +245,7 @@ class LinearRule:
         return m
 
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.Linear, axis: str) -> list[tuple[torch.Tensor, int]]:
         return _weight_slices(m, axis, False, False)
 
 

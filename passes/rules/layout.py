@@ -4,19 +4,24 @@ reshapes, size reads, indexing and item assignment, index_add (overlap-add), win
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 from torch import fx
 
 from passes import runtime
+from passes.axes import Axis
+from passes.context import NodeContext
 from passes.rules.pointwise import mutates, regated, scaled_read
-from passes.rules.registry import RULES, arg, pruned, set_arg
-from passes.values import scalar_values, tensor_shapes
+from passes.rules.registry import RULES, GatedBuilderView, PruningView, arg, pruned, set_arg
+from passes.values import AxisKey, Shape, ValuePath, scalar_values, tensor_shapes
 
 
-def _operands(ctx, sequence) -> list[tuple[fx.Node, tuple]]:
+def _operands(ctx: NodeContext, sequence: Any) -> list[tuple[fx.Node, ValuePath]]:
     """The tensors of a cat/stack argument as (node, path): a list of nodes, or one node
     holding a tuple of tensors (``torch.cat(x.chunk(2))``)."""
     if isinstance(sequence, fx.Node):
@@ -25,9 +30,10 @@ def _operands(ctx, sequence) -> list[tuple[fx.Node, tuple]]:
 
 
 class CatRule:
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         out_shape = ctx.shape()
+        assert out_shape is not None  # a cat makes a tensor
         dim = arg(node, 1, "dim", 0) % len(out_shape)
         out = ctx.axis(None, dim)
         offset = 0
@@ -51,7 +57,7 @@ class CatRule:
         if broken:
             ctx.freeze(out, "an operand of size 1 is concatenated along this axis")
 
-    def lower(self, node, graph_module) -> bool:
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: drop empty operands (ONNX Runtime rejects their rank)."""
         tensors = arg(node, 0, "tensors")
         if not isinstance(tensors, (list, tuple)):  # one node holding a tuple: nothing to drop
@@ -63,7 +69,7 @@ class CatRule:
         return True
 
 
-def _empty(value) -> bool:
+def _empty(value: Any) -> bool:
     meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
     return meta is not None and hasattr(meta, "shape") and meta.shape.numel() == 0
 
@@ -75,39 +81,48 @@ class SplitRule:
     """split/chunk along an axis: piece i holds a slice at an offset. The slim model splits
     with the kept sizes (chunk becomes split, since halves may keep different counts)."""
 
-    def _pieces(self, ctx):
+    def _pieces(self, ctx: NodeContext) -> list[ValuePath]:
         return [p for p in ctx.tensor_paths(ctx.node) if len(p) == 1]
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        dim = self._dim(node) % len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the split tensor
+        dim = self._dim(node) % len(x_shape)
         source = ctx.axis(x, dim)
         offset = 0
         for path in self._pieces(ctx):
-            n = ctx.shape(None, path)[dim]
+            piece_shape = ctx.shape(None, path)
+            assert piece_shape is not None  # a tensor path
+            n = piece_shape[dim]
             piece = ctx.axis(None, dim, path)
             if source is not None and piece is not None:
                 ctx.link(source, offset + np.arange(n), piece, np.arange(n))
             elif source is not None:
                 ctx.freeze(source, "split into pieces of size 1")
-            for d in range(len(ctx.shape(x))):
+            for d in range(len(x_shape)):
                 if d != dim:
                     ctx.same(ctx.axis(x, d), ctx.axis(None, d, path))
             offset += n
 
-    def _dim(self, node):
+    def _dim(self, node: fx.Node) -> Any:
         return arg(node, 2, "dim", 0)
 
-    def rewrite(self, node, pruning):
-        x = node.args[0]
-        dim = self._dim(node) % len(pruning.shape(x))
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
+        x = cast(fx.Node, node.args[0])  # the split tensor
+        x_shape = pruning.shape(x)
+        assert x_shape is not None
+        dim = self._dim(node) % len(x_shape)
         kept = pruning.kept_value(x, dim)
-        if not pruned(kept, pruning.shape(x)[dim]):
+        if not pruned(kept, x_shape[dim]):
             return
-        sizes, offset = [], 0
+        sizes: list[int] = []
+        offset = 0
         for path in sorted(p for p in pruning.tensor_paths(node) if len(p) == 1):
-            n = pruning.shape(node, path)[dim]
+            piece_shape = pruning.shape(node, path)
+            assert piece_shape is not None  # a tensor path
+            n = piece_shape[dim]
             sizes.append(int(((kept >= offset) & (kept < offset + n)).sum()))
             offset += n
         if node.op == "call_method":
@@ -122,9 +137,11 @@ RULES.add(SplitRule(), functions=[torch.split, torch.chunk], methods=["split", "
 
 
 class StackRule:
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
-        n = len(ctx.shape())
+        out_shape = ctx.shape()
+        assert out_shape is not None  # a stack makes a tensor
+        n = len(out_shape)
         dim = arg(node, 1, "dim", 0) % n
         ctx.freeze(ctx.axis(None, dim), "stacked axis")
         for t, path in _operands(ctx, arg(node, 0, "tensors")):
@@ -140,10 +157,11 @@ class RepeatRule:
     copies of element c (c, c + n, ... of the result) live and die together; the factors
     stay as they are in the slim model."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        factors = list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "dims")]
+        factors: list[Any] = list(node.args[1:]) if node.op == "call_method" else [
+            arg(node, 1, "dims")]
         if len(factors) == 1 and isinstance(factors[0], (tuple, list, torch.Size)):
             factors = list(factors[0])
         shape, out = ctx.shape(x), ctx.shape()
@@ -168,15 +186,17 @@ class ComplexViewRule:
     """``torch.view_as_complex(x [..., 2])`` and ``torch.view_as_real(z)``: the axes but the
     (real, imaginary) pair are the same axes."""
 
-    def __init__(self, to_complex: bool):
+    def __init__(self, to_complex: bool) -> None:
         self.to_complex = to_complex
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         x = ctx.node.args[0]
         inner, outer = (x, None) if self.to_complex else (None, x)
         pair = ctx.axis(inner, -1)
         ctx.freeze(pair, "the (real, imaginary) pair of a complex view")
-        for d in range(len(ctx.shape(outer))):
+        outer_shape = ctx.shape(outer)
+        assert outer_shape is not None  # tensor in, tensor out
+        for d in range(len(outer_shape)):
             ctx.same(ctx.axis(inner, d), ctx.axis(outer, d))
 
 
@@ -185,16 +205,18 @@ RULES.add(ComplexViewRule(False), functions=[torch.view_as_real])
 
 
 class PermuteRule:
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the permuted tensor
+        n = len(x_shape)
         perm = self.permutation(node, n)
         for d_out, d_in in enumerate(perm):
             ctx.same(ctx.axis(x, d_in), ctx.axis(None, d_out))
 
     @staticmethod
-    def permutation(node, n):
+    def permutation(node: fx.Node, n: int) -> list[int]:
         if node.target in ("transpose", torch.transpose, "swapaxes"):
             a, b = arg(node, 1, "dim0") % n, arg(node, 2, "dim1") % n
             perm = list(range(n))
@@ -202,7 +224,7 @@ class PermuteRule:
             return perm
         if node.target in ("t",):
             return [1, 0][:n]
-        dims = node.args[1:] if node.target == "permute" else (arg(node, 1, "dims"),)
+        dims: Any = node.args[1:] if node.target == "permute" else (arg(node, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         return [d % n for d in dims]
@@ -212,12 +234,14 @@ RULES.add(PermuteRule(), functions=[torch.transpose, torch.permute],
           methods=["transpose", "permute", "t", "swapaxes"])
 
 
-def reshape_groups(in_shape, out_shape):
+def reshape_groups(in_shape: Sequence[int], out_shape: Sequence[int]
+                   ) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of input dims with runs of output dims of equal product (size-1 dims left
     out). Returns a list of (input dims, output dims), or None when the shapes do not pair."""
     ins = [d for d, s in enumerate(in_shape) if s != 1]
     outs = [d for d, s in enumerate(out_shape) if s != 1]
-    groups, i, j = [], 0, 0
+    groups: list[tuple[list[int], list[int]]] = []
+    i, j = 0, 0
     while i < len(ins) and j < len(outs):
         gi, go = [ins[i]], [outs[j]]
         pi, po = in_shape[ins[i]], out_shape[outs[j]]
@@ -244,10 +268,12 @@ class ReshapeRule:
     (n_src x C, heads x head_dim) keeps its largest factor prunable and freezes the others; an
     axis merged with a batch or time axis is frozen. Literal sizes are fixed by the slim pass."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        (ref_in, probe_in), (ref_out, probe_out) = _shapes(x), _shapes(node)
+        x_shapes, out_shapes = _shapes(x), _shapes(node)
+        assert x_shapes is not None and out_shapes is not None  # tensor in, tensor out
+        (ref_in, probe_in), (ref_out, probe_out) = x_shapes, out_shapes
         groups = reshape_groups(ref_in, ref_out)
         if groups is None or reshape_groups(probe_in, probe_out) is None:
             return ctx.freeze_all("reshape mixes axes in a way sepfx cannot follow")
@@ -276,7 +302,8 @@ class ReshapeRule:
         self._shape_args(ctx, ref_out)
 
     @staticmethod
-    def _inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in, ref_out, probe_out) -> bool:
+    def _inner_static(ctx: NodeContext, x: Any, dims_in: list[int], dims_out: list[int],
+                      ref_in: Shape, probe_in: Shape, ref_out: Shape, probe_out: Shape) -> bool:
         """[B, r*C] <-> [B*r, C] (a mask conv's n_src x C channels folded into the batch, or
         unfolded back): when the one static axis on each side is the innermost of the group,
         channel c on the narrow side is channel c of every block of the wide side."""
@@ -295,7 +322,8 @@ class ReshapeRule:
         return True
 
     @staticmethod
-    def _factor(ctx, x, dims_in, dims_out, ref_in, ref_out):
+    def _factor(ctx: NodeContext, x: Any, dims_in: list[int], dims_out: list[int],
+                ref_in: Shape, ref_out: Shape) -> None:
         split = len(dims_in) == 1
         whole = ctx.axis(x, dims_in[0]) if split else ctx.axis(None, dims_out[0])
         factors = dims_out if split else dims_in
@@ -306,12 +334,14 @@ class ReshapeRule:
         for i, d in enumerate(factors):
             axis = ctx.axis(None, d) if split else ctx.axis(x, d)
             if i == keep:
+                # static axes of a size other than 1 (reshape_groups leaves size 1 out)
+                assert whole is not None and axis is not None
                 ctx.link(whole, np.arange(whole.size), axis, coords[i])
             else:
                 ctx.freeze(axis, "another factor of a split channel axis is the prunable one")
 
     @staticmethod
-    def _shape_args(ctx, ref_out):
+    def _shape_args(ctx: NodeContext, ref_out: Shape) -> None:
         """A size read from another tensor passed as a target size ties that axis here."""
         sizes = _size_args(ctx.node)
         if sizes is None:
@@ -324,20 +354,21 @@ class ReshapeRule:
             elif j < len(ref_out) and scaled_read(ctx, s) is not None:
                 # ``x.reshape(B, C * K, S)``: channel c of the tensor C was read from is the
                 # block c*K..c*K+K-1 of this axis (C the outer factor)
-                key, factor = scaled_read(ctx, s)
+                key, factor = cast(tuple[AxisKey, int], scaled_read(ctx, s))  # not None
                 a, o = ctx.state.axes[key], ctx.axis(None, j)
                 if o is not None and o.size == a.size * factor:
                     ctx.link(a, np.repeat(np.arange(a.size), factor), o, np.arange(o.size))
                 else:
                     ctx.freeze(a, "its size times a literal is not the reshaped axis")
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         if node.target in ("unflatten", torch.unflatten):
             return self._rewrite_unflatten(node, pruning)
         sizes = _size_args(node)
         if sizes is None:
             return
         out = pruning.shape(node)
+        assert out is not None  # a reshape makes a tensor
         new = list(sizes)
         changed = False
         for j, size in enumerate(sizes):
@@ -358,23 +389,25 @@ class ReshapeRule:
             node.target = "reshape"
 
     @staticmethod
-    def _touches_pruned(node, pruning) -> bool:
+    def _touches_pruned(node: fx.Node, pruning: PruningView) -> bool:
         for x in (node.args[0], node):
             shape = pruning.shape(x) if isinstance(x, fx.Node) else None
             for d, size in enumerate(shape or ()):
-                if pruned(pruning.kept_value(x, d), size):
+                if pruned(pruning.kept_value(cast(fx.Node, x), d), size):  # a node: has a shape
                     return True
         return False
 
 
     @staticmethod
-    def _rewrite_unflatten(node, pruning):
+    def _rewrite_unflatten(node: fx.Node, pruning: PruningView) -> None:
         """x.unflatten(dim, sizes): literal sizes of pruned output dims become kept counts."""
         dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
         out = pruning.shape(node)
         if not isinstance(sizes, (tuple, list)) or out is None:
             return
-        dim = dim % len(pruning.shape(node.args[0]))
+        x_shape = pruning.shape(cast(fx.Node, node.args[0]))  # the input tensor
+        assert x_shape is not None
+        dim = dim % len(x_shape)
         new = list(sizes)
         for i, size in enumerate(sizes):
             kept = pruning.kept_value(node, dim + i)
@@ -384,7 +417,7 @@ class ReshapeRule:
             set_arg(node, 2, "sizes", tuple(new))
 
 
-def _size_args(node):
+def _size_args(node: fx.Node) -> list[Any] | None:
     """The target sizes of view/reshape, as a list, or None."""
     if node.target in ("unflatten", torch.unflatten):
         return None
@@ -396,11 +429,12 @@ def _size_args(node):
     return None
 
 
-def _shapes(node):
+def _shapes(node: Any) -> tuple[Shape, Shape] | None:
     return tensor_shapes(node)
 
 
-def _prunable_factor(ctx, whole, factor_axes, sizes, coords) -> int:
+def _prunable_factor(ctx: NodeContext, whole: Axis | None, factor_axes: list[Axis | None],
+                     sizes: list[int], coords: tuple[NDArray[np.intp], ...]) -> int:
     """Which factor of a channel axis split into (or merged from) several stays prunable: one
     along which the elements already coupled together agree (an F.unfold's [C*K] blocks are
     units of K consecutive elements: C, the outer factor), and not frozen by a rule; among
@@ -411,16 +445,17 @@ def _prunable_factor(ctx, whole, factor_axes, sizes, coords) -> int:
     union_find = ctx.state.union_find
     roots = [union_find.find(whole.start + e) for e in range(whole.size)]
 
-    def agrees(i):
-        seen = {}
+    def agrees(i: int) -> bool:
+        seen: dict[int, Any] = {}
         return all(seen.setdefault(r, c) == c for r, c in zip(roots, coords[i]))
 
     fitting = [i for i in candidates if agrees(i)] or candidates
     if len(fitting) > 1:
         frozen = {union_find.find(ctx.state.axes[key].start + j) for key in ctx.state.frozen_axes
                   for j in range(ctx.state.axes[key].size)}
+        axes = cast(list[Axis], factor_axes)  # those of ``fitting``, candidates, are not None
         free = [i for i in fitting if not any(
-            union_find.find(factor_axes[i].start + j) in frozen for j in range(factor_axes[i].size))]
+            union_find.find(axes[i].start + j) in frozen for j in range(axes[i].size))]
         fitting = free or fitting
     return max(fitting, key=lambda i: (sizes[i], i))
 
@@ -434,7 +469,7 @@ class SizeRule:
     """x.shape / x.size() / x.size(d) / x.dim(): reading sizes couples nothing, but the value
     carries the sizes of static axes, so whoever uses it must account for them."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         ctx.touch(*ctx.axes(x))
@@ -464,7 +499,7 @@ class ShapeTensorRule:
     """torch.tensor(x.shape): a tensor holding sizes. It carries the sizes like the shape does,
     so indexing it reads a size; any other use of a static size in it freezes that axis."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         source = ctx.node.args[0] if ctx.node.args else None
         read = ctx.size_read(source)
         if not isinstance(read, dict):
@@ -481,9 +516,9 @@ RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor, runtime.s
 class GetItemRule:
     """Indexing a tuple (a layer's several outputs), a shape, or a tensor (literal slices)."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
-        source, index = node.args
+        source, index = cast(tuple[fx.Node, Any], node.args)  # indexing a node's value
         if source.name in ctx.state.size_reads:
             read = ctx.state.size_reads[source.name]
             ctx.touch(*[ctx.state.axes[k] for k in read.values()]) if isinstance(read, dict) else None
@@ -493,7 +528,7 @@ class GetItemRule:
             elif isinstance(index, slice) and _literal_slice(index) and isinstance(read, dict)\
                     and ctx_shape_len(source) is not None:
                 # ``x.size()[-2:]``, ``x.shape[:-1]``: the same sizes, renumbered
-                dims = list(range(ctx_shape_len(source)))[index]
+                dims = list(range(cast(int, ctx_shape_len(source))))[index]  # not None
                 ctx.read_size({j: read[d] for j, d in enumerate(dims) if d in read})
             elif isinstance(read, dict):
                 for k in read.values():
@@ -510,10 +545,11 @@ class GetItemRule:
             return
         self._tensor_index(ctx, source, index)
 
-    def _tensor_index(self, ctx, x, index):
-        if ctx.shape(x) is None:
+    def _tensor_index(self, ctx: NodeContext, x: fx.Node, index: Any) -> None:
+        x_shape = ctx.shape(x)
+        if x_shape is None:
             return  # indexing a Python value: sizes read into it are checked by their users
-        items = _index_items(index, len(ctx.shape(x)))
+        items = _index_items(index, len(x_shape))
         if items is None:
             return ctx.freeze_all("indexing with tensors or unsupported items")
         d_out = 0
@@ -521,6 +557,7 @@ class GetItemRule:
             if item is None:
                 d_out += 1
                 continue
+            assert d_in is not None  # only a new axis (item None) has no input dim
             a = ctx.axis(x, d_in)
             if isinstance(item, int):
                 ctx.freeze(a, "indexed by a constant")
@@ -542,7 +579,7 @@ class GetItemRule:
                 else:
                     ctx.touch(a)
             elif _fraction_slice(ctx, item, a) is not None:
-                item, blocks = _fraction_slice(ctx, item, a)
+                item, blocks = cast(tuple[slice, int], _fraction_slice(ctx, item, a))  # not None
                 idx = np.arange(a.size)[item]
                 if o is not None:
                     ctx.link(a, idx, o, np.arange(len(idx)))
@@ -556,21 +593,23 @@ class GetItemRule:
                 ctx.freeze(a, "sliced by a length that varies with the input")
                 ctx.freeze(o, "sliced by a length that varies with the input")
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         source, index = node.args
-        if not isinstance(source, fx.Node) or pruning.shape(source) is None\
+        source_shape = pruning.shape(source) if isinstance(source, fx.Node) else None
+        if not isinstance(source, fx.Node) or source_shape is None\
                 or pruning.tensor_paths(source) != [()]:
             return
-        items = _index_items(index, len(pruning.shape(source)))
+        items = _index_items(index, len(source_shape))
         if items is None:
             return
-        new_items = []
+        new_items: list[int | slice | None] = []
         changed = False
         for d_in, item in items:
             if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
+                assert d_in is not None  # a slice indexes an input dim
                 kept = pruning.kept_value(source, d_in)
-                if pruned(kept, pruning.shape(source)[d_in]):
-                    start, stop, _ = item.indices(pruning.shape(source)[d_in])
+                if pruned(kept, source_shape[d_in]):
+                    start, stop, _ = item.indices(source_shape[d_in])
                     item = slice(int((kept < start).sum()), int((kept < stop).sum()))
                     changed = True
             new_items.append(item)
@@ -578,17 +617,18 @@ class GetItemRule:
             node.args = (source, tuple(new_items))
 
 
-def ctx_shape_len(x):
+def ctx_shape_len(x: fx.Node) -> int | None:
     values = scalar_values(x)
     return len(values[0]) if values and isinstance(values[0], tuple) else None
 
 
-def _fraction_slice(ctx, item: slice, axis):
+def _fraction_slice(ctx: NodeContext, item: slice, axis: Axis) -> tuple[slice, int] | None:
     """For a slice of ``axis`` whose bounds are literal or ``size // m`` of that very axis
     (rotary embeddings' halves): (the slice with its bounds' values, m); else None."""
     if item.step not in (None, 1):
         return None
-    blocks, bounds = None, []
+    blocks: int | None = None
+    bounds: list[int | None] = []
     for bound in (item.start, item.stop):
         if bound is None or (isinstance(bound, int) and not isinstance(bound, bool)):
             bounds.append(bound)
@@ -609,13 +649,14 @@ def _literal_slice(item: slice) -> bool:
     return all(v is None or isinstance(v, int) for v in (item.start, item.stop, item.step))
 
 
-def _index_items(index, ndim):
+def _index_items(index: Any, ndim: int) -> list[tuple[int | None, int | slice | None]] | None:
     """[(input dim or None, item)] for a tensor index, Ellipsis expanded; None if unsupported."""
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
         return None
     used = sum(1 for i in items if i is not None and i is not Ellipsis)
-    out, d = [], 0
+    out: list[tuple[int | None, int | slice | None]] = []
+    d = 0
     for item in items:
         if item is Ellipsis:
             for _ in range(ndim - used):
@@ -646,7 +687,7 @@ class SetItemRule:
     sliced by a varying bound is frozen. The gated model zeroes ``x``'s pruned channels again
     after the write (what the slim model, which has none, computes)."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         target, index, value = ctx.node.args[:3]
         shape = ctx.shape(target)
         if shape is None:
@@ -654,11 +695,13 @@ class SetItemRule:
         items = _index_items(index, len(shape))
         if items is None:
             return ctx.freeze_all("item assignment with tensor or unsupported indices")
-        view = []  # (target axis or None, item) of each dim of the indexed part
+        # (target axis or None, item) of each dim of the indexed part
+        view: list[tuple[Axis | None, slice | None]] = []
         for d_in, item in items:
             if item is None:
                 view.append((None, None))
                 continue
+            assert d_in is not None  # only a new axis (item None) has no input dim
             a = ctx.axis(target, d_in)
             if isinstance(item, int):
                 ctx.freeze(a, "assigned at a constant index")
@@ -673,6 +716,7 @@ class SetItemRule:
             if a is None:
                 ctx.touch(v) if v is None else ctx.freeze(v, "written into a dynamic axis")
                 continue
+            assert item is not None  # a target axis comes with its slice
             if j >= offset and v is None and ctx.is_dynamic(value, j - offset):
                 ctx.freeze(a, "a dynamic axis is written into it")
             elif item == slice(None):
@@ -688,10 +732,10 @@ class SetItemRule:
         for d, a in enumerate(ctx.axes(target)):
             ctx.touch(a)
 
-    def gated(self, builder, node):
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         return regated(builder, node)
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         target, index, value = node.args[:3]
         if not isinstance(target, fx.Node) or pruning.shape(target) is None:
             return
@@ -700,18 +744,23 @@ class SetItemRule:
             node.args = (target, new_index, value)
 
 
-def _kept_slices(index, x, pruning):
+def _kept_slices(index: Any, x: fx.Node, pruning: PruningView
+                 ) -> tuple[int | slice | None, ...] | None:
     """``index`` into ``x`` with literal slices of pruned axes narrowed to the kept elements,
     or None if nothing changes."""
-    items = _index_items(index, len(pruning.shape(x)))
+    x_shape = pruning.shape(x)
+    assert x_shape is not None  # the caller checked
+    items = _index_items(index, len(x_shape))
     if items is None:
         return None
-    new_items, changed = [], False
+    new_items: list[int | slice | None] = []
+    changed = False
     for d_in, item in items:
         if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
+            assert d_in is not None  # a slice indexes an input dim
             kept = pruning.kept_value(x, d_in)
-            if pruned(kept, pruning.shape(x)[d_in]):
-                start, stop, _ = item.indices(pruning.shape(x)[d_in])
+            if pruned(kept, x_shape[d_in]):
+                start, stop, _ = item.indices(x_shape[d_in])
                 item = slice(int((kept < start).sum()), int((kept < stop).sum()))
                 changed = True
         new_items.append(item)
@@ -726,12 +775,12 @@ class IndexAddRule:
     but ``dim`` is the same axis in ``x``, ``source`` and the result; along ``dim`` (time, made
     of frames) nothing maps; a static ``dim`` is frozen."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x, dim, index, source = (arg(node, i, name) for i, name in
                                  enumerate(("self", "dim", "index", "source")))
-        shape = ctx.shape(x)
-        if shape is None or ctx.shape(source) is None or len(ctx.shape(source)) != len(shape):
+        shape, source_shape = ctx.shape(x), ctx.shape(source)
+        if shape is None or source_shape is None or len(source_shape) != len(shape):
             return ctx.freeze_all("index_add with operands sepfx cannot follow")
         dim = dim % len(shape)
         for d in range(len(shape)):
@@ -746,7 +795,7 @@ class IndexAddRule:
             for axis in ctx.axes(index):
                 ctx.freeze(axis, "index of an index_add")
 
-    def gated(self, builder, node):
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         return regated(builder, node) if mutates(node) else None
 
 
@@ -758,10 +807,12 @@ class WindowsRule:
     map through; ``dim`` becomes the frame axis and a new last axis the window; both are frozen
     when static."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the windowed tensor
+        n = len(x_shape)
         dim = arg(node, 1, "dimension") % n
         for d in range(n):
             if d == dim:
@@ -781,10 +832,10 @@ class UnfoldRule:
     c*k..c*k+k-1 of the merged axis (C is the outer factor), so they live and die together.
     The spatial and block axes are frozen when static."""
 
-    def __init__(self, fold: bool):
+    def __init__(self, fold: bool) -> None:
         self.fold = fold
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         size = _pair(arg(node, 2 if self.fold else 1, "kernel_size"))
@@ -793,7 +844,9 @@ class UnfoldRule:
             (ctx.axis(x, 1), ctx.axis(None, 1))
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
         for t, d_from in ((x, 2), (None, 2)):
-            for d in range(d_from, len(ctx.shape(t))):
+            t_shape = ctx.shape(t)
+            assert t_shape is not None  # tensor in, tensor out
+            for d in range(d_from, len(t_shape)):
                 ctx.freeze(ctx.axis(t, d), "a sliding-window axis")
         if k is None or merged is None or channels is None or merged.size != channels.size * k:
             ctx.freeze(channels, "channels folded with kernel positions sepfx cannot follow")
@@ -802,7 +855,7 @@ class UnfoldRule:
         ctx.link(channels, np.repeat(np.arange(channels.size), k), merged,
                  np.arange(merged.size))
 
-    def lower(self, node, graph_module) -> bool:
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: a dual-path fold (windows along one axis) as ``runtime.fold_1d``."""
         if not self.fold or node.op != "call_function":
             return False
@@ -813,7 +866,8 @@ class UnfoldRule:
         second = [v[1] if isinstance(v, (tuple, list)) and len(v) == 2 else
                   v if isinstance(v, int) and v is not size else None
                   for v in (size, kernel, dilation, padding, stride)]
-        meta = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
+        # the input's TensorMetadata, or None
+        meta: Any = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
         if second != [1, 1, 1, 0, 1] or not hasattr(meta, "shape") or len(meta.shape) != 3:
             return False
         node.target = runtime.fold_1d
@@ -821,7 +875,7 @@ class UnfoldRule:
         return True
 
 
-def _pair(size):
+def _pair(size: Any) -> tuple[int, ...] | None:
     if isinstance(size, int):
         return (size, size)
     if isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):

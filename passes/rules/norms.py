@@ -3,17 +3,21 @@ F.layer_norm. Norms whose statistics span a channel axis are computed over kept 
 the gated model."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, arg, pruned, set_arg, sliced_parameter
-from passes.values import scalar_values
+from passes.context import NodeContext
+from passes.rules.registry import (RULES, GatedBuilderView, PruningView, arg, pruned, set_arg,
+                                   sliced_parameter)
+from passes.values import AxisKey, SizeRead, scalar_values
 
 
-def _affine_slices(m):
+def _affine_slices(m: nn.Module) -> list[tuple[torch.Tensor, int]]:
     """(parameter, dim) pairs of a norm's per-channel affine parameters, for magnitude
     scores."""
     return [(p, 0) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
@@ -21,14 +25,15 @@ def _affine_slices(m):
 
 
 class BatchNormRule:
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.modules.batchnorm._BatchNorm, ctx.module)
         x = ctx.node.args[0]
         ctx.same(ctx.axis(x, 1), ctx.module_axis("channels", m.num_features))
         for a, o in zip(ctx.axes(x), ctx.axes()):
             ctx.same(a, o)  # per-channel statistics: every other axis maps through
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.modules.batchnorm._BatchNorm, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_features):
             return None
@@ -36,12 +41,14 @@ class BatchNormRule:
         if m.affine:
             m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
         if m.track_running_stats:
+            assert m.running_mean is not None and m.running_var is not None  # tracked
             m.running_mean = m.running_mean[idx].clone()
             m.running_var = m.running_var[idx].clone()
         m.num_features = len(kept)
         return m
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.modules.batchnorm._BatchNorm,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -53,7 +60,7 @@ class FunctionalBatchNormRule:
     and parameters along axis 1 (usually parameters and buffers read by the graph, sliced by
     the slim pass with their axes); every axis maps through."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         channel = ctx.axis(x, 1)
@@ -73,11 +80,13 @@ class InstanceNormRule:
     over the spatial axes, so channels map through (and its parameters follow them); a static
     spatial axis is frozen (the statistics span it)."""
 
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.modules.instancenorm._InstanceNorm, ctx.module)
         x = ctx.node.args[0]
         spatial = 1 if isinstance(m, nn.InstanceNorm1d) else 2
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the input is a tensor
+        n = len(x_shape)
         channel = n - spatial - 1  # unbatched inputs have no batch axis
         ctx.same(ctx.axis(x, channel), ctx.module_axis("channels", m.num_features))
         for d in range(n):
@@ -88,7 +97,8 @@ class InstanceNormRule:
             else:
                 ctx.same(a, o)
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.modules.instancenorm._InstanceNorm, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_features):
             return None
@@ -96,12 +106,14 @@ class InstanceNormRule:
         if m.affine:
             m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
         if m.track_running_stats:
+            assert m.running_mean is not None and m.running_var is not None  # tracked
             m.running_mean = m.running_mean[idx].clone()
             m.running_var = m.running_var[idx].clone()
         m.num_features = len(kept)
         return m
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.modules.instancenorm._InstanceNorm,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -112,15 +124,17 @@ class GroupNormRule:
     """GroupNorm(G, C): G == C is per channel; 1 < G < C prunes whole groups; G == 1 (gLN) has
     statistics over every channel, so the gated model counts kept channels only."""
 
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.GroupNorm, ctx.module)
         x = ctx.node.args[0]
         c, groups = m.num_channels, m.num_groups
         channels = ctx.module_axis("channels", c)
         ctx.same(ctx.axis(x, 1), channels)
         ctx.same(ctx.axis(x, 1), ctx.axis(None, 1))
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
-        for d in range(2, len(ctx.shape())):
+        out_shape = ctx.shape()
+        assert out_shape is not None  # the output is a tensor
+        for d in range(2, len(out_shape)):
             if groups == c:
                 ctx.same(ctx.axis(x, d), ctx.axis(None, d))
             else:
@@ -131,9 +145,9 @@ class GroupNormRule:
             for g in range(groups):
                 ctx.unite(channels, np.arange(g * per, (g + 1) * per))
 
-    def gated(self, builder, node):
-        m = builder.module(node.target)
-        mask = builder.value_mask(node.args[0], 1)
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
+        m = cast(nn.GroupNorm, builder.module(cast(str, node.target)))  # a call_module node
+        mask = builder.value_mask(cast(fx.Node, node.args[0]), 1)  # the input tensor
         if mask is None or m.num_groups == m.num_channels:
             return None
         return builder.call_function(runtime.masked_group_norm, (
@@ -141,7 +155,8 @@ class GroupNormRule:
             if m.affine else None, builder.get_attr(f"{node.target}.bias") if m.affine else None,
             m.eps, mask))
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.GroupNorm, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_channels):
             return None
@@ -154,7 +169,8 @@ class GroupNormRule:
         m.num_channels = len(kept)
         return m
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.GroupNorm,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -164,11 +180,13 @@ RULES.add(GroupNormRule(), modules=[nn.GroupNorm])
 class LayerNormRule:
     """LayerNorm over the last k dims (a channel-wise LayerNorm after a transpose is cLN)."""
 
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.LayerNorm, ctx.module)
         x = ctx.node.args[0]
         k = len(m.normalized_shape)
-        n = len(ctx.shape())
+        out_shape = ctx.shape()
+        assert out_shape is not None  # the output is a tensor
+        n = len(out_shape)
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             ctx.same(a, o)
             if d >= n - k:
@@ -177,11 +195,14 @@ class LayerNormRule:
                 i = d - (n - k)
                 ctx.same(a, ctx.module_axis(f"dim{i}", m.normalized_shape[i]))
 
-    def gated(self, builder, node):
-        m = builder.module(node.target)
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
+        m = cast(nn.LayerNorm, builder.module(cast(str, node.target)))  # a call_module node
         k = len(m.normalized_shape)
-        n = len(builder.shape(node.args[0]))
-        masks = [builder.value_mask(node.args[0], d) for d in range(n - k, n)]
+        x = cast(fx.Node, node.args[0])  # the input tensor
+        x_shape = builder.shape(x)
+        assert x_shape is not None
+        n = len(x_shape)
+        masks = [builder.value_mask(x, d) for d in range(n - k, n)]
         if all(mask is None for mask in masks):
             return None
         weight = builder.get_attr(f"{node.target}.weight") if m.weight is not None else None
@@ -189,7 +210,8 @@ class LayerNormRule:
         return builder.call_function(runtime.masked_layer_norm,
                                (builder.arg(node.args[0]), k, weight, bias, m.eps, masks))
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.LayerNorm, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         kept = [pruning.kept_module(qualname, f"dim{i}") for i in range(len(m.normalized_shape))]
         if not any(pruned(k, size) for k, size in zip(kept, m.normalized_shape)):
             return None
@@ -201,7 +223,8 @@ class LayerNormRule:
                                    for k, size in zip(kept, m.normalized_shape))
         return m
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.LayerNorm,
+                   axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "dim0" else []
 
 
@@ -214,12 +237,14 @@ class FunctionalLayerNormRule:
     weight's and bias's; the gated model takes the statistics over kept channels only, and the
     slim model is given the kept sizes where ``normalized_shape`` is literal."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         shape = arg(node, 1, "normalized_shape")
-        k = len(ctx.shape(None)) - len(ctx.shape(x)) + self._k(shape, ctx)
-        n = len(ctx.shape(x))
+        out_shape, x_shape = ctx.shape(None), ctx.shape(x)
+        assert out_shape is not None and x_shape is not None  # tensor in, tensor out
+        k = len(out_shape) - len(x_shape) + self._k(shape, ctx)
+        n = len(x_shape)
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             ctx.same(a, o)
             if d >= n - k:
@@ -231,7 +256,7 @@ class FunctionalLayerNormRule:
             ctx.touch(ctx.state.axes[key])
 
     @staticmethod
-    def _k(shape, ctx=None):
+    def _k(shape: Any, ctx: NodeContext | None = None) -> int:
         if isinstance(shape, int):
             return 1
         if isinstance(shape, (tuple, list)):
@@ -241,10 +266,12 @@ class FunctionalLayerNormRule:
             return len(values[0])
         return 1
 
-    def gated(self, builder, node):
-        x = node.args[0]
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
+        x = cast(fx.Node, node.args[0])  # the input tensor
         k = self._k(arg(node, 1, "normalized_shape"))
-        n = len(builder.shape(x))
+        x_shape = builder.shape(x)
+        assert x_shape is not None
+        n = len(x_shape)
         masks = [builder.value_mask(x, d) for d in range(n - k, n)]
         if all(mask is None for mask in masks):
             return None
@@ -252,13 +279,15 @@ class FunctionalLayerNormRule:
         return builder.call_function(runtime.masked_layer_norm, (
             builder.arg(x), k, builder.arg(weight), builder.arg(bias), arg(node, 4, "eps", 1e-5), masks))
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         shape = arg(node, 1, "normalized_shape")
-        x = node.args[0]
+        x = cast(fx.Node, node.args[0])  # the input tensor
         sizes = [shape] if isinstance(shape, int) else shape
         if not isinstance(sizes, (tuple, list)):
             return
-        n = len(pruning.shape(x))
+        x_shape = pruning.shape(x)
+        assert x_shape is not None
+        n = len(x_shape)
         new = list(sizes)
         for i, size in enumerate(sizes):
             kept = pruning.kept_value(x, n - len(sizes) + i)
@@ -268,7 +297,7 @@ class FunctionalLayerNormRule:
             set_arg(node, 1, "normalized_shape", new[0] if isinstance(shape, int) else tuple(new))
 
 
-def _read_keys_of(read) -> list:
+def _read_keys_of(read: SizeRead) -> list[AxisKey]:
     if isinstance(read, dict):
         return [k for k in read.values() if k is not None]
     return [read] if isinstance(read, tuple) else []

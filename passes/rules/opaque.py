@@ -1,11 +1,14 @@
 """The fallback for a module with no rule (an untraceable custom module or an unknown layer)."""
 from __future__ import annotations
 
-import torch
-from torch import fx
+from typing import cast
 
+import torch
+from torch import fx, nn
+
+from passes.context import NodeContext
 from passes.rules.registry import RULES, describe_op
-from passes.values import LEAF_INPUTS
+from passes.values import LEAF_INPUTS, Shape
 
 
 class OpaqueLeafRule:
@@ -17,13 +20,15 @@ class OpaqueLeafRule:
 
     trials = 3
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         inputs = node.meta.get(LEAF_INPUTS)
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
         name = describe_op(node, ctx.state.modules)
-        if inputs is None or len(tensors) != 1 or node.kwargs or ctx.shape() is None\
-                or len(ctx.shape()) != len(ctx.shape(tensors[0])):
+        out_shape = ctx.shape()
+        # (a non-tensor input has no shape: len(None) raises, as before typing)
+        if inputs is None or len(tensors) != 1 or node.kwargs or out_shape is None\
+                or len(out_shape) != len(cast(Shape, ctx.shape(tensors[0]))):
             return ctx.freeze_all(f"opaque {name}: not a one-tensor-in, one-tensor-out module")
         x_node = tensors[0]
         x = inputs[0][0]
@@ -38,7 +43,7 @@ class OpaqueLeafRule:
                 ctx.freeze(a, reason)
                 ctx.freeze(o, reason)
 
-    def _commutes(self, module, x, dim) -> bool:
+    def _commutes(self, module: nn.Module, x: torch.Tensor, dim: int) -> bool:
         generator = torch.Generator().manual_seed(dim)
         n = x.shape[dim]
         try:

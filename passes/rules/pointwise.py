@@ -3,20 +3,22 @@ factories, PReLU, and parameters or buffers read by the graph."""
 from __future__ import annotations
 
 import operator
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, pruned, sliced_parameter
-from passes.values import scalar_values, tensor_shapes
+from passes.context import NodeContext
+from passes.rules.registry import RULES, GatedBuilderView, PruningView, pruned, sliced_parameter
+from passes.values import AxisKey, scalar_values, tensor_shapes
 
 
 class Elementwise:
     """Same index in, same index out, with broadcasting (activations, residual adds, ...)."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         out = ctx.shape()
         if out is None:
             # arithmetic on Python numbers: sizes read into it are frozen by the check, but a
@@ -36,13 +38,14 @@ class Elementwise:
         ctx.touch(*ctx.axes())
 
 
-def _concatenated_sizes(ctx) -> None:
+def _concatenated_sizes(ctx: NodeContext) -> None:
     """``shape + (4,)`` or ``[2] + list(shape)``: the sizes read from the operands, at their new
     positions, are the sizes of the result."""
     node = ctx.node
     if node.target is not operator.add or len(node.args) != 2:
         return
-    reads, offset = {}, 0
+    reads: dict[int, AxisKey] = {}
+    offset = 0
     for operand in node.args:
         read = ctx.size_read(operand)
         if isinstance(operand, (tuple, list)):
@@ -59,7 +62,7 @@ def _concatenated_sizes(ctx) -> None:
     ctx.read_size(reads)
 
 
-def scaled_read(ctx, value):
+def scaled_read(ctx: NodeContext, value: Any) -> tuple[AxisKey, int] | None:
     """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis; else
     None."""
     if not (isinstance(value, fx.Node) and value.target is operator.mul and len(value.args) == 2):
@@ -71,7 +74,7 @@ def scaled_read(ctx, value):
     return None
 
 
-def _scaled_size(ctx) -> None:
+def _scaled_size(ctx: NodeContext) -> None:
     """``C * K`` or ``C // 2`` of a size read from a channel axis, used only as a target size of
     a reshape (``ReshapeRule`` couples C with the reshaped axis, whose slim size is then C' * K)
     or as a slice bound (which ``GetItemRule`` checks is a fraction of that very axis): the read
@@ -117,7 +120,7 @@ def mutates(node: fx.Node) -> bool:
     return isinstance(name, str) and name.endswith("_") and not name.startswith("__")
 
 
-def regated(builder, node):
+def regated(builder: GatedBuilderView, node: fx.Node) -> fx.Node:
     """The gated model of an in-place op: the op on the gated tensors, then the pruned channels
     of the tensor it wrote into zeroed again (in place: everyone reading that tensor afterwards
     reads the same object), since the op may write non-zero values there (``fill_(1)``,
@@ -126,9 +129,10 @@ def regated(builder, node):
     target = node.args[0] if node.args else None
     shape = builder.shape(target) if isinstance(target, fx.Node) else None
     for dim in range(len(shape or ())):
-        mask = builder.value_mask(target, dim)
+        written = cast(fx.Node, target)  # a node: it has a shape
+        mask = builder.value_mask(written, dim)
         if mask is not None:
-            builder.call_function(runtime.regate_, (builder.env[target], mask, dim))
+            builder.call_function(runtime.regate_, (builder.env[written], mask, dim))
     return new
 
 
@@ -161,7 +165,7 @@ class InplaceElementwise(Elementwise):
     the written tensor's pruned channels again afterwards (in eager code, where that cannot be
     done, its axes are frozen)."""
 
-    def gated(self, builder, node):
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         return regated(builder, node)
 
 
@@ -176,7 +180,7 @@ class CastRule:
     argument only lends dtype/device. ``x.new_tensor(data)``: the data is ``data``. ``x.type()``
     with no argument is a string (metadata)."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[1] if node.target == "new_tensor" and len(node.args) > 1 else node.args[0]
         if isinstance(x, fx.Node):
@@ -201,7 +205,7 @@ class FactoryRule:
     whoever uses the tensor couples (a cat, an add), and the slim model is given the kept count;
     a size computed any other way freezes the axis. ``x`` of ``x.new_*`` only lends its dtype."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         sizes = self._sizes(ctx.node)
         if sizes is None:
             return ctx.freeze_all("tensor factory with sizes sepfx cannot read")
@@ -220,13 +224,14 @@ class FactoryRule:
         read = ctx.size_read(whole)
         if whole is not None and not isinstance(read, dict):
             return ctx.freeze_all("a factory's sizes computed from other values")
-        for j, key in (read.items() if whole is not None else ()):
+        # whole given: read is a shape {dim: axis} (else returned above)
+        for j, key in (cast(dict[int, AxisKey], read).items() if whole is not None else ()):
             ctx.same(ctx.state.axes[key], ctx.axis(None, j))
         for x in ctx.tensor_inputs():
             ctx.touch(*ctx.axes(x))
 
     @staticmethod
-    def _size_slot(node):
+    def _size_slot(node: fx.Node) -> tuple[tuple[str, Any], Any]:
         """(where, sizes): where the sizes are given, ``("args", start)`` for separate arguments
         from ``start``, ``("arg", i)`` for one sequence or shape argument, ``("kwarg", name)``;
         sizes is that sequence (None for a shape node)."""
@@ -240,11 +245,11 @@ class FactoryRule:
             return ("arg", start), rest[0] if rest else None
         return ("args", start), list(rest)
 
-    def _whole(self, node):
+    def _whole(self, node: fx.Node) -> fx.Node | None:
         _, sizes = self._size_slot(node)
         return sizes if isinstance(sizes, fx.Node) else None
 
-    def _sizes(self, node):
+    def _sizes(self, node: fx.Node) -> list[Any] | None:
         """The size given for each output dim (int, node or None), or None if unreadable."""
         _, sizes = self._size_slot(node)
         if isinstance(sizes, fx.Node):
@@ -254,11 +259,12 @@ class FactoryRule:
             return list(sizes)
         return None
 
-    def rewrite(self, node, pruning):
+    def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         (where, at), sizes = self._size_slot(node)
         if isinstance(sizes, fx.Node) or sizes is None:
             return
         out = pruning.shape(node)
+        assert out is not None  # a factory makes a tensor
         new = list(sizes)
         for j, size in enumerate(sizes):
             if isinstance(size, int) and not isinstance(size, bool) and j < len(out)\
@@ -279,7 +285,7 @@ class FactoryRule:
             node.args = tuple(node.args[:at]) + tuple(new)
 
 
-def _is_shape(value) -> bool:
+def _is_shape(value: Any) -> bool:
     """A node whose value is a shape (``x.shape``, ``x.size()``, a slice of one)."""
     values = scalar_values(value) if isinstance(value, fx.Node) else None
     return values is not None and isinstance(values[0], tuple)
@@ -290,8 +296,8 @@ RULES.add(FactoryRule(), functions=[torch.zeros, torch.ones, torch.empty, torch.
 
 
 class PReLURule:
-    def couple(self, ctx):
-        m = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.PReLU, ctx.module)
         if m.num_parameters == 1:
             return ELEMENTWISE.couple(ctx)
         x = ctx.node.args[0]
@@ -300,7 +306,8 @@ class PReLURule:
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             ctx.same(a, o)
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.PReLU, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "weight")
         if not pruned(kept, m.num_parameters):
             return None
@@ -308,15 +315,15 @@ class PReLURule:
         m.num_parameters = len(kept)
         return m
 
-    def importance(self, m, axis: str):
+    def importance(self, m: nn.PReLU, axis: str) -> list[tuple[torch.Tensor, int]]:
         return [(m.weight, 0)] if axis == "weight" else []
 
-    def lower(self, node, graph_module) -> bool:
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: the fastest exact elementwise form for this module's slopes
         (``runtime.lower_prelu``) instead of ONNX PRelu, which ONNX Runtime runs slowly."""
         if len(node.args) != 1 or node.kwargs:
             return False
-        module = graph_module.get_submodule(node.target)
+        module = cast(nn.PReLU, graph_module.get_submodule(cast(str, node.target)))
         with graph_module.graph.inserting_before(node):  # dropped by the caller if unused
             weight = graph_module.graph.get_attr(f"{node.target}.weight")
         function, args = runtime.lower_prelu(module, weight)
@@ -330,9 +337,10 @@ RULES.add(PReLURule(), modules=[nn.PReLU])
 class GetAttr:
     """A parameter or buffer read by the graph: its axes are the attribute's own."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
-        owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+        target = cast(str, node.target)  # a get_attr node: the attribute's qualified name
+        owner = target.rsplit(".", 1)[0] if "." in target else ""
         called = {n.target for n in node.graph.nodes if n.op == "call_module"}
         inside_called = any(owner == c or owner.startswith(c + ".") for c in called)
         for d, axis in enumerate(ctx.axes()):
@@ -341,7 +349,7 @@ class GetAttr:
             if inside_called:
                 ctx.freeze(axis, "parameter of a called module is also read directly")
             else:
-                ctx.same(axis, ctx.attr_axis(node.target, d, axis.size))
+                ctx.same(axis, ctx.attr_axis(target, d, axis.size))
 
 
 GET_ATTR = RULES.add(GetAttr(), node_ops=["get_attr"])

@@ -1,11 +1,18 @@
 """Recurrent layers: nn.LSTM, nn.GRU and nn.RNN."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import numpy as np
-from torch import nn
+import torch
+from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, arg, pruned, sliced_parameter
+from passes.axes import Axis
+from passes.context import NodeContext
+from passes.rules.registry import (RULES, GatedBuilderView, PruningView, arg, pruned,
+                                   sliced_parameter)
 
 
 class RecurrentRule:
@@ -14,8 +21,8 @@ class RecurrentRule:
     the closed form gates x hidden x (input + hidden) per step, direction and layer (the
     counter does not see inside), frozen or not."""
 
-    def couple(self, ctx):
-        m: nn.RNNBase = ctx.module
+    def couple(self, ctx: NodeContext) -> None:
+        m = cast(nn.RNNBase, ctx.module)
         node = ctx.node
         x = node.args[0]
         self._cost(ctx, m, x, None, None)
@@ -44,28 +51,33 @@ class RecurrentRule:
         self._cost(ctx, m, x, m_in, hidden)
 
     @staticmethod
-    def _cost(ctx, m, x, m_in, hidden) -> None:
+    def _cost(ctx: NodeContext, m: nn.RNNBase, x: Any, m_in: Axis | None,
+              hidden: Axis | None) -> None:
         d = 2 if m.bidirectional else 1
         h, out = m.hidden_size, m.proj_size or m.hidden_size
         step, batch = (1, 0) if m.batch_first else (0, 1)
         shape = ctx.shape(x)
+        assert shape is not None  # the input sequence is a tensor
         steps, batch_size = shape[step], (shape[batch] if len(shape) == 3 else 1)
         unit = runtime.gate_blocks(m) * h * steps * batch_size * d
-        terms = [(unit * m.input_size, [m_in, hidden])]
+        terms: list[tuple[float, list[Axis | None]]] = [(unit * m.input_size, [m_in, hidden])]
         terms += [(unit * d * out, [hidden, hidden])] * (m.num_layers - 1)
         terms += [(unit * out, [hidden, hidden])] * m.num_layers
         if m.proj_size:
             terms += [(steps * batch_size * d * h * m.proj_size, [hidden])] * m.num_layers
         ctx.cost(*terms, absolute=True)
 
-    def gated(self, builder, node):
-        mask = builder.module_mask(node.target, "hidden")
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
+        qualname = cast(str, node.target)  # a call_module node
+        mask = builder.module_mask(qualname, "hidden")
         if mask is None:
             return None
-        target = builder.add_module(runtime.GatedRNN(builder.module(node.target)), node.target)
+        rnn = cast(nn.RNNBase, builder.module(qualname))
+        target = builder.add_module(runtime.GatedRNN(rnn), qualname)
         return builder.call_module(target, (builder.arg(node.args[0]), mask))
 
-    def slim_module(self, m, pruning, qualname):
+    def slim_module(self, m: nn.RNNBase, pruning: PruningView,
+                    qualname: str) -> nn.Module | None:
         k_in, k_h = pruning.kept_module(qualname, "input"), pruning.kept_module(qualname, "hidden")
         if not (pruned(k_in, m.input_size) or pruned(k_h, m.hidden_size)):
             return None
@@ -77,10 +89,13 @@ class RecurrentRule:
         rows = np.concatenate([b * h + k_h for b in range(gates)])
         deeper_cols = np.concatenate([j * h + k_h for j in range(d)])
         options = {"nonlinearity": m.nonlinearity} if isinstance(m, nn.RNN) else {}
-        new = type(m)(len(k_in), len(k_h), num_layers=m.num_layers, bias=m.bias,
-                      batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional,
-                      **options)
-        new = new.to(device=m.weight_ih_l0.device, dtype=m.weight_ih_l0.dtype)
+        # nn.LSTM/GRU/RNN(input_size, hidden_size, ...), not RNNBase(mode, ...)
+        rnn_class = cast(Callable[..., nn.RNNBase], type(m))
+        new = rnn_class(len(k_in), len(k_h), num_layers=m.num_layers, bias=m.bias,
+                        batch_first=m.batch_first, dropout=m.dropout,
+                        bidirectional=m.bidirectional, **options)
+        first = cast(torch.Tensor, m.weight_ih_l0)  # a parameter (Module.__getattr__)
+        new = new.to(device=first.device, dtype=first.dtype)
         for name in m._flat_weights_names:
             w = getattr(m, name)
             layer = int(name.split("_l")[1].split("_")[0])
@@ -94,8 +109,9 @@ class RecurrentRule:
         new.train(m.training)
         return new
 
-    def importance(self, m, axis: str):
-        return [(m.weight_hh_l0, 1)] if axis == "hidden" else []
+    def importance(self, m: nn.RNNBase, axis: str) -> list[tuple[torch.Tensor, int]]:
+        # weight_hh_l0: a parameter (Module.__getattr__)
+        return [(cast(torch.Tensor, m.weight_hh_l0), 1)] if axis == "hidden" else []
 
 
 RULES.add(RecurrentRule(), modules=[nn.LSTM, nn.GRU, nn.RNN])

@@ -2,17 +2,20 @@
 the spatial axes (pooling, resampling, padding)."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from passes import runtime
-from passes.rules.registry import RULES, arg
+from passes.context import NodeContext
+from passes.rules.registry import RULES, GatedBuilderView, arg
 from passes.values import GLUE
 
 
-def _reduce_dims(node, ndim):
+def _reduce_dims(node: fx.Node, ndim: int) -> list[int]:
     dims = arg(node, 1, "dim")
     if dims is None:
         return list(range(ndim))
@@ -27,13 +30,15 @@ class ReduceRule:
 
     handles_eager_code = True  # freezes what it cannot mask when recorded from eager code
 
-    def __init__(self, kind):
+    def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the reduced tensor
+        n = len(x_shape)
         dims, keepdim, correction = _reduce_options(node, self.kind, n)
         correction = 1 if correction is None else correction
         d_out = 0
@@ -55,11 +60,13 @@ class ReduceRule:
                 ctx.same(a, ctx.axis(None, d_out))
                 d_out += 1
 
-    def gated(self, builder, node):
+    def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         if self.kind not in ("mean", "var", "std"):
             return None
-        x = node.args[0]
-        dims, keepdim, correction = _reduce_options(node, self.kind, len(builder.shape(x)))
+        x = cast(fx.Node, node.args[0])  # the reduced tensor
+        x_shape = builder.shape(x)
+        assert x_shape is not None
+        dims, keepdim, correction = _reduce_options(node, self.kind, len(x_shape))
         masks = [builder.value_mask(x, d) for d in dims]
         if all(m is None for m in masks):
             return None
@@ -67,11 +74,12 @@ class ReduceRule:
                                (self.kind, builder.arg(x), dims, keepdim, correction, masks, dims))
 
 
-def _reduce_options(node, kind, ndim):
-    """(reduced dims, keepdim, correction) of sum/mean/var/std/amax calls."""
+def _reduce_options(node: fx.Node, kind: str, ndim: int) -> tuple[list[int], bool, Any]:
+    """(reduced dims, keepdim, correction) of sum/mean/var/std/amax calls (the correction as
+    the call gives it)."""
     dims = _reduce_dims(node, ndim)
     positional = list(node.args[2:])
-    correction = 0
+    correction: Any = 0  # a number (or None) from the call's arguments
     if kind in ("var", "std"):  # x.var(dim, unbiased, keepdim) or keyword forms
         unbiased = positional.pop(0) if positional and isinstance(positional[0], bool) else\
             node.kwargs.get("unbiased", True)
@@ -97,14 +105,19 @@ RULES.add(ReduceRule("max"), functions=[torch.amax, torch.amin, torch.logsumexp]
 
 
 class SoftmaxRule:
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
+        dim: int | None
         if node.op == "call_module":
-            dim = ctx.module.dim
+            dim = cast("nn.Softmax | nn.LogSoftmax", ctx.module).dim
         else:
             dim = arg(node, 1, "dim")
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the input is a tensor
+        n = len(x_shape)
+        if not isinstance(dim, int):  # softmax's deprecated implicit dim: nothing to rely on
+            return ctx.freeze_all("softmax without an explicit dim")
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             if d == dim % n:
                 ctx.freeze(a, "softmax normalises over this axis")
@@ -123,7 +136,7 @@ class ChannelwiseRule:
     padding of the spatial axes): batch and channel axes map through; static spatial axes are
     frozen."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
@@ -134,7 +147,7 @@ class ChannelwiseRule:
                 ctx.freeze(o, "resampled or pooled along this axis")
 
 
-    def lower(self, node, graph_module) -> bool:
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: ``F.adaptive_avg_pool1d``, which the exporters cannot keep dynamic, as an
         equivalent matmul (``runtime.adaptive_avg_pool1d``)."""
         if node.op == "call_function" and node.target is F.adaptive_avg_pool1d:
@@ -153,11 +166,13 @@ RULES.add(ChannelwiseRule(),
 class PadRule:
     """F.pad: unpadded axes map through; a padded static axis is frozen."""
 
-    def couple(self, ctx):
+    def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
         pad = arg(node, 1, "pad")
-        n = len(ctx.shape(x))
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the padded tensor
+        n = len(x_shape)
         padded = set()
         for i in range(0, len(pad), 2):
             if not (pad[i] == 0 and pad[i + 1] == 0):
