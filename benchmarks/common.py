@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: machine facts and writing results (JSON, Markdown, PNG)."""
+
 from __future__ import annotations
 
 import datetime
@@ -50,15 +51,24 @@ def write(name: str, payload: dict, table: str, out_dir: Path = RESULTS) -> Path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
     facts = payload["machine"]
-    header = (f"# {name}\n\n{facts['date']} · {facts['processor']} · {facts['cpu_count']} cores "
-              f"· torch {facts['torch']} · onnxruntime {facts.get('onnxruntime')}"
-              + (f" · {facts['cuda']}" if facts.get("cuda") else "") + "\n\n")
+    header = (
+        f"# {name}\n\n{facts['date']} · {facts['processor']} · {facts['cpu_count']} cores "
+        f"· torch {facts['torch']} · onnxruntime {facts.get('onnxruntime')}"
+        + (f" · {facts['cuda']}" if facts.get("cuda") else "")
+        + "\n\n"
+    )
     (out_dir / f"{name}.md").write_text(header + table + "\n")
     return out_dir / f"{name}.md"
 
 
-def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
-         title: str, diagonal: bool = False) -> bool:
+def plot(
+    path: Path,
+    series: dict[str, tuple[list, list]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    diagonal: bool = False,
+) -> bool:
     """A scatter/line PNG; needs matplotlib (the ``bench`` extra). False if it is missing."""
     try:
         import matplotlib
@@ -86,7 +96,6 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: 
     return True
 
 
-
 @torch.no_grad()
 def evaluate(model, dataset, limit: int | None = None) -> float:
     """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T])."""
@@ -95,8 +104,7 @@ def evaluate(model, dataset, limit: int | None = None) -> float:
     values = []
     for i in range(count):
         mixture, sources = dataset[i]
-        values.append(float(si_snr_improvement(model(mixture[None]), sources[None],
-                                               mixture[None])))
+        values.append(float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None])))
     return sum(values) / len(values)
 
 

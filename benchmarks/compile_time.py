@@ -4,6 +4,7 @@ a fresh subprocess so that peak memory (ru_maxrss) is its own.
 
     python benchmarks/compile_time.py [--config small] [--smoke]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ print(json.dumps(out))
 
 
 def measure(name: str, config: str, tool: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, name, config, tool],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, name, config, tool],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -62,8 +67,11 @@ def measure(name: str, config: str, tool: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+",
-                        default=["conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer", "afrcnn"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["conv_tasnet", "dprnn", "sudormrf", "tdanet", "sepformer", "afrcnn"],
+    )
     parser.add_argument("--config", default="small")
     parser.add_argument("--smoke", action="store_true", help="tiny conv_tasnet only")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -76,19 +84,41 @@ def main(argv=None):
             rows.append(measure(name, args.config, tool))
             print(rows[-1])
     name = "compile_time_smoke" if args.smoke else "compile_time"
-    columns = ["model", "tool", "ok", "total_s", "analyze_s", "slim_s", "groups",
-               "peak_rss_mb", "error"]
-    write(name, {"machine": machine(), "config": args.config, "rows": rows},
-          markdown_table(rows, columns), args.out)
+    columns = [
+        "model",
+        "tool",
+        "ok",
+        "total_s",
+        "analyze_s",
+        "slim_s",
+        "groups",
+        "peak_rss_mb",
+        "error",
+    ]
+    write(
+        name,
+        {"machine": machine(), "config": args.config, "rows": rows},
+        markdown_table(rows, columns),
+        args.out,
+    )
     ok = [r for r in rows if r.get("ok")]
     series = {}
     for tool in ("sepfx", "torch-pruning"):
-        pts = [(i, r["total_s"]) for i, m in enumerate(args.models) for r in ok
-               if r["model"] == m and r["tool"] == tool]
+        pts = [
+            (i, r["total_s"])
+            for i, m in enumerate(args.models)
+            for r in ok
+            if r["model"] == m and r["tool"] == tool
+        ]
         if pts:
             series[tool] = ([p[0] for p in pts], [p[1] for p in pts])
-    plot(args.out / f"{name}.png", series, "model (" + ", ".join(args.models) + ")",
-         "seconds", f"Graph analysis time ({args.config} configs)")
+    plot(
+        args.out / f"{name}.png",
+        series,
+        "model (" + ", ".join(args.models) + ")",
+        "seconds",
+        f"Graph analysis time ({args.config} configs)",
+    )
     print(f"wrote {args.out / (name + '.md')}")
 
 

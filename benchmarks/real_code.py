@@ -10,6 +10,7 @@ sample rate), which modules run as eager shells, the share of MACs in prunable g
 compiled MAC ratio, compile time, and how the ONNX export went (exporter, dynamic axes, the
 worst ONNX Runtime vs PyTorch relative error at lengths that are multiples of no stride).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,20 +25,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write  # noqa: E402
 
 CONFIGS = {  # the test-bed's configs (tests/test_asteroid.py), plus DCUNet
-    "ConvTasNet": dict(n_src=2, n_blocks=3, n_repeats=2, bn_chan=32, hid_chan=64, skip_chan=32,
-                       n_filters=64),
-    "DPRNNTasNet": dict(n_src=2, n_repeats=2, bn_chan=32, hid_size=32, chunk_size=50,
-                        n_filters=64),
+    "ConvTasNet": dict(
+        n_src=2, n_blocks=3, n_repeats=2, bn_chan=32, hid_chan=64, skip_chan=32, n_filters=64
+    ),
+    "DPRNNTasNet": dict(n_src=2, n_repeats=2, bn_chan=32, hid_size=32, chunk_size=50, n_filters=64),
     "SuDORMRFNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3, n_filters=64),
-    "SuDORMRFImprovedNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3,
-                                n_filters=64),
+    "SuDORMRFImprovedNet": dict(
+        n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3, n_filters=64
+    ),
     "DPTNet": dict(n_src=2, n_repeats=1, n_filters=64, ff_hid=64, chunk_size=50),
     "LSTMTasNet": dict(n_src=2, hid_size=32, n_layers=2, n_filters=64),
     "DeMask": dict(hidden_dims=(128,)),
     "DCUNet": dict(architecture="DCUNet-10", n_src=2, fix_length_mode="pad"),
 }
-COLUMNS = ["model", "params", "dense_macs", "shells", "prunable", "macs_ratio", "compile_s",
-           "export", "onnx_error", "note"]
+COLUMNS = [
+    "model",
+    "params",
+    "dense_macs",
+    "shells",
+    "prunable",
+    "macs_ratio",
+    "compile_s",
+    "export",
+    "onnx_error",
+    "note",
+]
 
 
 def measure(name: str, budget: float, tmp: Path) -> dict:
@@ -57,17 +69,24 @@ def measure(name: str, budget: float, tmp: Path) -> dict:
         row["note"] = f"{type(error).__name__}: {str(error)[:160]}"
         return row
     report = slim.sepfx_report
-    row.update(compile_s=time.perf_counter() - start, dense_macs=report.dense_macs,
-               shells=", ".join(p or "(root)" for p in report.shells) or "none",
-               prunable=report.prunable_macs_share, macs_ratio=report.macs_ratio)
+    row.update(
+        compile_s=time.perf_counter() - start,
+        dense_macs=report.dense_macs,
+        shells=", ".join(p or "(root)" for p in report.shells) or "none",
+        prunable=report.prunable_macs_share,
+        macs_ratio=report.macs_ratio,
+    )
     try:
         result = sepfx.export_onnx(slim, tmp / f"{name}.onnx")
     except sepfx.errors.ExportError as error:
         row["export"] = "refused"
         row["note"] = str(error).splitlines()[1].strip()[:160]
         return row
-    axes = [a for a, dynamic in (("batch", result.dynamic_batch), ("time", result.dynamic_time))
-            if dynamic]
+    axes = [
+        a
+        for a, dynamic in (("batch", result.dynamic_batch), ("time", result.dynamic_time))
+        if dynamic
+    ]
     row["export"] = f"{result.exporter}, dynamic {' and '.join(axes) or 'nothing'}"
     row["onnx_error"] = max(result.errors.values())
     row["note"] = "; ".join(result.notes)[:160]

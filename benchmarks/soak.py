@@ -8,6 +8,7 @@ Writes ``benchmarks/results/soak.json`` (every model's failures, the failing spe
 long run can be looked at while it goes. ``--minimise`` shrinks the first model of each silent or
 crash kind with the delta-debugger and stores the minimal model's source.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ def _quietly(call, *args, **kwargs):
         return call(*args, **kwargs)
 
 
-def soak(models: int, seed: int, onnx_every: int, max_nodes: int, minimise: bool,
-         quiet: bool, out_dir: Path) -> dict:
+def soak(
+    models: int,
+    seed: int,
+    onnx_every: int,
+    max_nodes: int,
+    minimise: bool,
+    quiet: bool,
+    out_dir: Path,
+) -> dict:
     start = time.perf_counter()
     records = []
     by_kind: dict[str, dict] = {}
@@ -59,30 +67,41 @@ def soak(models: int, seed: int, onnx_every: int, max_nodes: int, minimise: bool
         except RuntimeError as error:  # the generator found no valid model for this seed
             records.append({"seed": model_seed, "generator_error": str(error)})
             continue
-        outcome = _quietly(random_models.check, spec,
-                           onnx=onnx_every > 0 and model_seed % onnx_every == 0)
+        outcome = _quietly(
+            random_models.check, spec, onnx=onnx_every > 0 and model_seed % onnx_every == 0
+        )
         kinds = collections.Counter(outcome.kinds())
-        records.append({
-            "seed": model_seed, "seconds": round(outcome.seconds, 3), "checks": outcome.checks,
-            "nodes": len(spec["nodes"]), "ops": [r["op"] for r in spec["nodes"]],
-            "groups": outcome.groups, "traced": outcome.traced, "onnx": outcome.onnx,
-            "failures": dict(kinds),
-        })
+        records.append(
+            {
+                "seed": model_seed,
+                "seconds": round(outcome.seconds, 3),
+                "checks": outcome.checks,
+                "nodes": len(spec["nodes"]),
+                "ops": [r["op"] for r in spec["nodes"]],
+                "groups": outcome.groups,
+                "traced": outcome.traced,
+                "onnx": outcome.onnx,
+                "failures": dict(kinds),
+            }
+        )
         for failure in outcome.failures:
-            entry = by_kind.setdefault(failure.kind, {"models": [], "occurrences": 0,
-                                                      "example": failure.detail.splitlines()[0]})
+            entry = by_kind.setdefault(
+                failure.kind,
+                {"models": [], "occurrences": 0, "example": failure.detail.splitlines()[0]},
+            )
             entry["occurrences"] += 1
             if model_seed not in entry["models"]:
                 entry["models"].append(model_seed)
             if failure.severity in ("silent", "crash") and failure.kind not in cases:
-                cases[failure.kind] = {"seed": model_seed, "detail": failure.detail,
-                                       "spec": spec}
+                cases[failure.kind] = {"seed": model_seed, "detail": failure.detail, "spec": spec}
         reasons = [random_models.normalised_reason(r) for _, r in outcome.frozen]
         frozen_axes.update(reasons)
         frozen_models.update(set(reasons))
         bar.set_postfix(defects=sum(1 for r in records if _defects(r)))
         if n % 25 == 0:
-            _write(records, by_kind, frozen_axes, frozen_models, cases, start, out_dir, partial=True)
+            _write(
+                records, by_kind, frozen_axes, frozen_models, cases, start, out_dir, partial=True
+            )
     bar.close()
     if minimise:
         done: dict[int, str] = {}  # seed -> the kind its model was minimised for
@@ -104,12 +123,14 @@ def _defects(record: dict) -> list[str]:
     return [k for k in record.get("failures", {}) if k.split(":")[0] in ("silent", "crash")]
 
 
-def _write(records, by_kind, frozen_axes, frozen_models, cases, start, out_dir: Path,
-           partial: bool = False) -> dict:
+def _write(
+    records, by_kind, frozen_axes, frozen_models, cases, start, out_dir: Path, partial: bool = False
+) -> dict:
     checked = [r for r in records if "failures" in r]
-    severity_models = {s: sum(1 for r in checked if any(k.startswith(s + ":")
-                                                        for k in r["failures"]))
-                       for s in SEVERITIES}
+    severity_models = {
+        s: sum(1 for r in checked if any(k.startswith(s + ":") for k in r["failures"]))
+        for s in SEVERITIES
+    }
     totals = {
         "models": len(checked),
         "generator_errors": len(records) - len(checked),
@@ -121,19 +142,36 @@ def _write(records, by_kind, frozen_axes, frozen_models, cases, start, out_dir: 
         "models_with": severity_models,
         "partial": partial,
     }
-    kinds = {k: {"severity": k.split(":")[0], "models": len(v["models"]),
-                 "occurrences": v["occurrences"], "seeds": v["models"][:30],
-                 "example": v["example"]}
-             for k, v in sorted(by_kind.items(), key=lambda kv: (
-                 SEVERITIES.index(kv[0].split(":")[0]), -len(kv[1]["models"])))}
-    payload = {
-        "machine": machine(), "sepfx": _version(), "totals": totals, "failures_by_kind": kinds,
-        "frozen_reasons": {r: {"axes": n, "models": frozen_models[r]}
-                           for r, n in frozen_axes.most_common()},
-        "cases": cases, "models": records,
+    kinds = {
+        k: {
+            "severity": k.split(":")[0],
+            "models": len(v["models"]),
+            "occurrences": v["occurrences"],
+            "seeds": v["models"][:30],
+            "example": v["example"],
+        }
+        for k, v in sorted(
+            by_kind.items(),
+            key=lambda kv: (SEVERITIES.index(kv[0].split(":")[0]), -len(kv[1]["models"])),
+        )
     }
-    write("soak", payload, _table(totals, kinds, frozen_axes, frozen_models, checked, cases,
-                                  payload["sepfx"]), out_dir)
+    payload = {
+        "machine": machine(),
+        "sepfx": _version(),
+        "totals": totals,
+        "failures_by_kind": kinds,
+        "frozen_reasons": {
+            r: {"axes": n, "models": frozen_models[r]} for r, n in frozen_axes.most_common()
+        },
+        "cases": cases,
+        "models": records,
+    }
+    write(
+        "soak",
+        payload,
+        _table(totals, kinds, frozen_axes, frozen_models, checked, cases, payload["sepfx"]),
+        out_dir,
+    )
     return payload
 
 
@@ -146,10 +184,20 @@ def _version() -> str:
 
     root = HERE.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                                capture_output=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "passes", "sepfx"], cwd=root,
-                               text=True, capture_output=True, timeout=30).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "passes", "sepfx"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     where = Path(sepfx.__file__).resolve().parent.parent
@@ -159,41 +207,77 @@ def _version() -> str:
 
 def _table(totals, kinds, frozen_axes, frozen_models, checked, cases, version) -> str:
     lines = [
-        f"sepfx {version}.", "",
+        f"sepfx {version}.",
+        "",
         f"{totals['models']} random models (tests/random_models.py), {totals['checks']} checks, "
         f"{totals['seconds']:.0f} s; {totals['traced']} traced whole, {totals['eager_shells']} "
         f"with eager shells; ONNX Runtime parity on {totals['onnx_checked']}."
-        + (" **Partial: still running.**" if totals["partial"] else ""), "",
-        "Models with at least one failure of each severity:", "",
-        markdown_table([{"severity": s, "models": totals["models_with"][s], "meaning": MEANING[s]}
-                        for s in SEVERITIES], ["severity", "models", "meaning"]), "",
-        "## Failures by kind", "",
-        markdown_table([{"kind": k, "models": v["models"], "occurrences": v["occurrences"],
-                         "first seeds": " ".join(map(str, v["seeds"][:8])),
-                         "example": v["example"][:140].replace("|", "\\|")}
-                        for k, v in kinds.items()],
-                       ["kind", "models", "occurrences", "first seeds", "example"]), "",
-        "## Frozen axes by reason", "",
-        markdown_table([{"reason": r.replace("|", "\\|"), "axes": n, "models": frozen_models[r]}
-                        for r, n in frozen_axes.most_common()], ["reason", "axes", "models"]),
+        + (" **Partial: still running.**" if totals["partial"] else ""),
         "",
-        "## Slowest models", "",
-        markdown_table(sorted(checked, key=lambda r: -r["seconds"])[:10],
-                       ["seed", "seconds", "checks", "nodes", "groups", "traced"]),
+        "Models with at least one failure of each severity:",
+        "",
+        markdown_table(
+            [
+                {"severity": s, "models": totals["models_with"][s], "meaning": MEANING[s]}
+                for s in SEVERITIES
+            ],
+            ["severity", "models", "meaning"],
+        ),
+        "",
+        "## Failures by kind",
+        "",
+        markdown_table(
+            [
+                {
+                    "kind": k,
+                    "models": v["models"],
+                    "occurrences": v["occurrences"],
+                    "first seeds": " ".join(map(str, v["seeds"][:8])),
+                    "example": v["example"][:140].replace("|", "\\|"),
+                }
+                for k, v in kinds.items()
+            ],
+            ["kind", "models", "occurrences", "first seeds", "example"],
+        ),
+        "",
+        "## Frozen axes by reason",
+        "",
+        markdown_table(
+            [
+                {"reason": r.replace("|", "\\|"), "axes": n, "models": frozen_models[r]}
+                for r, n in frozen_axes.most_common()
+            ],
+            ["reason", "axes", "models"],
+        ),
+        "",
+        "## Slowest models",
+        "",
+        markdown_table(
+            sorted(checked, key=lambda r: -r["seconds"])[:10],
+            ["seed", "seconds", "checks", "nodes", "groups", "traced"],
+        ),
     ]
     minimal = {k: c for k, c in cases.items() if "minimal_source" in c}
     if minimal:
-        lines += ["", "## Minimal models", "",
-                  "The first model of each silent or crash kind, shrunk by the delta-debugger "
-                  "while it still fails with that kind.", ""]
+        lines += [
+            "",
+            "## Minimal models",
+            "",
+            "The first model of each silent or crash kind, shrunk by the delta-debugger "
+            "while it still fails with that kind.",
+            "",
+        ]
         for kind, case in minimal.items():
             also = [k for k, c in cases.items() if c.get("minimised_as") == kind]
             lines += [f"### {kind} (seed {case['seed']})", ""]
             if also:
                 lines += [f"The same model also showed: {', '.join(also)}.", ""]
             lines += ["```python", case["minimal_source"].strip(), "```", ""]
-    lines += ["", "Replay a model: `python tests/random_models.py --seed SEED`; shrink it: "
-              "`python tests/random_models.py --seed SEED --minimise KIND`."]
+    lines += [
+        "",
+        "Replay a model: `python tests/random_models.py --seed SEED`; shrink it: "
+        "`python tests/random_models.py --seed SEED --minimise KIND`.",
+    ]
     return "\n".join(lines)
 
 
@@ -201,26 +285,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0, help="the first model's seed")
-    parser.add_argument("--onnx-every", type=int, default=5,
-                        help="ONNX Runtime parity on the seeds that are multiples of this (0: none)")
+    parser.add_argument(
+        "--onnx-every",
+        type=int,
+        default=5,
+        help="ONNX Runtime parity on the seeds that are multiples of this (0: none)",
+    )
     parser.add_argument("--max-nodes", type=int, default=12)
-    parser.add_argument("--minimise", action="store_true",
-                        help="shrink the first model of each silent or crash kind")
+    parser.add_argument(
+        "--minimise",
+        action="store_true",
+        help="shrink the first model of each silent or crash kind",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--smoke", action="store_true",
-                        help="a quick run of 6 models (one with ONNX), for the tests")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick run of 6 models (one with ONNX), for the tests",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.onnx_every, args.minimise = 6, 6, False
     torch.set_num_threads(1)
-    payload = soak(args.models, args.seed, args.onnx_every, args.max_nodes, args.minimise,
-                   args.quiet, args.out)
+    payload = soak(
+        args.models, args.seed, args.onnx_every, args.max_nodes, args.minimise, args.quiet, args.out
+    )
     if not args.quiet:
         totals = payload["totals"]
-        print(f"{totals['models']} models, {totals['checks']} checks, {totals['seconds']:.0f} s; "
-              f"models with silent failures: {totals['models_with']['silent']}, crashes: "
-              f"{totals['models_with']['crash']}, loud: {totals['models_with']['loud']}")
+        print(
+            f"{totals['models']} models, {totals['checks']} checks, {totals['seconds']:.0f} s; "
+            f"models with silent failures: {totals['models_with']['silent']}, crashes: "
+            f"{totals['models_with']['crash']}, loud: {totals['models_with']['loud']}"
+        )
         for kind, entry in payload["failures_by_kind"].items():
             print(f"  {entry['models']:4d} models  {kind}")
         print(f"written: {args.out / 'soak.json'}, {args.out / 'soak.md'}")

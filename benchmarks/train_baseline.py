@@ -10,6 +10,7 @@ kept is the one with the best validation SI-SNRi. The learning rate halves after
 ``--patience`` evaluations without a new best. ``--resume`` continues from the bundled
 checkpoint (fresh optimizer) and appends to its card: step counts, minutes and history add up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,17 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=3,
-                        help="evaluations without a new best before the learning rate halves")
-    parser.add_argument("--resume", action="store_true",
-                        help="start from the checkpoint in --out and extend its card")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=3,
+        help="evaluations without a new best before the learning rate halves",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the checkpoint in --out and extend its card",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=CHECKPOINTS)
     args = parser.parse_args(argv)
@@ -53,7 +61,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build(args.model, args.config)
     valid = MixtureDataset(args.data, "valid")
-    command = "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/train_baseline.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     best, best_state, step, epoch, past_minutes, history, commands = -1e9, None, 0, 0, 0.0, [], []
     if args.resume:
         previous = json.loads((args.out / f"{args.model}.json").read_text())
@@ -65,7 +75,8 @@ def main(argv=None):
         best, best_state = evaluate(model, valid, limit=50), copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=0.5, patience=args.patience)
+        optimizer, mode="max", factor=0.5, patience=args.patience
+    )
     start = time.time()
     while time.time() - start < 60 * args.minutes:
         train = loader(args.data, "train", args.batch, segment=args.segment, seed=args.seed + epoch)
@@ -80,9 +91,15 @@ def main(argv=None):
             if step % args.eval_every == 0:
                 score = evaluate(model, valid, limit=50)
                 scheduler.step(score)
-                history.append({"step": step, "minutes": past_minutes + (time.time() - start) / 60,
-                                "train_loss": float(loss.detach()), "valid_si_snri": score,
-                                "lr": optimizer.param_groups[0]["lr"]})
+                history.append(
+                    {
+                        "step": step,
+                        "minutes": past_minutes + (time.time() - start) / 60,
+                        "train_loss": float(loss.detach()),
+                        "valid_si_snri": score,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                )
                 print(history[-1], flush=True)
                 if score > best:
                     best, best_state = score, copy.deepcopy(model.state_dict())
@@ -92,11 +109,16 @@ def main(argv=None):
     if best_state is not None:
         model.load_state_dict(best_state)
     card = {
-        "model": args.model, "config": args.config,
-        "command": command, "commands": commands + [command],
+        "model": args.model,
+        "config": args.config,
+        "command": command,
+        "commands": commands + [command],
         "data": "python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200",
-        "steps": step, "minutes": past_minutes + (time.time() - start) / 60, "batch": args.batch,
-        "segment_s": args.segment, "threads": args.threads,
+        "steps": step,
+        "minutes": past_minutes + (time.time() - start) / 60,
+        "batch": args.batch,
+        "segment_s": args.segment,
+        "threads": args.threads,
         "params": sum(p.numel() for p in model.parameters()),
         "valid_si_snri_best": best,
         "test_si_snri": evaluate(model, MixtureDataset(args.data, "test")),
@@ -105,8 +127,10 @@ def main(argv=None):
         "history": history,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
-               args.out / f"{args.model}.pt")
+    torch.save(
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        args.out / f"{args.model}.pt",
+    )
     (args.out / f"{args.model}.json").write_text(json.dumps(card, indent=2))
     print(json.dumps({k: v for k, v in card.items() if k != "history"}, indent=2))
 

@@ -5,6 +5,7 @@ A keep set ``{group index: unit indices}`` becomes a flat keep vector over *unit
 stands for every frozen (always kept) element, and group ``g`` owns units
 ``g.offset .. g.offset + g.size - 1``; ``ChannelAnalysis`` holds that arithmetic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Axis:
 class ChannelGroup:
     """Units that share one gate: unit ``u`` of the group holds ``positions[axis][u]`` of each
     member axis."""
+
     index: int
     size: int
     positions: dict[AxisKey, NDArray[Any]]  # axis -> int array [size, multiplicity]
@@ -80,7 +82,7 @@ class ChannelAnalysis:
 
     def axis_units(self, key: AxisKey) -> NDArray[Any]:
         axis = self.axes[key]
-        return self.element_unit[axis.start:axis.start + axis.size]
+        return self.element_unit[axis.start : axis.start + axis.size]
 
     def keep_vector(self, keep: dict[int, NDArray[Any]]) -> NDArray[np.bool_]:
         """Flat bool vector over units from a keep set {group index: unit indices}."""

@@ -22,6 +22,7 @@ of common strides and chunk sizes (so that shape-derived branches take the same 
 two recordings are paired node by node. Where they do not pair, every axis of the glue is taken
 as dynamic, so nothing crossing it is pruned (the report says so).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,14 +55,47 @@ TWIN_EXTRA_LENGTHS = (16000, 201600)
 
 # Calls that read metadata or turn a tensor into Python values: not channel flow.
 _NOT_RECORDED = {
-    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "data_ptr",
-    "element_size", "__len__", "__bool__", "__int__", "__float__", "__index__", "item", "tolist",
-    "__format__", "__repr__", "__hash__", "get_device", "is_floating_point", "is_complex",
-    "numpy", "__array__", "__reduce_ex__", "__deepcopy__", "storage_offset", "untyped_storage",
-    "is_nonzero", "has_names", "__dlpack__", "__iter__", "__contains__",
+    "size",
+    "dim",
+    "ndimension",
+    "numel",
+    "nelement",
+    "stride",
+    "is_contiguous",
+    "data_ptr",
+    "element_size",
+    "__len__",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "item",
+    "tolist",
+    "__format__",
+    "__repr__",
+    "__hash__",
+    "get_device",
+    "is_floating_point",
+    "is_complex",
+    "numpy",
+    "__array__",
+    "__reduce_ex__",
+    "__deepcopy__",
+    "storage_offset",
+    "untyped_storage",
+    "is_nonzero",
+    "has_names",
+    "__dlpack__",
+    "__iter__",
+    "__contains__",
 }
-_IN_PLACE_OPERATORS = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_",
-                       "__itruediv__": "div_", "__idiv__": "div_"}
+_IN_PLACE_OPERATORS = {
+    "__iadd__": "add_",
+    "__isub__": "sub_",
+    "__imul__": "mul_",
+    "__itruediv__": "div_",
+    "__idiv__": "div_",
+}
 
 # one recorded call of a module: (run, args, kwargs, output), copies
 _Call = tuple[int, tuple[Any, ...], dict[str, Any], Any]
@@ -70,12 +104,14 @@ _Call = tuple[int, tuple[Any, ...], dict[str, Any], Any]
 @dataclass
 class Constant:
     """A part's argument that was not a recorded tensor at a call site (a number, None)."""
+
     value: Any
 
 
 @dataclass
 class Part:
     """A module captured as a graph: traced (``leaf`` False) or a built-in layer (``leaf``)."""
+
     path: str
     graph_module: fx.GraphModule
     leaf: bool
@@ -101,6 +137,7 @@ class Part:
 @dataclass
 class Capture:
     """The model captured by parts, and its analysis graph at the reference input."""
+
     root: nn.Module  # a deep copy of the caller's model, in eval mode
     graph_module: fx.GraphModule  # the analysis graph (see module docstring)
     parts: dict[str, Part]  # module path -> graph or leaf part
@@ -119,8 +156,9 @@ def _detached(value: Any) -> Any:
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
-def _record_calls(root: nn.Module, paths: list[str], inputs: list[torch.Tensor]
-                  ) -> dict[str, list[_Call]]:
+def _record_calls(
+    root: nn.Module, paths: list[str], inputs: list[torch.Tensor]
+) -> dict[str, list[_Call]]:
     """Module path -> [(run, args, kwargs, output)] of every call of the modules at ``paths``,
     over runs of ``root`` at ``inputs`` (copies: in-place code cannot change them later)."""
     calls: dict[str, list[_Call]] = {}
@@ -133,10 +171,18 @@ def _record_calls(root: nn.Module, paths: list[str], inputs: list[torch.Tensor]
     handles: list[RemovableHandle] = []
     run = 0
     for path in paths:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
-                 path: str = path) -> None:
-            calls.setdefault(path, []).append((run, _detached(args), _detached(kwargs),
-                                               _detached(output)))
+
+        def hook(
+            module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: Any,
+            path: str = path,
+        ) -> None:
+            calls.setdefault(path, []).append(
+                (run, _detached(args), _detached(kwargs), _detached(output))
+            )
+
         handles.append(root.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -157,8 +203,9 @@ def _signature(module: nn.Module) -> tuple[list[str], dict[str, Any]] | None:
         return None
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
-    return [p.name for p in params], {p.name: p.default for p in params
-                                      if p.default is not inspect.Parameter.empty}
+    return [p.name for p in params], {
+        p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+    }
 
 
 def _leaf_part(path: str, module: nn.Module) -> Part | None:
@@ -167,15 +214,18 @@ def _leaf_part(path: str, module: nn.Module) -> Part | None:
         return None
     names, defaults = signature
     graph = fx.Graph()
-    placeholders = [graph.placeholder(name, default_value=defaults.get(
-        name, inspect.Parameter.empty)) for name in names]
+    placeholders = [
+        graph.placeholder(name, default_value=defaults.get(name, inspect.Parameter.empty))
+        for name in names
+    ]
     graph.output(graph.call_module("leaf", tuple(placeholders)))
     gm = fx.GraphModule({"leaf": module}, graph, class_name=type(module).__name__)
     return Part(path, gm, True, names, defaults)
 
 
-def _trace_part(path: str, module: nn.Module, calls: list[_Call]
-                ) -> tuple[Part | None, str, list[str]]:
+def _trace_part(
+    path: str, module: nn.Module, calls: list[_Call]
+) -> tuple[Part | None, str, list[str]]:
     """(part, "", assumptions) when ``module`` traces into a graph that matches every recorded
     call, else (None, why not, [])."""
     signature = _signature(module)
@@ -206,8 +256,11 @@ def _trace_part(path: str, module: nn.Module, calls: list[_Call]
         except Exception:  # noqa: BLE001
             same = False
         if not same:
-            shapes = [tuple(a.shape) for a in tree_flatten((args, kwargs))[0]
-                      if isinstance(a, torch.Tensor)]
+            shapes = [
+                tuple(a.shape)
+                for a in tree_flatten((args, kwargs))[0]
+                if isinstance(a, torch.Tensor)
+            ]
             return None, f"its traced graph differs from its eager forward at input {shapes}", []
     assumptions = [f"{path or type(module).__name__}: {text}" for text, _ in tracer.assumptions]
     return Part(path, gm, False, names, defaults), "", assumptions
@@ -218,8 +271,9 @@ def _is_rule_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def _decide(root: nn.Module, inputs: list[torch.Tensor]
-            ) -> tuple[dict[str, Part], dict[str, str], list[str]]:
+def _decide(
+    root: nn.Module, inputs: list[torch.Tensor]
+) -> tuple[dict[str, Part], dict[str, str], list[str]]:
     """Top-down, one level of shells at a time: graph parts, leaf parts and shells of the
     modules that actually run. Only the modules a shell calls are recorded (one run of the
     model per level), so a model that traces whole runs just once per input here."""
@@ -228,8 +282,9 @@ def _decide(root: nn.Module, inputs: list[torch.Tensor]
     assumptions: list[str] = []
 
     def children(path: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"{path}.{name}" if path else name, child)
-                for name, child in module.named_children()]
+        return [
+            (f"{path}.{name}" if path else name, child) for name, child in module.named_children()
+        ]
 
     candidates = [("", root)]
     while candidates:
@@ -266,18 +321,22 @@ class _Recorder(TorchFunctionMode):
         self.alive: list[Any] = []  # every recorded value, so that no id is reused
         self.depth = 0  # > 0 while a part runs
         self.constants: dict[str, torch.Tensor] = {}
-        self.attributes = {id(t): name for name, t in
-                           list(root.named_parameters(remove_duplicate=False))
-                           + list(root.named_buffers(remove_duplicate=False))}
+        self.attributes = {
+            id(t): name
+            for name, t in list(root.named_parameters(remove_duplicate=False))
+            + list(root.named_buffers(remove_duplicate=False))
+        }
         self.attribute_nodes: dict[str, fx.Node] = {}
         self.part_calls: list[fx.Node] = []
         self.handles: list[RemovableHandle] = []
         for path, part in parts.items():
             module = root.get_submodule(path)
-            self.handles.append(module.register_forward_pre_hook(
-                self._enter, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(
-                lambda m, a, k, out, path=path: self._leave(path, a, k, out), with_kwargs=True))
+            self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(
+                module.register_forward_hook(
+                    lambda m, a, k, out, path=path: self._leave(path, a, k, out), with_kwargs=True
+                )
+            )
 
     def close(self) -> None:
         for handle in self.handles:
@@ -310,8 +369,9 @@ class _Recorder(TorchFunctionMode):
             self.nodes[id(result)] = node
         elif isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
             for i, item in enumerate(result):
-                if isinstance(item, (torch.Tensor, tuple, list)) and \
-                        not isinstance(item, torch.Size):
+                if isinstance(item, (torch.Tensor, tuple, list)) and not isinstance(
+                    item, torch.Size
+                ):
                     element = self.graph.call_function(operator.getitem, (node, i))
                     element.meta[GLUE] = True
                     self.bind(element, item)
@@ -320,13 +380,13 @@ class _Recorder(TorchFunctionMode):
     def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.depth += 1
 
-    def _leave(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-               output: Any) -> None:
+    def _leave(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self.depth > 1:
             self.depth -= 1
             return
-        node = self.graph.call_module(path, tree_map(self.node_of, tuple(args)),
-                                      tree_map(self.node_of, dict(kwargs)))
+        node = self.graph.call_module(
+            path, tree_map(self.node_of, tuple(args)), tree_map(self.node_of, dict(kwargs))
+        )
         node.meta[PART] = path
         # copied while depth > 0, so that the copies are not recorded as glue
         node.meta[CALL_INPUTS] = (_detached(tuple(args)), _detached(dict(kwargs)))
@@ -335,9 +395,13 @@ class _Recorder(TorchFunctionMode):
         self.bind(node, output)
 
     # -- glue -------------------------------------------------------------------------------
-    def __torch_function__(self, func: Callable[..., Any], types: Any,
-                           args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if self.depth:
@@ -351,27 +415,34 @@ class _Recorder(TorchFunctionMode):
         elif name in _NOT_RECORDED:
             return result
         elif name == "__setitem__":
-            node = self.graph.call_function(runtime.assigned, tuple(
-                tree_map(self.node_of, tuple(args))))
+            node = self.graph.call_function(
+                runtime.assigned, tuple(tree_map(self.node_of, tuple(args)))
+            )
             result = args[0]
         elif getattr(torch.Tensor, name, None) is func or name in _IN_PLACE_OPERATORS:
             method = _IN_PLACE_OPERATORS.get(name, name)
             if method == "__getitem__":
-                node = self.graph.call_function(operator.getitem, tuple(
-                    tree_map(self.node_of, tuple(args))))
+                node = self.graph.call_function(
+                    operator.getitem, tuple(tree_map(self.node_of, tuple(args)))
+                )
             else:
-                node = self.graph.call_method(method, tuple(tree_map(self.node_of, tuple(args))),
-                                              tree_map(self.node_of, kwargs))
+                node = self.graph.call_method(
+                    method,
+                    tuple(tree_map(self.node_of, tuple(args))),
+                    tree_map(self.node_of, kwargs),
+                )
         else:
-            node = self.graph.call_function(func, tuple(tree_map(self.node_of, tuple(args))),
-                                            tree_map(self.node_of, kwargs))
+            node = self.graph.call_function(
+                func, tuple(tree_map(self.node_of, tuple(args))), tree_map(self.node_of, kwargs)
+            )
         node.meta[GLUE] = True
         self.bind(node, result)
         return result
 
 
-def _record(root: nn.Module, parts: dict[str, Part], x: torch.Tensor
-            ) -> tuple[fx.Graph, dict[str, torch.Tensor], list[fx.Node]]:
+def _record(
+    root: nn.Module, parts: dict[str, Part], x: torch.Tensor
+) -> tuple[fx.Graph, dict[str, torch.Tensor], list[fx.Node]]:
     """One recorded run at ``x``: (graph, constants, the recorder's part calls)."""
     recorder = _Recorder(root, parts)
     try:
@@ -400,8 +471,13 @@ def _all_dynamic(summary: Summary) -> Summary:
 
 
 # -- inlining the parts -----------------------------------------------------------------------
-def _propagate(part: Part, key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-               keep_inputs: Callable[[fx.Node], bool]) -> None:
+def _propagate(
+    part: Part,
+    key: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    keep_inputs: Callable[[fx.Node], bool],
+) -> None:
     summarise(part.graph_module, key, part.bind(args, kwargs), keep_inputs)
 
 
@@ -431,8 +507,11 @@ def _inline(graph: fx.Graph, call: fx.Node, part: Part) -> None:
         call.replace_all_uses_with(result)
     else:
         for user in list(call.users):
-            if user.target is operator.getitem and isinstance(user.args[1], int) and \
-                    isinstance(result, (tuple, list)):
+            if (
+                user.target is operator.getitem
+                and isinstance(user.args[1], int)
+                and isinstance(result, (tuple, list))
+            ):
                 user.replace_all_uses_with(result[user.args[1]])
                 graph.erase_node(user)
     graph.erase_node(call)
@@ -460,16 +539,19 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
         for node, other in zip(graph.nodes, twin_graph.nodes):
             node.meta[PROBE] = other.meta.get(REF)
     else:
-        notes.append("the eager glue ran other ops at every longer twin input tried (lengths "
-                     f"+{', +'.join(map(str, TWIN_EXTRA_LENGTHS))}): every axis of the glue is "
-                     "taken as dynamic (nothing crossing it is pruned)")
+        notes.append(
+            "the eager glue ran other ops at every longer twin input tried (lengths "
+            f"+{', +'.join(map(str, TWIN_EXTRA_LENGTHS))}): every axis of the glue is "
+            "taken as dynamic (nothing crossing it is pruned)"
+        )
         for node in graph.nodes:
             if REF in node.meta:
                 node.meta[PROBE] = _all_dynamic(node.meta[REF])
     for index, call in enumerate(part_calls):
         part = parts[call.meta[PART]]
-        twin_args: tuple[tuple[Any, ...], dict[str, Any]] | None = \
+        twin_args: tuple[tuple[Any, ...], dict[str, Any]] | None = (
             twin_calls[index].meta[CALL_INPUTS] if paired else None
+        )
         args, kwargs = call.meta.pop(CALL_INPUTS)
         if twin_args is not None:
             _propagate(part, PROBE, *twin_args, _opaque)
@@ -521,9 +603,16 @@ def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
             new.meta = copy.copy(nodes[source].meta)
             env[nodes[source]] = new
         elif node.op == "output":
-            graph.output(fx.node.map_arg(node.args[0], lambda n: env[nodes[mapping[n.name]]]
-                                         if not isinstance(mapping[n.name], Constant)
-                                         else mapping[n.name].value))
+            graph.output(
+                fx.node.map_arg(
+                    node.args[0],
+                    lambda n: (
+                        env[nodes[mapping[n.name]]]
+                        if not isinstance(mapping[n.name], Constant)
+                        else mapping[n.name].value
+                    ),
+                )
+            )
         else:
             original = nodes[mapping[node.name]]
             env[original] = graph.node_copy(original, lambda n: env[n])
@@ -539,8 +628,9 @@ def _opaque(node: fx.Node) -> bool:
     return rules.lookup(node, dict(owner.named_modules())) is rules.OPAQUE_LEAF
 
 
-def _branches(root: nn.Module, parts: dict[str, Part], graph: fx.Graph,
-              inputs: list[torch.Tensor]) -> list[str]:
+def _branches(
+    root: nn.Module, parts: dict[str, Part], graph: fx.Graph, inputs: list[torch.Tensor]
+) -> list[str]:
     """Notes for the report: where the glue ran other ops at another check input than at the
     reference (a shape-derived branch: a pad at one length, none at another)."""
     reference = [_op_name(n) for n in graph.nodes if n.op not in ("placeholder", "output")]
@@ -561,7 +651,8 @@ def _branches(root: nn.Module, parts: dict[str, Part], graph: fx.Graph,
             f"{list(graph.find_nodes(op='placeholder')[0].meta[REF][1])}: ops only at the "
             f"reference [{', '.join(only_reference) or 'none'}], only there "
             f"[{', '.join(only_other) or 'none'}]; the channel analysis follows the reference's "
-            "ops, and the check of the slim model runs at both")
+            "ops, and the check of the slim model runs at both"
+        )
     return notes
 
 

@@ -10,6 +10,7 @@ cannot vouch for is frozen, and so is every unit touching it: it is kept whole a
 Dynamic axes (batch, time) are told apart from static ones by propagating shapes at two inputs
 of different batch and length (``torch.fx.passes.shape_prop``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -23,8 +24,17 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from passes.axes import Axis, ChannelAnalysis, ChannelGroup, Frozen
 from passes.context import CouplingState, NodeContext, _read_keys
-from passes.values import (CONSTANT, GLUE, LEAF_INPUTS, PROBE, REF, AxisKey, _summary,
-                           holds_parameters, probe_input)
+from passes.values import (
+    CONSTANT,
+    GLUE,
+    LEAF_INPUTS,
+    PROBE,
+    REF,
+    AxisKey,
+    _summary,
+    holds_parameters,
+    probe_input,
+)
 
 
 # -- shapes at two input sizes -------------------------------------------------------------
@@ -32,8 +42,12 @@ class _Shapes(ShapeProp):
     """ShapeProp that also records every node's value summary: shapes for tensors, the value
     itself for Python scalars and sizes."""
 
-    def __init__(self, gm: fx.GraphModule, key: str,
-                 keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        key: str,
+        keep_inputs: Callable[[fx.Node], bool] = lambda node: False,
+    ) -> None:
         super().__init__(gm)
         self.key = key
         self.keep_inputs = keep_inputs
@@ -42,22 +56,30 @@ class _Shapes(ShapeProp):
         if self.keep_inputs(n):  # opaque leaves: their inputs, to certify them numerically
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             n.meta[LEAF_INPUTS] = torch.utils._pytree.tree_map(
-                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs)
+            )
         result = super().run_node(n)
         n.meta[self.key] = _summary(result)
         return result
 
 
-def summarise(gm: fx.GraphModule, key: str, args: Sequence[Any],
-              keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
+def summarise(
+    gm: fx.GraphModule,
+    key: str,
+    args: Sequence[Any],
+    keep_inputs: Callable[[fx.Node], bool] = lambda node: False,
+) -> None:
     """Run ``gm`` on ``args`` and write each node's value summary into ``node.meta[key]`` (and
     ``tensor_meta``), and the inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
         _Shapes(gm, key, keep_inputs).propagate(*args)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
-                     keep_inputs: Callable[[fx.Node], bool] = lambda node: False) -> None:
+def propagate_shapes(
+    gm: fx.GraphModule,
+    example_input: torch.Tensor,
+    keep_inputs: Callable[[fx.Node], bool] = lambda node: False,
+) -> None:
     """Write node.meta['tensor_meta'] (reference input) and the reference/probe summaries, and
     the reference inputs of the nodes ``keep_inputs`` selects."""
     with torch.no_grad():
@@ -66,9 +88,13 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor,
 
 
 # -- the pass -------------------------------------------------------------------------------
-def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
-                     summarised: bool = False,
-                     frozen: dict[AxisKey, str] | None = None) -> ChannelAnalysis:
+def analyze_channels(
+    gm: fx.GraphModule,
+    example_input: torch.Tensor,
+    *,
+    summarised: bool = False,
+    frozen: dict[AxisKey, str] | None = None,
+) -> ChannelAnalysis:
     """Find the channel groups of ``gm`` (not modified, apart from shape metadata in
     ``node.meta``). ``summarised``: the nodes' value summaries are already there (a captured
     analysis graph, ``passes.capture``), so shapes are not propagated again. ``frozen``: axes
@@ -77,8 +103,11 @@ def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
 
     modules = dict(gm.named_modules())
     if not summarised:
-        propagate_shapes(gm, example_input, lambda n: n.op == "call_module"
-                         and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF)
+        propagate_shapes(
+            gm,
+            example_input,
+            lambda n: n.op == "call_module" and op_rules.lookup(n, modules) is op_rules.OPAQUE_LEAF,
+        )
     state = CouplingState(gm, frozen)
     rule_of: dict[str, Any] = {}
     for node in gm.graph.nodes:
@@ -96,13 +125,20 @@ def analyze_channels(gm: fx.GraphModule, example_input: torch.Tensor, *,
         if rule is None:
             ctx.freeze_all(f"no rule for {op_rules.describe_op(node, state.modules)}")
             continue
-        if node.meta.get(GLUE) and (node.op == "get_attr" and node.target.startswith(CONSTANT)
-                                    or node.op != "get_attr" and hasattr(rule, "gated")
-                                    and not getattr(rule, "handles_eager_code", False)):
+        if node.meta.get(GLUE) and (
+            node.op == "get_attr"
+            and node.target.startswith(CONSTANT)
+            or node.op != "get_attr"
+            and hasattr(rule, "gated")
+            and not getattr(rule, "handles_eager_code", False)
+        ):
             # eager glue runs unchanged in the gated model: nothing there can count only the
             # kept channels, and a tensor it makes from Python values cannot be sliced
-            ctx.freeze_all("a constant tensor made in eager code" if node.op == "get_attr" else
-                           "a statistic over channels computed in eager code")
+            ctx.freeze_all(
+                "a constant tensor made in eager code"
+                if node.op == "get_attr"
+                else "a statistic over channels computed in eager code"
+            )
             continue
         rule.couple(ctx)
         _freeze_untouched(ctx, rule)
@@ -120,24 +156,28 @@ def _freeze_untouched(ctx: NodeContext, rule: Any) -> None:
         for key in _read_keys(ctx.state.size_reads[x.name]):
             if key not in ctx.touched:
                 ctx.touched.add(key)
-                ctx.state.freeze(key, f"{ctx.where()}: the size of this axis is used as a number "
-                                  f"({name} cannot adjust it)")
+                ctx.state.freeze(
+                    key,
+                    f"{ctx.where()}: the size of this axis is used as a number "
+                    f"({name} cannot adjust it)",
+                )
 
 
-def _finish(gm: fx.GraphModule, state: CouplingState, rule_of: dict[str, Any],
-            example_input: torch.Tensor) -> ChannelAnalysis:
+def _finish(
+    gm: fx.GraphModule, state: CouplingState, rule_of: dict[str, Any], example_input: torch.Tensor
+) -> ChannelAnalysis:
     union_find = state.union_find
     n = len(union_find.parent)
     roots = np.fromiter((union_find.find(i) for i in range(n)), dtype=np.int64, count=n)
     owner = np.empty(n, dtype=object)
     axis: Axis | None
     for axis in state.axes.values():
-        owner[axis.start:axis.start + axis.size] = [axis.key] * axis.size
+        owner[axis.start : axis.start + axis.size] = [axis.key] * axis.size
     frozen_roots = set()
     for key in state.frozen_axes:
         axis = state.axes.get(key)  # None: an axis frozen by the caller that no rule made
         if axis is not None:
-            frozen_roots.update(roots[axis.start:axis.start + axis.size].tolist())
+            frozen_roots.update(roots[axis.start : axis.start + axis.size].tolist())
     # members of each component, per axis
     components: dict[int, dict[AxisKey, list[int]]] = {}
     for axis in state.axes.values():
@@ -153,8 +193,12 @@ def _finish(gm: fx.GraphModule, state: CouplingState, rule_of: dict[str, Any],
     element_unit = np.zeros(n, dtype=np.int64)
     groups: list[ChannelGroup] = []
     offset = 1
-    ordered = sorted(by_signature.items(), key=lambda item: min(
-        state.axes[k].start + min(components[item[1][0]][k]) for k, _ in item[0]))
+    ordered = sorted(
+        by_signature.items(),
+        key=lambda item: min(
+            state.axes[k].start + min(components[item[1][0]][k]) for k, _ in item[0]
+        ),
+    )
     frozen = _frozen_report(state, roots)
     for signature, unit_roots in ordered:
         if not any(holds_parameters(key) for key, _ in signature):
@@ -164,19 +208,36 @@ def _finish(gm: fx.GraphModule, state: CouplingState, rule_of: dict[str, Any],
             continue
         first_axis = signature[0][0]
         unit_roots.sort(key=lambda r: components[r][first_axis][0])
-        positions = {key: np.array([components[r][key] for r in unit_roots], dtype=np.int64)
-                     for key, _ in signature}
+        positions = {
+            key: np.array([components[r][key] for r in unit_roots], dtype=np.int64)
+            for key, _ in signature
+        }
         for u, r in enumerate(unit_roots):
             for key, idx in components[r].items():
                 axis = state.axes[key]
                 element_unit[axis.start + np.asarray(idx)] = offset + u
-        groups.append(ChannelGroup(len(groups), len(unit_roots), positions,
-                                   _members(state, positions), offset))
+        groups.append(
+            ChannelGroup(
+                len(groups), len(unit_roots), positions, _members(state, positions), offset
+            )
+        )
         offset += len(unit_roots)
     _min_sizes(state, groups, element_unit)
-    return ChannelAnalysis(gm, state.axes, groups, frozen, element_unit, offset, rule_of,
-                           state.value_axes, state.module_axes, state.attr_axes,
-                           state.size_reads, state.cost_terms, example_input)
+    return ChannelAnalysis(
+        gm,
+        state.axes,
+        groups,
+        frozen,
+        element_unit,
+        offset,
+        rule_of,
+        state.value_axes,
+        state.module_axes,
+        state.attr_axes,
+        state.size_reads,
+        state.cost_terms,
+        example_input,
+    )
 
 
 def _min_sizes(state: CouplingState, groups: list[ChannelGroup], element_unit: np.ndarray) -> None:
@@ -186,7 +247,7 @@ def _min_sizes(state: CouplingState, groups: list[ChannelGroup], element_unit: n
     share it)."""
     for key, count in state.min_kept.items():
         axis = state.axes[key]
-        units = element_unit[axis.start:axis.start + axis.size]
+        units = element_unit[axis.start : axis.start + axis.size]
         missing = count - int((units == 0).sum())
         if missing <= 0:
             continue
@@ -213,7 +274,7 @@ def _frozen_report(state: CouplingState, roots: np.ndarray) -> list[Frozen]:
     axis: Axis | None
     for axis in state.axes.values():
         if holds_parameters(axis.key):
-            for r in set(roots[axis.start:axis.start + axis.size].tolist()):
+            for r in set(roots[axis.start : axis.start + axis.size].tolist()):
                 params_of_root.setdefault(r, set()).add(axis.label)
     out = []
     for key, reason in state.frozen_axes.items():
@@ -221,7 +282,7 @@ def _frozen_report(state: CouplingState, roots: np.ndarray) -> list[Frozen]:
         if axis is None:
             continue
         params: set[str] = set()
-        for r in set(roots[axis.start:axis.start + axis.size].tolist()):
+        for r in set(roots[axis.start : axis.start + axis.size].tolist()):
             params |= params_of_root.get(r, set())
         out.append(Frozen(axis.label, reason, sorted(params)))
     return out

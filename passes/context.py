@@ -1,6 +1,7 @@
 """What an op rule sees while the channel analysis couples axes (``NodeContext`` over the
 shared ``CouplingState``): the node's input and output axes, the called module's parameter
 axes, and the operations that link, unite or freeze their elements."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -11,8 +12,18 @@ from numpy.typing import ArrayLike
 from torch import fx
 
 from passes.axes import Axis, CostTerms
-from passes.values import (REF, AxisKey, Shape, SizeRead, ValuePath, _flatten, attr_axis_key,
-                           module_axis_key, tensor_shapes, value_axis_key)
+from passes.values import (
+    REF,
+    AxisKey,
+    Shape,
+    SizeRead,
+    ValuePath,
+    _flatten,
+    attr_axis_key,
+    module_axis_key,
+    tensor_shapes,
+    value_axis_key,
+)
 
 
 # -- union-find over elements ---------------------------------------------------------------
@@ -190,8 +201,10 @@ class NodeContext:
         """This node's MACs are sum(weight * prod(kept fraction of each axis)), the weights
         being fractions of its counted MACs, or MACs themselves if ``absolute`` (closed forms
         for ops the counter cannot see into)."""
-        self.state.cost_terms[self.node.name] = (absolute, [
-            (float(w), [a.key for a in axes if a is not None]) for w, axes in terms])
+        self.state.cost_terms[self.node.name] = (
+            absolute,
+            [(float(w), [a.key for a in axes if a is not None]) for w, axes in terms],
+        )
 
     def require_min_kept(self, a: Axis | None, count: int) -> None:
         """At least ``count`` elements of ``a`` must be kept (a statistic with an ``n - k``
@@ -209,8 +222,11 @@ class NodeContext:
     # -- helpers ----------------------------------------------------------------------------
     def where(self) -> str:
         node = self.node
-        target = node.target if isinstance(node.target, str) else getattr(
-            node.target, "__name__", str(node.target))
+        target = (
+            node.target
+            if isinstance(node.target, str)
+            else getattr(node.target, "__name__", str(node.target))
+        )
         return f"node {node.name} ({node.op} {target})"
 
     def tensor_inputs(self) -> list[fx.Node]:

@@ -6,6 +6,7 @@ the counter does not see inside, and attention) use it instead. A rule's cost te
 the node's MACs scale with the kept fraction of each axis, so the model gives both the MACs of a
 keep set and, for gate learning, the expected MACs of keep probabilities (differentiable).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
         terms += [(w, axes) for w, axes in scaled if axes]
         constant += sum(w for w, axes in scaled if not axes)
     dense = constant + sum(w for w, _ in terms)
-    model = CostModel(dense, constant, terms, node_macs, analysis,
-                      tuple(analysis.example_input.shape), [])
+    model = CostModel(
+        dense, constant, terms, node_macs, analysis, tuple(analysis.example_input.shape), []
+    )
     for group in analysis.groups:  # the MACs that go when the group goes
         flat = np.ones(analysis.num_units)
         flat[group.units] = 0.0

@@ -7,6 +7,7 @@ Runtime's output is compared with PyTorch's at the example input and at a second
 length; where the model's own code fixes the length (a leaf that turns a length into a Python
 int), the export is redone at the example's fixed length and the result says so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,15 @@ def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(expected - got).max() / scale)
 
 
-def _export(model: torch.nn.Module, example: torch.Tensor, path: str, exporter: str,
-            dynamic_batch: bool, dynamic_time: bool, opset: int) -> None:
+def _export(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: str,
+    exporter: str,
+    dynamic_batch: bool,
+    dynamic_time: bool,
+    opset: int,
+) -> None:
     in_rank = example.dim()
     with torch.no_grad():
         outputs = tree_flatten(model(example))[0]
@@ -75,10 +83,16 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: str, exporter: 
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             with _quiet_output():
-                torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
-                                  input_names=["mixture"], output_names=names,
-                                  dynamic_axes={"mixture": in_axes, **out_axes}
-                                  if in_axes else None)
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    path,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["mixture"],
+                    output_names=names,
+                    dynamic_axes={"mixture": in_axes, **out_axes} if in_axes else None,
+                )
         else:
             dims = {d: torch.export.Dim.AUTO for d in in_axes}
             quiet = logging.getLogger("torch.onnx")
@@ -86,10 +100,18 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: str, exporter: 
             quiet.setLevel(logging.ERROR)
             try:
                 with _quiet_output(), contextlib.redirect_stdout(io.StringIO()):
-                    torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
-                                      optimize=False, verbose=False, input_names=["mixture"],
-                                      output_names=names,
-                                      dynamic_shapes=({**dims},) if dims else None)
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        path,
+                        dynamo=True,
+                        external_data=False,
+                        optimize=False,
+                        verbose=False,
+                        input_names=["mixture"],
+                        output_names=names,
+                        dynamic_shapes=({**dims},) if dims else None,
+                    )
             finally:
                 quiet.setLevel(level)
 
@@ -116,8 +138,9 @@ def _quiet_output() -> Iterator[None]:
             os.close(copy_of)
 
 
-def _check(path: str, model: torch.nn.Module, inputs: list[torch.Tensor],
-           rtol: float) -> dict[str, float]:
+def _check(
+    path: str, model: torch.nn.Module, inputs: list[torch.Tensor], rtol: float
+) -> dict[str, float]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -129,8 +152,11 @@ def _check(path: str, model: torch.nn.Module, inputs: list[torch.Tensor],
             expected = [t.detach().cpu().numpy() for t in tree_flatten(model(x))[0]]
         try:
             got = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
-            error = max(_relative_error(e, g) for e, g in zip(expected, got)) \
-                if len(got) == len(expected) else float("inf")
+            error = (
+                max(_relative_error(e, g) for e, g in zip(expected, got))
+                if len(got) == len(expected)
+                else float("inf")
+            )
         except Exception:  # ONNX Runtime refuses this shape
             error = float("inf")
         errors[str(list(x.shape))] = error
@@ -143,9 +169,14 @@ def output_names(count: int) -> list[str]:
     return ["sources"] if count == 1 else [f"sources_{i}" for i in range(count)]
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike[str],
-                example_input: torch.Tensor | None = None, *,
-                opset: int = 17, rtol: float = 1e-4) -> ExportResult:
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor | None = None,
+    *,
+    opset: int = 17,
+    rtol: float = 1e-4,
+) -> ExportResult:
     """Export ``model`` to the single file ``path`` and check ONNX Runtime against PyTorch.
 
     ``example_input`` defaults to the input the model was compiled with
@@ -153,8 +184,10 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike[str],
     if example_input is None:
         example_input = getattr(model, "sepfx_example_input", None)
     if example_input is None:
-        raise InputError("export_onnx needs an example_input: this model was not made by sepfx, "
-                         "so pass one, e.g. torch.randn(1, 8000)")
+        raise InputError(
+            "export_onnx needs an example_input: this model was not made by sepfx, "
+            "so pass one, e.g. torch.randn(1, 8000)"
+        )
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
@@ -168,46 +201,65 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike[str],
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
     for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
-        traced_with = _with_batch(example, 2) if dynamic_batch and example.shape[0] == 1 else example
+        traced_with = (
+            _with_batch(example, 2) if dynamic_batch and example.shape[0] == 1 else example
+        )
         inputs = [example] + _variants(example, dynamic_batch, dynamic_time, eager)
         for exporter in ("torchscript", "dynamo"):
             label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time})"
             if dynamic_time and not dynamic_batch and exporter in length_fixed:
                 # wrong at another length with the example's batch size already: fixing the
                 # batch does not change how the model's code fixes the length
-                failures.append(f"{label}: not tried (its dynamic-time export was wrong at "
-                                "another length)")
+                failures.append(
+                    f"{label}: not tried (its dynamic-time export was wrong at another length)"
+                )
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 candidate = os.path.join(tmp, "model.onnx")
                 try:
-                    _export(lowered, traced_with, candidate, exporter, dynamic_batch,
-                            dynamic_time, opset)
+                    _export(
+                        lowered,
+                        traced_with,
+                        candidate,
+                        exporter,
+                        dynamic_batch,
+                        dynamic_time,
+                        opset,
+                    )
                     errors = _check(candidate, model, inputs, rtol)
                 except Exception as error:
                     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
-                    failures.append(f"{label}: {type(error).__name__}: "
-                                    f"{text.splitlines()[0][:300] if text else ''}")
+                    failures.append(
+                        f"{label}: {type(error).__name__}: "
+                        f"{text.splitlines()[0][:300] if text else ''}"
+                    )
                     continue
                 if all(e <= rtol for e in errors.values()):
                     shutil.move(candidate, path)  # may cross filesystems
                     notes = []
                     if not dynamic_time:
-                        notes.append(f"exported at the fixed length {example.shape[-1]}: at "
-                                     "other lengths ONNX Runtime disagreed with PyTorch (the "
-                                     "model's code fixes the length)")
+                        notes.append(
+                            f"exported at the fixed length {example.shape[-1]}: at "
+                            "other lengths ONNX Runtime disagreed with PyTorch (the "
+                            "model's code fixes the length)"
+                        )
                     if not dynamic_batch:
-                        notes.append(f"exported at the fixed batch size {example.shape[0]}: at "
-                                     "other batch sizes ONNX Runtime disagreed with PyTorch (the "
-                                     "model mixes the batch axis, e.g. attention over it)")
-                    return ExportResult(path, exporter, dynamic_time, errors, notes,
-                                        dynamic_batch)
+                        notes.append(
+                            f"exported at the fixed batch size {example.shape[0]}: at "
+                            "other batch sizes ONNX Runtime disagreed with PyTorch (the "
+                            "model mixes the batch axis, e.g. attention over it)"
+                        )
+                    return ExportResult(path, exporter, dynamic_time, errors, notes, dynamic_batch)
                 if dynamic_time and any(
-                        e > rtol and shape.startswith(f"[{example.shape[0]}, ")
-                        and shape != str(list(example.shape)) for shape, e in errors.items()):
+                    e > rtol
+                    and shape.startswith(f"[{example.shape[0]}, ")
+                    and shape != str(list(example.shape))
+                    for shape, e in errors.items()
+                ):
                     length_fixed.add(exporter)
-                failures.append(f"{label}: ONNX Runtime differs from PyTorch: max relative "
-                                f"error {errors}")
+                failures.append(
+                    f"{label}: ONNX Runtime differs from PyTorch: max relative error {errors}"
+                )
     raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
 
 
@@ -223,7 +275,8 @@ def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Ten
             f"ONNX export needs a float32 model, and this one is {', '.join(other)} (ONNX "
             f"Runtime has no {other[0]} kernels for Conv and most other ops): convert it with "
             f"model.float() (in place; keep a copy.deepcopy of it first if you need the "
-            f"{other[0]} one) and export again")
+            f"{other[0]} one) and export again"
+        )
     return example.float() if example.is_floating_point() else example
 
 
@@ -238,16 +291,19 @@ def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
 EAGER_EXTRA_LENGTHS = tuple(range(1, 17)) + tuple(16 * k for k in range(2, 17))
 
 
-def _variants(example: torch.Tensor, other_batch: bool, other_length: bool,
-              eager: bool = False) -> list[torch.Tensor]:
+def _variants(
+    example: torch.Tensor, other_batch: bool, other_length: bool, eager: bool = False
+) -> list[torch.Tensor]:
     """Check inputs differing from the example in the axes the export keeps dynamic: another
     batch size, and lengths that are multiples of no stride or chunk (a pad computed from the
     length and baked into the export shows there). A model with eager code (``eager``), whose
     Python the exporters run once, is checked at many more lengths: a branch its glue takes on
     the length would be baked into the file, and two lengths can agree on it by chance."""
     shapes = []
-    pairs = [(1, example.shape[-1] * 3 // 2 + 37),
-             (1 - example.shape[0] % 2, example.shape[-1] * 2 + 1)]
+    pairs = [
+        (1, example.shape[-1] * 3 // 2 + 37),
+        (1 - example.shape[0] % 2, example.shape[-1] * 2 + 1),
+    ]
     if eager and other_length:
         pairs += [(0, example.shape[-1] + extra) for extra in EAGER_EXTRA_LENGTHS]
     for extra_batch, length in pairs:
@@ -258,8 +314,10 @@ def _variants(example: torch.Tensor, other_batch: bool, other_length: bool,
             shape[-1] = length
         if shape != list(example.shape) and shape not in shapes:
             shapes.append(shape)
-    return [torch.randn(shape, generator=torch.Generator().manual_seed(7 + i),
-                        dtype=example.dtype) for i, shape in enumerate(shapes)]
+    return [
+        torch.randn(shape, generator=torch.Generator().manual_seed(7 + i), dtype=example.dtype)
+        for i, shape in enumerate(shapes)
+    ]
 
 
 def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
@@ -272,9 +330,10 @@ def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
         return _lowered_graph(model, (example,))
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}
     inputs: dict[str, tuple[Any, ...]] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda module, args, name=name: inputs.setdefault(name, args))
-        for name, m in parts.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda module, args, name=name: inputs.setdefault(name, args))
+        for name, m in parts.items()
+    ]
     try:
         with torch.no_grad():
             model(example)

@@ -7,6 +7,7 @@ versions (``passes.runtime``). With hard 0/1 gates from a keep set, the gated mo
 exactly what the slim model computes (invariant 1); ``sepfx.learnable_gates.LearnableGates`` turns the same
 gates into learnable ones.
 """
+
 from __future__ import annotations
 
 import copy
@@ -87,12 +88,14 @@ class GatedGraphBuilder:
             self.objects[target] = operator.attrgetter(target)(self.old)
         return new
 
-    def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any] | None = None) -> fx.Node:
+    def call_function(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> fx.Node:
         return self.graph.call_function(fn, args, kwargs or {})
 
-    def call_module(self, target: str, args: tuple[Any, ...],
-                    kwargs: dict[str, Any] | None = None) -> fx.Node:
+    def call_module(
+        self, target: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> fx.Node:
         return self.graph.call_module(target, args, kwargs or {})
 
     def get_attr(self, target: str) -> fx.Node:
@@ -135,9 +138,12 @@ class GatedGraphBuilder:
         return self.mask(self.analysis.module_axes.get(qualname, {}).get(name))
 
 
-def insert_gates(analysis: ChannelAnalysis, flat_keep: NDArray[Any] | None = None,
-                 bank: GateBank | None = None, graph: fx.Graph | None = None
-                 ) -> fx.GraphModule:
+def insert_gates(
+    analysis: ChannelAnalysis,
+    flat_keep: NDArray[Any] | None = None,
+    bank: GateBank | None = None,
+    graph: fx.Graph | None = None,
+) -> fx.GraphModule:
     """A new GraphModule at the original width whose channels are gated by ``bank`` (default:
     a ``GateBank`` with hard gates from ``flat_keep``, all kept if None). Shares the parameters
     of ``analysis.graph_module``; modifies nothing.
@@ -158,7 +164,9 @@ def insert_gates(analysis: ChannelAnalysis, flat_keep: NDArray[Any] | None = Non
         if node.op != "output" and (gate_inputs or node.op != "placeholder"):
             new = _gate_outputs(g, node, new)
         g.env[node] = new
-    gm = fx.GraphModule(g.objects, g.graph, class_name="Gated" + type(analysis.graph_module).__name__)
+    gm = fx.GraphModule(
+        g.objects, g.graph, class_name="Gated" + type(analysis.graph_module).__name__
+    )
     gm.graph.lint()
     gm.recompile()
     if flat_keep is not None:
@@ -177,8 +185,12 @@ def _gate_outputs(builder: GatedGraphBuilder, node: fx.Node, new: fx.Node) -> fx
     return new
 
 
-def gated_model(capture: Capture, analysis: ChannelAnalysis, flat_keep: NDArray[Any] | None = None,
-                bank: GateBank | None = None) -> nn.Module:
+def gated_model(
+    capture: Capture,
+    analysis: ChannelAnalysis,
+    flat_keep: NDArray[Any] | None = None,
+    bank: GateBank | None = None,
+) -> nn.Module:
     """The captured model at its original width, gated by ``bank`` (see ``insert_gates``): the
     gated graph itself when the whole model traced; else a copy of the model (sharing its
     weights) whose graph and leaf parts are replaced by gated ones and whose eager shells run

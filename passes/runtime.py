@@ -4,6 +4,7 @@ The gated model computes, for a keep set, exactly what the slim model computes: 
 are zero everywhere, and every statistic that spans a channel axis (group/layer norm, a mean or
 variance over channels) counts kept channels only.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def regate_(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return x.copy_(apply_gate(x, mask, dim))
 
 
-def _kept(x: torch.Tensor, masks: Sequence[torch.Tensor | None], dims: Sequence[int]
-          ) -> torch.Tensor:
+def _kept(
+    x: torch.Tensor, masks: Sequence[torch.Tensor | None], dims: Sequence[int]
+) -> torch.Tensor:
     """A broadcastable 0/1 tensor: 1 where every masked axis in ``dims`` is kept."""
     kept = torch.ones((), dtype=x.dtype, device=x.device)
     for mask, dim in zip(masks, dims):
@@ -54,9 +56,13 @@ def _kept(x: torch.Tensor, masks: Sequence[torch.Tensor | None], dims: Sequence[
     return kept
 
 
-def masked_moments(x: torch.Tensor, dims: list[int], masks: Sequence[torch.Tensor | None],
-                   mask_dims: Sequence[int], correction: float = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_moments(
+    x: torch.Tensor,
+    dims: list[int],
+    masks: Sequence[torch.Tensor | None],
+    mask_dims: Sequence[int],
+    correction: float = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ``x`` over ``dims`` counting only kept channels."""
     kept = _kept(x, masks, mask_dims).expand_as(x)
     count = kept.sum(dim=dims, keepdim=True)
@@ -66,9 +72,15 @@ def masked_moments(x: torch.Tensor, dims: list[int], masks: Sequence[torch.Tenso
     return mean, var
 
 
-def masked_reduce(kind: str, x: torch.Tensor, dims: Sequence[int], keepdim: bool,
-                  correction: float, masks: Sequence[torch.Tensor | None],
-                  mask_dims: Sequence[int]) -> torch.Tensor:
+def masked_reduce(
+    kind: str,
+    x: torch.Tensor,
+    dims: Sequence[int],
+    keepdim: bool,
+    correction: float,
+    masks: Sequence[torch.Tensor | None],
+    mask_dims: Sequence[int],
+) -> torch.Tensor:
     """``x.mean/var/std(dims)`` over kept channels only (``masks[i]`` masks ``mask_dims[i]``)."""
     dims = [d % x.dim() for d in dims]
     mean, var = masked_moments(x, dims, masks, mask_dims, correction)
@@ -78,9 +90,14 @@ def masked_reduce(kind: str, x: torch.Tensor, dims: Sequence[int], keepdim: bool
     return out if keepdim else out.squeeze(tuple(dims))
 
 
-def masked_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                      bias: torch.Tensor | None, eps: float, mask: torch.Tensor
-                      ) -> torch.Tensor:
+def masked_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor,
+) -> torch.Tensor:
     b = x.shape[0]
     kept = (_along(mask, x.dim(), 1) > 0).to(x.dtype).expand_as(x).reshape(b, num_groups, -1)
     xg = x.reshape(b, num_groups, -1)
@@ -94,9 +111,14 @@ def masked_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | N
     return y
 
 
-def masked_layer_norm(x: torch.Tensor, k: int, weight: torch.Tensor | None,
-                      bias: torch.Tensor | None, eps: float,
-                      masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def masked_layer_norm(
+    x: torch.Tensor,
+    k: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    masks: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
     """LayerNorm over the last ``k`` dims of ``x``; ``masks[i]`` masks dim ``-k + i``."""
     dims = list(range(x.dim() - k, x.dim()))
     mean, var = masked_moments(x, dims, masks, dims)
@@ -152,11 +174,23 @@ class GatedRNN(nn.Module):
 
 
 # -- attention ---------------------------------------------------------------------------------
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wq: torch.Tensor,
-              bq: torch.Tensor | None, wk: torch.Tensor, bk: torch.Tensor | None,
-              wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor,
-              bo: torch.Tensor | None, num_heads: int, head_dim: int, batch_first: bool,
-              head_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor | None,
+    wk: torch.Tensor,
+    bk: torch.Tensor | None,
+    wv: torch.Tensor,
+    bv: torch.Tensor | None,
+    wo: torch.Tensor,
+    bo: torch.Tensor | None,
+    num_heads: int,
+    head_dim: int,
+    batch_first: bool,
+    head_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Multi-head attention with separate projections, computed with plain ops (exports to any
     ONNX opset). ``head_mask`` (one entry per internal dim) zeroes pruned heads' outputs."""
     if not batch_first:
@@ -175,17 +209,30 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wq: t
     return out if batch_first else out.transpose(0, 1)
 
 
-def _mha_weights(mha: nn.MultiheadAttention) -> tuple[
-        torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-        torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+def _mha_weights(
+    mha: nn.MultiheadAttention,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor,
+    torch.Tensor | None,
+]:
     """(wq, bq, wk, bk, wv, bv, wo, bo) of ``mha``, the in-projection split per input."""
     e = mha.embed_dim
     if mha._qkv_same_embed_dim:
-        wq, wk, wv = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
+        wq, wk, wv = (
+            mha.in_proj_weight[:e],
+            mha.in_proj_weight[e : 2 * e],
+            mha.in_proj_weight[2 * e :],
+        )
     else:
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     if mha.in_proj_bias is not None:
-        bq, bk, bv = mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]
+        bq, bk, bv = mha.in_proj_bias[:e], mha.in_proj_bias[e : 2 * e], mha.in_proj_bias[2 * e :]
     else:
         bq = bk = bv = None
     return wq, bq, wk, bk, wv, bv, mha.out_proj.weight, mha.out_proj.bias
@@ -198,11 +245,18 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.mha = mha
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                head_mask: torch.Tensor | None, **unused: Any) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        head_mask: torch.Tensor | None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, None]:
         m = self.mha
-        out = attention(query, key, value, *_mha_weights(m), m.num_heads, m.head_dim,
-                        m.batch_first, head_mask)
+        out = attention(
+            query, key, value, *_mha_weights(m), m.num_heads, m.head_dim, m.batch_first, head_mask
+        )
         return out, None
 
 
@@ -210,8 +264,17 @@ class SlimMultiheadAttention(nn.Module):
     """Multi-head attention whose input, internal (heads x head_dim) and output widths are
     independent, which is what pruning nn.MultiheadAttention leaves. Same call signature."""
 
-    def __init__(self, q_in: int, k_in: int, v_in: int, num_heads: int, head_dim: int,
-                 out_dim: int, bias: bool = True, batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        q_in: int,
+        k_in: int,
+        v_in: int,
+        num_heads: int,
+        head_dim: int,
+        out_dim: int,
+        bias: bool = True,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(q_in, inner, bias=bias)
@@ -220,12 +283,25 @@ class SlimMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, out_dim, bias=bias)
         self.num_heads, self.head_dim, self.batch_first = num_heads, head_dim, batch_first
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                **unused: Any) -> tuple[torch.Tensor, None]:
-        out = attention(query, key, value, self.q_proj.weight, self.q_proj.bias,
-                        self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
-                        self.v_proj.bias, self.out_proj.weight, self.out_proj.bias,
-                        self.num_heads, self.head_dim, self.batch_first)
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **unused: Any
+    ) -> tuple[torch.Tensor, None]:
+        out = attention(
+            query,
+            key,
+            value,
+            self.q_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.weight,
+            self.k_proj.bias,
+            self.v_proj.weight,
+            self.v_proj.bias,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            self.num_heads,
+            self.head_dim,
+            self.batch_first,
+        )
         return out, None
 
 
@@ -236,9 +312,17 @@ class SpannedConv(nn.Module):
     that matrix) is exact. The other axes are convolved as before; when none remains, the op is
     a matrix product."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, folded: list[int],
-                 out_sizes: list[int], ndim: int, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        folded: list[int],
+        out_sizes: list[int],
+        ndim: int,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)  # [oc * prod(O), ic * prod(I), kernel of the rest]
         self.bias = None if bias is None else nn.Parameter(bias)  # [oc * prod(O)]
@@ -252,9 +336,13 @@ class SpannedConv(nn.Module):
         self.out_channels = weight.shape[0] // max(int(np.prod(out_sizes)), 1)
 
     @classmethod
-    def lowered(cls, conv: nn.modules.conv._ConvNd, kept_in: NDArray[Any],
-                kept_out: NDArray[Any], spans: dict[int, tuple[NDArray[Any], NDArray[Any]]]
-                ) -> "SpannedConv":
+    def lowered(
+        cls,
+        conv: nn.modules.conv._ConvNd,
+        kept_in: NDArray[Any],
+        kept_out: NDArray[Any],
+        spans: dict[int, tuple[NDArray[Any], NDArray[Any]]],
+    ) -> "SpannedConv":
         """``conv`` (groups 1, zero padding given as numbers) keeping channels ``kept_in`` and
         ``kept_out`` and, per folded axis d, the positions ``spans[d] = (kept input positions,
         kept output positions)``."""
@@ -267,36 +355,45 @@ class SpannedConv(nn.Module):
         operands, matrices, outs, ins = [], [], [], []
         for d in sorted(spans):
             j = d - 2
-            kept_i, kept_o = (torch.as_tensor(np.asarray(v), dtype=torch.long)
-                              for v in spans[d])
+            kept_i, kept_o = (torch.as_tensor(np.asarray(v), dtype=torch.long) for v in spans[d])
             taps = torch.arange(conv.kernel_size[j]).view(-1, 1, 1)
             # A[t, o, i] = 1 where input position i = o * stride - padding + t * dilation
-            position = kept_o.view(1, -1, 1) * conv.stride[j] - padding[j] \
-                + taps * conv.dilation[j]
+            position = kept_o.view(1, -1, 1) * conv.stride[j] - padding[j] + taps * conv.dilation[j]
             matrices.append((position == kept_i.view(1, 1, -1)).to(weight.dtype))
             o, i = next(letters), next(letters)
             operands.append(kernel[j] + o + i)
             outs.append(o)
             ins.append(i)
         rest = [kernel[d - 2] for d in range(2, ndim) if d not in spans]
-        equation = "ab" + "".join(kernel) + "," + ",".join(operands) + "->a" + "".join(outs) \
-            + "b" + "".join(ins) + "".join(rest)
+        equation = (
+            "ab"
+            + "".join(kernel)
+            + ","
+            + ",".join(operands)
+            + "->a"
+            + "".join(outs)
+            + "b"
+            + "".join(ins)
+            + "".join(rest)
+        )
         expanded = torch.einsum(equation, weight, *matrices)
         out_sizes = [len(spans[d][1]) for d in sorted(spans)]
         in_count = len(kept_in) * int(np.prod([len(spans[d][0]) for d in spans]))
-        flat = expanded.reshape(len(kept_out) * int(np.prod(out_sizes)), in_count,
-                                *expanded.shape[2 + 2 * len(spans):])
+        flat = expanded.reshape(
+            len(kept_out) * int(np.prod(out_sizes)), in_count, *expanded.shape[2 + 2 * len(spans) :]
+        )
         bias = None
         if conv.bias is not None:
             b = conv.bias.detach()[torch.as_tensor(np.asarray(kept_out), dtype=torch.long)]
             bias = b.repeat_interleave(int(np.prod(out_sizes)))
-        return cls(flat.clone(), bias, sorted(spans), out_sizes, ndim, conv.stride, padding,
-                   conv.dilation)
+        return cls(
+            flat.clone(), bias, sorted(spans), out_sizes, ndim, conv.stride, padding, conv.dilation
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         x = x.permute(self.in_order)
-        rest = x.shape[2 + len(self.folded):]
+        rest = x.shape[2 + len(self.folded) :]
         x = x.reshape(batch, self.weight.shape[1], *rest)
         if not self.rest:
             y = F.linear(x, self.weight, self.bias)
@@ -314,7 +411,9 @@ def _traced(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     """A proxy for ``fn(*args, **kwargs)`` when an argument is one (tracing), else None."""
     from torch import fx
 
-    proxies = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
+    proxies = [
+        a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)
+    ]
     if proxies:
         return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
     return None
@@ -349,8 +448,9 @@ def shape_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 # -- export lowerings --------------------------------------------------------------------------
-def adaptive_avg_pool1d(x: torch.Tensor, output_size: int | tuple[int, ...] | list[int]
-                        ) -> torch.Tensor:
+def adaptive_avg_pool1d(
+    x: torch.Tensor, output_size: int | tuple[int, ...] | list[int]
+) -> torch.Tensor:
     """F.adaptive_avg_pool1d as a matmul with a bin-averaging matrix built from the sizes at run
     time (PyTorch's bins: [floor(i*L/n), ceil((i+1)*L/n))), so that an ONNX export keeps both
     lengths dynamic; the exporters refuse or fix them for the built-in op."""
@@ -366,17 +466,24 @@ def adaptive_avg_pool1d(x: torch.Tensor, output_size: int | tuple[int, ...] | li
     return torch.matmul(x, weights.transpose(0, 1))
 
 
-def fold_1d(x: torch.Tensor, output_size: Sequence[int],
-            kernel_size: int | tuple[int, ...] | list[int],
-            dilation: int | tuple[int, ...] | list[int], padding: int | tuple[int, ...] | list[int],
-            stride: int | tuple[int, ...] | list[int], channels: int) -> torch.Tensor:
+def fold_1d(
+    x: torch.Tensor,
+    output_size: Sequence[int],
+    kernel_size: int | tuple[int, ...] | list[int],
+    dilation: int | tuple[int, ...] | list[int],
+    padding: int | tuple[int, ...] | list[int],
+    stride: int | tuple[int, ...] | list[int],
+    channels: int,
+) -> torch.Tensor:
     """``F.fold`` for windows along the first spatial axis only (kernel ``(k, 1)``, output
     ``(T, 1)``: dual-path overlap-add) of ``x [B, channels * k, L]``, as a grouped transposed
     convolution with an identity kernel, which the exporters keep dynamic in ``T``
     (TorchScript's Col2Im cannot). ``channels`` is given, so that the kernel's shape is
     known when exporting."""
-    k, d, p, s = (v[0] if isinstance(v, (tuple, list)) else v
-                  for v in (kernel_size, dilation, padding, stride))
+    k, d, p, s = (
+        v[0] if isinstance(v, (tuple, list)) else v
+        for v in (kernel_size, dilation, padding, stride)
+    )
     identity = torch.eye(k, dtype=x.dtype, device=x.device).repeat(channels, 1).unsqueeze(1)
     y = F.conv_transpose1d(x, identity, stride=s, dilation=d, groups=channels)  # from -p
     y = y[..., p:]
@@ -406,8 +513,9 @@ def prelu_min(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, _channel_weight(x, weight) * x)
 
 
-def lower_prelu(module: nn.PReLU, weight: Any
-                ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+def lower_prelu(
+    module: nn.PReLU, weight: Any
+) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
     """The fastest exact form for this module's slopes, chosen once at export: (function, its
     arguments after the input), ``weight`` being the graph node of the module's weight. One
     shared slope is ONNX LeakyRelu, which ONNX Runtime fuses into the Conv before it."""
@@ -418,7 +526,6 @@ def lower_prelu(module: nn.PReLU, weight: Any
     if bool((module.weight >= 1).all()):
         return prelu_min, (weight,)
     return prelu, (weight,)
-
 
 
 def assigned(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
@@ -433,8 +540,7 @@ class PartCall(nn.Module):
     """A captured part (``passes.capture``) as its callers call it: binds positional and keyword
     arguments to the graph's placeholders by the part's forward signature."""
 
-    def __init__(self, graph_module: nn.Module, names: list[str],
-                 defaults: dict[str, Any]) -> None:
+    def __init__(self, graph_module: nn.Module, names: list[str], defaults: dict[str, Any]) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.names = list(names)

@@ -5,6 +5,7 @@ Every dependent parameter and buffer is sliced (never re-initialised), module at
 (``view`` sizes, ``split`` sizes, slice bounds) are fixed by the op rules. The input
 GraphModule is not modified.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,26 +29,35 @@ from passes.errors import KeepSetError, SlimError
 def check_keep(analysis: ChannelAnalysis, keep: dict[int, Any]) -> dict[int, NDArray[np.int64]]:
     """Validate a keep set {group index: unit indices}; return it as sorted int arrays."""
     if not isinstance(keep, dict):
-        raise KeepSetError(f"a keep set is a dict {{group index: indices}}, got {type(keep).__name__}")
+        raise KeepSetError(
+            f"a keep set is a dict {{group index: indices}}, got {type(keep).__name__}"
+        )
     out: dict[int, NDArray[np.int64]] = {}
     known = {g.index for g in analysis.groups}
     extra = set(keep) - known
     if extra:
-        raise KeepSetError(f"keep set names unknown groups {sorted(extra)}; the groups are "
-                           f"0..{len(analysis.groups) - 1}")
+        raise KeepSetError(
+            f"keep set names unknown groups {sorted(extra)}; the groups are "
+            f"0..{len(analysis.groups) - 1}"
+        )
     for group in analysis.groups:
         if group.index not in keep:
             raise KeepSetError(f"keep set has no entry for {group.describe()}")
         idx = np.asarray(keep[group.index])
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise KeepSetError(f"keep[{group.index}] must be a 1-D list of integer indices "
-                               f"({group.describe()})")
+            raise KeepSetError(
+                f"keep[{group.index}] must be a 1-D list of integer indices ({group.describe()})"
+            )
         if idx.size == 0:
-            raise KeepSetError(f"keep[{group.index}] is empty: every group keeps at least one "
-                               f"unit ({group.describe()})")
+            raise KeepSetError(
+                f"keep[{group.index}] is empty: every group keeps at least one "
+                f"unit ({group.describe()})"
+            )
         if idx.min() < 0 or idx.max() >= group.size:
-            raise KeepSetError(f"keep[{group.index}] has index {int(idx.max()) if idx.max() >= group.size else int(idx.min())} "
-                               f"out of range 0..{group.size - 1} ({group.describe()})")
+            raise KeepSetError(
+                f"keep[{group.index}] has index {int(idx.max()) if idx.max() >= group.size else int(idx.min())} "
+                f"out of range 0..{group.size - 1} ({group.describe()})"
+            )
         if len(np.unique(idx)) != len(idx):
             raise KeepSetError(f"keep[{group.index}] repeats an index ({group.describe()})")
         if idx.size < getattr(group, "min_size", 1):
@@ -55,7 +65,8 @@ def check_keep(analysis: ChannelAnalysis, keep: dict[int, Any]) -> dict[int, NDA
                 f"keep[{group.index}] keeps {idx.size} unit(s) but {group.describe()} needs at "
                 f"least {group.min_size}: a variance or standard deviation with an n - 1 "
                 f"divisor spans its channels and is NaN with fewer; keep at least "
-                f"{group.min_size} of its units")
+                f"{group.min_size} of its units"
+            )
         out[group.index] = np.sort(idx.astype(np.int64))
     return out
 
@@ -107,8 +118,11 @@ def slim(analysis: ChannelAnalysis, keep: dict[int, Any]) -> fx.GraphModule:
 def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, pruning: Pruning) -> None:
     """Slice, in ``model`` (a copy), every module and attribute with a pruned channel axis."""
     modules = dict(model.named_modules())
-    rule_by_target = {n.target: analysis.rules[n.name]
-                      for n in analysis.graph_module.graph.nodes if n.op == "call_module"}
+    rule_by_target = {
+        n.target: analysis.rules[n.name]
+        for n in analysis.graph_module.graph.nodes
+        if n.op == "call_module"
+    }
     for qualname in analysis.module_axes:
         rule = rule_by_target.get(qualname)
         if rule is None or not hasattr(rule, "slim_module"):
@@ -141,8 +155,11 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict[int, Any]
             rule: Any = analysis.rules.get(node.name) if node.op != "placeholder" else None
             if hasattr(rule, "rewrite"):
                 rule.rewrite(node, pruning)
-        objects = {n.target: operator.attrgetter(n.target)(model) for n in graph.nodes
-                   if n.op in ("call_module", "get_attr")}
+        objects = {
+            n.target: operator.attrgetter(n.target)(model)
+            for n in graph.nodes
+            if n.op in ("call_module", "get_attr")
+        }
         gm = fx.GraphModule(objects, graph, class_name=type(part.graph_module).__name__)
         model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
     return model
@@ -194,8 +211,10 @@ def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, pruning: Prunin
                 with torch.no_grad():
                     ShapeProp(gm).propagate(x)
             except Exception as error:
-                raise SlimError(f"the slim model does not run at input {list(x.shape)}: "
-                                f"{type(error).__name__}: {error}") from error
+                raise SlimError(
+                    f"the slim model does not run at input {list(x.shape)}: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             for node in gm.graph.nodes:
                 meta = node.meta.get("tensor_meta")
                 if node.op == "output" or not hasattr(meta, "shape"):
@@ -205,9 +224,11 @@ def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, pruning: Prunin
                     assert kept is not None  # an axis key has kept indices
                     expected = len(kept)
                     if meta.shape[dim] != expected:
-                        raise SlimError(f"node {node.name} dim {dim}: slim size "
-                                        f"{meta.shape[dim]} at input {list(x.shape)}, "
-                                        f"expected {expected} kept channels")
+                        raise SlimError(
+                            f"node {node.name} dim {dim}: slim size "
+                            f"{meta.shape[dim]} at input {list(x.shape)}, "
+                            f"expected {expected} kept channels"
+                        )
     finally:
         for m, training in modes.items():
             m.training = training

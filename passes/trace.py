@@ -8,6 +8,7 @@ channel count) can answer Python control flow (``if x.ndim == 1``, ``len(x.shape
 inputs, and each resolution is recorded as an assumption. A custom module that still cannot be
 traced becomes a leaf (it runs eagerly inside the GraphModule) and the result names it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,35 +67,53 @@ def _varying(node: fx.Node) -> bool | tuple[bool, ...]:
     anything computed from a varying value varies, even when its two values happen to agree
     (``T % 4`` can be 1 at both); a shape varies per element, and indexing it picks those."""
     values = node.meta.get(_VALUES)
-    reads_shape = (node.op == "call_function" and node.target is getattr
-                   and node.args[1] == "shape") or \
-        (node.op == "call_method" and node.target == "size" and len(node.args) == 1
-         and "dim" not in node.kwargs)
+    reads_shape = (
+        node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+    ) or (
+        node.op == "call_method"
+        and node.target == "size"
+        and len(node.args) == 1
+        and "dim" not in node.kwargs
+    )
     if reads_shape:
-        if values is None or not all(isinstance(v, tuple) for v in values) or \
-                len(values[0]) != len(values[1]):
+        if (
+            values is None
+            or not all(isinstance(v, tuple) for v in values)
+            or len(values[0]) != len(values[1])
+        ):
             return True
         return tuple(a != b for a, b in zip(*values))
     if node.op == "call_method" and node.target in ("size", "numel"):
         return values is None or values[0] != values[1]
-    if node.op == "call_method" and node.target in ("dim", "ndimension") or \
-            node.op == "call_function" and node.target is getattr and node.args[1] == "ndim":
+    if (
+        node.op == "call_method"
+        and node.target in ("dim", "ndimension")
+        or node.op == "call_function"
+        and node.target is getattr
+        and node.args[1] == "ndim"
+    ):
         return False
-    if node.op == "call_function" and node.target is operator.getitem \
-            and isinstance(node.args[0], fx.Node):
+    if (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and isinstance(node.args[0], fx.Node)
+    ):
         source: bool | tuple[bool, ...] = node.args[0].meta.get(_VARYING, False)
         if isinstance(source, tuple):
             index = node.args[1]
             if isinstance(index, int) and -len(source) <= index < len(source):
                 return source[index]
             if isinstance(index, slice) and all(
-                    v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
+                v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)
+            ):
                 return source[index]
             return any(source)
     inputs: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), inputs.append)
-    return any(any(v) if isinstance(v, tuple) else bool(v)
-               for v in (n.meta.get(_VARYING, False) for n in inputs))
+    return any(
+        any(v) if isinstance(v, tuple) else bool(v)
+        for v in (n.meta.get(_VARYING, False) for n in inputs)
+    )
 
 
 def _no_autograd_function(original: types.FunctionType) -> classmethod[Any, ..., Any]:
@@ -103,11 +122,13 @@ def _no_autograd_function(original: types.FunctionType) -> classmethod[Any, ...,
 
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
         found: list[fx.Proxy] = []
-        torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
-                                     (args, kwargs))
+        torch.utils._pytree.tree_map(
+            lambda a: found.append(a) if isinstance(a, fx.Proxy) else a, (args, kwargs)
+        )
         if found:
             raise torch.fx.proxy.TraceError(
-                f"custom autograd function {cls.__name__}: tracing would lose its backward")
+                f"custom autograd function {cls.__name__}: tracing would lose its backward"
+            )
         return original.__get__(cls)(*args, **kwargs)
 
     return classmethod(apply)
@@ -123,8 +144,11 @@ class TraceResult:
 def _user_line(node: fx.Node) -> str:
     """'file:line: source' of the innermost user frame that made ``node``."""
     lines = [ln.strip() for ln in (node.stack_trace or "").splitlines() if ln.strip()]
-    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) else "")
-              for i in range(len(lines)) if lines[i].startswith("File ")]
+    frames = [
+        (lines[i], lines[i + 1] if i + 1 < len(lines) else "")
+        for i in range(len(lines))
+        if lines[i].startswith("File ")
+    ]
     user = [f for f in frames if "/torch/" not in f[0] and "/passes/trace.py" not in f[0]]
     if not user:
         return cast(str, node.format_node())  # None only for Graph.__str__'s placeholders
@@ -145,8 +169,9 @@ class _ConcreteProxy(fx.Proxy):
         if values is not None and all(isinstance(v, torch.Tensor) for v in values):
             return self.tracer.static_length(self)  # a tensor's first size: metadata, not data
         # a sequence's length is its structure (a rank), fixed even if its items vary
-        return cast(int, self.tracer.static_value(self, (tuple, list, torch.Size), len,
-                                                  structural=True))
+        return cast(
+            int, self.tracer.static_value(self, (tuple, list, torch.Size), len, structural=True)
+        )
 
     def __int__(self) -> int:
         return cast(int, self.tracer.static_value(self, (int,)))
@@ -178,15 +203,17 @@ class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
     pass
 
 
-def _recording(tracer: "_Tracer", original: Callable[..., Any], recorded: Callable[..., Any]
-               ) -> Callable[..., Any]:
+def _recording(
+    tracer: "_Tracer", original: Callable[..., Any], recorded: Callable[..., Any]
+) -> Callable[..., Any]:
     """``original`` that records a call of ``recorded`` (its proxy-aware twin in
     ``passes.runtime``) when called on a Proxy, as torch.fx.wrap does."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         found: list[fx.Proxy] = []
-        torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else a,
-                                     (args, kwargs))
+        torch.utils._pytree.tree_map(
+            lambda a: found.append(a) if isinstance(a, fx.Proxy) else a, (args, kwargs)
+        )
         if found:
             return tracer.create_proxy("call_function", recorded, args, kwargs)
         return original(*args, **kwargs)
@@ -222,10 +249,15 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module) -> Iterator[None]
     ``Variable(...)`` (as ``torch.autograd.Variable`` or imported by name into the model's
     modules) record graph nodes when given proxies, instead of failing; everything is restored
     afterwards."""
-    namespaces = {id(g): g for g in (sys.modules[type(m).__module__].__dict__
-                                     for m in root.modules()
-                                     if type(m).__module__ in sys.modules)
-                  if not g.get("__name__", "").startswith("torch")}
+    namespaces = {
+        id(g): g
+        for g in (
+            sys.modules[type(m).__module__].__dict__
+            for m in root.modules()
+            if type(m).__module__ in sys.modules
+        )
+        if not g.get("__name__", "").startswith("torch")
+    }
     patched: list[dict[str, Any]] = []
     replaced: list[tuple[dict[str, Any], str, Any]] = []
     try:
@@ -242,19 +274,28 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module) -> Iterator[None]
                     g[name] = traced_variable
         apply = torch.autograd.Function.__dict__["apply"].__func__
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(
-                torch, "tensor", _recording(tracer, torch.tensor, runtime.shape_tensor)))
-            stack.enter_context(mock.patch.object(
-                torch, "as_tensor", _recording(tracer, torch.as_tensor, runtime.shape_as_tensor)))
-            stack.enter_context(mock.patch.object(
-                torch.autograd.Function, "apply", _no_autograd_function(apply)))
+            stack.enter_context(
+                mock.patch.object(
+                    torch, "tensor", _recording(tracer, torch.tensor, runtime.shape_tensor)
+                )
+            )
+            stack.enter_context(
+                mock.patch.object(
+                    torch, "as_tensor", _recording(tracer, torch.as_tensor, runtime.shape_as_tensor)
+                )
+            )
+            stack.enter_context(
+                mock.patch.object(torch.autograd.Function, "apply", _no_autograd_function(apply))
+            )
             for name in _FACTORIES:  # torch.zeros(B, N, gap): sizes given as separate proxies
                 original = getattr(torch, name)
-                stack.enter_context(mock.patch.object(
-                    torch, name, _recording(tracer, original, original)))
+                stack.enter_context(
+                    mock.patch.object(torch, name, _recording(tracer, original, original))
+                )
             stack.enter_context(mock.patch.object(torch.autograd, "Variable", traced_variable))
-            stack.enter_context(mock.patch.object(torch.autograd.variable, "Variable",
-                                                  traced_variable))
+            stack.enter_context(
+                mock.patch.object(torch.autograd.variable, "Variable", traced_variable)
+            )
             yield
     finally:
         for g in patched:
@@ -264,8 +305,9 @@ def _traced_builtins(tracer: "_Tracer", root: torch.nn.Module) -> Iterator[None]
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaves: set[str],
-                 examples: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
+    def __init__(
+        self, extra_leaves: set[str], examples: tuple[tuple[Any, ...], tuple[Any, ...]]
+    ) -> None:
         super().__init__(autowrap_modules=(math,))
         self.record_stack_traces = True
         self.proxy_buffer_attributes = True  # buffers become graph attributes, sliceable by proxies
@@ -277,8 +319,7 @@ class _Tracer(fx.Tracer):
         self._placeholders = 0
         self._evaluating = False
 
-    def getattr(self, attr: str, attr_val: Any,
-                parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
         if self._evaluating:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -287,8 +328,13 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
 
-    def call_module(self, m: torch.nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
+    def call_module(
+        self,
+        m: torch.nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         if self._evaluating:  # computing a concrete value: run the real module
             return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
@@ -306,17 +352,25 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
-    def create_proxy(self, kind: str, target: fx.node.Target, args: tuple[Any, ...],
-                     kwargs: dict[str, Any], name: str | None = None, type_expr: Any | None = None,
-                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+    def create_proxy(
+        self,
+        kind: str,
+        target: fx.node.Target,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if kind == "placeholder":
             index = self._placeholders
             self._placeholders += 1
             default = node.args[0] if node.args else None
-            node.meta[_VALUES] = tuple(ex[index] if index < len(ex) else default
-                                       for ex in self.examples)
+            node.meta[_VALUES] = tuple(
+                ex[index] if index < len(ex) else default for ex in self.examples
+            )
         elif kind != "output":
             node.meta[_VALUES] = tuple(self._evaluate(node, k) for k in range(2))
             node.meta[_SHAPE_ONLY] = _shape_only(node)
@@ -352,20 +406,26 @@ class _Tracer(fx.Tracer):
         finally:
             self._evaluating = False
 
-    def static_value(self, proxy: fx.Proxy, types: tuple[type, ...],
-                     project: Callable[[Any], Any] = lambda value: value,
-                     structural: bool = False) -> Any:
+    def static_value(
+        self,
+        proxy: fx.Proxy,
+        types: tuple[type, ...],
+        project: Callable[[Any], Any] = lambda value: value,
+        structural: bool = False,
+    ) -> Any:
         """``project(value)`` of ``proxy`` if the value is of ``types`` and the projection is the
         same on both inputs and derives from no size that varies with the input (unless the
         projection reads only the value's structure, ``structural``), else raise."""
         node = proxy.node
         values: Any = node.meta.get(_VALUES)  # (reference, probe) values, or None
-        ok = (values is not None and all(isinstance(v, types) and not isinstance(v, torch.Tensor)
-                                         for v in values))
+        ok = values is not None and all(
+            isinstance(v, types) and not isinstance(v, torch.Tensor) for v in values
+        )
         if ok and not node.meta.get(_SHAPE_ONLY, False):
             raise torch.fx.proxy.TraceError(
                 f"node {node.name} ({_user_line(node)}) is used as a Python value but depends on "
-                "tensor data, not only on shapes: it cannot be fixed while tracing")
+                "tensor data, not only on shapes: it cannot be fixed while tracing"
+            )
         if ok:
             values = [project(v) for v in values]
         varying = False if structural else node.meta.get(_VARYING, False)
@@ -374,7 +434,8 @@ class _Tracer(fx.Tracer):
             raise torch.fx.proxy.TraceError(
                 f"node {node.name} ({_user_line(node)}) is used as a Python value but derives "
                 f"from the input's length or batch size ({seen} on two inputs of different "
-                "batch and length): it would be fixed for one input only")
+                "batch and length): it would be fixed for one input only"
+            )
         if ok and values[0] == values[1]:
             where = self.sepfx_module_stack[-1] if self.sepfx_module_stack else ""
             self.assumptions.append((f"{_user_line(node)}  ->  {values[0]!r}", where))
@@ -382,11 +443,13 @@ class _Tracer(fx.Tracer):
         if values is not None and any(isinstance(v, torch.Tensor) for v in values):
             raise torch.fx.proxy.TraceError(
                 f"node {node.name} ({_user_line(node)}) is a tensor used as a Python value "
-                "(control flow on tensor data): it cannot be traced")
+                "(control flow on tensor data): it cannot be traced"
+            )
         seen = "unknown" if values is None else f"{values[0]!r} vs {values[1]!r}"
         raise torch.fx.proxy.TraceError(
             f"node {node.name} ({_user_line(node)}) is used as a Python value but varies with "
-            f"the input ({seen} on two inputs of different batch and length)")
+            f"the input ({seen} on two inputs of different batch and length)"
+        )
 
     def static_length(self, proxy: fx.Proxy) -> int:
         """``len()`` of a tensor (``len(torch.tensor(x.shape))``, the rank): its first size, if
@@ -400,15 +463,19 @@ class _Tracer(fx.Tracer):
         raise torch.fx.proxy.TraceError(
             f"node {node.name} ({_user_line(node)}): len() of a tensor whose first size varies "
             f"with the input ({lengths[0]!r} vs {lengths[1]!r} on two inputs of different batch "
-            "and length)")
+            "and length)"
+        )
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.static_value(obj, (bool, int)))
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         values = obj.node.meta.get(_VALUES)
-        if values is not None and all(isinstance(v, (tuple, torch.Size)) for v in values) \
-                and len(values[0]) == len(values[1]):
+        if (
+            values is not None
+            and all(isinstance(v, (tuple, torch.Size)) for v in values)
+            and len(values[0]) == len(values[1])
+        ):
             # (fx.Proxy's __getitem__ is installed by setattr: the stubs lack it)
             return iter([obj[i] for i in range(len(values[0]))])  # type: ignore[index]
         return super().iter(obj)
@@ -432,12 +499,15 @@ def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
     return gm
 
 
-def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: int = 64
-          ) -> TraceResult:
+def trace(
+    model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: int = 64
+) -> TraceResult:
     """Trace ``model`` (not modified: a copy is traced) into a dead-code-free GraphModule."""
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"sepfx needs a torch.nn.Module, got {type(model).__name__}. "
-                         "Pass the model object itself (not a function or a state_dict).")
+        raise InputError(
+            f"sepfx needs a torch.nn.Module, got {type(model).__name__}. "
+            "Pass the model object itself (not a function or a state_dict)."
+        )
     if not isinstance(example_input, torch.Tensor):
         raise InputError(f"the example input must be a torch.Tensor, got {type(example_input)}")
     root = copy.deepcopy(model).eval()
@@ -456,15 +526,20 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor, *, max_leaves: in
                 f"the traced graph of {type(model).__name__} differs from the eager model at "
                 f"input shape {mismatch}: its forward fixes a value that varies with the input. "
                 f"Values fixed while tracing: {fixed}. Move that code into a submodule (it will "
-                "run eagerly as a leaf) or make it depend on the input's shape symbolically.")
+                "run eagerly as a leaf) or make it depend on the input's shape symbolically."
+            )
         for where in suspects:  # modules whose fixed values may not hold at other lengths
             leaves[where] = "fixes a value that does not hold at other input lengths"
     assumptions = [text for text, where in tracer.assumptions]
     return TraceResult(gm, leaves, list(dict.fromkeys(assumptions)))
 
 
-def _trace_with_fallback(root: torch.nn.Module, examples: tuple[tuple[Any, ...], tuple[Any, ...]],
-                         leaves: dict[str, str], max_leaves: int) -> tuple[_Tracer, fx.Graph]:
+def _trace_with_fallback(
+    root: torch.nn.Module,
+    examples: tuple[tuple[Any, ...], tuple[Any, ...]],
+    leaves: dict[str, str],
+    max_leaves: int,
+) -> tuple[_Tracer, fx.Graph]:
     """Trace ``root``, turning each custom module that fails into a leaf (``leaves`` grows)."""
     while True:
         tracer = _Tracer(set(leaves), examples)
@@ -481,8 +556,9 @@ def _trace_with_fallback(root: torch.nn.Module, examples: tuple[tuple[Any, ...],
                 ) from error
             qualname, cause = tracer.failed_module
             if len(leaves) >= max_leaves:
-                raise TraceError(f"gave up after {max_leaves} leaf fallbacks; last: "
-                                 f"{qualname}: {cause}") from error
+                raise TraceError(
+                    f"gave up after {max_leaves} leaf fallbacks; last: {qualname}: {cause}"
+                ) from error
             leaves[qualname] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
 
 
@@ -492,12 +568,16 @@ def check_lengths(example: torch.Tensor) -> list[torch.Tensor]:
     third = list(example.shape)
     third[-1] = max(third[-1] // 2 + 13, 17)
     generator = torch.Generator().manual_seed(4321)
-    return [example, probe_input(example), torch.randn(third, generator=generator,
-                                                       dtype=example.dtype)]
+    return [
+        example,
+        probe_input(example),
+        torch.randn(third, generator=generator, dtype=example.dtype),
+    ]
 
 
-def _generalisation_mismatch(eager: torch.nn.Module, gm: fx.GraphModule, example: torch.Tensor
-                             ) -> tuple[int, ...] | None:
+def _generalisation_mismatch(
+    eager: torch.nn.Module, gm: fx.GraphModule, example: torch.Tensor
+) -> tuple[int, ...] | None:
     """None if the graph computes what the eager model computes at three input sizes, else the
     first input shape where they differ."""
     with torch.no_grad():

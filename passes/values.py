@@ -4,6 +4,7 @@ The bottom layer of ``passes``: shape propagation (``passes.channels.propagate_s
 summary of every node's value into ``node.meta``; the op rules and the passes read it through
 the helpers here. Nothing in this module imports another module of ``passes``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ Summary = tuple[str, Any]
 
 class ValueAxisKey(NamedTuple):
     """Axis ``dim`` of the tensor at ``path`` in the value of graph node ``node``."""
+
     kind: Literal["value"]
     node: str
     path: ValuePath
@@ -38,6 +40,7 @@ class ValueAxisKey(NamedTuple):
 
 class ModuleAxisKey(NamedTuple):
     """A parameter axis of module ``qualname``, named by its rule (``in``, ``out``, ``heads``...)."""
+
     kind: Literal["module"]
     qualname: str
     name: str
@@ -45,6 +48,7 @@ class ModuleAxisKey(NamedTuple):
 
 class AttrAxisKey(NamedTuple):
     """Axis ``dim`` of the parameter or buffer ``target`` read by the graph (``get_attr``)."""
+
     kind: Literal["attr"]
     target: str
     dim: int

@@ -6,6 +6,7 @@
 
 See README.md. ``sepfx.analyze`` / ``sepfx.prune`` give the compiler's pieces directly.
 """
+
 import importlib
 
 __version__ = "0.1.0"
@@ -13,12 +14,18 @@ __version__ = "0.1.0"
 # Public names and where they live. Loaded on first use, so that ``import sepfx`` (or
 # ``sepfx.errors``) does not pull in torch.fx passes, the zoo and the training loops.
 _EXPORTS = {
-    "Analysis": "sepfx.core", "analyze": "sepfx.core", "prune": "sepfx.core",
+    "Analysis": "sepfx.core",
+    "analyze": "sepfx.core",
+    "prune": "sepfx.core",
     "default_example_input": "sepfx.core",
-    "compile": "sepfx.learn", "finetune": "sepfx.learn", "learn_gates": "sepfx.learn",
-    "save": "sepfx.io", "load": "sepfx.io",
+    "compile": "sepfx.learn",
+    "finetune": "sepfx.learn",
+    "learn_gates": "sepfx.learn",
+    "save": "sepfx.io",
+    "load": "sepfx.io",
     "Report": "sepfx.report",
-    "ExportResult": "passes.export", "export_onnx": "passes.export",
+    "ExportResult": "passes.export",
+    "export_onnx": "passes.export",
 }
 __all__ = sorted(_EXPORTS) + ["errors"]
 
@@ -28,8 +35,18 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name in ("errors", "models", "losses", "budget", "gates", "learn", "core", "io", "report",
-                "data"):
+    if name in (
+        "errors",
+        "models",
+        "losses",
+        "budget",
+        "gates",
+        "learn",
+        "core",
+        "io",
+        "report",
+        "data",
+    ):
         return importlib.import_module(f"sepfx.{name}")
     raise AttributeError(f"module 'sepfx' has no attribute {name!r}")
 

@@ -1,5 +1,6 @@
 """Command line: ``python -m sepfx compile|bench|demo|separate ...``. Errors are one line, not a
 traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,67 +16,110 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m sepfx",
-        description="Prune speech-separation networks with a torch.fx compiler pass.")
+        description="Prune speech-separation networks with a torch.fx compiler pass.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    comp = sub.add_parser("compile", help="prune a model, print the report, write ONNX",
-                          description="Prune a model, print its report and write an ONNX file.")
+    comp = sub.add_parser(
+        "compile",
+        help="prune a model, print the report, write ONNX",
+        description="Prune a model, print its report and write an ONNX file.",
+    )
     _model_arguments(comp)
     size = comp.add_mutually_exclusive_group()
-    size.add_argument("--budget", type=float, default=None,
-                      help="MACs of the slim model as a fraction of the dense model's "
-                           "(default: 0.4)")
-    size.add_argument("--ratio", type=float, default=None,
-                      help="instead of a budget: keep this fraction of every channel group")
-    comp.add_argument("--importance", default="magnitude", choices=["magnitude", "first", "random"],
-                      help="with --ratio: which units to keep (default: weight magnitude)")
+    size.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="MACs of the slim model as a fraction of the dense model's (default: 0.4)",
+    )
+    size.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        help="instead of a budget: keep this fraction of every channel group",
+    )
+    comp.add_argument(
+        "--importance",
+        default="magnitude",
+        choices=["magnitude", "first", "random"],
+        help="with --ratio: which units to keep (default: weight magnitude)",
+    )
     comp.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     comp.add_argument("--out", default="slim.onnx", help="ONNX file to write (default: slim.onnx)")
-    bench = sub.add_parser("bench", help="latency of a model beside its slim versions",
-                           description="Compile a model at each budget (data-free) and time dense "
-                                       "vs slim on random input: PyTorch eager and ONNX Runtime "
-                                       "on CPU, and CUDA when present. Runs are interleaved and "
-                                       "the median is reported; read the speed-up, not the "
-                                       "absolute times, on a busy machine.")
+    bench = sub.add_parser(
+        "bench",
+        help="latency of a model beside its slim versions",
+        description="Compile a model at each budget (data-free) and time dense "
+        "vs slim on random input: PyTorch eager and ONNX Runtime "
+        "on CPU, and CUDA when present. Runs are interleaved and "
+        "the median is reported; read the speed-up, not the "
+        "absolute times, on a busy machine.",
+    )
     _model_arguments(bench)
-    bench.add_argument("--budget", type=float, nargs="+", default=[0.4],
-                       help="one or more budgets (default: 0.4)")
-    bench.add_argument("--seconds", type=float, nargs="+", default=[4.0],
-                       help="input lengths in seconds (default: 4)")
-    bench.add_argument("--threads", type=int, nargs="+", default=[1],
-                       help="CPU thread counts (default: 1)")
+    bench.add_argument(
+        "--budget", type=float, nargs="+", default=[0.4], help="one or more budgets (default: 0.4)"
+    )
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        nargs="+",
+        default=[4.0],
+        help="input lengths in seconds (default: 4)",
+    )
+    bench.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="CPU thread counts (default: 1)"
+    )
     bench.add_argument("--runs", type=int, default=20, help="timed runs per model (default: 20)")
     bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    demo = sub.add_parser("demo", help="the bundled Conv-TasNet on the bundled mixtures, "
-                                       "compiled and measured",
-                          description="Compile the bundled Conv-TasNet at a budget on half of "
-                                      "the committed test mixtures and measure it on the other "
-                                      "half: MACs, params, latency, SI-SNRi before/after.")
+    demo = sub.add_parser(
+        "demo",
+        help="the bundled Conv-TasNet on the bundled mixtures, compiled and measured",
+        description="Compile the bundled Conv-TasNet at a budget on half of "
+        "the committed test mixtures and measure it on the other "
+        "half: MACs, params, latency, SI-SNRi before/after.",
+    )
     demo.add_argument("--budget", type=float, default=0.4)
     demo.add_argument("--steps", type=int, default=100, help="gate-learning steps (default 100)")
     demo.add_argument("--finetune-steps", type=int, default=100, help="default 100")
-    demo.add_argument("--no-distill", action="store_true",
-                      help="fine-tune on the clean sources instead of distilling from the dense "
-                           "model (measured worse: see README)")
+    demo.add_argument(
+        "--no-distill",
+        action="store_true",
+        help="fine-tune on the clean sources instead of distilling from the dense "
+        "model (measured worse: see README)",
+    )
     demo.add_argument("--out", default="slim.onnx")
-    sep = sub.add_parser("separate", help="separate a WAV file with an ONNX model",
-                         description="Run an exported model on a mono WAV file and write one "
-                                     "WAV per source next to it (or in --out-dir).")
+    sep = sub.add_parser(
+        "separate",
+        help="separate a WAV file with an ONNX model",
+        description="Run an exported model on a mono WAV file and write one "
+        "WAV per source next to it (or in --out-dir).",
+    )
     sep.add_argument("model", help="an .onnx file written by sepfx")
     sep.add_argument("mixture", help="a mono 16-bit WAV file")
     sep.add_argument("--out-dir", default=None)
-    sep.add_argument("--sample-rate", type=int, default=8000,
-                     help="the model's sample rate; the input is resampled to it (default 8000)")
+    sep.add_argument(
+        "--sample-rate",
+        type=int,
+        default=8000,
+        help="the model's sample rate; the input is resampled to it (default 8000)",
+    )
     return parser
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
-                                      "sepformer, afrcnn): its bundled checkpoint if there is "
-                                      "one; or a "
-                                      "file written by sepfx.save")
-    parser.add_argument("--config", default=None,
-                        help="build the zoo model untrained with this config (tiny, small) "
-                             "instead of loading its checkpoint")
+    parser.add_argument(
+        "model",
+        help="a zoo model name (conv_tasnet, dprnn, sudormrf, tdanet, "
+        "sepformer, afrcnn): its bundled checkpoint if there is "
+        "one; or a "
+        "file written by sepfx.save",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="build the zoo model untrained with this config (tiny, small) "
+        "instead of loading its checkpoint",
+    )
 
 
 def _bench(args) -> int:
@@ -97,8 +141,9 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from sepfx import demo
 
-    result = demo.run(args.budget, args.steps, args.finetune_steps, args.out,
-                      distill=not args.no_distill)
+    result = demo.run(
+        args.budget, args.steps, args.finetune_steps, args.out, distill=not args.no_distill
+    )
     print(demo.summary(result))
     return 0
 
@@ -146,7 +191,8 @@ def _separate(args) -> int:
                 f"{args.mixture} is too short: {len(x)} samples at {args.sample_rate} Hz, and "
                 f"this model's minimum input length is {minimum} samples "
                 f"({1000 * minimum / args.sample_rate:.1f} ms); give a longer recording or pad "
-                f"it with silence to at least {minimum} samples")
+                f"it with silence to at least {minimum} samples"
+            )
         if isinstance(failure, Exception):
             raise failure
         raise InputError(f"{args.model} gave an empty output for {args.mixture}")
@@ -205,8 +251,10 @@ def _model(name: str, config: str | None):
         return build(name, config or "tiny").eval()
     if Path(name).is_file():
         return sepfx.load(name)
-    raise sepfx.errors.InputError(f"{name!r} is neither a zoo model ({', '.join(sorted(ZOO))}) "
-                                  "nor a file written by sepfx.save")
+    raise sepfx.errors.InputError(
+        f"{name!r} is neither a zoo model ({', '.join(sorted(ZOO))}) "
+        "nor a file written by sepfx.save"
+    )
 
 
 def _compile(args) -> int:
@@ -225,8 +273,10 @@ def _compile(args) -> int:
     print(slim.sepfx_report)
     result = sepfx.export_onnx(slim, args.out)
     worst = max(result.errors.values())
-    print(f"wrote {result.path} ({result.exporter} exporter, dynamic time axis: "
-          f"{result.dynamic_time}); ONNX Runtime vs PyTorch max relative error {worst:.1e}")
+    print(
+        f"wrote {result.path} ({result.exporter} exporter, dynamic time axis: "
+        f"{result.dynamic_time}); ONNX Runtime vs PyTorch max relative error {worst:.1e}"
+    )
     for note in result.notes:
         print(f"note: {note}")
     return 0
@@ -235,18 +285,19 @@ def _compile(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": _compile, "bench": _bench, "demo": _demo,
-                "separate": _separate}[args.command](args)
+        return {"compile": _compile, "bench": _bench, "demo": _demo, "separate": _separate}[
+            args.command
+        ](args)
     except Exception as error:  # one clear line for people; tracebacks are for bug reports
         import wave
 
         from sepfx.errors import SepfxError
 
-        expected = isinstance(error, (SepfxError, ValueError, OSError, wave.Error)) or \
-            type(error).__module__.startswith("onnxruntime")  # e.g. not an ONNX file
+        expected = isinstance(error, (SepfxError, ValueError, OSError, wave.Error)) or type(
+            error
+        ).__module__.startswith("onnxruntime")  # e.g. not an ONNX file
         kind = "error" if expected else f"unexpected {type(error).__name__}"
-        print(f"sepfx: {kind}: {str(error).splitlines()[0] if str(error) else ''}",
-              file=sys.stderr)
+        print(f"sepfx: {kind}: {str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,7 @@ alike: read the speed-up, a ratio, rather than the absolute times.
 
 Used by ``python -m sepfx bench``, the demo and ``benchmarks/latency.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,17 @@ import time
 import numpy as np
 import torch
 
-COLUMNS = ["model", "budget", "seconds", "runtime", "dense_ms", "slim_ms", "macs_ratio",
-           "speedup", "speedup_over_mac_ratio"]
+COLUMNS = [
+    "model",
+    "budget",
+    "seconds",
+    "runtime",
+    "dense_ms",
+    "slim_ms",
+    "macs_ratio",
+    "speedup",
+    "speedup_over_mac_ratio",
+]
 
 
 def paired_medians(fns: list, runs: int, warmup: int = 2) -> list[float]:
@@ -42,8 +52,9 @@ def ort_session(path: str, threads: int = 1, cuda: bool = False):
     return ort.InferenceSession(path, options, providers=providers)
 
 
-def ort_medians(paths: list[str], x: np.ndarray, threads: int = 1, runs: int = 20,
-                cuda: bool = False) -> list[float]:
+def ort_medians(
+    paths: list[str], x: np.ndarray, threads: int = 1, runs: int = 20, cuda: bool = False
+) -> list[float]:
     """Median ONNX Runtime latency (seconds) of each model on the input ``x``, interleaved."""
     sessions = [ort_session(p, threads, cuda) for p in paths]
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
@@ -74,15 +85,28 @@ def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
 
 def _row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
     speedup = t_dense / t_slim
-    return {"model": name, "budget": budget, "seconds": seconds, "runtime": runtime,
-            "dense_ms": 1000 * t_dense, "slim_ms": 1000 * t_slim,
-            "macs_ratio": report.macs_ratio, "speedup": speedup,
-            "speedup_over_mac_ratio": speedup * report.macs_ratio}
+    return {
+        "model": name,
+        "budget": budget,
+        "seconds": seconds,
+        "runtime": runtime,
+        "dense_ms": 1000 * t_dense,
+        "slim_ms": 1000 * t_slim,
+        "macs_ratio": report.macs_ratio,
+        "speedup": speedup,
+        "speedup_over_mac_ratio": speedup * report.macs_ratio,
+    }
 
 
-def compare(model: torch.nn.Module, budgets: list[float], seconds: list[float],
-            threads: list[int], runs: int = 20, name: str | None = None,
-            progress: bool = False) -> list[dict]:
+def compare(
+    model: torch.nn.Module,
+    budgets: list[float],
+    seconds: list[float],
+    threads: list[int],
+    runs: int = 20,
+    name: str | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """Compile ``model`` at each budget (data-free: which channels are kept does not change the
     time) and time dense vs slim on random inputs of each length: one row per budget, length,
     runtime and thread count. ``speedup_over_mac_ratio`` is 1.0 when the slim model is as much
@@ -137,9 +161,18 @@ def compare(model: torch.nn.Module, budgets: list[float], seconds: list[float],
 
 def format_table(rows: list[dict], header: bool = True) -> str:
     """Fixed-width text table of ``compare`` rows, for a terminal."""
-    lines = [f"{'model':<12} {'budget':>6} {'len s':>6} {'runtime':<13} {'dense ms':>9} "
-             f"{'slim ms':>9} {'MACs':>6} {'speed-up':>8} {'/MAC ratio':>10}"] if header else []
-    lines += [f"{r['model']:<12} {r['budget']:>6.2f} {r['seconds']:>6g} {r['runtime']:<13} "
-              f"{r['dense_ms']:>9.2f} {r['slim_ms']:>9.2f} {100 * r['macs_ratio']:>5.1f}% "
-              f"{r['speedup']:>7.2f}x {r['speedup_over_mac_ratio']:>10.2f}" for r in rows]
+    lines = (
+        [
+            f"{'model':<12} {'budget':>6} {'len s':>6} {'runtime':<13} {'dense ms':>9} "
+            f"{'slim ms':>9} {'MACs':>6} {'speed-up':>8} {'/MAC ratio':>10}"
+        ]
+        if header
+        else []
+    )
+    lines += [
+        f"{r['model']:<12} {r['budget']:>6.2f} {r['seconds']:>6g} {r['runtime']:<13} "
+        f"{r['dense_ms']:>9.2f} {r['slim_ms']:>9.2f} {100 * r['macs_ratio']:>5.1f}% "
+        f"{r['speedup']:>7.2f}x {r['speedup_over_mac_ratio']:>10.2f}"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ holds. Kept counts are multiples of ``multiple`` in groups large enough for it t
 (SIMD/tensor-core friendly widths), and at least ``min_per_group`` and the group's own
 ``min_size`` (a variance with an n - 1 divisor over its channels needs two).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,12 +30,15 @@ def _flat(cost: CostModel, order, counts) -> np.ndarray:
 
 
 def floor_counts(cost: CostModel, min_per_group: int = 1, multiple: int = 8) -> list[int]:
-    return [min(g.size, max(min_per_group, m, g.min_size)) for g, m in
-            zip(cost.analysis.groups, _multiples(cost, multiple))]
+    return [
+        min(g.size, max(min_per_group, m, g.min_size))
+        for g, m in zip(cost.analysis.groups, _multiples(cost, multiple))
+    ]
 
 
-def check_reachable(cost: CostModel, budget: float, min_per_group: int = 1,
-                    multiple: int = 8) -> None:
+def check_reachable(
+    cost: CostModel, budget: float, min_per_group: int = 1, multiple: int = 8
+) -> None:
     """Raise InputError when even every group at its minimum width costs more than ``budget``."""
     counts = floor_counts(cost, min_per_group, multiple)
     order = {g.index: np.arange(g.size) for g in cost.analysis.groups}
@@ -43,12 +47,19 @@ def check_reachable(cost: CostModel, budget: float, min_per_group: int = 1,
         raise InputError(
             f"budget {budget:g} is below what this model can reach: with every group at its "
             f"minimum width it still costs {floor:.3f} of its dense MACs (its frozen, "
-            f"unprunable part included); use a budget >= {np.ceil(floor * 100) / 100:.2f}")
+            f"unprunable part included); use a budget >= {np.ceil(floor * 100) / 100:.2f}"
+        )
 
 
-def project(cost: CostModel, probability: np.ndarray, budget: float, *,
-            initial: np.ndarray | None = None, min_per_group: int = 1, multiple: int = 8
-            ) -> dict[int, np.ndarray]:
+def project(
+    cost: CostModel,
+    probability: np.ndarray,
+    budget: float,
+    *,
+    initial: np.ndarray | None = None,
+    min_per_group: int = 1,
+    multiple: int = 8,
+) -> dict[int, np.ndarray]:
     """A keep set with MACs <= budget * dense MACs, as close to it as the granularity allows.
 
     ``probability``: flat keep probability per unit (the ranking); ``initial``: flat bool keep
@@ -56,8 +67,7 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
     groups = cost.analysis.groups
     limit = budget * cost.dense_macs
     steps = _multiples(cost, multiple)
-    order = {g.index: np.argsort(-probability[g.units], kind="stable")
-             for g in groups}
+    order = {g.index: np.argsort(-probability[g.units], kind="stable") for g in groups}
     check_reachable(cost, budget, min_per_group, multiple)
     low = floor_counts(cost, min_per_group, multiple)
 
@@ -74,8 +84,7 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
             lo, hi = (mid, hi) if cost.macs(_flat(cost, order, counts)) <= limit else (lo, mid)
         counts = [snap(max(1, round(lo * g.size)), g, s) for g, s in zip(groups, steps)]
     else:
-        counts = [snap(int(initial[g.units].sum()), g, s)
-                  for g, s in zip(groups, steps)]
+        counts = [snap(int(initial[g.units].sum()), g, s) for g, s in zip(groups, steps)]
     prob_sorted = {g.index: probability[g.offset + order[g.index]] for g in groups}
     macs = cost.macs(_flat(cost, order, counts))
 
@@ -122,7 +131,7 @@ def project(cost: CostModel, probability: np.ndarray, budget: float, *,
         _, counts, macs = best
     if macs < limit - 0.02 * cost.dense_macs:
         counts, macs = _swap_towards(cost, order, counts, macs, limit, steps, low)
-    return {g.index: np.sort(order[g.index][:counts[g.index]]) for g in groups}
+    return {g.index: np.sort(order[g.index][: counts[g.index]]) for g in groups}
 
 
 def _swap_towards(cost, order, counts, macs, limit, steps, low, rounds: int = 200):

@@ -8,6 +8,7 @@ code (``passes.capture``) that reads a channel count from somewhere sepfx cannot
 statistic that an op rule failed to guard. A failure is traced to the channel groups whose
 pruning causes it, so that ``compile`` can keep exactly those whole (``failing_groups``) and
 ``prune`` can name them (``check_slim``)."""
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,12 @@ def check_inputs(example: torch.Tensor) -> list[torch.Tensor]:
     other = length + length // 4 + 37
     other += 1 - other % 2
     generator = torch.Generator().manual_seed(2468)
-    return [torch.randn([batch, *example.shape[1:-1], t], generator=generator,
-                        dtype=example.dtype).to(example.device)
-            for batch, t in ((1, length), (2, other))]
+    return [
+        torch.randn([batch, *example.shape[1:-1], t], generator=generator, dtype=example.dtype).to(
+            example.device
+        )
+        for batch, t in ((1, length), (2, other))
+    ]
 
 
 @dataclass
@@ -38,8 +42,11 @@ class Failure:
     detail: str
 
     def describe(self) -> str:
-        what = {"runs": "does not run", "exact": "differs from the hard-gated model",
-                "finite": "outputs NaN or inf where the dense model's output is finite"}
+        what = {
+            "runs": "does not run",
+            "exact": "differs from the hard-gated model",
+            "finite": "outputs NaN or inf where the dense model's output is finite",
+        }
         return f"the slim model {what[self.kind]} at input {self.input_shape} ({self.detail})"
 
 
@@ -90,10 +97,14 @@ class _Reference:
                 return Failure("exact", shape, f"{len(got)} outputs, expected {len(expected)}")
             for e, g, d in zip(expected, got, dense):
                 if e.shape != g.shape:
-                    return Failure("exact", shape, f"output shape {list(g.shape)}, expected "
-                                                   f"{list(e.shape)}")
-                if e.is_floating_point() and d.shape == g.shape and \
-                        bool((torch.isfinite(d) & ~torch.isfinite(g)).any()):
+                    return Failure(
+                        "exact", shape, f"output shape {list(g.shape)}, expected {list(e.shape)}"
+                    )
+                if (
+                    e.is_floating_point()
+                    and d.shape == g.shape
+                    and bool((torch.isfinite(d) & ~torch.isfinite(g)).any())
+                ):
                     return Failure("finite", shape, "non-finite values")
                 relative = _relative_error(e, g)
                 if relative > tolerance:
@@ -111,8 +122,9 @@ def _relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
     return float((expected - got)[finite].abs().max()) / max(scale, 1e-12)
 
 
-def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4
-                   ) -> tuple[Failure, list[int]] | None:
+def failing_groups(
+    analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4
+) -> tuple[Failure, list[int]] | None:
     """None when ``slim`` (``analysis.slim(keep)``) passes the checks; else the failure and the
     pruned groups responsible: each whose pruning alone reproduces a failure or, when none
     does alone, the fewest that together do (restored cumulatively). Empty when even that finds
@@ -126,8 +138,9 @@ def failing_groups(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-
 
     def fails(trial: dict) -> bool:
         try:
-            return reference.failure(trial, analysis.slim(trial, check=False),
-                                     tolerance) is not None
+            return (
+                reference.failure(trial, analysis.slim(trial, check=False), tolerance) is not None
+            )
         except SlimError:  # the slim pass itself refuses it: as broken as a wrong result
             return True
 
@@ -155,8 +168,10 @@ def unslimmable_groups(analysis, tolerance: float = 1e-3) -> dict[int, Failure]:
     whole = {i: list(range(g.size)) for i, g in groups.items()}
     # two ways to prune each group: one unit fewer, and as few as it may keep (glue that
     # splits or chunks by a literal may survive one of them by coincidence, not both)
-    patterns = [{i: list(range(g.size - 1)) for i, g in groups.items()},
-                {i: list(range(g.size - max(1, g.min_size), g.size)) for i, g in groups.items()}]
+    patterns = [
+        {i: list(range(g.size - 1)) for i, g in groups.items()},
+        {i: list(range(g.size - max(1, g.min_size), g.size)) for i, g in groups.items()},
+    ]
 
     def failure(indices: list[int]) -> Failure | None:
         for pattern in patterns:
@@ -175,7 +190,7 @@ def unslimmable_groups(analysis, tolerance: float = 1e-3) -> dict[int, Failure]:
         if len(indices) == 1:
             found[indices[0]] = known
             return
-        left, right = indices[:len(indices) // 2], indices[len(indices) // 2:]
+        left, right = indices[: len(indices) // 2], indices[len(indices) // 2 :]
         failures = [(part, failure(part)) for part in (left, right)]
         if all(f is None for _, f in failures):  # only together: keep them all whole
             found.update({i: known for i in indices})
@@ -202,14 +217,20 @@ def check_slim(analysis, keep: dict, slim: nn.Module, tolerance: float = 1e-4) -
         return
     failure, responsible = found
     groups = {g.index: g for g in analysis.groups}
-    names = "; ".join(f"{groups[i].describe()} with {len(keep[i])} kept"
-                      for i in responsible) or "no single channel group"
-    advice = ("keep more units of these groups (a larger budget or ratio, or an explicit keep "
-              "set)" if failure.kind == "finite" else
-              "the model's own code probably reads a channel count that sepfx cannot rewrite; "
-              "keep these groups whole (an explicit keep set)")
-    raise SlimError(f"{failure.describe()}; responsible: {names}. Its cause: {advice}, and "
-                    f"please report it: sepfx should have found it")
+    names = (
+        "; ".join(f"{groups[i].describe()} with {len(keep[i])} kept" for i in responsible)
+        or "no single channel group"
+    )
+    advice = (
+        "keep more units of these groups (a larger budget or ratio, or an explicit keep set)"
+        if failure.kind == "finite"
+        else "the model's own code probably reads a channel count that sepfx cannot rewrite; "
+        "keep these groups whole (an explicit keep set)"
+    )
+    raise SlimError(
+        f"{failure.describe()}; responsible: {names}. Its cause: {advice}, and "
+        f"please report it: sepfx should have found it"
+    )
 
 
 def _only(keep: dict, groups: dict, indices: list[int]) -> dict:

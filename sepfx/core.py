@@ -1,4 +1,5 @@
 """The compiler front: trace -> channel groups -> cost model, and slim models from keep sets."""
+
 from __future__ import annotations
 
 import operator
@@ -55,13 +56,16 @@ class Analysis:
         if example_input is None:
             example_input = default_example_input(model)
         if not isinstance(example_input, torch.Tensor):
-            raise InputError(f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
-                             f"got {type(example_input).__name__}")
+            raise InputError(
+                f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
+                f"got {type(example_input).__name__}"
+            )
         if not example_input.is_floating_point():
             raise InputError(
                 f"example_input has dtype {example_input.dtype}, but sepfx expects a "
                 f"floating-point waveform [batch, time] in the model's dtype: convert it, e.g. "
-                f"x.float() / 32768 for 16-bit PCM samples, or pass torch.randn(1, 8000)")
+                f"x.float() / 32768 for 16-bit PCM samples, or pass torch.randn(1, 8000)"
+            )
         device = next(iter(model.parameters()), torch.empty(0)).device
         example_input = example_input.to(device)
         self.model_name = type(model).__name__
@@ -70,7 +74,8 @@ class Analysis:
         self.capture: Capture = capture(model, example_input)
         self.example_input = example_input
         self.channels: ChannelAnalysis = analyze_channels(
-            self.capture.graph_module, example_input, summarised=not self.capture.traced_whole)
+            self.capture.graph_module, example_input, summarised=not self.capture.traced_whole
+        )
         self.cost: CostModel = cost_model(self.channels)
         # a traced model's dead code is gone; a model with eager shells keeps all its weights
         counted = self.capture.graph_module if self.capture.traced_whole else self.capture.root
@@ -88,11 +93,14 @@ class Analysis:
         frozen = {}
         for index, failure in broken.items():
             group = self.groups[index]
-            reason = (f"eager code reads its channel count where sepfx cannot rewrite it: with "
-                      f"{group.describe()} pruned, {failure.describe()}")
+            reason = (
+                f"eager code reads its channel count where sepfx cannot rewrite it: with "
+                f"{group.describe()} pruned, {failure.describe()}"
+            )
             frozen.update({key: reason for key in group.positions})
-        self.channels = analyze_channels(self.capture.graph_module, self.example_input,
-                                         summarised=True, frozen=frozen)
+        self.channels = analyze_channels(
+            self.capture.graph_module, self.example_input, summarised=True, frozen=frozen
+        )
         self.cost = cost_model(self.channels)
 
     @property
@@ -122,8 +130,9 @@ class Analysis:
                 assert scores is not None  # computed above for "magnitude"
                 idx = np.argsort(-scores[g.index], kind="stable")[:n]
             else:
-                raise InputError(f"importance must be 'magnitude', 'first' or 'random', "
-                                 f"got {importance!r}")
+                raise InputError(
+                    f"importance must be 'magnitude', 'first' or 'random', got {importance!r}"
+                )
             keep[g.index] = np.sort(idx)
         return keep
 
@@ -150,8 +159,9 @@ class Analysis:
         flat = None if keep is None else self.channels.keep_vector(check_keep(self.channels, keep))
         return gated_model(self.capture, self.channels, flat, bank)
 
-    def slim(self, keep: dict, budget: float | None = None, notes=(), check: bool = True
-             ) -> nn.Module:
+    def slim(
+        self, keep: dict, budget: float | None = None, notes=(), check: bool = True
+    ) -> nn.Module:
         """The slim model of a keep set. A model with eager shells is checked (it runs and
         computes what the hard-gated model computes at the check inputs; ``check``), since
         eager code may read a channel count sepfx cannot rewrite: a ``SlimError`` names the
@@ -164,28 +174,50 @@ class Analysis:
         # attributes)
         model.sepfx_n_src = self.n_src  # type: ignore[assignment]
         model.sepfx_report = self.report(  # type: ignore[assignment]
-            keep, model, budget=budget, notes=list(notes))
+            keep, model, budget=budget, notes=list(notes)
+        )
         if check and not self.capture.traced_whole:
             check_slim(self, keep, model)
         return model
 
-    def report(self, keep: dict | None = None, slim_model: nn.Module | None = None,
-               budget: float | None = None, notes: list[str] | None = None) -> Report:
+    def report(
+        self,
+        keep: dict | None = None,
+        slim_model: nn.Module | None = None,
+        budget: float | None = None,
+        notes: list[str] | None = None,
+    ) -> Report:
         keep = self.keep_all() if keep is None else check_keep(self.channels, keep)
         flat = self.channels.keep_vector(keep)
-        params = self.dense_params if slim_model is None else sum(
-            p.numel() for p in slim_model.parameters())
-        groups = [GroupRow(g.index, g.size, len(keep[g.index]), self.cost.shares[g.index],
-                           g.members) for g in self.groups]
+        params = (
+            self.dense_params
+            if slim_model is None
+            else sum(p.numel() for p in slim_model.parameters())
+        )
+        groups = [
+            GroupRow(g.index, g.size, len(keep[g.index]), self.cost.shares[g.index], g.members)
+            for g in self.groups
+        ]
         frozen = [FrozenRow(f.label, f.reason, f.parameters) for f in self.channels.frozen]
         flat_none = np.zeros(self.channels.num_units)
         flat_none[0] = 1
         prunable = 1 - self.cost.macs(flat_none) / max(self.cost.dense_macs, 1)
-        return Report(self.model_name, tuple(self.example_input.shape), self.sample_rate,
-                      groups, frozen, dict(self.capture.shells),
-                      list(dict.fromkeys(self.capture.assumptions)),
-                      self.cost.dense_macs, self.cost.macs(flat), self.dense_params, params,
-                      prunable, budget, list(self.capture.notes) + list(notes or []))
+        return Report(
+            self.model_name,
+            tuple(self.example_input.shape),
+            self.sample_rate,
+            groups,
+            frozen,
+            dict(self.capture.shells),
+            list(dict.fromkeys(self.capture.assumptions)),
+            self.cost.dense_macs,
+            self.cost.macs(flat),
+            self.dense_params,
+            params,
+            prunable,
+            budget,
+            list(self.capture.notes) + list(notes or []),
+        )
 
 
 def _slice_norms(gm: fx.GraphModule, analysis: ChannelAnalysis, key) -> np.ndarray | None:
@@ -214,9 +246,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor | None = None) -> Anal
     return Analysis(model, example_input)
 
 
-def prune(model: nn.Module, keep: dict | None = None, *, ratio: float | None = None,
-          importance: str = "magnitude", example_input: torch.Tensor | None = None
-          ) -> nn.Module:
+def prune(
+    model: nn.Module,
+    keep: dict | None = None,
+    *,
+    ratio: float | None = None,
+    importance: str = "magnitude",
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
     """The slim model of ``model`` (see ``compile``) for an explicit keep set, or keeping
     ``ratio`` of every group by ``importance``. Its report is ``slim.sepfx_report``."""
     if (keep is None) == (ratio is None):

@@ -21,6 +21,7 @@ mixture is their integer sum), hence exactly in the float32 the dataset returns 
 Only the standard library, numpy and torch are used (scipy is not a dependency of sepfx: the
 resampler is a windowed-sinc polyphase filter written here).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,9 +44,20 @@ from torch.utils.data import DataLoader, Dataset
 from sepfx.errors import InputError
 
 __all__ = [
-    "synthesize", "resample", "read_wav", "write_wav", "make_mixtures", "MixtureDataset",
-    "loader", "bundled_test_set", "arctic_mixture", "sentence_split", "LANGUAGES",
-    "DEFAULT_LANGUAGES", "VARIANTS", "ASSETS",
+    "synthesize",
+    "resample",
+    "read_wav",
+    "write_wav",
+    "make_mixtures",
+    "MixtureDataset",
+    "loader",
+    "bundled_test_set",
+    "arctic_mixture",
+    "sentence_split",
+    "LANGUAGES",
+    "DEFAULT_LANGUAGES",
+    "VARIANTS",
+    "ASSETS",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -69,113 +81,456 @@ _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 _WORDS = {
     "en": (
-        ["The old man", "My sister", "Our neighbour", "The young teacher", "A tired doctor",
-         "The little boy", "Her father", "The farmer", "A quiet student", "The baker",
-         "His grandmother", "The pilot", "A famous singer", "The nurse"],
-        ["found", "painted", "bought", "carried", "cleaned", "borrowed", "sold", "repaired",
-         "forgot", "wanted", "opened", "hid", "described", "noticed"],
-        ["a red bicycle", "the heavy box", "an old letter", "the blue umbrella",
-         "a wooden chair", "the broken clock", "a small garden", "the silver key",
-         "a warm blanket", "the green door", "a long rope", "the kitchen window"],
-        ["this morning", "near the station", "before dinner", "last winter", "in the rain",
-         "after school", "on Sunday", "without a word", "at midnight", "by the river",
-         "yesterday afternoon", "with great care"],
+        [
+            "The old man",
+            "My sister",
+            "Our neighbour",
+            "The young teacher",
+            "A tired doctor",
+            "The little boy",
+            "Her father",
+            "The farmer",
+            "A quiet student",
+            "The baker",
+            "His grandmother",
+            "The pilot",
+            "A famous singer",
+            "The nurse",
+        ],
+        [
+            "found",
+            "painted",
+            "bought",
+            "carried",
+            "cleaned",
+            "borrowed",
+            "sold",
+            "repaired",
+            "forgot",
+            "wanted",
+            "opened",
+            "hid",
+            "described",
+            "noticed",
+        ],
+        [
+            "a red bicycle",
+            "the heavy box",
+            "an old letter",
+            "the blue umbrella",
+            "a wooden chair",
+            "the broken clock",
+            "a small garden",
+            "the silver key",
+            "a warm blanket",
+            "the green door",
+            "a long rope",
+            "the kitchen window",
+        ],
+        [
+            "this morning",
+            "near the station",
+            "before dinner",
+            "last winter",
+            "in the rain",
+            "after school",
+            "on Sunday",
+            "without a word",
+            "at midnight",
+            "by the river",
+            "yesterday afternoon",
+            "with great care",
+        ],
     ),
     "fr": (
-        ["Le vieil homme", "Ma sœur", "Notre voisin", "Le jeune professeur",
-         "Un médecin fatigué", "Le petit garçon", "Son père", "Le fermier",
-         "Une étudiante calme", "Le boulanger", "Sa grand-mère", "Le pilote",
-         "Une chanteuse célèbre", "L'infirmière"],
-        ["trouve", "peint", "achète", "porte", "nettoie", "emprunte", "vend", "répare",
-         "oublie", "cherche", "ouvre", "cache", "décrit", "regarde"],
-        ["un vélo rouge", "la lourde boîte", "une vieille lettre", "le parapluie bleu",
-         "une chaise en bois", "l'horloge cassée", "un petit jardin", "la clé d'argent",
-         "une couverture chaude", "la porte verte", "une longue corde",
-         "la fenêtre de la cuisine"],
-        ["ce matin", "près de la gare", "avant le dîner", "l'hiver dernier", "sous la pluie",
-         "après l'école", "le dimanche", "sans un mot", "à minuit", "au bord de la rivière",
-         "hier après-midi", "avec beaucoup de soin"],
+        [
+            "Le vieil homme",
+            "Ma sœur",
+            "Notre voisin",
+            "Le jeune professeur",
+            "Un médecin fatigué",
+            "Le petit garçon",
+            "Son père",
+            "Le fermier",
+            "Une étudiante calme",
+            "Le boulanger",
+            "Sa grand-mère",
+            "Le pilote",
+            "Une chanteuse célèbre",
+            "L'infirmière",
+        ],
+        [
+            "trouve",
+            "peint",
+            "achète",
+            "porte",
+            "nettoie",
+            "emprunte",
+            "vend",
+            "répare",
+            "oublie",
+            "cherche",
+            "ouvre",
+            "cache",
+            "décrit",
+            "regarde",
+        ],
+        [
+            "un vélo rouge",
+            "la lourde boîte",
+            "une vieille lettre",
+            "le parapluie bleu",
+            "une chaise en bois",
+            "l'horloge cassée",
+            "un petit jardin",
+            "la clé d'argent",
+            "une couverture chaude",
+            "la porte verte",
+            "une longue corde",
+            "la fenêtre de la cuisine",
+        ],
+        [
+            "ce matin",
+            "près de la gare",
+            "avant le dîner",
+            "l'hiver dernier",
+            "sous la pluie",
+            "après l'école",
+            "le dimanche",
+            "sans un mot",
+            "à minuit",
+            "au bord de la rivière",
+            "hier après-midi",
+            "avec beaucoup de soin",
+        ],
     ),
     "de": (
-        ["Der alte Mann", "Meine Schwester", "Unser Nachbar", "Der junge Lehrer",
-         "Ein müder Arzt", "Der kleine Junge", "Ihr Vater", "Der Bauer",
-         "Eine ruhige Studentin", "Der Bäcker", "Seine Großmutter", "Der Pilot",
-         "Eine berühmte Sängerin", "Die Krankenschwester"],
-        ["findet", "malt", "kauft", "trägt", "putzt", "leiht", "verkauft", "repariert",
-         "vergisst", "sucht", "öffnet", "versteckt", "beschreibt", "betrachtet"],
-        ["ein rotes Fahrrad", "die schwere Kiste", "einen alten Brief",
-         "den blauen Regenschirm", "einen hölzernen Stuhl", "die kaputte Uhr",
-         "einen kleinen Garten", "den silbernen Schlüssel", "eine warme Decke",
-         "die grüne Tür", "ein langes Seil", "das Küchenfenster"],
-        ["heute Morgen", "am Bahnhof", "vor dem Abendessen", "im letzten Winter", "im Regen",
-         "nach der Schule", "am Sonntag", "ohne ein Wort", "um Mitternacht", "am Fluss",
-         "gestern Nachmittag", "mit großer Sorgfalt"],
+        [
+            "Der alte Mann",
+            "Meine Schwester",
+            "Unser Nachbar",
+            "Der junge Lehrer",
+            "Ein müder Arzt",
+            "Der kleine Junge",
+            "Ihr Vater",
+            "Der Bauer",
+            "Eine ruhige Studentin",
+            "Der Bäcker",
+            "Seine Großmutter",
+            "Der Pilot",
+            "Eine berühmte Sängerin",
+            "Die Krankenschwester",
+        ],
+        [
+            "findet",
+            "malt",
+            "kauft",
+            "trägt",
+            "putzt",
+            "leiht",
+            "verkauft",
+            "repariert",
+            "vergisst",
+            "sucht",
+            "öffnet",
+            "versteckt",
+            "beschreibt",
+            "betrachtet",
+        ],
+        [
+            "ein rotes Fahrrad",
+            "die schwere Kiste",
+            "einen alten Brief",
+            "den blauen Regenschirm",
+            "einen hölzernen Stuhl",
+            "die kaputte Uhr",
+            "einen kleinen Garten",
+            "den silbernen Schlüssel",
+            "eine warme Decke",
+            "die grüne Tür",
+            "ein langes Seil",
+            "das Küchenfenster",
+        ],
+        [
+            "heute Morgen",
+            "am Bahnhof",
+            "vor dem Abendessen",
+            "im letzten Winter",
+            "im Regen",
+            "nach der Schule",
+            "am Sonntag",
+            "ohne ein Wort",
+            "um Mitternacht",
+            "am Fluss",
+            "gestern Nachmittag",
+            "mit großer Sorgfalt",
+        ],
     ),
     "es": (
-        ["El anciano", "Mi hermana", "Nuestro vecino", "El joven profesor",
-         "Un médico cansado", "El niño pequeño", "Su padre", "El granjero",
-         "Una estudiante tranquila", "El panadero", "Su abuela", "El piloto",
-         "Una cantante famosa", "La enfermera"],
-        ["encuentra", "pinta", "compra", "lleva", "limpia", "guarda", "vende", "repara",
-         "olvida", "busca", "abre", "esconde", "describe", "mira"],
-        ["una bicicleta roja", "la caja pesada", "una carta antigua", "el paraguas azul",
-         "una silla de madera", "el reloj roto", "un jardín pequeño", "la llave de plata",
-         "una manta caliente", "la puerta verde", "una cuerda larga",
-         "la ventana de la cocina"],
-        ["esta mañana", "cerca de la estación", "antes de la cena", "el invierno pasado",
-         "bajo la lluvia", "después de la escuela", "el domingo", "sin decir nada",
-         "a medianoche", "junto al río", "ayer por la tarde", "con mucho cuidado"],
+        [
+            "El anciano",
+            "Mi hermana",
+            "Nuestro vecino",
+            "El joven profesor",
+            "Un médico cansado",
+            "El niño pequeño",
+            "Su padre",
+            "El granjero",
+            "Una estudiante tranquila",
+            "El panadero",
+            "Su abuela",
+            "El piloto",
+            "Una cantante famosa",
+            "La enfermera",
+        ],
+        [
+            "encuentra",
+            "pinta",
+            "compra",
+            "lleva",
+            "limpia",
+            "guarda",
+            "vende",
+            "repara",
+            "olvida",
+            "busca",
+            "abre",
+            "esconde",
+            "describe",
+            "mira",
+        ],
+        [
+            "una bicicleta roja",
+            "la caja pesada",
+            "una carta antigua",
+            "el paraguas azul",
+            "una silla de madera",
+            "el reloj roto",
+            "un jardín pequeño",
+            "la llave de plata",
+            "una manta caliente",
+            "la puerta verde",
+            "una cuerda larga",
+            "la ventana de la cocina",
+        ],
+        [
+            "esta mañana",
+            "cerca de la estación",
+            "antes de la cena",
+            "el invierno pasado",
+            "bajo la lluvia",
+            "después de la escuela",
+            "el domingo",
+            "sin decir nada",
+            "a medianoche",
+            "junto al río",
+            "ayer por la tarde",
+            "con mucho cuidado",
+        ],
     ),
     "it": (
-        ["Il vecchio", "Mia sorella", "Il nostro vicino", "Il giovane maestro",
-         "Un medico stanco", "Il bambino", "Suo padre", "Il contadino",
-         "Una studentessa tranquilla", "Il fornaio", "Sua nonna", "Il pilota",
-         "Una cantante famosa", "L'infermiera"],
-        ["trova", "dipinge", "compra", "porta", "pulisce", "vende", "ripara", "dimentica",
-         "cerca", "apre", "nasconde", "descrive", "guarda", "prende"],
-        ["una bicicletta rossa", "la scatola pesante", "una vecchia lettera", "l'ombrello blu",
-         "una sedia di legno", "l'orologio rotto", "un piccolo giardino",
-         "la chiave d'argento", "una coperta calda", "la porta verde", "una corda lunga",
-         "la finestra della cucina"],
-        ["stamattina", "vicino alla stazione", "prima di cena", "l'inverno scorso",
-         "sotto la pioggia", "dopo la scuola", "la domenica", "senza una parola",
-         "a mezzanotte", "lungo il fiume", "ieri pomeriggio", "con molta cura"],
+        [
+            "Il vecchio",
+            "Mia sorella",
+            "Il nostro vicino",
+            "Il giovane maestro",
+            "Un medico stanco",
+            "Il bambino",
+            "Suo padre",
+            "Il contadino",
+            "Una studentessa tranquilla",
+            "Il fornaio",
+            "Sua nonna",
+            "Il pilota",
+            "Una cantante famosa",
+            "L'infermiera",
+        ],
+        [
+            "trova",
+            "dipinge",
+            "compra",
+            "porta",
+            "pulisce",
+            "vende",
+            "ripara",
+            "dimentica",
+            "cerca",
+            "apre",
+            "nasconde",
+            "descrive",
+            "guarda",
+            "prende",
+        ],
+        [
+            "una bicicletta rossa",
+            "la scatola pesante",
+            "una vecchia lettera",
+            "l'ombrello blu",
+            "una sedia di legno",
+            "l'orologio rotto",
+            "un piccolo giardino",
+            "la chiave d'argento",
+            "una coperta calda",
+            "la porta verde",
+            "una corda lunga",
+            "la finestra della cucina",
+        ],
+        [
+            "stamattina",
+            "vicino alla stazione",
+            "prima di cena",
+            "l'inverno scorso",
+            "sotto la pioggia",
+            "dopo la scuola",
+            "la domenica",
+            "senza una parola",
+            "a mezzanotte",
+            "lungo il fiume",
+            "ieri pomeriggio",
+            "con molta cura",
+        ],
     ),
     "nl": (
-        ["De oude man", "Mijn zus", "Onze buurman", "De jonge leraar", "Een vermoeide arts",
-         "Het kleine jongetje", "Haar vader", "De boer", "Een rustige studente", "De bakker",
-         "Zijn oma", "De piloot", "Een beroemde zangeres", "De verpleegster"],
-        ["vindt", "schildert", "koopt", "draagt", "poetst", "leent", "verkoopt", "repareert",
-         "vergeet", "zoekt", "opent", "verstopt", "beschrijft", "bekijkt"],
-        ["een rode fiets", "de zware doos", "een oude brief", "de blauwe paraplu",
-         "een houten stoel", "de kapotte klok", "een kleine tuin", "de zilveren sleutel",
-         "een warme deken", "de groene deur", "een lang touw", "het keukenraam"],
-        ["vanochtend", "bij het station", "voor het avondeten", "vorige winter",
-         "in de regen", "na school", "op zondag", "zonder een woord", "om middernacht",
-         "bij de rivier", "gistermiddag", "met veel zorg"],
+        [
+            "De oude man",
+            "Mijn zus",
+            "Onze buurman",
+            "De jonge leraar",
+            "Een vermoeide arts",
+            "Het kleine jongetje",
+            "Haar vader",
+            "De boer",
+            "Een rustige studente",
+            "De bakker",
+            "Zijn oma",
+            "De piloot",
+            "Een beroemde zangeres",
+            "De verpleegster",
+        ],
+        [
+            "vindt",
+            "schildert",
+            "koopt",
+            "draagt",
+            "poetst",
+            "leent",
+            "verkoopt",
+            "repareert",
+            "vergeet",
+            "zoekt",
+            "opent",
+            "verstopt",
+            "beschrijft",
+            "bekijkt",
+        ],
+        [
+            "een rode fiets",
+            "de zware doos",
+            "een oude brief",
+            "de blauwe paraplu",
+            "een houten stoel",
+            "de kapotte klok",
+            "een kleine tuin",
+            "de zilveren sleutel",
+            "een warme deken",
+            "de groene deur",
+            "een lang touw",
+            "het keukenraam",
+        ],
+        [
+            "vanochtend",
+            "bij het station",
+            "voor het avondeten",
+            "vorige winter",
+            "in de regen",
+            "na school",
+            "op zondag",
+            "zonder een woord",
+            "om middernacht",
+            "bij de rivier",
+            "gistermiddag",
+            "met veel zorg",
+        ],
     ),
     "pt": (
-        ["O velho", "A minha irmã", "O nosso vizinho", "O jovem professor",
-         "Um médico cansado", "O menino", "O pai dela", "O agricultor",
-         "Uma estudante calma", "O padeiro", "A avó dele", "O piloto", "Uma cantora famosa",
-         "A enfermeira"],
-        ["encontra", "pinta", "compra", "leva", "limpa", "guarda", "vende", "conserta",
-         "esquece", "procura", "abre", "esconde", "descreve", "pega"],
-        ["uma bicicleta vermelha", "a caixa pesada", "uma carta antiga",
-         "o guarda-chuva azul", "uma cadeira de madeira", "o relógio quebrado",
-         "um jardim pequeno", "a chave de prata", "um cobertor quente", "a porta verde",
-         "uma corda comprida", "a janela da cozinha"],
-        ["esta manhã", "perto da estação", "antes do jantar", "no inverno passado",
-         "debaixo da chuva", "depois da escola", "no domingo", "sem dizer nada",
-         "à meia-noite", "junto ao rio", "ontem à tarde", "com muito cuidado"],
+        [
+            "O velho",
+            "A minha irmã",
+            "O nosso vizinho",
+            "O jovem professor",
+            "Um médico cansado",
+            "O menino",
+            "O pai dela",
+            "O agricultor",
+            "Uma estudante calma",
+            "O padeiro",
+            "A avó dele",
+            "O piloto",
+            "Uma cantora famosa",
+            "A enfermeira",
+        ],
+        [
+            "encontra",
+            "pinta",
+            "compra",
+            "leva",
+            "limpa",
+            "guarda",
+            "vende",
+            "conserta",
+            "esquece",
+            "procura",
+            "abre",
+            "esconde",
+            "descreve",
+            "pega",
+        ],
+        [
+            "uma bicicleta vermelha",
+            "a caixa pesada",
+            "uma carta antiga",
+            "o guarda-chuva azul",
+            "uma cadeira de madeira",
+            "o relógio quebrado",
+            "um jardim pequeno",
+            "a chave de prata",
+            "um cobertor quente",
+            "a porta verde",
+            "uma corda comprida",
+            "a janela da cozinha",
+        ],
+        [
+            "esta manhã",
+            "perto da estação",
+            "antes do jantar",
+            "no inverno passado",
+            "debaixo da chuva",
+            "depois da escola",
+            "no domingo",
+            "sem dizer nada",
+            "à meia-noite",
+            "junto ao rio",
+            "ontem à tarde",
+            "com muito cuidado",
+        ],
     ),
 }
 
 # espeak-ng voice (language) -> word list. English word lists serve every English accent.
 LANGUAGES = {
-    "en": "en", "en-us": "en", "en-gb-scotland": "en", "en-029": "en",
-    "fr": "fr", "fr-be": "fr", "de": "de", "es": "es", "es-419": "es", "it": "it",
-    "nl": "nl", "pt": "pt", "pt-br": "pt",
+    "en": "en",
+    "en-us": "en",
+    "en-gb-scotland": "en",
+    "en-029": "en",
+    "fr": "fr",
+    "fr-be": "fr",
+    "de": "de",
+    "es": "es",
+    "es-419": "es",
+    "it": "it",
+    "nl": "nl",
+    "pt": "pt",
+    "pt-br": "pt",
 }
 DEFAULT_LANGUAGES = ("en", "en-us", "fr", "de", "es", "it", "nl", "pt")
 
@@ -183,10 +538,45 @@ DEFAULT_LANGUAGES = ("en", "en-us", "fr", "de", "es", "it", "nl", "pt")
 # speaker; robots, whispers, croaks and joke voices are left out. espeak-ng ignores an unknown
 # variant silently, so only names checked with `espeak-ng --voices=variant` are listed.
 VARIANTS = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
-    "Alex", "Andrea", "Annie", "belinda", "benjamin", "Denis", "Diogo", "edward", "grandma",
-    "grandpa", "gustave", "Henrique", "Hugo", "john", "linda", "Marco", "max", "michel",
-    "miguel", "Mike", "norbert", "pablo", "paul", "robert", "shelby", "steph", "travis",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "Alex",
+    "Andrea",
+    "Annie",
+    "belinda",
+    "benjamin",
+    "Denis",
+    "Diogo",
+    "edward",
+    "grandma",
+    "grandpa",
+    "gustave",
+    "Henrique",
+    "Hugo",
+    "john",
+    "linda",
+    "Marco",
+    "max",
+    "michel",
+    "miguel",
+    "Mike",
+    "norbert",
+    "pablo",
+    "paul",
+    "robert",
+    "shelby",
+    "steph",
+    "travis",
     "victor",
 )
 
@@ -198,8 +588,9 @@ _SPLIT_SHARES = {"train": range(0, 8), "valid": range(8, 9), "test": range(9, 10
 def sentence_split(text: str) -> str:
     """The split (``"train"``, ``"valid"`` or ``"test"``) that owns sentence ``text``
     (80% / 10% / 10% of the sentences, by a hash of the text)."""
-    bucket = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
-                            "little") % 10
+    bucket = (
+        int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") % 10
+    )
     return next(split for split, buckets in _SPLIT_SHARES.items() if bucket in buckets)
 
 
@@ -216,6 +607,7 @@ def _sentence(rng: np.random.Generator, language: str, split: str, avoid: set) -
 # Resampling
 # --------------------------------------------------------------------------------------------
 
+
 def _kaiser(t: np.ndarray, half_width: float, beta: float) -> np.ndarray:
     """Kaiser window evaluated at continuous offsets ``t`` (zero outside ``|t| <= half_width``)."""
     ratio = np.clip(1.0 - (t / half_width) ** 2, 0.0, None)
@@ -223,23 +615,31 @@ def _kaiser(t: np.ndarray, half_width: float, beta: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _polyphase_filters(up: int, down: int, zero_crossings: int, rolloff: float, beta: float
-                       ) -> np.ndarray:
+def _polyphase_filters(
+    up: int, down: int, zero_crossings: int, rolloff: float, beta: float
+) -> np.ndarray:
     """``[up, 2 * half]`` table: row p is the low-pass filter for outputs whose input position
     has fractional part p / up, tap k applying to input sample floor(position) - half + 1 + k."""
     # Cut-off in cycles per input sample, and the filter's half length in input samples.
     cutoff = 0.5 * rolloff * min(1.0, up / down)
     half = int(math.ceil(zero_crossings / (2.0 * cutoff)))
     taps = np.arange(-half + 1, half + 1)
-    t = np.arange(up)[:, None] / up - taps[None, :]            # [up, K] distance to each tap
+    t = np.arange(up)[:, None] / up - taps[None, :]  # [up, K] distance to each tap
     filters = 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * _kaiser(t, half, beta)
     filters /= filters.sum(axis=1, keepdims=True)
     filters.setflags(write=False)
     return filters
 
 
-def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int = 32,
-             rolloff: float = 0.9, beta: float = 8.6) -> np.ndarray:
+def resample(
+    x: np.ndarray,
+    orig_sr: int,
+    target_sr: int,
+    *,
+    zero_crossings: int = 32,
+    rolloff: float = 0.9,
+    beta: float = 8.6,
+) -> np.ndarray:
     """Resample a 1-D signal from ``orig_sr`` to ``target_sr`` Hz (float32 out).
 
     A rational polyphase resampler with a Kaiser-windowed sinc low-pass: the ratio is reduced
@@ -262,8 +662,10 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int
     if up == down:
         return x.astype(np.float32)
     if up > 4096:
-        raise InputError(f"resampling {orig_sr} -> {target_sr} Hz needs {up} filter phases; "
-                         "choose rates with a larger common divisor (e.g. 8000, 16000, 22050)")
+        raise InputError(
+            f"resampling {orig_sr} -> {target_sr} Hz needs {up} filter phases; "
+            "choose rates with a larger common divisor (e.g. 8000, 16000, 22050)"
+        )
     filters = _polyphase_filters(up, down, zero_crossings, rolloff, beta)
     half = filters.shape[1] // 2
     n_out = int(math.ceil(len(x) * up / down))
@@ -277,7 +679,7 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int
     for first in range(min(up, n_out)):
         base, phase = divmod(first * down, up)
         count = len(range(first, n_out, up))
-        out[first::up] = windows[base + 1::down][:count] @ filters[phase]
+        out[first::up] = windows[base + 1 :: down][:count] @ filters[phase]
     return out.astype(np.float32)
 
 
@@ -285,10 +687,13 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int
 # WAV input/output (stdlib ``wave``, 16-bit PCM mono)
 # --------------------------------------------------------------------------------------------
 
+
 def _pcm16(wav_file: wave.Wave_read, where: str) -> np.ndarray:
     if wav_file.getsampwidth() != 2 or wav_file.getnchannels() != 1:
-        raise InputError(f"{where}: expected 16-bit mono PCM, got {wav_file.getnchannels()} "
-                         f"channel(s) of {8 * wav_file.getsampwidth()} bits")
+        raise InputError(
+            f"{where}: expected 16-bit mono PCM, got {wav_file.getnchannels()} "
+            f"channel(s) of {8 * wav_file.getsampwidth()} bits"
+        )
     # espeak-ng writing to a pipe puts a placeholder frame count in the header; readframes
     # stops at the end of the data anyway, so asking for getnframes() is safe.
     return np.frombuffer(wav_file.readframes(wav_file.getnframes()), dtype="<i2")
@@ -313,13 +718,15 @@ def write_wav(path, samples: np.ndarray, sample_rate: int) -> None:
 
 
 def _to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767
-                   ).astype(np.int16)
+    return np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype(
+        np.int16
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Speech synthesis
 # --------------------------------------------------------------------------------------------
+
 
 def _espeak() -> str:
     path = shutil.which("espeak-ng")
@@ -327,7 +734,8 @@ def _espeak() -> str:
         raise InputError(
             "espeak-ng is not installed: it is needed to synthesise speech mixtures. Install it "
             "with `apt-get install espeak-ng` (Debian/Ubuntu), or use "
-            "sepfx.data.bundled_test_set(), which needs no synthesiser")
+            "sepfx.data.bundled_test_set(), which needs no synthesiser"
+        )
     return path
 
 
@@ -337,16 +745,18 @@ def espeak_version() -> str:
     return result.stdout.split("Data at")[0].strip()
 
 
-def trim_silence(x: np.ndarray, sample_rate: int, threshold_db: float = -40.0,
-                 margin: float = 0.02) -> np.ndarray:
+def trim_silence(
+    x: np.ndarray, sample_rate: int, threshold_db: float = -40.0, margin: float = 0.02
+) -> np.ndarray:
     """Drop leading and trailing 10 ms frames quieter than ``threshold_db`` below the loudest
     frame, keeping ``margin`` seconds of context on each side."""
     frame = max(1, int(0.01 * sample_rate))
     n_frames = len(x) // frame
     if n_frames == 0:
         return x
-    energy = np.sqrt(np.mean(x[: n_frames * frame].astype(np.float64).reshape(n_frames, frame)
-                             ** 2, axis=1))
+    energy = np.sqrt(
+        np.mean(x[: n_frames * frame].astype(np.float64).reshape(n_frames, frame) ** 2, axis=1)
+    )
     loud = np.flatnonzero(energy > energy.max() * 10.0 ** (threshold_db / 20.0))
     if len(loud) == 0:
         return x[:0]
@@ -356,8 +766,9 @@ def trim_silence(x: np.ndarray, sample_rate: int, threshold_db: float = -40.0,
     return x[start:stop]
 
 
-def synthesize(text: str, voice: str = "en", pitch: int = 50, speed: int = 175,
-               sample_rate: int = 8000) -> np.ndarray:
+def synthesize(
+    text: str, voice: str = "en", pitch: int = 50, speed: int = 175, sample_rate: int = 8000
+) -> np.ndarray:
     """Speak ``text`` with espeak-ng; float32 samples in [-1, 1) at ``sample_rate``, with
     leading and trailing silence trimmed.
 
@@ -367,15 +778,30 @@ def synthesize(text: str, voice: str = "en", pitch: int = 50, speed: int = 175,
     """
     text = str(text).strip()
     if not text or text.startswith("-"):
-        raise InputError(f"synthesize: text {text!r} is empty or starts with '-' (it would be "
-                         "read as an espeak-ng option)")
-    command = [_espeak(), "-b", "1", "-v", voice, "-p", str(int(pitch)), "-s", str(int(speed)),
-               "--stdout", text]
+        raise InputError(
+            f"synthesize: text {text!r} is empty or starts with '-' (it would be "
+            "read as an espeak-ng option)"
+        )
+    command = [
+        _espeak(),
+        "-b",
+        "1",
+        "-v",
+        voice,
+        "-p",
+        str(int(pitch)),
+        "-s",
+        str(int(speed)),
+        "--stdout",
+        text,
+    ]
     result = subprocess.run(command, capture_output=True)
     if result.returncode != 0 or len(result.stdout) <= 44:
         message = result.stderr.decode("utf-8", "replace").strip() or "no audio"
-        raise InputError(f"espeak-ng failed for voice {voice!r} on {text!r}: {message}; list "
-                         "the voices with `espeak-ng --voices`")
+        raise InputError(
+            f"espeak-ng failed for voice {voice!r} on {text!r}: {message}; list "
+            "the voices with `espeak-ng --voices`"
+        )
     with wave.open(io.BytesIO(result.stdout), "rb") as wav_file:
         samples = _pcm16(wav_file, f"espeak-ng output for voice {voice!r}")
         rate = wav_file.getframerate()
@@ -387,8 +813,16 @@ def synthesize(text: str, voice: str = "en", pitch: int = 50, speed: int = 175,
 # Mixture generation
 # --------------------------------------------------------------------------------------------
 
-def _speaker_turn(rng: np.random.Generator, split: str, languages, sample_rate: int,
-                  length: int, avoid: set, other_voice: str | None = None) -> dict:
+
+def _speaker_turn(
+    rng: np.random.Generator,
+    split: str,
+    languages,
+    sample_rate: int,
+    length: int,
+    avoid: set,
+    other_voice: str | None = None,
+) -> dict:
     """One source of a mixture: one speaker (language, voice variant, pitch, speed) saying
     sentences of ``split`` back to back until ``length`` samples are filled (at most four),
     then a random ``length``-sample window of that (zero-padded if still short). The voice is
@@ -411,12 +845,17 @@ def _speaker_turn(rng: np.random.Generator, split: str, languages, sample_rate: 
     audio = np.concatenate(pieces)
     if len(audio) >= length:
         start = int(rng.integers(0, len(audio) - length + 1))
-        audio = audio[start:start + length]
+        audio = audio[start : start + length]
     else:
         offset = int(rng.integers(0, length - len(audio) + 1))
         audio = np.pad(audio, (offset, length - len(audio) - offset))
-    return {"audio": audio.astype(np.float64), "voice": voice, "pitch": pitch, "speed": speed,
-            "texts": texts}
+    return {
+        "audio": audio.astype(np.float64),
+        "voice": voice,
+        "pitch": pitch,
+        "speed": speed,
+        "texts": texts,
+    }
 
 
 def _power(x: np.ndarray) -> float:
@@ -434,16 +873,19 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     length = int(round(params["seconds"] * sample_rate))
     avoid: set = set()  # the two speakers never say the same sentence
     first = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
-    second = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid,
-                           other_voice=first["voice"])
+    second = _speaker_turn(
+        rng, split, params["languages"], sample_rate, length, avoid, other_voice=first["voice"]
+    )
     snr_db = float(rng.uniform(-5.0, 5.0))
     level_db = float(rng.uniform(-30.0, -20.0))  # RMS of the first source, dBFS
 
-    s1 = first["audio"] * (10.0 ** (level_db / 20.0) / math.sqrt(max(_power(first["audio"]),
-                                                                       1e-20)))
+    s1 = first["audio"] * (
+        10.0 ** (level_db / 20.0) / math.sqrt(max(_power(first["audio"]), 1e-20))
+    )
     # Scale the second source so that 10 log10(P1 / P2) = snr_db.
-    s2 = second["audio"] * math.sqrt(_power(s1) / max(_power(second["audio"]), 1e-20)
-                                     / 10.0 ** (snr_db / 10.0))
+    s2 = second["audio"] * math.sqrt(
+        _power(s1) / max(_power(second["audio"]), 1e-20) / 10.0 ** (snr_db / 10.0)
+    )
     # Rescale both sources by one factor (which keeps the SNR) so that nothing clips.
     peak = max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
     if peak > 0.9:
@@ -458,12 +900,17 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     for key, samples in (("mix", mix.astype(np.int16)), ("s1", q1), ("s2", q2)):
         write_wav(out_dir / files[key], samples, sample_rate)
     return {
-        "split": split, "index": index, "files": files, "snr_db": round(snr_db, 4),
+        "split": split,
+        "index": index,
+        "files": files,
+        "snr_db": round(snr_db, 4),
         "voices": [first["voice"], second["voice"]],
         "pitches": [first["pitch"], second["pitch"]],
         "speeds": [first["speed"], second["speed"]],
         "texts": [first["texts"], second["texts"]],
-        "sample_rate": sample_rate, "seed": seed, "samples": length,
+        "sample_rate": sample_rate,
+        "seed": seed,
+        "samples": length,
     }
 
 
@@ -475,10 +922,19 @@ def _load_index(folder: Path) -> dict | None:
         return None
 
 
-def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 0,
-                  sample_rate: int = 8000, seconds: float = 4.0,
-                  languages=DEFAULT_LANGUAGES, *, workers: int | None = None,
-                  progress: bool = True) -> Path:
+def make_mixtures(
+    out_dir,
+    n_train: int,
+    n_valid: int,
+    n_test: int,
+    seed: int = 0,
+    sample_rate: int = 8000,
+    seconds: float = 4.0,
+    languages=DEFAULT_LANGUAGES,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Generate two-speaker mixtures into ``out_dir`` (once) and return ``out_dir``.
 
     Writes ``{train,valid,test}/NNNNN_{mix,s1,s2}.wav`` (16-bit PCM, ``seconds`` long) and
@@ -495,24 +951,36 @@ def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 
     out_dir = Path(out_dir)
     counts = {"train": int(n_train), "valid": int(n_valid), "test": int(n_test)}
     if min(counts.values()) < 0 or sum(counts.values()) == 0:
-        raise InputError(f"make_mixtures: mixture counts must be >= 0 and not all 0, got "
-                         f"{counts}")
+        raise InputError(f"make_mixtures: mixture counts must be >= 0 and not all 0, got {counts}")
     languages = tuple(languages)
     unknown = [language for language in languages if language not in LANGUAGES]
     if not languages or unknown:
-        raise InputError(f"make_mixtures: no word list for language(s) {unknown or '()'}; "
-                         f"available: {sorted(LANGUAGES)}")
+        raise InputError(
+            f"make_mixtures: no word list for language(s) {unknown or '()'}; "
+            f"available: {sorted(LANGUAGES)}"
+        )
     if seconds <= 0:
         raise InputError(f"make_mixtures: seconds must be > 0, got {seconds}")
-    params = {"n_train": counts["train"], "n_valid": counts["valid"], "n_test": counts["test"],
-              "seed": int(seed), "sample_rate": int(sample_rate), "seconds": float(seconds),
-              "languages": list(languages), "generator_version": GENERATOR_VERSION}
+    params = {
+        "n_train": counts["train"],
+        "n_valid": counts["valid"],
+        "n_test": counts["test"],
+        "seed": int(seed),
+        "sample_rate": int(sample_rate),
+        "seconds": float(seconds),
+        "languages": list(languages),
+        "generator_version": GENERATOR_VERSION,
+    }
 
     old = _load_index(out_dir)
-    old_files = [path for item in (old or {}).get("items", [])
-                 for path in item.get("files", {}).values()]
-    if old is not None and old.get("params") == params and all(
-            (out_dir / path).exists() for path in old_files):
+    old_files = [
+        path for item in (old or {}).get("items", []) for path in item.get("files", {}).values()
+    ]
+    if (
+        old is not None
+        and old.get("params") == params
+        and all((out_dir / path).exists() for path in old_files)
+    ):
         return out_dir
     version = espeak_version()  # fails early, with the install hint, if espeak-ng is missing
     if old is not None:  # remove the previous generation's files: only names it could write
@@ -527,9 +995,12 @@ def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 
     jobs = [(split, i) for split in SPLITS for i in range(counts[split])]
     workers = workers or min(8, os.cpu_count() or 1)
     from tqdm.auto import tqdm
+
     # Threads suffice: the time goes into the espeak-ng processes and numpy, not Python.
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar,
+    ):
         futures = [pool.submit(_make_item, out_dir, split, i, params) for split, i in jobs]
         items = []
         try:
@@ -552,6 +1023,7 @@ def make_mixtures(out_dir, n_train: int, n_valid: int, n_test: int, seed: int = 
 # Dataset
 # --------------------------------------------------------------------------------------------
 
+
 class MixtureDataset(Dataset):
     """The mixtures of one split of a folder written by :func:`make_mixtures`.
 
@@ -562,13 +1034,21 @@ class MixtureDataset(Dataset):
     the files'. The default DataLoader collate stacks items into ``[B, T]`` and ``[B, 2, T]``.
     """
 
-    def __init__(self, folder, split: str = "train", segment: float | None = None,
-                 seed: int = 0, sample_rate: int | None = None):
+    def __init__(
+        self,
+        folder,
+        split: str = "train",
+        segment: float | None = None,
+        seed: int = 0,
+        sample_rate: int | None = None,
+    ):
         self.folder = Path(folder)
         index = _load_index(self.folder)
         if index is None:
-            raise InputError(f"{self.folder / 'index.json'} not found: generate the mixtures "
-                             "with sepfx.data.make_mixtures or benchmarks/make_data.py")
+            raise InputError(
+                f"{self.folder / 'index.json'} not found: generate the mixtures "
+                "with sepfx.data.make_mixtures or benchmarks/make_data.py"
+            )
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         self.split = split
@@ -594,8 +1074,9 @@ class MixtureDataset(Dataset):
     def _load(self, relative: str) -> np.ndarray:
         samples, rate = read_wav(self.folder / relative)
         if rate != self.file_rate:
-            raise InputError(f"{self.folder / relative}: {rate} Hz, but index.json says "
-                             f"{self.file_rate} Hz")
+            raise InputError(
+                f"{self.folder / relative}: {rate} Hz, but index.json says {self.file_rate} Hz"
+            )
         audio = samples.astype(np.float32) / 32768.0
         return resample(audio, rate, self.sample_rate) if rate != self.sample_rate else audio
 
@@ -608,18 +1089,27 @@ class MixtureDataset(Dataset):
             if length > self.segment:
                 rng = np.random.default_rng([self.seed, self.epoch, i])
                 start = int(rng.integers(0, length - self.segment + 1))
-                mixture = mixture[start:start + self.segment]
-                sources = sources[:, start:start + self.segment]
+                mixture = mixture[start : start + self.segment]
+                sources = sources[:, start : start + self.segment]
             elif length < self.segment:
                 mixture = np.pad(mixture, (0, self.segment - length))
                 sources = np.pad(sources, ((0, 0), (0, self.segment - length)))
-        return torch.from_numpy(np.ascontiguousarray(mixture)), \
-            torch.from_numpy(np.ascontiguousarray(sources))
+        return torch.from_numpy(np.ascontiguousarray(mixture)), torch.from_numpy(
+            np.ascontiguousarray(sources)
+        )
 
 
-def loader(folder, split: str = "train", batch_size: int = 8, segment: float | None = None,
-           shuffle: bool | None = None, seed: int = 0, drop_last: bool | None = None,
-           num_workers: int = 0, sample_rate: int | None = None) -> DataLoader:
+def loader(
+    folder,
+    split: str = "train",
+    batch_size: int = 8,
+    segment: float | None = None,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    num_workers: int = 0,
+    sample_rate: int | None = None,
+) -> DataLoader:
     """A DataLoader of ``(mixture[B, T], sources[B, 2, T])`` over one split of ``folder``.
 
     By default the training split is shuffled (by a generator seeded with ``seed``) and its
@@ -629,13 +1119,19 @@ def loader(folder, split: str = "train", batch_size: int = 8, segment: float | N
     training = split == "train"
     shuffle = training if shuffle is None else shuffle
     drop_last = training if drop_last is None else drop_last
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
 
 
-def bundled_test_set(segment: float | None = None, sample_rate: int | None = None
-                     ) -> MixtureDataset:
+def bundled_test_set(
+    segment: float | None = None, sample_rate: int | None = None
+) -> MixtureDataset:
     """The test mixtures committed with sepfx (``sepfx/assets/mixtures``: 2 s at 8 kHz, made
     by :func:`make_mixtures`); needs no espeak-ng."""
     return MixtureDataset(BUNDLED_MIXTURES, "test", segment=segment, sample_rate=sample_rate)
@@ -648,8 +1144,9 @@ def bundled_test_set(segment: float | None = None, sample_rate: int | None = Non
 ARCTIC_FILES = ("arctic_a0007.wav", "arctic_a0009.wav")
 
 
-def arctic_mixture(snr_db: float = 0.0, sample_rate: int = 8000
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def arctic_mixture(
+    snr_db: float = 0.0, sample_rate: int = 8000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two real recordings from CMU ARCTIC mixed at ``snr_db`` (default 0 dB):
     ``(mixture[T], sources[2, T])`` float32, both cut to the shorter recording.
 

@@ -2,6 +2,7 @@
 budget, with MACs, params, latency and SI-SNRi before and after. Needs no espeak-ng and no
 network: half of the 20 committed mixtures tune the gates and the fine-tune (distilled from the
 dense model by default), the other half measure."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,13 @@ from sepfx.losses import si_snr_improvement
 
 def _batches(dataset, indices, batch_size=2):
     items = [dataset[i] for i in indices]
-    return [(torch.stack([m for m, _ in items[i:i + batch_size]]),
-             torch.stack([s for _, s in items[i:i + batch_size]]))
-            for i in range(0, len(items) - batch_size + 1, batch_size)]
+    return [
+        (
+            torch.stack([m for m, _ in items[i : i + batch_size]]),
+            torch.stack([s for _, s in items[i : i + batch_size]]),
+        )
+        for i in range(0, len(items) - batch_size + 1, batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -29,8 +34,15 @@ def si_snri(model, batches) -> float:
     return float(torch.cat(values).mean())
 
 
-def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: str = "slim.onnx",
-        model_name: str = "conv_tasnet", progress: bool = True, distill: bool = True) -> dict:
+def run(
+    budget: float = 0.4,
+    steps: int = 100,
+    finetune_steps: int = 100,
+    out: str = "slim.onnx",
+    model_name: str = "conv_tasnet",
+    progress: bool = True,
+    distill: bool = True,
+) -> dict:
     import sepfx
     from sepfx.models import build, pretrained, pretrained_names
 
@@ -40,16 +52,19 @@ def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: s
         model = pretrained(model_name)
     else:
         model = build(model_name, "tiny").eval()
-        notes.append(f"no bundled checkpoint for {model_name}: an untrained tiny model is used, "
-                     "so SI-SNRi numbers mean nothing")
+        notes.append(
+            f"no bundled checkpoint for {model_name}: an untrained tiny model is used, "
+            "so SI-SNRi numbers mean nothing"
+        )
     dataset = bundled_test_set()
     half = len(dataset) // 2
     tune, held_out = _batches(dataset, range(half)), _batches(dataset, range(half, len(dataset)))
     dense_score = si_snri(model, held_out)
     slim = sepfx.compile(model, budget=budget, data=tune, steps=steps, progress=progress)
     pruned_score = si_snri(slim, held_out)
-    slim = sepfx.finetune(slim, tune, steps=finetune_steps, progress=progress,
-                          teacher=model if distill else None)
+    slim = sepfx.finetune(
+        slim, tune, steps=finetune_steps, progress=progress, teacher=model if distill else None
+    )
     tuned_score = si_snri(slim, held_out)
     report = slim.sepfx_report
     export = sepfx.export_onnx(slim, out)
@@ -59,28 +74,38 @@ def run(budget: float = 0.4, steps: int = 100, finetune_steps: int = 100, out: s
         sepfx.export_onnx(analysis.slim(analysis.keep_all()), dense_path)
         x = np.random.default_rng(0).standard_normal((1, 4 * model.sample_rate)).astype(np.float32)
         dense_s, slim_s = ort_medians([dense_path, out], x, threads=1, runs=20)
-    return {"report": report, "export": export, "notes": notes,
-            "dense_si_snri": dense_score, "pruned_si_snri": pruned_score,
-            "finetuned_si_snri": tuned_score, "distilled": distill,
-            "dense_latency_ms": 1000 * dense_s,
-            "slim_latency_ms": 1000 * slim_s, "held_out": len(dataset) - half}
+    return {
+        "report": report,
+        "export": export,
+        "notes": notes,
+        "dense_si_snri": dense_score,
+        "pruned_si_snri": pruned_score,
+        "finetuned_si_snri": tuned_score,
+        "distilled": distill,
+        "dense_latency_ms": 1000 * dense_s,
+        "slim_latency_ms": 1000 * slim_s,
+        "held_out": len(dataset) - half,
+    }
 
 
 def summary(result: dict) -> str:
     r = result["report"]
-    lines = [str(r), "",
-             f"demo: {result['held_out']} held-out bundled mixtures (2 s, 8 kHz)",
-             "                 dense       slim",
-             f"  MACs (1 s)   {r.dense_macs / 1e6:8.1f}M  {r.macs / 1e6:8.1f}M   "
-             f"({100 * r.macs_ratio:.1f}%)",
-             f"  params       {r.dense_params / 1e3:8.1f}k  {r.params / 1e3:8.1f}k",
-             f"  latency 4 s  {result['dense_latency_ms']:8.1f}ms {result['slim_latency_ms']:8.1f}ms "
-             f"(ONNX Runtime, 1 CPU thread, median; speed-up "
-             f"{result['dense_latency_ms'] / result['slim_latency_ms']:.2f}x)",
-             f"  SI-SNRi      {result['dense_si_snri']:8.2f}dB {result['pruned_si_snri']:8.2f}dB "
-             f"after pruning, {result['finetuned_si_snri']:.2f} dB after fine-tuning"
-             f"{' (distilled from the dense model)' if result.get('distilled') else ''} "
-             f"({100 * result['finetuned_si_snri'] / result['dense_si_snri']:.0f}% of dense)",
-             f"wrote {result['export'].path}"]
+    lines = [
+        str(r),
+        "",
+        f"demo: {result['held_out']} held-out bundled mixtures (2 s, 8 kHz)",
+        "                 dense       slim",
+        f"  MACs (1 s)   {r.dense_macs / 1e6:8.1f}M  {r.macs / 1e6:8.1f}M   "
+        f"({100 * r.macs_ratio:.1f}%)",
+        f"  params       {r.dense_params / 1e3:8.1f}k  {r.params / 1e3:8.1f}k",
+        f"  latency 4 s  {result['dense_latency_ms']:8.1f}ms {result['slim_latency_ms']:8.1f}ms "
+        f"(ONNX Runtime, 1 CPU thread, median; speed-up "
+        f"{result['dense_latency_ms'] / result['slim_latency_ms']:.2f}x)",
+        f"  SI-SNRi      {result['dense_si_snri']:8.2f}dB {result['pruned_si_snri']:8.2f}dB "
+        f"after pruning, {result['finetuned_si_snri']:.2f} dB after fine-tuning"
+        f"{' (distilled from the dense model)' if result.get('distilled') else ''} "
+        f"({100 * result['finetuned_si_snri'] / result['dense_si_snri']:.0f}% of dense)",
+        f"wrote {result['export'].path}",
+    ]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 They are defined in ``passes.errors`` (the lower layer, which must not import ``sepfx``) and
 re-exported here as the same class objects."""
-from passes.errors import (ExportError, InputError, KeepSetError, SepfxError, SlimError,
-                           TraceError)
+
+from passes.errors import ExportError, InputError, KeepSetError, SepfxError, SlimError, TraceError
 
 __all__ = ["SepfxError", "InputError", "TraceError", "KeepSetError", "ExportError", "SlimError"]

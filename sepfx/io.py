@@ -4,6 +4,7 @@ The file holds the slim model (a GraphModule: its generated code, parameters and
 leaf modules are stored by their import path, so their package must be importable; a model with
 eager shells is the model's own class, which must be importable too), the example input and
 the report."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,18 @@ FORMAT = "sepfx-slim-1"
 
 def save(slim: torch.nn.Module, path) -> None:
     if not isinstance(slim, torch.nn.Module) or not hasattr(slim, "sepfx_report"):
-        raise InputError(f"sepfx.save takes a model sepfx made (compile/prune), got "
-                         f"{type(slim).__name__}")
-    torch.save({"format": FORMAT, "model": slim,
-                "example_input": getattr(slim, "sepfx_example_input", None),
-                "report": getattr(slim, "sepfx_report", None)}, os.fspath(path))
+        raise InputError(
+            f"sepfx.save takes a model sepfx made (compile/prune), got {type(slim).__name__}"
+        )
+    torch.save(
+        {
+            "format": FORMAT,
+            "model": slim,
+            "example_input": getattr(slim, "sepfx_example_input", None),
+            "report": getattr(slim, "sepfx_report", None),
+        },
+        os.fspath(path),
+    )
 
 
 def load(path, map_location="cpu") -> torch.nn.Module:

@@ -6,6 +6,7 @@ multiplier on (expected MACs / dense MACs - budget), updated by dual ascent, whi
 expected MACs of the stochastic gates to the budget from either side. Under
 ``torchrun`` both loops use DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ from sepfx.losses import pit_si_snr_loss
 @dataclass
 class GateHistory:
     """Per step: separation loss, expected MAC ratio, multiplier."""
+
     loss: list[float] = field(default_factory=list)
     expected_macs_ratio: list[float] = field(default_factory=list)
     multiplier: list[float] = field(default_factory=list)
@@ -36,18 +38,27 @@ class GateHistory:
 def check_batch(batch, n_src: int | None = None, where: str = "data") -> tuple:
     """Validate one ``(mixture[B, T], sources[B, n_src, T])`` batch."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise InputError(f"{where}: each batch must be a pair (mixture[B, T], "
-                         f"sources[B, n_src, T]), got {type(batch).__name__}")
+        raise InputError(
+            f"{where}: each batch must be a pair (mixture[B, T], "
+            f"sources[B, n_src, T]), got {type(batch).__name__}"
+        )
     mixture, sources = batch
     if not (isinstance(mixture, torch.Tensor) and isinstance(sources, torch.Tensor)):
         raise InputError(f"{where}: mixture and sources must be tensors")
-    if mixture.dim() != 2 or sources.dim() != 3 or sources.shape[0] != mixture.shape[0] \
-            or sources.shape[-1] != mixture.shape[-1]:
-        raise InputError(f"{where}: expected mixture [B, T] and sources [B, n_src, T], got "
-                         f"{list(mixture.shape)} and {list(sources.shape)}")
+    if (
+        mixture.dim() != 2
+        or sources.dim() != 3
+        or sources.shape[0] != mixture.shape[0]
+        or sources.shape[-1] != mixture.shape[-1]
+    ):
+        raise InputError(
+            f"{where}: expected mixture [B, T] and sources [B, n_src, T], got "
+            f"{list(mixture.shape)} and {list(sources.shape)}"
+        )
     if n_src is not None and sources.shape[1] != n_src:
-        raise InputError(f"{where}: the model separates {n_src} sources but the batch has "
-                         f"{sources.shape[1]}")
+        raise InputError(
+            f"{where}: the model separates {n_src} sources but the batch has {sources.shape[1]}"
+        )
     if not (torch.isfinite(mixture).all() and torch.isfinite(sources).all()):
         raise InputError(f"{where}: a batch contains NaN or inf")
     return mixture, sources
@@ -60,11 +71,16 @@ def as_sources(output) -> torch.Tensor:
         return output
     if isinstance(output, dict):
         output = list(output.values())
-    if isinstance(output, (tuple, list)) and output and \
-            all(isinstance(t, torch.Tensor) for t in output):
+    if (
+        isinstance(output, (tuple, list))
+        and output
+        and all(isinstance(t, torch.Tensor) for t in output)
+    ):
         return torch.stack([t.reshape(t.shape[0], t.shape[-1]) for t in output], dim=1)
-    raise InputError(f"the model's output must be a tensor [B, n_src, T] or a list, tuple or "
-                     f"dict of [B, T] tensors, got {type(output).__name__}")
+    raise InputError(
+        f"the model's output must be a tensor [B, n_src, T] or a list, tuple or "
+        f"dict of [B, T] tensors, got {type(output).__name__}"
+    )
 
 
 def check_mixture(batch, where: str = "data") -> torch.Tensor:
@@ -73,8 +89,10 @@ def check_mixture(batch, where: str = "data") -> torch.Tensor:
     mixture = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if not isinstance(mixture, torch.Tensor) or mixture.dim() != 2:
         got = list(mixture.shape) if isinstance(mixture, torch.Tensor) else type(mixture).__name__
-        raise InputError(f"{where}: each batch must be a mixture [B, T] (or a pair whose first "
-                         f"element is one), got {got}")
+        raise InputError(
+            f"{where}: each batch must be a mixture [B, T] (or a pair whose first "
+            f"element is one), got {got}"
+        )
     if not torch.isfinite(mixture).all():
         raise InputError(f"{where}: a batch contains NaN or inf")
     return mixture
@@ -101,9 +119,11 @@ def _batches(data, steps: int, n_src: int | None, device, dtype, mixtures_only: 
         if empty and produced == 0:
             raise InputError("data is empty: it yielded no batch")
         if empty:
-            raise InputError(f"data ran out after {produced} batches and cannot be read again "
-                             f"(an iterator?) but steps={steps}: pass a list or a DataLoader, "
-                             f"or fewer steps")
+            raise InputError(
+                f"data ran out after {produced} batches and cannot be read again "
+                f"(an iterator?) but steps={steps}: pass a list or a DataLoader, "
+                f"or fewer steps"
+            )
 
 
 def _distributed() -> bool:
@@ -121,10 +141,22 @@ def _is_main() -> bool:
     return not _distributed() or torch.distributed.get_rank() == 0
 
 
-def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr: float = 0.02,
-                eps: float = 0.7, tau: float = 1.0, dual_lr: float = 20.0,
-                penalty: float = 200.0, seed: int = 0, init: str = "random",
-                device=None, progress: bool = True) -> tuple[LearnableGates, GateHistory]:
+def learn_gates(
+    analysis: Analysis,
+    data,
+    budget: float,
+    *,
+    steps: int = 500,
+    lr: float = 0.02,
+    eps: float = 0.7,
+    tau: float = 1.0,
+    dual_lr: float = 20.0,
+    penalty: float = 200.0,
+    seed: int = 0,
+    init: str = "random",
+    device=None,
+    progress: bool = True,
+) -> tuple[LearnableGates, GateHistory]:
     """Train one gate logit per unit on ``data`` under ``budget``; weights stay frozen.
 
     ``lr`` is 0.02, not the paper's 0.1: Adam moves every logit by about ``lr`` per step, and at
@@ -139,11 +171,11 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     device = torch.device(device or "cpu")
     generator = torch.Generator(device=device).manual_seed(seed)
     if _check_init(init) == "random":
-        logits = torch.rand(analysis.channels.num_units,
-                            generator=torch.Generator().manual_seed(seed)).numpy()
+        logits = torch.rand(
+            analysis.channels.num_units, generator=torch.Generator().manual_seed(seed)
+        ).numpy()
     else:
-        logits = magnitude_init(analysis.channels, analysis.unit_magnitudes(), eps, tau,
-                                spread=1.0)
+        logits = magnitude_init(analysis.channels, analysis.unit_magnitudes(), eps, tau, spread=1.0)
     bank = LearnableGates(analysis.channels, eps, tau, init=logits, generator=generator)
     _start_at_budget(bank, analysis.cost, budget)
     gated = analysis.gated(bank=bank).to(device)
@@ -157,8 +189,20 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     history = GateHistory()
     bar = tqdm(total=steps, desc="learning gates", disable=not progress or not _is_main())
     try:
-        _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, dual_lr,
-                    penalty, device, bar)
+        _gate_steps(
+            analysis,
+            model,
+            bank,
+            optimizer,
+            history,
+            data,
+            steps,
+            budget,
+            dual_lr,
+            penalty,
+            device,
+            bar,
+        )
     finally:
         bar.close()
         for name, p in gated.named_parameters():  # weights are shared with the analysis' graph
@@ -166,8 +210,9 @@ def learn_gates(analysis: Analysis, data, budget: float, *, steps: int = 500, lr
     return bank, history
 
 
-def _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, dual_lr,
-                penalty, device, bar) -> None:
+def _gate_steps(
+    analysis, model, bank, optimizer, history, data, steps, budget, dual_lr, penalty, device, bar
+) -> None:
     multiplier = 0.0
     dense = analysis.cost.dense_macs
     dtype = analysis.example_input.dtype  # the model's
@@ -177,7 +222,7 @@ def _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, 
         violation = (ratio - budget).to(loss.device, loss.dtype)
         # augmented Lagrangian: the quadratic term holds E[MACs] near the budget while the
         # multiplier (dual ascent) removes the remaining bias
-        objective = loss + multiplier * violation + 0.5 * penalty * violation ** 2
+        objective = loss + multiplier * violation + 0.5 * penalty * violation**2
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
@@ -188,7 +233,9 @@ def _gate_steps(analysis, model, bank, optimizer, history, data, steps, budget, 
         history.loss.append(float(loss.detach()))
         history.expected_macs_ratio.append(float(ratio.detach()))
         history.multiplier.append(multiplier)
-        bar.set_postfix(loss=f"{history.loss[-1]:.2f}", macs=f"{history.expected_macs_ratio[-1]:.3f}")
+        bar.set_postfix(
+            loss=f"{history.loss[-1]:.2f}", macs=f"{history.expected_macs_ratio[-1]:.3f}"
+        )
         bar.update()
 
 
@@ -208,16 +255,30 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
         for _ in range(40):
             mid = (low + high) / 2
             bank.alpha.copy_(base + mid)
-            ratio = float(cost.expected_macs(bank.keep_probability().double().cpu())) / \
-                cost.dense_macs
+            ratio = (
+                float(cost.expected_macs(bank.keep_probability().double().cpu())) / cost.dense_macs
+            )
             low, high = (mid, high) if ratio < budget else (low, mid)
         bank.alpha.copy_(base + (low + high) / 2)
 
 
-def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None, *,
-            steps: int = 500, lr: float = 0.02, eps: float = 0.7, tau: float = 1.0,
-            init: str = "random", min_per_group: int = 1, multiple: int = 8, seed: int = 0,
-            device=None, progress: bool = True) -> nn.Module:
+def compile(
+    model: nn.Module,
+    budget: float = 0.4,
+    data=None,
+    example_input=None,
+    *,
+    steps: int = 500,
+    lr: float = 0.02,
+    eps: float = 0.7,
+    tau: float = 1.0,
+    init: str = "random",
+    min_per_group: int = 1,
+    multiple: int = 8,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+) -> nn.Module:
     """Compile ``model`` into a slim model doing at most ``budget`` x its dense MACs (a
     GraphModule when the whole model traces, else a copy of the model with its graph parts
     rewritten and its eager shells' parameters sliced).
@@ -233,23 +294,55 @@ def compile(model: nn.Module, budget: float = 0.4, data=None, example_input=None
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     with torch.random.fork_rng():  # seeded, without touching the caller's random state
         torch.manual_seed(seed)
-        return _compile(model, budget, data, example_input, steps, lr, eps, tau, init,
-                        min_per_group, multiple, seed, device, progress)
+        return _compile(
+            model,
+            budget,
+            data,
+            example_input,
+            steps,
+            lr,
+            eps,
+            tau,
+            init,
+            min_per_group,
+            multiple,
+            seed,
+            device,
+            progress,
+        )
 
 
 def check_budget(budget) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, np.floating)) and not (
-            isinstance(budget, torch.Tensor) and budget.numel() == 1):
-        raise InputError(f"budget must be a number in (0, 1] (a fraction of the dense MACs), "
-                         f"got {budget!r}")
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (numbers.Real, np.floating))
+        and not (isinstance(budget, torch.Tensor) and budget.numel() == 1)
+    ):
+        raise InputError(
+            f"budget must be a number in (0, 1] (a fraction of the dense MACs), got {budget!r}"
+        )
     value = float(budget)
     if not 0 < value <= 1:  # also refuses nan
         raise InputError(f"budget must be in (0, 1] (a fraction of the dense MACs), got {value}")
     return value
 
 
-def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_per_group,
-             multiple, seed, device, progress) -> nn.Module:
+def _compile(
+    model,
+    budget,
+    data,
+    example_input,
+    steps,
+    lr,
+    eps,
+    tau,
+    init,
+    min_per_group,
+    multiple,
+    seed,
+    device,
+    progress,
+) -> nn.Module:
     analysis = Analysis(model, example_input)
     cost = analysis.cost
     notes = []
@@ -259,34 +352,55 @@ def _compile(model, budget, data, example_input, steps, lr, eps, tau, init, min_
         logits = magnitude_init(analysis.channels, magnitudes, eps, tau)
         probability = 1 / (1 + np.exp(-logits))
         initial = None
-        notes.append("no data given: channels chosen by weight magnitude (data-free); pass "
-                     "data= to learn the gates on the separation loss")
+        notes.append(
+            "no data given: channels chosen by weight magnitude (data-free); pass "
+            "data= to learn the gates on the separation loss"
+        )
         history = None
     else:
-        bank, history = learn_gates(analysis, data, budget, steps=steps, lr=lr, eps=eps, tau=tau,
-                                    init=init, seed=seed, device=device, progress=progress)
+        bank, history = learn_gates(
+            analysis,
+            data,
+            budget,
+            steps=steps,
+            lr=lr,
+            eps=eps,
+            tau=tau,
+            init=init,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
         probability = bank.keep_probability().detach().cpu().numpy().astype(np.float64)
         initial = bank.deterministic_keep()
-        notes.append(f"gates learned for {steps} steps from a {init} start; expected MACs at "
-                     f"the end {history.expected_macs_ratio[-1]:.3f} of dense")
+        notes.append(
+            f"gates learned for {steps} steps from a {init} start; expected MACs at "
+            f"the end {history.expected_macs_ratio[-1]:.3f} of dense"
+        )
     pinned: list[str] = []  # groups kept whole because pruning them failed a check
     while True:
-        keep, projection_notes = _project(cost, probability, budget, initial, min_per_group,
-                                          multiple, pinned)
-        slim = analysis.slim(keep, budget=budget, notes=notes + pinned + projection_notes,
-                             check=False)  # checked here, groups at fault kept whole
+        keep, projection_notes = _project(
+            cost, probability, budget, initial, min_per_group, multiple, pinned
+        )
+        slim = analysis.slim(
+            keep, budget=budget, notes=notes + pinned + projection_notes, check=False
+        )  # checked here, groups at fault kept whole
         found = failing_groups(analysis, keep, slim)
         if found is None:
             break
         failure, responsible = found
         if not responsible:
-            raise SlimError(f"{failure.describe()}, and no channel group alone or together "
-                            "explains it; please report it")
+            raise SlimError(
+                f"{failure.describe()}, and no channel group alone or together "
+                "explains it; please report it"
+            )
         for i in responsible:  # keep them whole from now on (the analysis is ours alone)
             group = analysis.groups[i]
-            pinned.append(f"{group.describe()} kept whole: with it pruned, "
-                          f"{failure.describe()} (the model's own code reads its channel count, "
-                          "or needs more of its units)")
+            pinned.append(
+                f"{group.describe()} kept whole: with it pruned, "
+                f"{failure.describe()} (the model's own code reads its channel count, "
+                "or needs more of its units)"
+            )
             group.min_size = group.size
     # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain attributes)
     slim.sepfx_gate_history = history  # type: ignore[assignment]
@@ -298,29 +412,50 @@ def _project(cost, probability, budget, initial, min_per_group, multiple, pinned
     notes on how it was rounded."""
     notes = []
     try:
-        keep = project(cost, probability, budget, initial=initial,
-                       min_per_group=min_per_group, multiple=multiple)
+        keep = project(
+            cost,
+            probability,
+            budget,
+            initial=initial,
+            min_per_group=min_per_group,
+            multiple=multiple,
+        )
     except InputError as error:
         if not pinned:
             raise
-        raise SlimError(f"{'; '.join(pinned)}; with those groups whole the budget cannot be "
-                        f"met: {error}") from error
+        raise SlimError(
+            f"{'; '.join(pinned)}; with those groups whole the budget cannot be met: {error}"
+        ) from error
     achieved = cost.macs(cost.analysis.keep_vector(keep)) / cost.dense_macs
     if achieved < budget - 0.02 and multiple > 1:  # rounding too coarse for this model
-        keep = project(cost, probability, budget, initial=initial, min_per_group=min_per_group,
-                       multiple=1)
-        notes.append(f"kept counts not rounded to multiples of {multiple}: with rounding the "
-                     f"model reached only {achieved:.3f} of dense MACs, outside "
-                     f"[{budget - 0.02:.2f}, {budget:.2f}]")
+        keep = project(
+            cost, probability, budget, initial=initial, min_per_group=min_per_group, multiple=1
+        )
+        notes.append(
+            f"kept counts not rounded to multiples of {multiple}: with rounding the "
+            f"model reached only {achieved:.3f} of dense MACs, outside "
+            f"[{budget - 0.02:.2f}, {budget:.2f}]"
+        )
         achieved = cost.macs(cost.analysis.keep_vector(keep)) / cost.dense_macs
     if achieved < budget - 0.02:
-        notes.append(f"the channel granularity does not allow [{budget - 0.02:.2f}, "
-                     f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}")
+        notes.append(
+            f"the channel granularity does not allow [{budget - 0.02:.2f}, "
+            f"{budget:.2f}]: the largest keep set under the budget costs {achieved:.3f}"
+        )
     return keep, notes
 
 
-def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip: float = 5.0,
-             teacher: nn.Module | None = None, device=None, progress: bool = True) -> nn.Module:
+def finetune(
+    slim: nn.Module,
+    data,
+    *,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    clip: float = 5.0,
+    teacher: nn.Module | None = None,
+    device=None,
+    progress: bool = True,
+) -> nn.Module:
     """Ordinary training of a slim model (Adam, gradient norm clipped to ``clip``); returns it
     in eval mode (trained in place).
 
@@ -332,8 +467,9 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
-        raise InputError(f"teacher must be a torch.nn.Module (the dense model), got "
-                         f"{type(teacher).__name__}")
+        raise InputError(
+            f"teacher must be a torch.nn.Module (the dense model), got {type(teacher).__name__}"
+        )
     device = torch.device(device or "cpu")
     slim.to(device).train()
     model = _wrap(slim, device)
@@ -344,8 +480,9 @@ def finetune(slim: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, clip
     if teacher is not None:
         teacher = copy.deepcopy(teacher).to(device, dtype).eval()
     bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
-    for mixture, sources in _batches(data, steps, n_src, device, dtype,
-                                     mixtures_only=teacher is not None):
+    for mixture, sources in _batches(
+        data, steps, n_src, device, dtype, mixtures_only=teacher is not None
+    ):
         if teacher is not None:
             with torch.no_grad():
                 sources = as_sources(teacher(mixture))

@@ -6,6 +6,7 @@ straight-through with the gradient clipped to [-1, 1] (the paper's defaults: eps
 tau = 1, alpha ~ U(0, 1)). With logistic noise the keep probability has the closed form
 ``sigmoid(alpha - tau * logit(eps))``, which the MAC budget term uses.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ class LearnableGates(GateBank):
     deterministic ``1[sigmoid(alpha / tau) > eps]``; ``set_keep`` overrides both with a fixed
     hard mask (``hard = True``)."""
 
-    def __init__(self, analysis: ChannelAnalysis, eps: float = 0.7, tau: float = 1.0,
-                 init: np.ndarray | None = None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        analysis: ChannelAnalysis,
+        eps: float = 0.7,
+        tau: float = 1.0,
+        init: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(analysis)
         if init is None:
             init = torch.rand(analysis.num_units, generator=generator).numpy()
@@ -61,8 +68,8 @@ class LearnableGates(GateBank):
         flat[0] = True
         alpha = self.alpha.detach().cpu().numpy()
         for offset, size, least in self.group_spans:
-            if flat[offset:offset + size].sum() < least:
-                top = np.argsort(-alpha[offset:offset + size], kind="stable")[:least]
+            if flat[offset : offset + size].sum() < least:
+                top = np.argsort(-alpha[offset : offset + size], kind="stable")[:least]
                 flat[offset + top] = True
         return flat
 
@@ -83,8 +90,13 @@ class LearnableGates(GateBank):
         return torch.cat([always, mask[1:]])
 
 
-def magnitude_init(analysis: ChannelAnalysis, magnitudes: dict[int, np.ndarray],
-                   eps: float = 0.7, tau: float = 1.0, spread: float = 3.0) -> np.ndarray:
+def magnitude_init(
+    analysis: ChannelAnalysis,
+    magnitudes: dict[int, np.ndarray],
+    eps: float = 0.7,
+    tau: float = 1.0,
+    spread: float = 3.0,
+) -> np.ndarray:
     """Data-free logits: within each group, units ranked by weight magnitude get logits spread
     around the keep threshold, largest first (so the deterministic keep set is the top half)."""
     init = np.zeros(analysis.num_units, dtype=np.float32)

@@ -34,6 +34,7 @@ __all__ = [
 # validation helpers
 # --------------------------------------------------------------------------
 
+
 def _as_tensor(x, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -48,23 +49,24 @@ def _promote(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
-def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str,
-                      min_dims: int = 1) -> None:
+def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str, min_dims: int = 1) -> None:
     if a.dim() < min_dims:
         raise ValueError(
             f"{name_a} has shape {tuple(a.shape)} ({a.dim()} dims); expected at "
-            f"least {min_dims} dims with time on the last axis")
+            f"least {min_dims} dims with time on the last axis"
+        )
     if b.dim() < min_dims:
         raise ValueError(
             f"{name_b} has shape {tuple(b.shape)} ({b.dim()} dims); expected at "
-            f"least {min_dims} dims with time on the last axis")
+            f"least {min_dims} dims with time on the last axis"
+        )
     if a.shape != b.shape:
         raise ValueError(
             f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape "
-            f"{tuple(b.shape)}; expected identical shapes")
+            f"{tuple(b.shape)}; expected identical shapes"
+        )
     if a.shape[-1] == 0:
-        raise ValueError(
-            f"{name_a} has shape {tuple(a.shape)}; expected a non-empty time axis")
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)}; expected a non-empty time axis")
 
 
 def _check_bst(estimates: Tensor, sources: Tensor) -> None:
@@ -75,11 +77,11 @@ def _check_bst(estimates: Tensor, sources: Tensor) -> None:
         if x.dim() != 3:
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)} ({x.dim()} dims); expected "
-                f"3 dims [B, S, T] (batch, sources, time)")
+                f"3 dims [B, S, T] (batch, sources, time)"
+            )
     _check_same_shape(estimates, sources, "estimates", "sources", min_dims=3)
     if estimates.shape[1] < 1:
-        raise ValueError(
-            f"estimates has shape {tuple(estimates.shape)}; expected S >= 1 sources")
+        raise ValueError(f"estimates has shape {tuple(estimates.shape)}; expected S >= 1 sources")
 
 
 def _check_mixture(mixture: Tensor, sources: Tensor) -> Tensor:
@@ -93,12 +95,14 @@ def _check_mixture(mixture: Tensor, sources: Tensor) -> Tensor:
     raise ValueError(
         f"mixture has shape {tuple(mixture.shape)}; expected [B, T] = ({b}, {t}) "
         f"or [B, 1, T] = ({b}, 1, {t}) to match sources of shape "
-        f"{tuple(sources.shape)}")
+        f"{tuple(sources.shape)}"
+    )
 
 
 # --------------------------------------------------------------------------
 # core metrics (no shape checks: broadcasting allowed)
 # --------------------------------------------------------------------------
+
 
 def _si_snr_raw(estimate: Tensor, target: Tensor, eps: float) -> Tensor:
     estimate = estimate - estimate.mean(dim=-1, keepdim=True)
@@ -153,6 +157,7 @@ def snr(estimate: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
 # permutation-invariant training
 # --------------------------------------------------------------------------
 
+
 def pairwise_si_snr(estimates: Tensor, sources: Tensor, eps: float = 1e-8) -> Tensor:
     """SI-SNR matrix ``M[b, i, j] = si_snr(estimates[b, i], sources[b, j])``, ``[B, S, S]``."""
     _check_bst(estimates, sources)
@@ -168,8 +173,9 @@ def _permutations(n: int, device: torch.device) -> Tensor:
     key = (n, str(device))
     perms = _PERM_CACHE.get(key)
     if perms is None:
-        perms = torch.tensor(list(itertools.permutations(range(n))),
-                             dtype=torch.long, device=device).reshape(math.factorial(n), n)
+        perms = torch.tensor(
+            list(itertools.permutations(range(n))), dtype=torch.long, device=device
+        ).reshape(math.factorial(n), n)
         _PERM_CACHE[key] = perms
     return perms
 
@@ -180,16 +186,15 @@ def _best_perm(pair: Tensor) -> Tuple[Tensor, Tensor]:
     ``perm[b, j]`` is the index of the estimate matched to source ``j``.
     """
     b, s, _ = pair.shape
-    perms = _permutations(s, pair.device)                   # [P, S]
+    perms = _permutations(s, pair.device)  # [P, S]
     cols = torch.arange(s, device=pair.device)
     # scores[b, p, j] = pair[b, perms[p, j], j]
-    scores = pair[:, perms, cols].mean(dim=-1)              # [B, P]
+    scores = pair[:, perms, cols].mean(dim=-1)  # [B, P]
     best_score, best_idx = scores.max(dim=1)
     return best_score, perms[best_idx]
 
 
-def pit_si_snr_loss(estimates: Tensor, sources: Tensor,
-                    eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+def pit_si_snr_loss(estimates: Tensor, sources: Tensor, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
     """Negative SI-SNR with permutation-invariant training.
 
     Builds the ``S x S`` pairwise SI-SNR matrix once, scores all ``S!``
@@ -217,8 +222,7 @@ def pit_align(estimates: Tensor, sources: Tensor, eps: float = 1e-8) -> Tensor:
     return _reorder(estimates, perm)
 
 
-def _improvement(metric, estimates: Tensor, sources: Tensor, mixture: Tensor,
-                 eps: float) -> Tensor:
+def _improvement(metric, estimates: Tensor, sources: Tensor, mixture: Tensor, eps: float) -> Tensor:
     _check_bst(estimates, sources)
     mix = _check_mixture(mixture, sources)
     aligned = pit_align(estimates, sources, eps)
@@ -227,14 +231,16 @@ def _improvement(metric, estimates: Tensor, sources: Tensor, mixture: Tensor,
     return (metric(aligned, src, eps) - metric(mix, src, eps)).mean(dim=1)
 
 
-def si_snr_improvement(estimates: Tensor, sources: Tensor, mixture: Tensor,
-                       eps: float = 1e-8) -> Tensor:
+def si_snr_improvement(
+    estimates: Tensor, sources: Tensor, mixture: Tensor, eps: float = 1e-8
+) -> Tensor:
     """SI-SNRi ``[B]``: SI-SNR(PIT-aligned estimate) - SI-SNR(mixture), mean over sources."""
     return _improvement(_si_snr_raw, estimates, sources, mixture, eps)
 
 
-def sdr_improvement(estimates: Tensor, sources: Tensor, mixture: Tensor,
-                    eps: float = 1e-8) -> Tensor:
+def sdr_improvement(
+    estimates: Tensor, sources: Tensor, mixture: Tensor, eps: float = 1e-8
+) -> Tensor:
     """SDRi ``[B]``: like :func:`si_snr_improvement` but with plain :func:`snr` as SDR.
 
     See :func:`snr`: no BSS-eval distortion filter is fitted. The permutation is
@@ -244,8 +250,9 @@ def sdr_improvement(estimates: Tensor, sources: Tensor, mixture: Tensor,
 
 
 @torch.no_grad()
-def separation_metrics(estimates: Tensor, sources: Tensor, mixture: Tensor,
-                       eps: float = 1e-8) -> Dict[str, float]:
+def separation_metrics(
+    estimates: Tensor, sources: Tensor, mixture: Tensor, eps: float = 1e-8
+) -> Dict[str, float]:
     """Batch means as Python floats: ``si_snr`` (PIT-aligned), ``si_snri``, ``sdri``."""
     _check_bst(estimates, sources)
     mix = _check_mixture(mixture, sources)

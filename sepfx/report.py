@@ -1,4 +1,5 @@
 """The compile report: what was found, what was frozen and why, what it costs."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -49,7 +50,9 @@ class Report:
     def __str__(self) -> str:
         seconds = ""
         if self.sample_rate:
-            seconds = f" ({self.reference_input[-1] / self.sample_rate:g} s at {self.sample_rate} Hz)"
+            seconds = (
+                f" ({self.reference_input[-1] / self.sample_rate:g} s at {self.sample_rate} Hz)"
+            )
         lines = [
             f"sepfx report: {self.model}",
             f"  MACs on input {list(self.reference_input)}{seconds}: "
@@ -61,17 +64,25 @@ class Report:
             f"  channel groups ({len(self.groups)}), by MAC share:",
         ]
         for g in sorted(self.groups, key=lambda g: -g.macs_share):
-            members = ", ".join(g.members[:3]) + (f" +{len(g.members) - 3}" if len(g.members) > 3 else "")
-            lines.append(f"    #{g.index:<3} keep {g.kept:>4}/{g.size:<4} MACs {100 * g.macs_share:5.1f}%  {members}")
+            members = ", ".join(g.members[:3]) + (
+                f" +{len(g.members) - 3}" if len(g.members) > 3 else ""
+            )
+            lines.append(
+                f"    #{g.index:<3} keep {g.kept:>4}/{g.size:<4} MACs {100 * g.macs_share:5.1f}%  {members}"
+            )
         with_params = [f for f in self.frozen if f.parameters]
-        lines.append(f"  frozen: {len(with_params)} axes holding parameters kept whole "
-                     f"({len(self.frozen) - len(with_params)} more are time/position axes)")
+        lines.append(
+            f"  frozen: {len(with_params)} axes holding parameters kept whole "
+            f"({len(self.frozen) - len(with_params)} more are time/position axes)"
+        )
         for f in with_params:
             lines.append(f"    {f.axis}: {f.reason}")
             lines.append(f"      keeps whole: {', '.join(f.parameters)}")
         if self.shells:
-            lines.append("  eager shells (their Python forward runs as written; what it does to "
-                         "channels was read from recorded runs):")
+            lines.append(
+                "  eager shells (their Python forward runs as written; what it does to "
+                "channels was read from recorded runs):"
+            )
             lines += [f"    {name or '(the model)'}: {why}" for name, why in self.shells.items()]
         if self.assumptions:
             lines.append("  assumptions (values fixed from the example input):")

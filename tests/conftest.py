@@ -4,6 +4,7 @@ The machine running these tests is small and shared: one intra-op thread for the
 (LSTM and attention get very slow when a second thread waits on a busy core), and every zoo
 model is analysed once per session (``zoo`` fixture).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -30,6 +30,7 @@ The checks (``check``) return a list of failures by kind; each kind starts with 
 Run ``python tests/random_models.py --seed 3`` to check one generated model and print its
 source; ``--spec case.json`` replays a saved spec; ``--minimise KIND`` shrinks it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,34 @@ BROADCAST = "*"  # the time tag of a value with one frame ([B, C, 1]: broadcasts
 
 # Kinds of op the generator draws, with their weights. ``ops=`` of ``generate`` picks a subset.
 OP_WEIGHTS = {
-    "conv": 10, "convt": 2, "convt_up": 2, "linear": 3, "bn": 2, "gn": 3, "ln": 2, "gln": 2,
-    "cln": 2, "prelu": 2, "act": 5, "binary": 6, "stat": 3, "se": 2, "softmax": 1, "cat": 3,
-    "split": 2, "chunk": 2, "slice": 2, "view4d": 2, "fold": 2, "mha": 2, "rnn": 2,
-    "shared": 2, "pool": 2, "upsample": 1, "norule": 2, "padconv": 1,
+    "conv": 10,
+    "convt": 2,
+    "convt_up": 2,
+    "linear": 3,
+    "bn": 2,
+    "gn": 3,
+    "ln": 2,
+    "gln": 2,
+    "cln": 2,
+    "prelu": 2,
+    "act": 5,
+    "binary": 6,
+    "stat": 3,
+    "se": 2,
+    "softmax": 1,
+    "cat": 3,
+    "split": 2,
+    "chunk": 2,
+    "slice": 2,
+    "view4d": 2,
+    "fold": 2,
+    "mha": 2,
+    "rnn": 2,
+    "shared": 2,
+    "pool": 2,
+    "upsample": 1,
+    "norule": 2,
+    "padconv": 1,
 }
 BASIC_OPS = ("conv", "act", "binary", "bn", "gn", "prelu", "linear", "cat", "split", "slice")
 DECODERS = ("convt", "convt_mono", "head", "mask", "mask_loop")
@@ -76,10 +101,12 @@ class InvalidSpec(ValueError):
 # shapes: every value's channel count and time tag
 # ============================================================================================
 
+
 @dataclass(frozen=True)
 class Value:
     """A value ``[B, channels, T]``. Values with equal ``tag`` have equal lengths at every input
     length; ``BROADCAST`` is a single frame."""
+
     channels: int
     tag: str
 
@@ -117,8 +144,12 @@ def _infer(rec: dict, ins: list[Value], spec: dict) -> list[Value]:
         if op == "padconv":
             _need(timed, "padconv over a single frame")
             return [Value(out, f"ceil({tag}/{rec['factor']})")]
-        k, s, p, d = rec["kernel"], rec.get("stride", 1), rec.get("padding", 0), \
-            rec.get("dilation", 1)
+        k, s, p, d = (
+            rec["kernel"],
+            rec.get("stride", 1),
+            rec.get("padding", 0),
+            rec.get("dilation", 1),
+        )
         _need(timed or (k - 1) * d <= 2 * p and s == 1, "a wide kernel over a single frame")
         return [Value(out, tag if not timed else conv_tag(tag, k, s, p, d))]
     if op in ("convt", "convt_up"):
@@ -142,8 +173,10 @@ def _infer(rec: dict, ins: list[Value], spec: dict) -> list[Value]:
         return [Value(c, tag)]
     if op == "binary":
         y = ins[1]
-        _need(x.channels == y.channels or 1 in (x.channels, y.channels),
-              f"channels {x.channels} vs {y.channels}")
+        _need(
+            x.channels == y.channels or 1 in (x.channels, y.channels),
+            f"channels {x.channels} vs {y.channels}",
+        )
         _need(x.tag == y.tag or BROADCAST in (x.tag, y.tag), f"lengths {x.tag} vs {y.tag}")
         return [Value(max(x.channels, y.channels), y.tag if x.tag == BROADCAST else x.tag)]
     if op == "stat":
@@ -250,6 +283,7 @@ def live_nodes(spec: dict) -> list[dict]:
 # generation
 # ============================================================================================
 
+
 class _Pool:
     """The values defined so far, and how often each was read (unread ones are preferred as
     inputs, so that few branches end up dead)."""
@@ -295,10 +329,18 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         if x is None:
             return None
         c = V[x].channels
-        mode = ch(["dense", "dense", "dense", "pointwise", "depthwise", "grouped", "dilated",
-                   "strided"])
-        rec = {"op": "conv", "in": [x], "channels": ch(CHANNELS), "kernel": 3, "padding": 1,
-               "bias": ch([True, False]), "mode": mode}
+        mode = ch(
+            ["dense", "dense", "dense", "pointwise", "depthwise", "grouped", "dilated", "strided"]
+        )
+        rec = {
+            "op": "conv",
+            "in": [x],
+            "channels": ch(CHANNELS),
+            "kernel": 3,
+            "padding": 1,
+            "bias": ch([True, False]),
+            "mode": mode,
+        }
         if mode == "pointwise":
             rec.update(kernel=1, padding=0)
         elif mode == "depthwise":
@@ -326,20 +368,31 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
             return None
         c = V[x].channels
         g = ch([1, 1] + _divisors(c, 2, c // 2))
-        rec = {"op": op, "in": [x], "channels": g * max(1, ch(CHANNELS) // g), "groups": g,
-               "bias": ch([True, False])}
+        rec = {
+            "op": op,
+            "in": [x],
+            "channels": g * max(1, ch(CHANNELS) // g),
+            "groups": g,
+            "bias": ch([True, False]),
+        }
         if op == "convt":
             rec["kernel"] = ch([1, 3, 5])
             return rec
-        ref = pool.pick(lambda v: _timed(v) and v.tag != V[x].tag, exclude=[x]) \
-            or pool.pick(_timed, exclude=[x]) or "v0"
+        ref = (
+            pool.pick(lambda v: _timed(v) and v.tag != V[x].tag, exclude=[x])
+            or pool.pick(_timed, exclude=[x])
+            or "v0"
+        )
         rec["in"].append(ref)
         rec["stride"] = ch([2, 3])
         return rec
     if op == "linear":
         x = pool.pick()
-        return None if x is None else {"op": "linear", "in": [x], "channels": ch(CHANNELS),
-                                       "bias": ch([True, False])}
+        return (
+            None
+            if x is None
+            else {"op": "linear", "in": [x], "channels": ch(CHANNELS), "bias": ch([True, False])}
+        )
     if op in ("bn", "ln", "gln", "cln"):
         x = pool.pick(lambda v: v.channels > 1 and (op != "gln" or _timed(v)))
         if x is None:
@@ -356,19 +409,32 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         return {"op": "gn", "in": [x], "groups": ch(["one", "all"] + _divisors(c, 2, c // 2))}
     if op == "prelu":
         x = pool.pick()
-        return None if x is None else {"op": "prelu", "in": [x],
-                                       "per_channel": ch([True, False])}
+        return None if x is None else {"op": "prelu", "in": [x], "per_channel": ch([True, False])}
     if op == "act":
         x = pool.pick()
-        return None if x is None else {"op": "act", "in": [x], "fn": ch(
-            ["relu", "relu_module", "gelu", "tanh", "sigmoid", "leaky_relu", "silu", "elu"])}
+        return (
+            None
+            if x is None
+            else {
+                "op": "act",
+                "in": [x],
+                "fn": ch(
+                    ["relu", "relu_module", "gelu", "tanh", "sigmoid", "leaky_relu", "silu", "elu"]
+                ),
+            }
+        )
     if op == "binary":
         x = pool.pick(_timed)
         if x is None:
             return None
         vx = V[x]
-        y = pool.pick(lambda v: (v.channels == vx.channels or v.channels == 1)
-                      and (v.tag == vx.tag or v.tag == BROADCAST), exclude=[x])
+        y = pool.pick(
+            lambda v: (
+                (v.channels == vx.channels or v.channels == 1)
+                and (v.tag == vx.tag or v.tag == BROADCAST)
+            ),
+            exclude=[x],
+        )
         if y is None:
             return None
         return {"op": "binary", "in": [x, y], "fn": ch(["add", "add", "mul", "sub", "torch.add"])}
@@ -377,16 +443,22 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         if x is None:
             return None
         over = ch(["channels", "channels", "channels", "time", "all"])
-        fns = ["mean", "var", "std", "max", "amax", "logsumexp"] if over == "channels" \
+        fns = (
+            ["mean", "var", "std", "max", "amax", "logsumexp"]
+            if over == "channels"
             else ["mean", "amax", "var"]
+        )
         return {"op": "stat", "in": [x], "over": over, "fn": ch(fns)}
     if op == "se":
         x = pool.pick(lambda v: _timed(v) and v.channels > 1)
         return None if x is None else {"op": "se", "in": [x]}
     if op == "softmax":
         x = pool.pick(lambda v: v.channels > 1)
-        return None if x is None else {"op": "softmax", "in": [x],
-                                       "style": ch(["torch", "functional", "module"])}
+        return (
+            None
+            if x is None
+            else {"op": "softmax", "in": [x], "style": ch(["torch", "functional", "module"])}
+        )
     if op == "cat":
         x = pool.pick(_timed)
         if x is None:
@@ -424,31 +496,46 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         c = V[x].channels
         start = rng.randint(0, c - 2)
         stop = rng.randint(start + 1, c)
-        return {"op": "slice", "in": [x], "start": start, "stop": stop,
-                "step": ch([1, 1, 1, 2])}
+        return {"op": "slice", "in": [x], "start": start, "stop": stop, "step": ch([1, 1, 1, 2])}
     if op == "view4d":
         x = pool.pick(lambda v: len(_divisors(v.channels, 2, v.channels // 2)) > 0)
         if x is None:
             return None
         c = V[x].channels
-        return {"op": "view4d", "in": [x], "k": ch(_divisors(c, 2, c // 2)),
-                "where": ch(["outer", "inner"]), "reduce": ch(["mean", "sum", "softmax", "amax"]),
-                "literal": ch([True, False])}
+        return {
+            "op": "view4d",
+            "in": [x],
+            "k": ch(_divisors(c, 2, c // 2)),
+            "where": ch(["outer", "inner"]),
+            "reduce": ch(["mean", "sum", "softmax", "amax"]),
+            "literal": ch([True, False]),
+        }
     if op == "fold":
         x = pool.pick(lambda v: _timed(v) and len(_divisors(v.channels, 2, v.channels // 2)) > 0)
         if x is None:
             return None
         c = V[x].channels
-        return {"op": "fold", "in": [x], "k": ch(_divisors(c, 2, c // 2)),
-                "channels": ch((2, 4, 6)), "literal": ch([True, False])}
+        return {
+            "op": "fold",
+            "in": [x],
+            "k": ch(_divisors(c, 2, c // 2)),
+            "channels": ch((2, 4, 6)),
+            "literal": ch([True, False]),
+        }
     if op == "mha":
         x = pool.pick(lambda v: _timed(v) and v.channels >= 4)
         if x is None:
             return None
         c = V[x].channels
         heads = ch([h for h in (1, 2, 4) if c % h == 0 and c // h >= 2])
-        rec = {"op": "mha", "in": [x], "heads": heads, "batch_first": ch([True, False]),
-               "cross": ch([False, True]), "need_weights": ch([True, False])}
+        rec = {
+            "op": "mha",
+            "in": [x],
+            "heads": heads,
+            "batch_first": ch([True, False]),
+            "cross": ch([False, True]),
+            "need_weights": ch([True, False]),
+        }
         if rec["cross"]:
             y = pool.pick(exclude=[x])
             if y is None:
@@ -458,32 +545,52 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         return rec
     if op == "rnn":
         x = pool.pick(_timed)
-        return None if x is None else {
-            "op": "rnn", "in": [x], "cell": ch(["lstm", "gru"]), "hidden": ch((4, 6, 8)),
-            "layers": ch([1, 1, 2]), "bidirectional": ch([True, False]),
-            "batch_first": ch([True, False])}
+        return (
+            None
+            if x is None
+            else {
+                "op": "rnn",
+                "in": [x],
+                "cell": ch(["lstm", "gru"]),
+                "hidden": ch((4, 6, 8)),
+                "layers": ch([1, 1, 2]),
+                "bidirectional": ch([True, False]),
+                "batch_first": ch([True, False]),
+            }
+        )
     if op == "shared":
         # a module called at several sites: a new one, or one called before
-        existing = [m for m in spec["shared"]
-                    if any(v.channels == m["channels"] and _timed(v) for v in V.values())]
+        existing = [
+            m
+            for m in spec["shared"]
+            if any(v.channels == m["channels"] and _timed(v) for v in V.values())
+        ]
         if existing and ch([True, True, False]):
             module = ch(existing)
         else:
             x = pool.pick(lambda v: _timed(v) and v.channels > 1)
             if x is None:
                 return None
-            module = {"name": f"shared{len(spec['shared'])}", "kind": ch(["conv", "block"]),
-                      "channels": V[x].channels}
+            module = {
+                "name": f"shared{len(spec['shared'])}",
+                "kind": ch(["conv", "block"]),
+                "channels": V[x].channels,
+            }
             spec["shared"].append(module)
-        x = pool.pick(lambda v: v.channels == module["channels"]
-                      and _timed(v))
+        x = pool.pick(lambda v: v.channels == module["channels"] and _timed(v))
         # applied once, or two or three times in a row (a weight-shared recurrent block)
-        return None if x is None else {"op": "shared", "in": [x], "module": module["name"],
-                                       "calls": ch([1, 2, 2, 3])}
+        return (
+            None
+            if x is None
+            else {"op": "shared", "in": [x], "module": module["name"], "calls": ch([1, 2, 2, 3])}
+        )
     if op == "pool":
         x = pool.pick(_timed)
-        return None if x is None else {"op": "pool", "in": [x], "kind": ch(["avg", "max"]),
-                                       "factor": ch([2, 2, 3])}
+        return (
+            None
+            if x is None
+            else {"op": "pool", "in": [x], "kind": ch(["avg", "max"]), "factor": ch([2, 2, 3])}
+        )
     if op == "upsample":
         x = pool.pick()
         if x is None:
@@ -496,12 +603,19 @@ def _make(op: str, rng: random.Random, pool: _Pool, spec: dict) -> dict | None:
         x = pool.pick(lambda v: v.channels > 1 and _timed(v))
         if x is None:
             return None
-        return {"op": "norule", "in": [x], "fn": ch(["cumsum", "flip", "sort", "cummax", "roll"]),
-                "dim": ch([1, 1, 1, 2])}
+        return {
+            "op": "norule",
+            "in": [x],
+            "fn": ch(["cumsum", "flip", "sort", "cummax", "roll"]),
+            "dim": ch([1, 1, 1, 2]),
+        }
     if op == "padconv":
         x = pool.pick(_timed)
-        return None if x is None else {"op": "padconv", "in": [x], "factor": ch([2, 4]),
-                                       "channels": ch(CHANNELS)}
+        return (
+            None
+            if x is None
+            else {"op": "padconv", "in": [x], "factor": ch([2, 4]), "channels": ch(CHANNELS)}
+        )
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -509,11 +623,19 @@ def _draft(seed: int, attempt: int, max_nodes: int, ops) -> dict:
     rng = random.Random(f"{seed}/{attempt}")
     stride = rng.choice([4, 8])
     spec = {
-        "version": SPEC_VERSION, "seed": seed, "length": rng.randrange(240, 800, 2) + 1,
+        "version": SPEC_VERSION,
+        "seed": seed,
+        "length": rng.randrange(240, 800, 2) + 1,
         "n_src": rng.choice([1, 2, 2, 3]),
-        "encoder": {"channels": rng.choice(CHANNELS), "stride": stride,
-                    "activation": rng.choice(["relu", "relu", "none"])},
-        "shared": [], "unused_module": rng.random() < 0.15, "nodes": [], "output": "v0",
+        "encoder": {
+            "channels": rng.choice(CHANNELS),
+            "stride": stride,
+            "activation": rng.choice(["relu", "relu", "none"]),
+        },
+        "shared": [],
+        "unused_module": rng.random() < 0.15,
+        "nodes": [],
+        "output": "v0",
         "decoder": {"kind": rng.choice(DECODERS)},
     }
     pool = _Pool(rng)
@@ -538,8 +660,11 @@ def _append(spec: dict, rec: dict, pool: _Pool | None = None) -> None:
     """Give node ``rec`` an id and output names and append it (InvalidSpec if it cannot run)."""
     node_id = 1 + max([0] + [r["id"] for r in spec["nodes"]])
     n_out = {"split": len(rec.get("sizes", [])), "chunk": rec.get("n", 1)}.get(rec["op"], 1)
-    rec = {"id": node_id, **rec, "out": [f"v{node_id}" if n_out == 1 else f"v{node_id}_{i}"
-                                         for i in range(n_out)]}
+    rec = {
+        "id": node_id,
+        **rec,
+        "out": [f"v{node_id}" if n_out == 1 else f"v{node_id}_{i}" for i in range(n_out)],
+    }
     rec.pop("n", None)
     values = shapes({**spec, "output": "v0", "nodes": spec["nodes"]})
     outs = _infer(rec, [values[n] for n in rec["in"]], spec)
@@ -554,8 +679,16 @@ def _finish(spec: dict, last: str, pool: _Pool) -> None:
     value = pool.values[last]
     if value.tag == BROADCAST:  # a single frame: gate the encoding with it
         if value.channels not in (1, spec["encoder"]["channels"]):
-            _append(spec, {"op": "linear", "in": [last], "channels": spec["encoder"]["channels"],
-                           "bias": True}, pool)
+            _append(
+                spec,
+                {
+                    "op": "linear",
+                    "in": [last],
+                    "channels": spec["encoder"]["channels"],
+                    "bias": True,
+                },
+                pool,
+            )
             last = spec["nodes"][-1]["out"][0]
         _append(spec, {"op": "binary", "in": ["v0", last], "fn": "mul"}, pool)
     elif value.tag != "t0":
@@ -736,8 +869,9 @@ def _emit(rec: dict, ins: list[Value], w: _Writer, spec: dict) -> None:
             extra["groups"] = rec["groups"]
         if not rec.get("bias", True):
             extra["bias"] = False
-        layer = w.layer(f"{op}{i}",
-                        f"nn.ConvTranspose1d({c}, {rec['channels']}, {k}{_kwargs(**extra)})")
+        layer = w.layer(
+            f"{op}{i}", f"nn.ConvTranspose1d({c}, {rec['channels']}, {k}{_kwargs(**extra)})"
+        )
         w.line(f"{y} = {layer}({x})")
         if op == "convt_up":  # crop or pad to the reference's length (a U-Net's skip)
             w.line(f"{y} = F.pad({y}, (0, {xs[1]}.shape[-1] - {y}.shape[-1]))")
@@ -768,23 +902,34 @@ def _emit(rec: dict, ins: list[Value], w: _Writer, spec: dict) -> None:
         elif fn == "silu":
             w.line(f"{y} = {w.layer(f'act{i}', 'nn.SiLU()')}({x})")
         else:
-            call = {"relu": "torch.relu({})", "gelu": "F.gelu({})", "tanh": "torch.tanh({})",
-                    "sigmoid": "{}.sigmoid()", "leaky_relu": "F.leaky_relu({}, 0.1)",
-                    "elu": "F.elu({})"}[fn]
+            call = {
+                "relu": "torch.relu({})",
+                "gelu": "F.gelu({})",
+                "tanh": "torch.tanh({})",
+                "sigmoid": "{}.sigmoid()",
+                "leaky_relu": "F.leaky_relu({}, 0.1)",
+                "elu": "F.elu({})",
+            }[fn]
             w.line(f"{y} = {call.format(x)}")
     elif op == "binary":
         a, b = xs
-        text = {"add": f"{a} + {b}", "mul": f"{a} * {b}", "sub": f"{a} - {b}",
-                "torch.add": f"torch.add({a}, {b})"}[rec["fn"]]
+        text = {
+            "add": f"{a} + {b}",
+            "mul": f"{a} * {b}",
+            "sub": f"{a} - {b}",
+            "torch.add": f"torch.add({a}, {b})",
+        }[rec["fn"]]
         w.line(f"{y} = {text}")
     elif op == "stat":
         dim = {"channels": "1", "time": "-1", "all": "(1, 2)"}[rec["over"]]
-        text = {"mean": f"{x}.mean(dim={dim}, keepdim=True)",
-                "var": f"{x}.var(dim={dim}, keepdim=True)",
-                "std": f"torch.std({x}, dim={dim}, keepdim=True)",
-                "max": f"{x}.max(dim={dim}, keepdim=True).values",
-                "amax": f"torch.amax({x}, dim={dim}, keepdim=True)",
-                "logsumexp": f"torch.logsumexp({x}, dim={dim}, keepdim=True)"}[rec["fn"]]
+        text = {
+            "mean": f"{x}.mean(dim={dim}, keepdim=True)",
+            "var": f"{x}.var(dim={dim}, keepdim=True)",
+            "std": f"torch.std({x}, dim={dim}, keepdim=True)",
+            "max": f"{x}.max(dim={dim}, keepdim=True).values",
+            "amax": f"torch.amax({x}, dim={dim}, keepdim=True)",
+            "logsumexp": f"torch.logsumexp({x}, dim={dim}, keepdim=True)",
+        }[rec["fn"]]
         w.line(f"{y} = {text}")
     elif op == "se":  # squeeze-and-excitation: a gate per channel from the time average
         layer = w.layer(f"se{i}", f"nn.Conv1d({c}, {c}, 1)")
@@ -798,13 +943,19 @@ def _emit(rec: dict, ins: list[Value], w: _Writer, spec: dict) -> None:
     elif op == "cat":
         w.line(f"{y} = torch.cat([{', '.join(xs)}], dim=1)")
     elif op == "split":
-        call = f"{x}.split({rec['sizes']}, dim=1)" if rec["style"] == "method" \
+        call = (
+            f"{x}.split({rec['sizes']}, dim=1)"
+            if rec["style"] == "method"
             else f"torch.split({x}, {rec['sizes']}, dim=1)"
+        )
         w.line(f"{', '.join(outs)} = {call}")
     elif op == "chunk":
         n = len(outs)
-        call = f"{x}.chunk({n}, dim=1)" if rec["style"] == "method" \
+        call = (
+            f"{x}.chunk({n}, dim=1)"
+            if rec["style"] == "method"
             else f"torch.chunk({x}, {n}, dim=1)"
+        )
         w.line(f"{', '.join(outs)} = {call}")
     elif op == "slice":
         step = rec.get("step", 1)
@@ -882,10 +1033,13 @@ def _emit(rec: dict, ins: list[Value], w: _Writer, spec: dict) -> None:
         w.line(f"{y} = F.interpolate({x}, size={xs[1]}.shape[-1], mode={mode!r})")
     elif op == "norule":
         d = rec["dim"]
-        text = {"cumsum": f"torch.cumsum({x}, dim={d})", "flip": f"torch.flip({x}, dims=[{d}])",
-                "sort": f"torch.sort({x}, dim={d}).values",
-                "cummax": f"torch.cummax({x}, dim={d}).values",
-                "roll": f"torch.roll({x}, 1, dims={d})"}[rec["fn"]]
+        text = {
+            "cumsum": f"torch.cumsum({x}, dim={d})",
+            "flip": f"torch.flip({x}, dims=[{d}])",
+            "sort": f"torch.sort({x}, dim={d}).values",
+            "cummax": f"torch.cummax({x}, dim={d}).values",
+            "roll": f"torch.roll({x}, 1, dims={d})",
+        }[rec["fn"]]
         w.line(f"{y} = {text}")
     else:
         raise InvalidSpec(f"unknown op {op!r}")
@@ -917,8 +1071,11 @@ def source(spec: dict, live_only: bool = False) -> str:
     c = values[out].channels
     kind = spec["decoder"]["kind"]
     if kind in ("convt", "convt_mono"):
-        w.layer("decoder", f"nn.ConvTranspose1d({c}, {n if kind == 'convt' else 1}, {2 * s}, "
-                           f"stride={s}, bias=False)")
+        w.layer(
+            "decoder",
+            f"nn.ConvTranspose1d({c}, {n if kind == 'convt' else 1}, {2 * s}, "
+            f"stride={s}, bias=False)",
+        )
         w.line(f"return self.decoder({out})" + (".squeeze(1)" if kind == "convt_mono" else ""))
     elif kind == "head":
         w.layer("decoder", f"nn.Conv1d({c}, {n}, 1)")
@@ -932,15 +1089,28 @@ def source(spec: dict, live_only: bool = False) -> str:
             w.line(f"y = self.decoder(masked.view(-1, {e}, masked.shape[-1]))")
             w.line(f"return y.view(wav.shape[0], {n}, -1)")
         else:
-            w.line(f"return torch.stack([self.decoder(masked[:, i]) for i in range({n})], "
-                   "dim=1).squeeze(2)")
-    lines = ['"""A generated model (tests/random_models.py)."""', "import torch",
-             "import torch.nn as nn", "import torch.nn.functional as F", ""]
+            w.line(
+                f"return torch.stack([self.decoder(masked[:, i]) for i in range({n})], "
+                "dim=1).squeeze(2)"
+            )
+    lines = [
+        '"""A generated model (tests/random_models.py)."""',
+        "import torch",
+        "import torch.nn as nn",
+        "import torch.nn.functional as F",
+        "",
+    ]
     for helper in ("gln", "cln", "block"):
         if helper in w.helpers:
             lines += [HELPERS[helper].strip("\n"), "", ""]
-    lines += ["class Model(nn.Module):", "    sample_rate = 8000", f"    n_src = {n}", "",
-              "    def __init__(self):", "        super().__init__()"]
+    lines += [
+        "class Model(nn.Module):",
+        "    sample_rate = 8000",
+        f"    n_src = {n}",
+        "",
+        "    def __init__(self):",
+        "        super().__init__()",
+    ]
     lines += [f"        {t}" for t in w.init]
     lines += ["", "    def forward(self, wav):"]
     lines += [f"        {t}" for t in w.forward]
@@ -1011,6 +1181,7 @@ class Failure:
 @dataclass
 class Outcome:
     """What ``check`` found for one model."""
+
     seed: int
     failures: list[Failure] = field(default_factory=list)
     checks: int = 0  # comparisons made (one per keep set, input and precision, and so on)
@@ -1057,14 +1228,19 @@ def snapshot(model: nn.Module) -> dict:
     module = sys.modules.get(type(model).__module__)
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "objects": {k: (id(v), v.requires_grad) for k, v in
-                    model.state_dict(keep_vars=True).items()},
+        "objects": {
+            k: (id(v), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()
+        },
         "modes": [(name, m.training) for name, m in model.named_modules()],
         "classes": [(name, type(m)) for name, m in model.named_modules()],
         "attributes": {name: sorted(vars(m)) for name, m in model.named_modules()},
-        "hooks": {name: [len(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks",
-                                                     "_backward_hooks")]
-                  for name, m in model.named_modules()},
+        "hooks": {
+            name: [
+                len(getattr(m, h))
+                for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+            ]
+            for name, m in model.named_modules()
+        },
         "globals": {k: id(v) for k, v in vars(module).items()} if module else {},
     }
 
@@ -1105,6 +1281,7 @@ def _keep_sets(analysis, rng: np.random.Generator) -> dict[str, dict[int, list[i
 # the module's channel axes (an independent count of what slimming should leave)
 def _kept_entries(module: nn.Module, kept) -> int | None:
     """``kept(axis, size)`` -> the kept indices of that axis of ``module``."""
+
     def n(axis, size):
         return len(kept(axis, size))
 
@@ -1153,8 +1330,10 @@ def _kept_entries(module: nn.Module, kept) -> int | None:
         return total + out * heads + (out if module.out_proj.bias is not None else 0)
     if set(dict(module.named_parameters(recurse=False))) <= {"gamma", "beta"}:
         # the hand-written gLN / cLN: [1, C, 1] parameters, an attribute axis each
-        return sum(len(kept(("attr", name), p.shape[1]))
-                   for name, p in module.named_parameters(recurse=False))
+        return sum(
+            len(kept(("attr", name), p.shape[1]))
+            for name, p in module.named_parameters(recurse=False)
+        )
     return None
 
 
@@ -1196,9 +1375,14 @@ def _live_modules(spec: dict, model: nn.Module, traced: bool) -> list[str]:
     """Qualified names of the modules whose parameters the slim model should hold: the ones the
     live nodes use (a traced model drops dead code), or all (eager shells keep it)."""
     # an attention's out_proj is counted with the attention (its axes are the attention's)
-    names = [name for name, m in model.named_modules()
-             if not (name.endswith(".out_proj") and isinstance(
-                 model.get_submodule(name.rsplit(".", 1)[0]), nn.MultiheadAttention))]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if not (
+            name.endswith(".out_proj")
+            and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.MultiheadAttention)
+        )
+    ]
     if not traced:
         return names
     live = {"encoder", "decoder", "mask"}
@@ -1239,8 +1423,10 @@ class _Checker:
         except SepfxError as error:
             self.fail(f"loud:{stage}:{type(error).__name__}", _first_line(error))
         except Exception as error:  # not a sepfx error: a defect
-            self.fail(f"crash:{stage}:{type(error).__name__}",
-                      _first_line(error) + "\n" + traceback.format_exc(limit=-4))
+            self.fail(
+                f"crash:{stage}:{type(error).__name__}",
+                _first_line(error) + "\n" + traceback.format_exc(limit=-4),
+            )
         return None
 
     def run(self, stage: str, model: nn.Module, x: torch.Tensor):
@@ -1257,8 +1443,13 @@ def _first_line(error: Exception) -> str:
     return (text[0] if text else type(error).__name__)[:400]
 
 
-def check(spec: dict, *, onnx: bool | None = None, compile_budget: bool = True,
-          look_for: str | None = None) -> Outcome:
+def check(
+    spec: dict,
+    *,
+    onnx: bool | None = None,
+    compile_budget: bool = True,
+    look_for: str | None = None,
+) -> Outcome:
     """Run every check on the model of ``spec``; ``onnx`` (default: 1 seed in 5) adds the ONNX
     Runtime parity check. With ``look_for`` (a failure kind) it stops once that kind is found
     (for the minimiser)."""
@@ -1300,10 +1491,12 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
         if "a" not in lazy64:
             model64 = build(spec, torch.float64)
             lazy64["model"] = model64
-            lazy64["a"] = c.guard("analyze_f64", sepfx.analyze, model64,
-                                  check_inputs(spec, torch.float64)[0])
-            if lazy64["a"] is not None and [(g.size, g.min_size) for g in lazy64["a"].groups] \
-                    != [(g.size, g.min_size) for g in analysis.groups]:
+            lazy64["a"] = c.guard(
+                "analyze_f64", sepfx.analyze, model64, check_inputs(spec, torch.float64)[0]
+            )
+            if lazy64["a"] is not None and [(g.size, g.min_size) for g in lazy64["a"].groups] != [
+                (g.size, g.min_size) for g in analysis.groups
+            ]:
                 c.fail("silent:groups_differ_f64", "the float64 analysis finds other groups")
                 lazy64["a"] = None
         return lazy64["a"]
@@ -1324,10 +1517,12 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
             if a64 is None:
                 return
             x64 = x.double()
-            ref64 = lazy64["model"] if stage == "capture" else \
-                c.guard("gated_f64", a64.gated, keep)
-            got64 = c.guard("gated_f64", a64.gated, a64.keep_all()) if stage == "capture" \
+            ref64 = lazy64["model"] if stage == "capture" else c.guard("gated_f64", a64.gated, keep)
+            got64 = (
+                c.guard("gated_f64", a64.gated, a64.keep_all())
+                if stage == "capture"
                 else c.guard("slim_f64", a64.slim, keep)
+            )
             if got64 is None or ref64 is None:
                 return
             c.count()
@@ -1336,11 +1531,16 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
                 return
             error64 = relative_error(expected, got)
             if error64 <= F64_TOLERANCE:
-                c.fail(f"note:{stage}_f32_rounding", f"{label} at {list(x.shape)}: float32 "
-                       f"{error:.3g}, float64 {error64:.3g}")
+                c.fail(
+                    f"note:{stage}_f32_rounding",
+                    f"{label} at {list(x.shape)}: float32 {error:.3g}, float64 {error64:.3g}",
+                )
             else:
-                c.fail(f"silent:{stage}", f"{label} at {list(x.shape)}: relative error "
-                       f"{error:.3g} (float64: {error64:.3g})")
+                c.fail(
+                    f"silent:{stage}",
+                    f"{label} at {list(x.shape)}: relative error "
+                    f"{error:.3g} (float64: {error64:.3g})",
+                )
             return
 
     # 1. capture: the gated model with every unit kept is the model
@@ -1353,8 +1553,10 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
     for rec in live_nodes(spec):
         if rec["op"] == "norule" and f"torch.{rec['fn']}" not in reasons:
             c.count()
-            c.fail("silent:no_rule_not_frozen", f"torch.{rec['fn']} (node {rec['id']}) is not "
-                   "named among the frozen axes")
+            c.fail(
+                "silent:no_rule_not_frozen",
+                f"torch.{rec['fn']} (node {rec['id']}) is not named among the frozen axes",
+            )
 
     # 3. hard-gated == slim for several keep sets; finite; parameter counts
     keep_sets = _keep_sets(analysis, rng)
@@ -1368,19 +1570,28 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
         for x, d in zip(inputs, dense):
             c.count()
             y = c.run("run_slim", slim, x)
-            if y is not None and y.shape == d.shape and bool((torch.isfinite(d) & ~torch.isfinite(y)).any()):
+            if (
+                y is not None
+                and y.shape == d.shape
+                and bool((torch.isfinite(d) & ~torch.isfinite(y)).any())
+            ):
                 c.fail("silent:non_finite", f"keep set {label} at {list(x.shape)}")
         actual = sum(p.numel() for p in slim.parameters())
         c.count()
         if slim.sepfx_report.params != actual:
-            c.fail("silent:params_report", f"keep set {label}: report {slim.sepfx_report.params}"
-                   f", slim model {actual}")
+            c.fail(
+                "silent:params_report",
+                f"keep set {label}: report {slim.sepfx_report.params}, slim model {actual}",
+            )
         implied = implied_params(analysis, keep, modules)
         if implied is not None:
             c.count()
             if implied != actual:
-                c.fail("silent:params_implied", f"keep set {label}: the keep set implies "
-                       f"{implied}, the slim model has {actual}")
+                c.fail(
+                    "silent:params_implied",
+                    f"keep set {label}: the keep set implies "
+                    f"{implied}, the slim model has {actual}",
+                )
 
     # 4. float64: tighter, for the one-unit and a random keep set
     a64 = analysis64()
@@ -1402,47 +1613,74 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
                     break
                 error = relative_error(expected, got)
                 if error > F64_TOLERANCE:
-                    c.fail("silent:gated_vs_slim_f64", f"keep set {label} at {list(x.shape)}: "
-                           f"relative error {error:.3g}")
+                    c.fail(
+                        "silent:gated_vs_slim_f64",
+                        f"keep set {label} at {list(x.shape)}: relative error {error:.3g}",
+                    )
 
     # 5. compile, data-free
     if compile_budget:
         budget = float(rng.choice([0.3, 0.5, 0.7]))
-        compiled = c.guard("compile", sepfx.compile, model, budget=budget,
-                           example_input=inputs[0], progress=False)
-        reachable = re.search(r"use a budget >= ([0-9.]+)", c.outcome.failures[-1].detail) \
-            if compiled is None and c.outcome.failures else None
+        compiled = c.guard(
+            "compile", sepfx.compile, model, budget=budget, example_input=inputs[0], progress=False
+        )
+        reachable = (
+            re.search(r"use a budget >= ([0-9.]+)", c.outcome.failures[-1].detail)
+            if compiled is None and c.outcome.failures
+            else None
+        )
         if reachable and float(reachable.group(1)) < 1:  # again, at the budget it names
             budget = float(reachable.group(1))
-            compiled = c.guard("compile_at_reachable_budget", sepfx.compile, model,
-                               budget=budget, example_input=inputs[0], progress=False)
+            compiled = c.guard(
+                "compile_at_reachable_budget",
+                sepfx.compile,
+                model,
+                budget=budget,
+                example_input=inputs[0],
+                progress=False,
+            )
         if compiled is not None:
             c.count()
             ratio = compiled.sepfx_report.macs_ratio
             if ratio > budget + 1e-9:
                 c.fail("silent:budget_exceeded", f"budget {budget}: MACs ratio {ratio:.4f}")
             elif ratio < budget - 0.02 and not any(
-                    "does not allow" in n for n in compiled.sepfx_report.notes):
+                "does not allow" in n for n in compiled.sepfx_report.notes
+            ):
                 c.fail("note:budget_undershoot", f"budget {budget}: MACs ratio {ratio:.4f}")
             for x, d in zip(inputs, dense):
                 c.count()
                 y = c.run("run_compiled", compiled, x)
-                if y is not None and y.shape == d.shape and \
-                        bool((torch.isfinite(d) & ~torch.isfinite(y)).any()):
+                if (
+                    y is not None
+                    and y.shape == d.shape
+                    and bool((torch.isfinite(d) & ~torch.isfinite(y)).any())
+                ):
                     c.fail("silent:non_finite_compiled", f"budget {budget} at {list(x.shape)}")
             # the same call gives the same model (invariant 5)
-            again = c.guard("compile", sepfx.compile, model, budget=budget,
-                            example_input=inputs[0], progress=False)
+            again = c.guard(
+                "compile",
+                sepfx.compile,
+                model,
+                budget=budget,
+                example_input=inputs[0],
+                progress=False,
+            )
             if again is not None:
                 c.count()
                 kept = [g.kept for g in compiled.sepfx_report.groups]
-                first, second = c.run("run_compiled", compiled, inputs[1]), \
-                    c.run("run_compiled", again, inputs[1])
+                first, second = (
+                    c.run("run_compiled", compiled, inputs[1]),
+                    c.run("run_compiled", again, inputs[1]),
+                )
                 if kept != [g.kept for g in again.sepfx_report.groups] or (
-                        first is not None and second is not None
-                        and not torch.equal(first, second)):
-                    c.fail("silent:compile_not_deterministic", f"budget {budget}: kept {kept} "
-                           f"then {[g.kept for g in again.sepfx_report.groups]}")
+                    first is not None and second is not None and not torch.equal(first, second)
+                ):
+                    c.fail(
+                        "silent:compile_not_deterministic",
+                        f"budget {budget}: kept {kept} "
+                        f"then {[g.kept for g in again.sepfx_report.groups]}",
+                    )
 
     # 6. the caller's model is unchanged
     c.count()
@@ -1471,8 +1709,10 @@ def _check_onnx(spec, c: _Checker, sepfx, slim) -> None:
         if worst > ONNX_TOLERANCE:
             c.fail("silent:onnx_mismatch", f"export_onnx's own check: {result.errors}")
         if not (result.dynamic_batch and result.dynamic_time):
-            c.fail("note:onnx_static", f"dynamic batch {result.dynamic_batch}, time "
-                   f"{result.dynamic_time}")
+            c.fail(
+                "note:onnx_static",
+                f"dynamic batch {result.dynamic_batch}, time {result.dynamic_time}",
+            )
             return
         x = check_inputs(spec, with_onnx=True)[2]
         options = ort.SessionOptions()
@@ -1496,6 +1736,7 @@ def _check_onnx(spec, c: _Checker, sepfx, slim) -> None:
 # ============================================================================================
 # the delta-debugger: a failing spec made small
 # ============================================================================================
+
 
 def _valid(spec: dict) -> bool:
     try:
@@ -1551,11 +1792,25 @@ def _renamed(spec: dict, index: int, renamed: dict[str, str]) -> dict:
 
 # simpler settings tried for each field of a node, first the simplest
 _SIMPLER = {
-    "bias": [False], "groups": [1], "mode": ["dense"], "dilation": [1], "layers": [1],
-    "bidirectional": [False], "heads": [1], "need_weights": [False], "per_channel": [False],
-    "batch_first": [True], "literal": [True], "affine": [True], "step": [1],
-    "fn": ["relu", "add", "mean", "cumsum"], "style": ["method", "torch"],
-    "channels": [1, 2, 4, 6, 8, 12], "hidden": [2, 4, 6], "kernel": [1, 3], "calls": [1, 2],
+    "bias": [False],
+    "groups": [1],
+    "mode": ["dense"],
+    "dilation": [1],
+    "layers": [1],
+    "bidirectional": [False],
+    "heads": [1],
+    "need_weights": [False],
+    "per_channel": [False],
+    "batch_first": [True],
+    "literal": [True],
+    "affine": [True],
+    "step": [1],
+    "fn": ["relu", "add", "mean", "cumsum"],
+    "style": ["method", "torch"],
+    "channels": [1, 2, 4, 6, 8, 12],
+    "hidden": [2, 4, 6],
+    "kernel": [1, 3],
+    "calls": [1, 2],
 }
 
 
@@ -1592,16 +1847,28 @@ def _reductions(spec: dict):
                 continue
             options = _options(rec, key)
             for option in options:
-                smaller = isinstance(option, int) and not isinstance(option, bool) and \
-                    isinstance(rec[key], int) and option < rec[key]
-                if option == rec[key] or (isinstance(option, int) and not isinstance(
-                        option, bool) and not smaller and key in ("channels", "hidden")):
+                smaller = (
+                    isinstance(option, int)
+                    and not isinstance(option, bool)
+                    and isinstance(rec[key], int)
+                    and option < rec[key]
+                )
+                if option == rec[key] or (
+                    isinstance(option, int)
+                    and not isinstance(option, bool)
+                    and not smaller
+                    and key in ("channels", "hidden")
+                ):
                     continue
                 out = copy.deepcopy(spec)
                 out["nodes"][index][key] = option
                 if key == "mode" and option == "dense":
-                    out["nodes"][index].update(groups=1, dilation=1, stride=1,
-                                               padding=(out["nodes"][index]["kernel"] - 1) // 2)
+                    out["nodes"][index].update(
+                        groups=1,
+                        dilation=1,
+                        stride=1,
+                        padding=(out["nodes"][index]["kernel"] - 1) // 2,
+                    )
                 yield out
     for module in range(len(spec.get("shared", []))):
         if spec["shared"][module]["kind"] != "conv":
@@ -1636,8 +1903,10 @@ def renumber(spec: dict) -> dict:
     for number, rec in enumerate(out["nodes"], 1):
         rec["id"] = number
         rec["in"] = [names[n] for n in rec["in"]]
-        new = [f"v{number}" if len(rec["out"]) == 1 else f"v{number}_{i}"
-               for i in range(len(rec["out"]))]
+        new = [
+            f"v{number}" if len(rec["out"]) == 1 else f"v{number}_{i}"
+            for i in range(len(rec["out"]))
+        ]
         names.update(zip(rec["out"], new))
         rec["out"] = new
     out["output"] = names[out["output"]]
@@ -1698,12 +1967,16 @@ def regression_source(spec: dict, failure: Failure | None = None) -> str:
 # command line
 # ============================================================================================
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="generate the model of this seed")
     parser.add_argument("--spec", help="check the spec in this JSON file instead")
-    parser.add_argument("--minimise", metavar="KIND", help="shrink the model while it fails "
-                        "with KIND; print the minimal model's source")
+    parser.add_argument(
+        "--minimise",
+        metavar="KIND",
+        help="shrink the model while it fails with KIND; print the minimal model's source",
+    )
     parser.add_argument("--onnx", action="store_true", help="also check ONNX Runtime parity")
     parser.add_argument("--source", action="store_true", help="print the model's source")
     args = parser.parse_args(argv)
@@ -1714,15 +1987,19 @@ def main(argv=None) -> int:
         outcome = check(small, onnx=args.onnx or None)
         failure = next((f for f in outcome.failures if f.kind == args.minimise), None)
         if failure is None:
-            print(f"# (the renumbered minimal model no longer fails with {args.minimise}: "
-                  f"it fails with {sorted(set(outcome.kinds()))})")
+            print(
+                f"# (the renumbered minimal model no longer fails with {args.minimise}: "
+                f"it fails with {sorted(set(outcome.kinds()))})"
+            )
         print(regression_source(small, failure))
         return 0
     if args.source:
         print(source(spec))
     outcome = check(spec, onnx=args.onnx or None)
-    print(f"seed {outcome.seed}: {outcome.checks} checks in {outcome.seconds:.1f} s, "
-          f"{outcome.groups} groups, {'traced' if outcome.traced else 'eager shells'}")
+    print(
+        f"seed {outcome.seed}: {outcome.checks} checks in {outcome.seconds:.1f} s, "
+        f"{outcome.groups} groups, {'traced' if outcome.traced else 'eager shells'}"
+    )
     for f in outcome.failures:
         print(f"  {f.kind}: {f.detail.splitlines()[0]}")
     return 1 if outcome.defects else 0

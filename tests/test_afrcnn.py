@@ -3,6 +3,7 @@ all of its call sites, and the acceptance checks of issue 14 for it: data-free
 ``compile(budget=0.4)`` lands in [0.38, 0.40] of the dense MACs, at least 90% of the dense MACs
 are prunable, ONNX Runtime matches PyTorch at several lengths with a dynamic time axis, and the
 caller's model is untouched."""
+
 from __future__ import annotations
 
 import collections
@@ -28,8 +29,12 @@ def entry(zoo):
 def _groups_of(analysis, units: np.ndarray) -> set[int]:
     """The groups ``units`` (flat unit indices, none 0) belong to."""
     assert units.size and (units > 0).all(), units
-    return {g.index for g in analysis.groups for u in units.tolist()
-            if g.offset <= u < g.offset + g.size}
+    return {
+        g.index
+        for g in analysis.groups
+        for u in units.tolist()
+        if g.offset <= u < g.offset + g.size
+    }
 
 
 def _group_of(analysis, units: np.ndarray) -> int:
@@ -49,11 +54,15 @@ def test_shared_block_has_one_gate_per_group_at_every_call_site(entry):
     for node in channels.graph_module.graph.nodes:
         if node.op == "call_module" and str(node.target).startswith(BLOCK):
             calls[node.target].append(node)
-    block_convs = [q for q, m in model.named_modules()
-                   if q.startswith(BLOCK) and isinstance(m, torch.nn.Conv1d)]
+    block_convs = [
+        q
+        for q, m in model.named_modules()
+        if q.startswith(BLOCK) and isinstance(m, torch.nn.Conv1d)
+    ]
     assert block_convs and set(block_convs) <= set(calls)
-    assert all(len(sites) == iters for sites in calls.values()), \
-        {target: len(sites) for target, sites in calls.items()}
+    assert all(len(sites) == iters for sites in calls.values()), {
+        target: len(sites) for target, sites in calls.items()
+    }
 
     # the learnable gates: one logit per unit of each group, not one per call site
     sizes = [g.size for g in analysis.groups]
@@ -63,10 +72,14 @@ def test_shared_block_has_one_gate_per_group_at_every_call_site(entry):
     # every group but the encoder's (shared with the masks and the decoder) has channels in
     # the block: the residual stream (block input and output), the hidden channels of the
     # bottom-up path, the four lateral fusions and the top-down fusion
-    block_groups = set().union(*(_groups_of(channels, channels.axis_units(key))
-                                 for qualname in block_convs
-                                 for key in channels.module_axes[qualname].values()
-                                 if channels.axis_units(key).any()))
+    block_groups = set().union(
+        *(
+            _groups_of(channels, channels.axis_units(key))
+            for qualname in block_convs
+            for key in channels.module_axes[qualname].values()
+            if channels.axis_units(key).any()
+        )
+    )
     assert len(block_groups) == len(analysis.groups) - 1
 
     gated = analysis.gated(analysis.keep_all(), bank=bank)
@@ -74,12 +87,16 @@ def test_shared_block_has_one_gate_per_group_at_every_call_site(entry):
     nodes = list(gated.graph.nodes)
     # one gate bank, called once; each gated axis reads its units from it once
     assert sum(1 for n in nodes if n.op == "call_module" and n.target == "sepfx_gates") == 1
-    index_targets = [n.target for n in nodes
-                     if n.op == "get_attr" and str(n.target).startswith("sepfx_gates.axis")]
+    index_targets = [
+        n.target
+        for n in nodes
+        if n.op == "get_attr" and str(n.target).startswith("sepfx_gates.axis")
+    ]
     assert len(index_targets) == len(set(index_targets))
     # every gate applied to the output of a block module, at every call site
-    indices = {f"sepfx_gates.{name}": getattr(bank, name).numpy()
-               for name in bank.axis_names.values()}
+    indices = {
+        f"sepfx_gates.{name}": getattr(bank, name).numpy() for name in bank.axis_names.values()
+    }
     masks_of = collections.defaultdict(list)  # block module -> the units gating each site
     for node in nodes:
         if node.op != "call_function" or getattr(node.target, "__name__", "") != "apply_gate":
@@ -113,7 +130,7 @@ def test_shared_block_has_one_gate_per_group_at_every_call_site(entry):
             size = g.size
             assert mine.size % size == 0
             for start in range(0, mine.size, size):
-                runs.add(tuple(mine[start:start + size].tolist()))
+                runs.add(tuple(mine[start : start + size].tolist()))
     assert len(runs) == len(analysis.groups)
 
 

@@ -1,6 +1,7 @@
 """The analysis front end: the caller's model is never modified, results are deterministic, the
 cost model agrees with torch's FLOP counter, unknown ops are frozen (not guessed), channel groups
 agree with Torch-Pruning's dependency graph, errors are clear, and the report is complete."""
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +29,25 @@ def counted_macs(module, *args) -> float:
 
 # -- the caller's model is never modified; determinism ------------------------------------
 def _snapshot(model: nn.Module):
-    tensors = {k: (v, v.detach().clone(), v.requires_grad)
-               for k, v in model.state_dict(keep_vars=True).items()}
+    tensors = {
+        k: (v, v.detach().clone(), v.requires_grad)
+        for k, v in model.state_dict(keep_vars=True).items()
+    }
     modules = {}
     for name, m in model.named_modules():
-        attributes = {k: repr(v) for k, v in vars(m).items()
-                      if k not in ("_parameters", "_buffers", "_modules")}
-        modules[name] = (type(m), m.training, attributes, dict(m._parameters).keys(),
-                         dict(m._buffers).keys(), dict(m._modules).keys())
+        attributes = {
+            k: repr(v)
+            for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules")
+        }
+        modules[name] = (
+            type(m),
+            m.training,
+            attributes,
+            dict(m._parameters).keys(),
+            dict(m._buffers).keys(),
+            dict(m._modules).keys(),
+        )
     return tensors, modules
 
 
@@ -46,8 +58,9 @@ def _assert_unchanged(model: nn.Module, snapshot, when: str):
     for k, (obj, value, requires_grad) in tensors.items():
         assert now[k] is obj, f"{when}: {k} was replaced by another tensor object"
         assert now[k].dtype == value.dtype and now[k].shape == value.shape, f"{when}: {k}"
-        assert torch.equal(now[k].detach().contiguous().view(torch.uint8),
-                           value.contiguous().view(torch.uint8)), f"{when}: {k} changed"
+        assert torch.equal(
+            now[k].detach().contiguous().view(torch.uint8), value.contiguous().view(torch.uint8)
+        ), f"{when}: {k} changed"
         assert now[k].requires_grad == requires_grad, f"{when}: {k}.requires_grad changed"
     _, now_modules = _snapshot(model)
     assert now_modules.keys() == modules.keys(), f"{when}: the module tree changed"
@@ -77,8 +90,9 @@ def test_callers_model_is_never_modified(name):
         assert torch.equal(model(x), before)
         # the analysis' own dense graph is not modified by slimming either
         assert max_relative_error(before, analysis.capture.graph_module(x)) <= 1e-6
-    assert slim is not model and all(p is not q for p in slim.parameters()
-                                     for q in model.parameters())
+    assert slim is not model and all(
+        p is not q for p in slim.parameters() for q in model.parameters()
+    )
 
 
 @pytest.mark.parametrize("name", ["conv_tasnet", "dprnn", "sepformer"])
@@ -88,12 +102,16 @@ def test_same_seed_same_result(name):
     for _ in range(2):
         model = build_seeded(name)
         analysis = sepfx.analyze(model)
-        keeps = [analysis.keep_ratio(0.5), analysis.keep_ratio(0.4, "random", seed=7),
-                 random_keep(analysis, np.random.default_rng(11))]
+        keeps = [
+            analysis.keep_ratio(0.5),
+            analysis.keep_ratio(0.4, "random", seed=7),
+            random_keep(analysis, np.random.default_rng(11)),
+        ]
         with torch.no_grad():
-            outputs.append([analysis.slim(k)(x) for k in keeps]
-                           + [sepfx.prune(model, ratio=0.5)(x),
-                              sepfx.prune(model, keep=keeps[2])(x)])
+            outputs.append(
+                [analysis.slim(k)(x) for k in keeps]
+                + [sepfx.prune(model, ratio=0.5)(x), sepfx.prune(model, keep=keeps[2])(x)]
+            )
         reports.append([{g: list(map(int, v)) for g, v in k.items()} for k in keeps])
     assert reports[0] == reports[1], "same seed, different keep sets"
     for a, b in zip(*outputs):
@@ -103,9 +121,13 @@ def test_same_seed_same_result(name):
     assert torch.equal(outputs[0][2], outputs[0][4])
     # a different seed for random importance gives a different keep set
     analysis = sepfx.analyze(build_seeded(name))
-    assert any(not np.array_equal(analysis.keep_ratio(0.4, "random", seed=7)[g],
-                                  analysis.keep_ratio(0.4, "random", seed=8)[g])
-               for g in range(len(analysis.groups)))
+    assert any(
+        not np.array_equal(
+            analysis.keep_ratio(0.4, "random", seed=7)[g],
+            analysis.keep_ratio(0.4, "random", seed=8)[g],
+        )
+        for g in range(len(analysis.groups))
+    )
 
 
 # -- MACs ----------------------------------------------------------------------------------
@@ -113,8 +135,10 @@ def test_conv_tasnet_half_keep_cuts_macs(zoo):
     analysis = zoo("conv_tasnet").analysis
     slim = analysis.slim(analysis.keep_ratio(0.5))
     report = slim.sepfx_report
-    print(f"\nconv_tasnet keep_ratio(0.5): {report.macs:.0f} / {report.dense_macs:.0f} MACs "
-          f"= {report.macs_ratio:.3f}")
+    print(
+        f"\nconv_tasnet keep_ratio(0.5): {report.macs:.0f} / {report.dense_macs:.0f} MACs "
+        f"= {report.macs_ratio:.3f}"
+    )
     assert report.dense_macs == analysis.cost.dense_macs > 0
     assert report.macs <= 0.55 * report.dense_macs
     assert report.reference_input == tuple(analysis.example_input.shape) == (1, 8000)
@@ -125,14 +149,19 @@ def test_predicted_macs_match_counted_slim_macs(zoo, name):
     analysis = zoo(name).analysis
     x = analysis.example_input
     rng = np.random.default_rng(3)
-    keeps = [analysis.keep_all(), random_keep(analysis, rng, single=True),
-             analysis.keep_ratio(0.5)] + [random_keep(analysis, rng) for _ in range(5)]
+    keeps = [
+        analysis.keep_all(),
+        random_keep(analysis, rng, single=True),
+        analysis.keep_ratio(0.5),
+    ] + [random_keep(analysis, rng) for _ in range(5)]
     for keep in keeps:
         slim = analysis.slim(keep)
         predicted = slim.sepfx_report.macs
         assert predicted == pytest.approx(
-            analysis.cost.macs(analysis.channels.keep_vector(
-                {k: np.asarray(v) for k, v in keep.items()})))
+            analysis.cost.macs(
+                analysis.channels.keep_vector({k: np.asarray(v) for k, v in keep.items()})
+            )
+        )
         measured = counted_macs(slim, x)
         print(f"\n{name}: predicted {predicted:.0f} MACs, counted on the slim model {measured:.0f}")
         assert measured > 0
@@ -186,8 +215,9 @@ class _ClosedForms(fx.Interpreter):
                     closed = _attention_macs(module, q, k, v)
                 else:
                     closed = _rnn_macs(module, args[0])
-                self.rows.append((n.name, type(module).__name__,
-                                  counter.get_total_flops() / 2, closed))
+                self.rows.append(
+                    (n.name, type(module).__name__, counter.get_total_flops() / 2, closed)
+                )
                 return result
         return super().run_node(n)
 
@@ -205,8 +235,10 @@ def test_dense_macs_cross_check(zoo, name):
     print(f"\n{name}: FlopCounterMode on the traced graph {counted:.0f} MACs")
     for node, kind, seen, closed in interpreter.rows:
         print(f"    {node} ({kind}): counter {seen:.0f}, closed form {closed:.0f}")
-    print(f"  expected dense {expected:.0f}, sepfx cost model {analysis.cost.dense_macs:.0f} "
-          f"({100 * (analysis.cost.dense_macs / expected - 1):+.2f}%)")
+    print(
+        f"  expected dense {expected:.0f}, sepfx cost model {analysis.cost.dense_macs:.0f} "
+        f"({100 * (analysis.cost.dense_macs / expected - 1):+.2f}%)"
+    )
     assert expected > 0
     assert abs(analysis.cost.dense_macs - expected) <= 0.02 * expected
     if name in ("dprnn",):
@@ -267,8 +299,10 @@ def _check_rest_prunes(model, analysis, middle_frozen: bool):
         assert any(FROZEN_MIDDLE <= set(g.members) for g in analysis.groups), members
     # encoder/mask channels and the conv_b -> conv_c channels prune in any case
     assert any("encoder out" in g.members and "conv_c out" in g.members for g in analysis.groups)
-    assert any("conv_b out" in g.members and "act weight" in g.members and
-               "conv_c in" in g.members for g in analysis.groups)
+    assert any(
+        "conv_b out" in g.members and "act weight" in g.members and "conv_c in" in g.members
+        for g in analysis.groups
+    )
     keep = analysis.keep_ratio(0.5)
     slim, gated = analysis.slim(keep), analysis.gated(keep)
     middle = 24 if middle_frozen else 12
@@ -453,6 +487,7 @@ def _unit_group(analysis):
         if unit == 0:
             return None
         return int(np.searchsorted(starts, unit, side="right") - 1)
+
     return group_of
 
 
@@ -465,8 +500,9 @@ def test_torch_pruning_groups_agree(zoo, name):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=wav(1, 8000),
-                                                       verbose=False)
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=wav(1, 8000), verbose=False
+            )
             tp_groups = list(dg.get_all_groups())
     except Exception as error:
         if name in ("conv_tasnet", "sudormrf"):
@@ -481,8 +517,10 @@ def test_torch_pruning_groups_agree(zoo, name):
     disagreements = []
     for tp_group in tp_groups:
         root_dep, root_idxs = tp_group[0]
-        root = f"{names.get(id(root_dep.target.module))} ({root_dep.handler.__name__}, " \
-               f"{len(root_idxs)})"
+        root = (
+            f"{names.get(id(root_dep.target.module))} ({root_dep.handler.__name__}, "
+            f"{len(root_idxs)})"
+        )
         found: dict[int, list[str]] = {}
         frozen, absent = [], []
         for dep, idxs in tp_group:
@@ -503,21 +541,30 @@ def test_torch_pruning_groups_agree(zoo, name):
                 for g in groups - {None}:
                     found.setdefault(g, []).append(label)
         touched |= set(found)
-        verdict = (f"sepfx group {next(iter(found))}" if len(found) == 1 else
-                   "frozen in sepfx" if not found else f"SPLIT over sepfx groups {sorted(found)}")
+        verdict = (
+            f"sepfx group {next(iter(found))}"
+            if len(found) == 1
+            else "frozen in sepfx"
+            if not found
+            else f"SPLIT over sepfx groups {sorted(found)}"
+        )
         print(f"  TP group rooted at {root}: {verdict}")
         if frozen:
             print(f"      frozen in sepfx: {', '.join(sorted(set(frozen)))}")
         if absent:
             print(f"      no sepfx axis: {', '.join(sorted(set(absent)))}")
         if len(found) > 1:
-            disagreements.append(f"TP group rooted at {root} spans sepfx groups " + "; ".join(
-                f"{g}: {sorted(set(m))}" for g, m in sorted(found.items())))
+            disagreements.append(
+                f"TP group rooted at {root} spans sepfx groups "
+                + "; ".join(f"{g}: {sorted(set(m))}" for g, m in sorted(found.items()))
+            )
         _print_index_differences(dg, tp_group, root_dep, model, names, pnames, analysis)
     for g in analysis.groups:
         if g.index not in touched:
-            print(f"  sepfx group {g.index} ({g.size} units) is in no TP group (TP roots are "
-                  f"Conv/Linear out channels): {', '.join(g.members[:4])}")
+            print(
+                f"  sepfx group {g.index} ({g.size} units) is in no TP group (TP roots are "
+                f"Conv/Linear out channels): {', '.join(g.members[:4])}"
+            )
     assert not disagreements, "\n".join(disagreements)
 
 
@@ -540,8 +587,10 @@ def _print_index_differences(dg, tp_group, root_dep, model, names, pnames, analy
                 units[label] = sorted({int(axis_units[j]) for j in idxs if j < len(axis_units)})
         distinct = {tuple(u) for u in units.values() if u and u != [0]}
         if len(distinct) > 1:
-            print(f"      index level, root channel {i}: TP's members fall in different sepfx "
-                  f"units: " + ", ".join(f"{k} -> units {v}" for k, v in units.items()))
+            print(
+                f"      index level, root channel {i}: TP's members fall in different sepfx "
+                f"units: " + ", ".join(f"{k} -> units {v}" for k, v in units.items())
+            )
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -603,18 +652,23 @@ def _keep_cases(analysis):
         else:
             keep[n] = value
         return keep
-    return n, g.size, {
-        "missing group": (variant(drop=True), f"group {n}"),
-        "empty": (variant([]), f"keep[{n}] is empty"),
-        "out of range": (variant([0, g.size]), f"keep[{n}] has index {g.size} out of range"),
-        "negative": (variant([-1, 0]), f"keep[{n}] has index -1 out of range"),
-        "duplicate": (variant([1, 1, 2]), f"keep[{n}] repeats an index"),
-        "floats": (variant([0.0, 1.0]), f"keep[{n}] must be"),
-        "string": (variant("01"), f"keep[{n}] must be"),
-        "scalar": (variant(2), f"keep[{n}] must be"),
-        "2-D": (variant([[0, 1]]), f"keep[{n}] must be"),
-        "unknown group": ({**base, 99: [0]}, "unknown groups [99]"),
-    }
+
+    return (
+        n,
+        g.size,
+        {
+            "missing group": (variant(drop=True), f"group {n}"),
+            "empty": (variant([]), f"keep[{n}] is empty"),
+            "out of range": (variant([0, g.size]), f"keep[{n}] has index {g.size} out of range"),
+            "negative": (variant([-1, 0]), f"keep[{n}] has index -1 out of range"),
+            "duplicate": (variant([1, 1, 2]), f"keep[{n}] repeats an index"),
+            "floats": (variant([0.0, 1.0]), f"keep[{n}] must be"),
+            "string": (variant("01"), f"keep[{n}] must be"),
+            "scalar": (variant(2), f"keep[{n}] must be"),
+            "2-D": (variant([[0, 1]]), f"keep[{n}] must be"),
+            "unknown group": ({**base, 99: [0]}, "unknown groups [99]"),
+        },
+    )
 
 
 @pytest.mark.parametrize("method", ["slim", "gated", "report"])

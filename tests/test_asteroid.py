@@ -7,6 +7,7 @@ Asteroid installs with ``pip install --no-deps asteroid==0.7.0 asteroid-filterba
 (its declared dependencies would pull another torch); the README's test command does that. In CI
 (``CI=true``) these tests must run, so a missing Asteroid is an error there, not a skip.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,14 +27,15 @@ else:
     asteroid_models = pytest.importorskip("asteroid.models")
 
 CONFIGS = {
-    "ConvTasNet": dict(n_src=2, n_blocks=3, n_repeats=2, bn_chan=32, hid_chan=64, skip_chan=32,
-                       n_filters=64),
-    "DPRNNTasNet": dict(n_src=2, n_repeats=2, bn_chan=32, hid_size=32, chunk_size=50,
-                        n_filters=64),
+    "ConvTasNet": dict(
+        n_src=2, n_blocks=3, n_repeats=2, bn_chan=32, hid_chan=64, skip_chan=32, n_filters=64
+    ),
+    "DPRNNTasNet": dict(n_src=2, n_repeats=2, bn_chan=32, hid_size=32, chunk_size=50, n_filters=64),
     "SuDORMRFNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3, n_filters=64),
     "DPTNet": dict(n_src=2, n_repeats=1, n_filters=64, ff_hid=64, chunk_size=50),
-    "SuDORMRFImprovedNet": dict(n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3,
-                                n_filters=64),
+    "SuDORMRFImprovedNet": dict(
+        n_src=2, bn_chan=32, num_blocks=2, upsampling_depth=3, n_filters=64
+    ),
     "LSTMTasNet": dict(n_src=2, hid_size=32, n_layers=2, n_filters=64),
     "DeMask": dict(hidden_dims=(128,)),
 }
@@ -63,9 +65,14 @@ def test_gated_equals_slim(analysed, name):
     model, analysis = analysed(name)
     rng = np.random.default_rng(0)
     for trial in range(3):
-        keep = {g.index: np.sort(rng.choice(g.size, 1 if trial == 0 else
-                                            int(rng.integers(1, g.size + 1)), replace=False))
-                for g in analysis.groups}
+        keep = {
+            g.index: np.sort(
+                rng.choice(
+                    g.size, 1 if trial == 0 else int(rng.integers(1, g.size + 1)), replace=False
+                )
+            )
+            for g in analysis.groups
+        }
         gated, slim = analysis.gated(keep), analysis.slim(keep)
         for batch, length in CHECK_SHAPES:
             x = wav(batch, length, seed=trial)
@@ -99,8 +106,11 @@ def test_compile_export_and_caller_untouched(name, tmp_path):
     for m, before in module_globals.items():
         # Python's warnings machinery adds __warningregistry__ to the globals of a module that
         # warns (torch's RNN code does during export): bookkeeping, not a change of sepfx's
-        after = {k: v for k, v in vars(sys.modules[type(m).__module__]).items()
-                 if k != "__warningregistry__"}
+        after = {
+            k: v
+            for k, v in vars(sys.modules[type(m).__module__]).items()
+            if k != "__warningregistry__"
+        }
         before = {k: v for k, v in before.items() if k != "__warningregistry__"}
         assert set(after) == set(before) and all(after[k] is before[k] for k in before)
 
@@ -110,8 +120,9 @@ def test_learned_gates_on_real_code():
     generator = torch.Generator().manual_seed(3)
     sources = torch.randn(4, 2, 4000, generator=generator)
     data = [(sources.sum(1), sources)] * 3
-    slim = sepfx.compile(model, budget=0.4, data=data, steps=3, progress=False,
-                         example_input=wav(1, 8000))
+    slim = sepfx.compile(
+        model, budget=0.4, data=data, steps=3, progress=False, example_input=wav(1, 8000)
+    )
     assert 0.38 <= slim.sepfx_report.macs_ratio <= 0.40
     assert any("gates learned" in note for note in slim.sepfx_report.notes)
     with torch.no_grad():
@@ -124,8 +135,7 @@ def test_complex_model_compiles_and_refuses_export_clearly(tmp_path):
     part, atan2 phase): 0.4 of its MACs, exactly (compile checks slim against hard-gated), and
     an ExportError that names the op ONNX lacks."""
     torch.manual_seed(0)
-    model = asteroid_models.DCUNet(architecture="DCUNet-10", n_src=2,
-                                   fix_length_mode="pad").eval()
+    model = asteroid_models.DCUNet(architecture="DCUNet-10", n_src=2, fix_length_mode="pad").eval()
     slim = sepfx.compile(model, budget=0.4, example_input=wav(1, 8000))
     assert 0.38 <= slim.sepfx_report.macs_ratio <= 0.40
     assert slim.sepfx_report.prunable_macs_share >= 0.9

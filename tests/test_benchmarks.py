@@ -4,6 +4,7 @@ matplotlib is installed) with the rows and columns it promises and sane numbers.
 Each script runs as a subprocess, as a user runs it; about 65 s in all on one core, so the smoke
 runs are marked ``slow`` (``python -m pytest -m slow`` runs them).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,12 +22,18 @@ BENCHMARKS = ROOT / "benchmarks"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-def run_script(name: str, out: Path, *extra: str,
-               timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, out: Path, *extra: str, timeout: int = 300
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), "--smoke", "--out", str(out),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--smoke", "--out", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -38,8 +45,7 @@ def load_results(out: Path, name: str) -> tuple[dict, list[str], list[list[str]]
     payload = json.loads((out / f"{name}.json").read_text())
     assert {"machine", "rows"} <= set(payload)
     assert payload["machine"]["torch"] and payload["machine"]["cpu_count"] >= 1
-    lines = [line for line in (out / f"{name}.md").read_text().splitlines()
-             if line.startswith("|")]
+    lines = [line for line in (out / f"{name}.md").read_text().splitlines() if line.startswith("|")]
     assert len(lines) >= 3, "no Markdown table"
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert set(lines[1].replace("|", "").replace("-", "")) <= {" ", ""}, "no separator row"
@@ -64,8 +70,17 @@ def finite(*values) -> bool:
 def test_latency_smoke(tmp_path):
     run_script("latency.py", tmp_path)
     payload, header, _ = load_results(tmp_path, "latency_smoke")
-    assert header == ["model", "budget", "seconds", "runtime", "dense_ms", "slim_ms",
-                      "macs_ratio", "speedup", "speedup_over_mac_ratio"]
+    assert header == [
+        "model",
+        "budget",
+        "seconds",
+        "runtime",
+        "dense_ms",
+        "slim_ms",
+        "macs_ratio",
+        "speedup",
+        "speedup_over_mac_ratio",
+    ]
     rows = payload["rows"]
     assert {r["runtime"] for r in rows} >= {"torch cpu x1", "ort cpu x1"}
     for r in rows:
@@ -74,8 +89,9 @@ def test_latency_smoke(tmp_path):
         assert 0.38 <= r["macs_ratio"] <= 0.4, r  # the budget: [b - 0.02, b]
         assert r["speedup"] > 0 and r["speedup_over_mac_ratio"] > 0, r
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["slim_ms"], rel=1e-6)
-        assert r["speedup_over_mac_ratio"] == pytest.approx(r["speedup"] * r["macs_ratio"],
-                                                            rel=1e-6)
+        assert r["speedup_over_mac_ratio"] == pytest.approx(
+            r["speedup"] * r["macs_ratio"], rel=1e-6
+        )
     check_plot(tmp_path, "latency_smoke")
 
 
@@ -101,10 +117,26 @@ def test_compile_time_smoke(tmp_path):
     check_plot(tmp_path, "compile_time_smoke")
 
 
-QUALITY_METHODS = ["sepfx-learned", "sepfx-magnitude", "tp-magnitude", "tp-taylor",
-                   "tp-random", "sepfx-scratch"]
-QUALITY_COLUMNS = ["model", "budget", "method", "macs_ratio", "params", "si_snri_before_ft",
-                   "si_snri_after_ft", "recovered", "arctic_si_snri_after_ft", "time_s"]
+QUALITY_METHODS = [
+    "sepfx-learned",
+    "sepfx-magnitude",
+    "tp-magnitude",
+    "tp-taylor",
+    "tp-random",
+    "sepfx-scratch",
+]
+QUALITY_COLUMNS = [
+    "model",
+    "budget",
+    "method",
+    "macs_ratio",
+    "params",
+    "si_snri_before_ft",
+    "si_snri_after_ft",
+    "recovered",
+    "arctic_si_snri_after_ft",
+    "time_s",
+]
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +179,18 @@ def test_quality_smoke_rows(quality_smoke):
             assert r["model"] == "conv_tasnet"
             assert 0 < r["macs_ratio"] <= 1, r
             assert 0 < r["params"] < dense["params"], r
-            assert finite(r["si_snri_before_ft"], r["si_snri_after_ft"],
-                          r["arctic_si_snri_before_ft"], r["arctic_si_snri_after_ft"]), r
+            assert finite(
+                r["si_snri_before_ft"],
+                r["si_snri_after_ft"],
+                r["arctic_si_snri_before_ft"],
+                r["arctic_si_snri_after_ft"],
+            ), r
             assert r["time_s"] > 0 and r["finetune_s"] > 0, r
             assert r["recovered"] is None or finite(r["recovered"])
             if r["recovered"] is not None:
                 assert r["recovered"] == pytest.approx(
-                    r["si_snri_after_ft"] / dense["si_snri_after_ft"])
+                    r["si_snri_after_ft"] / dense["si_snri_after_ft"]
+                )
         # sepfx meets the budget; the others are compared at the MACs it achieved
         assert learned["macs_ratio"] <= budget + 1e-9
         assert by_method["sepfx-magnitude"]["macs_ratio"] <= budget + 1e-9
@@ -177,11 +214,27 @@ def test_quality_smoke_markdown_marks_failures(tmp_path):
         import quality
     finally:
         sys.path.remove(str(BENCHMARKS))
-    rows = [{"model": "m", "budget": 0.4, "method": "tp-taylor", "error": "IndexError: boom",
-             "time_s": 0.1},
-            {"model": "m", "budget": 0.4, "method": "sepfx-learned", "macs_ratio": 0.39,
-             "params": 10, "si_snri_before_ft": 1.0, "si_snri_after_ft": 2.0, "recovered": None,
-             "arctic_si_snri_after_ft": 1.5, "time_s": 1.0}]
+    rows = [
+        {
+            "model": "m",
+            "budget": 0.4,
+            "method": "tp-taylor",
+            "error": "IndexError: boom",
+            "time_s": 0.1,
+        },
+        {
+            "model": "m",
+            "budget": 0.4,
+            "method": "sepfx-learned",
+            "macs_ratio": 0.39,
+            "params": 10,
+            "si_snri_before_ft": 1.0,
+            "si_snri_after_ft": 2.0,
+            "recovered": None,
+            "arctic_si_snri_after_ft": 1.5,
+            "time_s": 1.0,
+        },
+    ]
     table = quality._table(rows).splitlines()
     assert "failed: IndexError: boom" in table[2]
     assert "None" not in table[3]

@@ -2,6 +2,7 @@
 subcommand, compile to ONNX, separate a WAV file, and errors as one line
 (``sepfx: error: ...``, exit code 2, no traceback). ``demo`` is too slow to run here (only its
 ``--help``)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sepfx_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sepfx", *map(str, args)], cwd=cwd or ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sepfx", *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -51,8 +58,12 @@ def write_mixture(path: Path, samples: int, rate: int = 8000, seed: int = 0) -> 
 # help
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["compile"], ["bench"], ["demo"], ["separate"]],
-                         ids=["top", "compile", "bench", "demo", "separate"])
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["compile"], ["bench"], ["demo"], ["separate"]],
+    ids=["top", "compile", "bench", "demo", "separate"],
+)
 def test_help(command):
     proc = sepfx_cli(*command, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -73,13 +84,15 @@ def test_help(command):
 # compile and separate
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """``compile conv_tasnet --config tiny --budget 0.4 --out tmp/x.onnx``, run once."""
     folder = tmp_path_factory.mktemp("cli")
     out = folder / "tmp" / "x.onnx"  # a folder that does not exist yet
-    proc = sepfx_cli("compile", "conv_tasnet", "--config", "tiny", "--budget", "0.4",
-                     "--out", out, cwd=folder)
+    proc = sepfx_cli(
+        "compile", "conv_tasnet", "--config", "tiny", "--budget", "0.4", "--out", out, cwd=folder
+    )
     return proc, out
 
 
@@ -126,12 +139,30 @@ def test_separate_round_trip(compiled, tmp_path, samples):
 def test_bench_prints_and_writes_rows(tmp_path):
     """Two budgets, one length, one thread: a torch and an ORT row each, in the table and JSON."""
     out = tmp_path / "rows" / "bench.json"
-    proc = sepfx_cli("bench", "conv_tasnet", "--config", "tiny", "--budget", "0.6", "0.3",
-                     "--seconds", "0.5", "--runs", "2", "--json", out, cwd=tmp_path)
+    proc = sepfx_cli(
+        "bench",
+        "conv_tasnet",
+        "--config",
+        "tiny",
+        "--budget",
+        "0.6",
+        "0.3",
+        "--seconds",
+        "0.5",
+        "--runs",
+        "2",
+        "--json",
+        out,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["budget"], r["runtime"]) for r in rows] == [
-        (0.6, "torch cpu x1"), (0.6, "ort cpu x1"), (0.3, "torch cpu x1"), (0.3, "ort cpu x1")]
+        (0.6, "torch cpu x1"),
+        (0.6, "ort cpu x1"),
+        (0.3, "torch cpu x1"),
+        (0.3, "ort cpu x1"),
+    ]
     for r in rows:
         assert r["dense_ms"] > 0 and r["slim_ms"] > 0
         assert r["macs_ratio"] <= r["budget"] + 1e-9
@@ -145,6 +176,7 @@ def test_bench_prints_and_writes_rows(tmp_path):
 # --------------------------------------------------------------------------------------------
 # errors: one line, exit code 2
 # --------------------------------------------------------------------------------------------
+
 
 def test_error_unknown_model_name(tmp_path):
     proc = sepfx_cli("compile", "no_such_model", "--out", tmp_path / "x.onnx", cwd=tmp_path)
@@ -172,15 +204,33 @@ def test_error_unknown_config(tmp_path):
 
 @pytest.mark.parametrize("budget", ["0", "1.5", "-0.2", "nan"])
 def test_error_budget_out_of_range(tmp_path, budget):
-    proc = sepfx_cli("compile", "conv_tasnet", "--config", "tiny", "--budget", budget,
-                     "--out", tmp_path / "x.onnx", cwd=tmp_path)
+    proc = sepfx_cli(
+        "compile",
+        "conv_tasnet",
+        "--config",
+        "tiny",
+        "--budget",
+        budget,
+        "--out",
+        tmp_path / "x.onnx",
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "budget", "(0, 1]")
     assert not (tmp_path / "x.onnx").exists()
 
 
 def test_error_budget_below_floor(tmp_path):
-    proc = sepfx_cli("compile", "conv_tasnet", "--config", "tiny", "--budget", "0.00001",
-                     "--out", tmp_path / "x.onnx", cwd=tmp_path)
+    proc = sepfx_cli(
+        "compile",
+        "conv_tasnet",
+        "--config",
+        "tiny",
+        "--budget",
+        "0.00001",
+        "--out",
+        tmp_path / "x.onnx",
+        cwd=tmp_path,
+    )
     line = assert_one_line_error(proc, "budget", "below")
     # the message names the floor: "use a budget >= 0.08"
     floor = float(line.rsplit(">=", 1)[1].strip().rstrip("."))
@@ -188,17 +238,28 @@ def test_error_budget_below_floor(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("args", [["--budget", "0.4", "1.5"], ["--seconds", "0"],
-                                  ["--threads", "0"], ["--runs", "0"]],
-                         ids=["budget", "seconds", "threads", "runs"])
+@pytest.mark.parametrize(
+    "args",
+    [["--budget", "0.4", "1.5"], ["--seconds", "0"], ["--threads", "0"], ["--runs", "0"]],
+    ids=["budget", "seconds", "threads", "runs"],
+)
 def test_error_bench_bad_arguments(tmp_path, args):
     proc = sepfx_cli("bench", "conv_tasnet", "--config", "tiny", *args, cwd=tmp_path)
     assert_one_line_error(proc, args[0].strip("-").rstrip("s"))
 
 
 def test_error_ratio_out_of_range(tmp_path):
-    proc = sepfx_cli("compile", "conv_tasnet", "--config", "tiny", "--ratio", "0",
-                     "--out", tmp_path / "x.onnx", cwd=tmp_path)
+    proc = sepfx_cli(
+        "compile",
+        "conv_tasnet",
+        "--config",
+        "tiny",
+        "--ratio",
+        "0",
+        "--out",
+        tmp_path / "x.onnx",
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "ratio")
 
 
@@ -232,8 +293,9 @@ def test_error_bad_files(compiled, tmp_path, case):
         bogus.write_text("garbage\n")
         proc = sepfx_cli("separate", bogus, mixture)
     else:
-        proc = sepfx_cli("compile", "conv_tasnet", "--config", "tiny", "--out", tmp_path,
-                         cwd=tmp_path)
+        proc = sepfx_cli(
+            "compile", "conv_tasnet", "--config", "tiny", "--out", tmp_path, cwd=tmp_path
+        )
     assert_one_line_error(proc)
 
 
@@ -262,8 +324,9 @@ def test_per_speaker_list_outputs_compile_finetune_export_and_separate(tmp_path)
     generator = torch.Generator().manual_seed(0)
     sources = torch.randn(2, 2, 8000, generator=generator)
     data = [(sources.sum(1), sources)]
-    slim = sepfx.compile(model, budget=0.5, data=data, steps=3, progress=False,
-                         example_input=torch.randn(1, 8000))
+    slim = sepfx.compile(
+        model, budget=0.5, data=data, steps=3, progress=False, example_input=torch.randn(1, 8000)
+    )
     slim = sepfx.finetune(slim, data, steps=2, progress=False)
     with torch.no_grad():
         x = torch.randn(2, 8037)
@@ -272,13 +335,17 @@ def test_per_speaker_list_outputs_compile_finetune_export_and_separate(tmp_path)
     path = tmp_path / "slim.onnx"
     result = sepfx.export_onnx(slim, path)
     assert result.dynamic_time and all(e <= 1e-4 for e in result.errors.values())
-    assert [o.name for o in ort.InferenceSession(str(path)).get_outputs()] == \
-        ["sources_0", "sources_1"]
+    assert [o.name for o in ort.InferenceSession(str(path)).get_outputs()] == [
+        "sources_0",
+        "sources_1",
+    ]
     mixture = tmp_path / "mixture.wav"
     pcm = write_mixture(mixture, 8037)
     proc = sepfx_cli("separate", path, mixture)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.glob("mixture_s*.wav")) == \
-        ["mixture_s1.wav", "mixture_s2.wav"]
+    assert sorted(p.name for p in tmp_path.glob("mixture_s*.wav")) == [
+        "mixture_s1.wav",
+        "mixture_s2.wav",
+    ]
     assert read_wav(tmp_path / "mixture_s2.wav")[0].shape == (8032,)  # its decoder's length
     assert pcm.shape == (8037,)

@@ -6,6 +6,7 @@ A tiny Conv-TasNet is trained here (module fixture, ~15 s; the tests that need i
 source 1 is a few low-frequency tones (100-500 Hz) with slow amplitude envelopes, source 2 a few
 high-frequency tones (1.5-3.5 kHz), 8 kHz, 0.5 s clips, with a random level ratio of +-5 dB.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ def _one_thread():
 
 # -- synthetic separation data ---------------------------------------------------------------
 
+
 def _tones(generator, batch, length, low, high, count=3):
     t = torch.arange(length, dtype=torch.float64) / RATE
     out = torch.zeros(batch, length, dtype=torch.float64)
@@ -57,10 +59,12 @@ def _tones(generator, batch, length, low, high, count=3):
 
     for b in range(batch):
         for _ in range(count):
-            envelope = 0.6 + 0.4 * torch.sin(2 * math.pi * uniform(0.5, 3.5) * t
-                                             + uniform(0, 2 * math.pi))
-            out[b] += envelope * torch.sin(2 * math.pi * uniform(low, high) * t
-                                           + uniform(0, 2 * math.pi))
+            envelope = 0.6 + 0.4 * torch.sin(
+                2 * math.pi * uniform(0.5, 3.5) * t + uniform(0, 2 * math.pi)
+            )
+            out[b] += envelope * torch.sin(
+                2 * math.pi * uniform(low, high) * t + uniform(0, 2 * math.pi)
+            )
     return out / out.std(dim=1, keepdim=True)
 
 
@@ -82,15 +86,18 @@ def make_batches(seed, n, **kw):
 @torch.no_grad()
 def si_snri(model, batches) -> float:
     model.eval()
-    values = [si_snr_improvement(model(mixture), sources, mixture).mean() for mixture, sources
-              in batches]
+    values = [
+        si_snr_improvement(model(mixture), sources, mixture).mean() for mixture, sources in batches
+    ]
     return float(torch.stack(values).mean())
 
 
 def snapshot(model: nn.Module) -> dict:
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "modules": [(name, type(m).__name__, id(m), m.training) for name, m in model.named_modules()],
+        "modules": [
+            (name, type(m).__name__, id(m), m.training) for name, m in model.named_modules()
+        ],
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "parameter_ids": {n: id(p) for n, p in model.named_parameters()},
     }
@@ -98,7 +105,9 @@ def snapshot(model: nn.Module) -> dict:
 
 def assert_unchanged(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
-    assert after["modules"] == before["modules"], "the caller's module tree or train/eval mode changed"
+    assert after["modules"] == before["modules"], (
+        "the caller's module tree or train/eval mode changed"
+    )
     assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
     assert after["parameter_ids"] == before["parameter_ids"], "parameters were replaced"
     assert after["state"].keys() == before["state"].keys()
@@ -112,6 +121,7 @@ def _build(name: str, seed: int = 0) -> nn.Module:
 
 
 # -- the trained model ------------------------------------------------------------------------
+
 
 @dataclass
 class Trained:
@@ -142,8 +152,10 @@ def trained() -> Trained:
     seconds = time.perf_counter() - start
     model.eval()
     dense = si_snri(model, test)
-    print(f"\n[trained] tiny Conv-TasNet, {TRAIN_STEPS} steps in {seconds:.1f} s: test SI-SNRi "
-          f"{initial:.2f} dB -> {dense:.2f} dB")
+    print(
+        f"\n[trained] tiny Conv-TasNet, {TRAIN_STEPS} steps in {seconds:.1f} s: test SI-SNRi "
+        f"{initial:.2f} dB -> {dense:.2f} dB"
+    )
     result = Trained(model, train, test, dense, initial, seconds)
     result.snapshot = snapshot(model)
     return result
@@ -162,11 +174,13 @@ def untrained() -> Trained:
 @pytest.mark.slow
 def test_trained_model_separates(trained):
     assert trained.dense_si_snri > 8.0, (
-        f"the tiny Conv-TasNet did not learn the synthetic task: SI-SNRi {trained.dense_si_snri:.2f} dB")
+        f"the tiny Conv-TasNet did not learn the synthetic task: SI-SNRi {trained.dense_si_snri:.2f} dB"
+    )
     assert trained.dense_si_snri > trained.initial_si_snri + 10
 
 
 # -- learned gates under three budgets --------------------------------------------------------
+
 
 @dataclass
 class BudgetRow:
@@ -187,17 +201,20 @@ class BudgetRow:
 
 
 def format_table(dense: float, rows: list[BudgetRow]) -> str:
-    lines = [f"dense test SI-SNRi {dense:.2f} dB; learned: sepfx.compile(data=train, "
-             f"steps={GATE_STEPS}); random: mean over seeds {RANDOM_SEEDS} of "
-             "budget.project(random probabilities); magnitude: compile without data",
-             f"{'budget':>6} {'MACs':>7} {'learned':>8} {'random':>8} {'(min..max)':>15} "
-             f"{'magnitude':>9} {'E[MACs] start->end':>19} {'lambda':>6} {'time':>6}"]
+    lines = [
+        f"dense test SI-SNRi {dense:.2f} dB; learned: sepfx.compile(data=train, "
+        f"steps={GATE_STEPS}); random: mean over seeds {RANDOM_SEEDS} of "
+        "budget.project(random probabilities); magnitude: compile without data",
+        f"{'budget':>6} {'MACs':>7} {'learned':>8} {'random':>8} {'(min..max)':>15} "
+        f"{'magnitude':>9} {'E[MACs] start->end':>19} {'lambda':>6} {'time':>6}",
+    ]
     for r in rows:
         lines.append(
             f"{r.budget:>6.2f} {r.macs_ratio:>7.4f} {r.learned:>8.2f} {r.random_mean:>8.2f} "
             f"{f'({min(r.random):.2f}..{max(r.random):.2f})':>15} {r.magnitude:>9.2f} "
             f"{f'{r.expected_macs[0]:.3f}->{r.expected_macs[1]:.3f}':>19} {r.multiplier:>6.2f} "
-            f"{r.seconds:>5.1f}s")
+            f"{r.seconds:>5.1f}s"
+        )
     return "\n".join(lines)
 
 
@@ -208,8 +225,9 @@ def budget_rows(trained) -> list[BudgetRow]:
     rows = []
     for budget in BUDGETS:
         start = time.perf_counter()
-        slim = sepfx.compile(model, budget=budget, data=trained.train, steps=GATE_STEPS,
-                             progress=False)
+        slim = sepfx.compile(
+            model, budget=budget, data=trained.train, steps=GATE_STEPS, progress=False
+        )
         seconds = time.perf_counter() - start
         history = slim.sepfx_gate_history
         random_scores, random_macs = [], []
@@ -220,11 +238,20 @@ def budget_rows(trained) -> list[BudgetRow]:
             random_macs.append(random_slim.sepfx_report.macs_ratio)
             random_scores.append(si_snri(random_slim, trained.test))
         magnitude = sepfx.compile(model, budget=budget, progress=False)
-        rows.append(BudgetRow(budget, slim.sepfx_report.macs_ratio, si_snri(slim, trained.test),
-                              random_scores, random_macs, si_snri(magnitude, trained.test),
-                              seconds, slim,
-                              (history.expected_macs_ratio[0], history.expected_macs_ratio[-1]),
-                              history.multiplier[-1]))
+        rows.append(
+            BudgetRow(
+                budget,
+                slim.sepfx_report.macs_ratio,
+                si_snri(slim, trained.test),
+                random_scores,
+                random_macs,
+                si_snri(magnitude, trained.test),
+                seconds,
+                slim,
+                (history.expected_macs_ratio[0], history.expected_macs_ratio[-1]),
+                history.multiplier[-1],
+            )
+        )
     return rows
 
 
@@ -235,7 +262,8 @@ def test_learned_compile_meets_budget_window(budget_rows, index):
     report = row.slim.sepfx_report
     assert report.budget == row.budget
     assert row.budget - 0.02 <= row.macs_ratio <= row.budget, (
-        f"budget {row.budget}: compiled model does {row.macs_ratio:.4f} of the dense MACs")
+        f"budget {row.budget}: compiled model does {row.macs_ratio:.4f} of the dense MACs"
+    )
     assert any("gates learned" in note for note in report.notes), report.notes
     for macs in row.random_macs:  # the random baselines really cost the same
         assert row.budget - 0.02 <= macs <= row.budget
@@ -250,10 +278,12 @@ def test_learned_keep_sets_beat_random_keep_sets(trained, budget_rows):
     losing = [r.budget for r in budget_rows if not r.learned > r.random_mean]
     assert not losing, (
         f"learned gates do not beat random keep sets of the same MACs at budget(s) {losing}:\n"
-        + table)
+        + table
+    )
 
 
 # -- gate learning leaves the weights alone ---------------------------------------------------
+
 
 def test_gate_learning_changes_only_gate_logits(untrained):
     analysis = sepfx.analyze(untrained.model)
@@ -308,28 +338,33 @@ def test_caller_model_untouched(trained, budget_rows):
 
 # -- determinism -----------------------------------------------------------------------------
 
+
 def _fingerprint(slim):
-    return ([(g.index, g.kept) for g in slim.sepfx_report.groups],
-            {k: v.clone() for k, v in slim.state_dict().items()})
+    return (
+        [(g.index, g.kept) for g in slim.sepfx_report.groups],
+        {k: v.clone() for k, v in slim.state_dict().items()},
+    )
 
 
 def test_same_seed_same_result(untrained):
     data = untrained.train[:8]
-    first = _fingerprint(sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0,
-                                       progress=False))
-    second = _fingerprint(sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0,
-                                        progress=False))
+    first = _fingerprint(
+        sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0, progress=False)
+    )
+    second = _fingerprint(
+        sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=0, progress=False)
+    )
     assert first[0] == second[0], "the same seed gave different kept counts"
     assert first[1].keys() == second[1].keys()
     different = [k for k in first[1] if not torch.equal(first[1][k], second[1][k])]
     assert not different, f"the same seed gave different slim tensors: {different}"
     other = sepfx.compile(untrained.model, 0.4, data=data, steps=30, seed=1, progress=False)
     assert 0.38 <= other.sepfx_report.macs_ratio <= 0.4
-    print(f"\n[seed] seed 0 kept {first[0]}; seed 1 kept "
-          f"{_fingerprint(other)[0]} (may differ)")
+    print(f"\n[seed] seed 0 kept {first[0]}; seed 1 kept {_fingerprint(other)[0]} (may differ)")
 
 
 # -- the budget term ------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_budget_term_holds_expected_macs_at_the_budget(trained):
@@ -342,18 +377,23 @@ def test_budget_term_holds_expected_macs_at_the_budget(trained):
     runs = {}
     for on in (1.0, 0.0):  # the budget term with its defaults, and switched off
         options = {} if on else {"dual_lr": 0.0, "penalty": 0.0}
-        _, history = sepfx.learn_gates(analysis, trained.train, budget, steps=steps,
-                                       progress=False, **options)
+        _, history = sepfx.learn_gates(
+            analysis, trained.train, budget, steps=steps, progress=False, **options
+        )
         runs[on] = history
     expected = {k: np.array(h.expected_macs_ratio) for k, h in runs.items()}
     end_gap = {k: abs(float(e[-20:].mean()) - budget) for k, e in expected.items()}
     multiplier = np.array(runs[1.0].multiplier)
     lines = [f"[budget term] budget {budget}, {steps} steps; E[MACs] every 25 steps:"]
     for k, e in expected.items():
-        lines.append(f"  budget term {'on' if k else 'off'}: {np.round(e[::25], 3).tolist()} -> end {e[-1]:.3f}"
-                     f" (|mean of last 20 - budget| = {end_gap[k]:.3f})")
-    lines.append(f"  multiplier (term on) every 25 steps: {np.round(multiplier[::25], 2).tolist()}"
-                 f" -> {multiplier[-1]:.2f}")
+        lines.append(
+            f"  budget term {'on' if k else 'off'}: {np.round(e[::25], 3).tolist()} -> end {e[-1]:.3f}"
+            f" (|mean of last 20 - budget| = {end_gap[k]:.3f})"
+        )
+    lines.append(
+        f"  multiplier (term on) every 25 steps: {np.round(multiplier[::25], 2).tolist()}"
+        f" -> {multiplier[-1]:.2f}"
+    )
     text = "\n".join(lines)
     print("\n" + text)
     assert len(expected[1.0]) == steps
@@ -364,6 +404,7 @@ def test_budget_term_holds_expected_macs_at_the_budget(trained):
 
 
 # -- every zoo model -----------------------------------------------------------------------
+
 
 def _zoo_data():
     generator = torch.Generator().manual_seed(3)
@@ -387,8 +428,10 @@ def _window_diagnosis(model, slim, budget) -> str:
         counts = [r.kept for r in sorted(slim.sepfx_report.groups, key=lambda r: r.index)]
         steps = _multiples(cost, 8)
         low = floor_counts(cost, 1, 8)
-        options = [sorted({min(g.size, k) for k in range(max(low[g.index], s), g.size + s, s)})
-                   for g, s in zip(analysis.groups, steps)]
+        options = [
+            sorted({min(g.size, k) for k in range(max(low[g.index], s), g.size + s, s)})
+            for g, s in zip(analysis.groups, steps)
+        ]
 
         def ratio(c):
             return cost.macs(_flat(cost, order, list(c))) / cost.dense_macs
@@ -398,12 +441,17 @@ def _window_diagnosis(model, slim, budget) -> str:
         for g, o in zip(analysis.groups, options):  # one step from the compiled counts
             for k in o:
                 samples.add(tuple(k if i == g.index else c for i, c in enumerate(counts)))
-        inside = sorted((sum(abs(a - b) for a, b in zip(c, counts)), round(ratio(c), 4), c)
-                        for c in samples if budget - 0.02 <= ratio(c) <= budget)
-        return (f"kept counts {counts} (group sizes {[g.size for g in analysis.groups]}, steps "
-                f"{steps}) cost {ratio(counts):.4f}; {len(inside)} of {len(samples)} sampled "
-                f"kept-count vectors are inside the window, the nearest: "
-                f"{[(r, c) for _, r, c in inside[:3]] if inside else 'none'}")
+        inside = sorted(
+            (sum(abs(a - b) for a, b in zip(c, counts)), round(ratio(c), 4), c)
+            for c in samples
+            if budget - 0.02 <= ratio(c) <= budget
+        )
+        return (
+            f"kept counts {counts} (group sizes {[g.size for g in analysis.groups]}, steps "
+            f"{steps}) cost {ratio(counts):.4f}; {len(inside)} of {len(samples)} sampled "
+            f"kept-count vectors are inside the window, the nearest: "
+            f"{[(r, c) for _, r, c in inside[:3]] if inside else 'none'}"
+        )
     except Exception as error:  # diagnostics only
         return f"(no diagnosis: {type(error).__name__}: {error})"
 
@@ -414,8 +462,9 @@ def test_zoo_model_compiles_to_budget_and_exports(name, with_data, tmp_path):
     model = _build(name)
     before = snapshot(model)
     budget = 0.4
-    slim = sepfx.compile(model, budget=budget, data=_zoo_data() if with_data else None, steps=10,
-                         progress=False)
+    slim = sepfx.compile(
+        model, budget=budget, data=_zoo_data() if with_data else None, steps=10, progress=False
+    )
     assert_unchanged(model, before)
     ratio = slim.sepfx_report.macs_ratio
     if with_data:
@@ -425,18 +474,25 @@ def test_zoo_model_compiles_to_budget_and_exports(name, with_data, tmp_path):
         assert any("no data" in note for note in slim.sepfx_report.notes)
     if not 0.38 <= ratio <= 0.40:
         why = _window_diagnosis(model, slim, budget)
-        print(f"\n[zoo] {name} ({'data' if with_data else 'no data'}) missed the window: "
-              f"{ratio:.4f}; {why}")
-        pytest.fail(f"{name}: compile(budget=0.4) does {ratio:.4f} of the dense MACs, outside "
-                    f"[0.38, 0.40]: {why}")
+        print(
+            f"\n[zoo] {name} ({'data' if with_data else 'no data'}) missed the window: "
+            f"{ratio:.4f}; {why}"
+        )
+        pytest.fail(
+            f"{name}: compile(budget=0.4) does {ratio:.4f} of the dense MACs, outside "
+            f"[0.38, 0.40]: {why}"
+        )
     result = sepfx.export_onnx(slim, tmp_path / f"{name}.onnx")
-    print(f"\n[zoo] {name} ({'data' if with_data else 'no data'}): MACs {ratio:.4f}, export "
-          f"{result.exporter} dynamic_time={result.dynamic_time} errors {result.errors}")
+    print(
+        f"\n[zoo] {name} ({'data' if with_data else 'no data'}): MACs {ratio:.4f}, export "
+        f"{result.exporter} dynamic_time={result.dynamic_time} errors {result.errors}"
+    )
     assert os.path.exists(result.path)
     assert result.errors and all(e <= 1e-4 for e in result.errors.values()), result.errors
 
 
 # -- bad input ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def plain():
@@ -455,8 +511,11 @@ def _check_rejected(model, match, **kwargs):
     return str(info.value)
 
 
-@pytest.mark.parametrize("budget", [0, -0.1, 1.5, "0.4", None, float("nan"), True],
-                         ids=["zero", "negative", "above-one", "string", "none", "nan", "bool"])
+@pytest.mark.parametrize(
+    "budget",
+    [0, -0.1, 1.5, "0.4", None, float("nan"), True],
+    ids=["zero", "negative", "above-one", "string", "none", "nan", "bool"],
+)
 def test_bad_budget(plain, budget):
     model, batch = plain
     message = _check_rejected(model, "budget", budget=budget, data=[batch], steps=2)
@@ -465,8 +524,9 @@ def test_bad_budget(plain, budget):
 
 def test_budget_below_floor_names_the_floor(plain):
     model, batch = plain
-    message = _check_rejected(model, "below what this model can reach", budget=1e-4,
-                              data=[batch], steps=2)
+    message = _check_rejected(
+        model, "below what this model can reach", budget=1e-4, data=[batch], steps=2
+    )
     floor = float(message.split("use a budget >= ")[1].split()[0])
     assert 0 < floor < 1
     # and the floor it names is reachable
@@ -530,13 +590,14 @@ def test_gate_init(plain, init):
     keep the paper's spread of 1 and start at the budget's expected MACs."""
     model, batch = plain
     analysis = sepfx.analyze(model)
-    bank, history = sepfx.learn_gates(analysis, [batch], 0.4, steps=1, lr=1e-9, init=init,
-                                      progress=False)
+    bank, history = sepfx.learn_gates(
+        analysis, [batch], 0.4, steps=1, lr=1e-9, init=init, progress=False
+    )
     alpha = bank.alpha.detach().numpy()
     magnitudes = analysis.unit_magnitudes()
     agree = []
     for group in analysis.channels.groups:
-        logits = alpha[group.offset:group.offset + group.size]
+        logits = alpha[group.offset : group.offset + group.size]
         assert logits.max() - logits.min() <= 1.0 + 1e-5
         agree.append(np.array_equal(np.argsort(logits), np.argsort(magnitudes[group.index])))
     if init == "magnitude":
@@ -552,8 +613,9 @@ def test_float64_batches_with_a_float32_model(plain):
     model, (mixture, sources) = plain
     before = snapshot(model)
     try:
-        slim = sepfx.compile(model, 0.4, data=[(mixture.double(), sources.double())], steps=2,
-                             progress=False)
+        slim = sepfx.compile(
+            model, 0.4, data=[(mixture.double(), sources.double())], steps=2, progress=False
+        )
     except InputError as error:
         assert "dtype" in str(error) or "float" in str(error), str(error)
     else:
@@ -569,10 +631,12 @@ def test_one_shot_iterator_shorter_than_steps(plain):
         sepfx.compile(model, 0.4, data=iter([batch, batch]), steps=5, progress=False)
     except InputError as error:
         assert "yielded no batch" not in str(error), (
-            f"misleading message for an exhausted iterator that did yield 2 batches: {error}")
+            f"misleading message for an exhausted iterator that did yield 2 batches: {error}"
+        )
 
 
 # -- fine-tuning ----------------------------------------------------------------------------
+
 
 def _loss(model, batch) -> float:
     with torch.no_grad():
@@ -606,7 +670,8 @@ def test_finetune_after_learned_compile(untrained):
     frozen = [n for n, p in slim.named_parameters() if not p.requires_grad]
     assert not frozen, (
         f"{len(frozen)} of {len(list(slim.parameters()))} parameters of the compiled model have "
-        f"requires_grad=False (frozen by gate learning): {frozen[:4]}...")
+        f"requires_grad=False (frozen by gate learning): {frozen[:4]}..."
+    )
     before, after = _finetune_checks(slim, untrained.train[0])
     print(f"\n[finetune] learned slim at 0.25: loss on the batch {before:.3f} -> {after:.3f}")
 
@@ -623,8 +688,9 @@ def test_finetune_distils_from_a_teacher_on_mixtures_alone(untrained):
 
     def distance() -> float:
         with torch.no_grad():
-            return float(sum(pit_si_snr_loss(slim.eval()(m), t)[0]
-                             for m, t in zip(mixtures, targets)))
+            return float(
+                sum(pit_si_snr_loss(slim.eval()(m), t)[0] for m, t in zip(mixtures, targets))
+            )
 
     before = distance()
     out = sepfx.finetune(slim, mixtures, steps=20, teacher=teacher, progress=False)
@@ -678,14 +744,14 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("which", [pytest.param("conv_tasnet-learned", marks=pytest.mark.slow),
-                                   "conv_tasnet", "dprnn"])
+@pytest.mark.parametrize(
+    "which", [pytest.param("conv_tasnet-learned", marks=pytest.mark.slow), "conv_tasnet", "dprnn"]
+)
 def test_save_and_load_in_a_fresh_process(request, which, tmp_path):
     """The fresh process imports only ``sepfx`` (not ``sepfx.models``)."""
     if which == "conv_tasnet-learned":
         trained = request.getfixturevalue("trained")
-        slim = sepfx.compile(trained.model, 0.4, data=trained.train[:4], steps=10,
-                             progress=False)
+        slim = sepfx.compile(trained.model, 0.4, data=trained.train[:4], steps=10, progress=False)
     else:
         slim = sepfx.compile(_build(which), 0.4, progress=False)
     slim.eval()
@@ -694,9 +760,13 @@ def test_save_and_load_in_a_fresh_process(request, which, tmp_path):
     x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         torch.save({"x": x, "y": slim(x), "y_example": slim(slim.sepfx_example_input)}, io_path)
-    done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(io_path),
-                           str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(path), str(io_path), str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, f"fresh process failed:\n{done.stderr[-3000:]}"
     lines = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line}
     errors = [float(e) for e in lines["ERRORS"]]

@@ -3,6 +3,7 @@
 Everything here runs on the committed assets; the tests that synthesise speech are skipped
 when the espeak-ng program is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ import torch
 from sepfx import data
 from sepfx.errors import InputError
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed"
+)
 
 
 def tone(frequency: float, sample_rate: int, seconds: float = 1.0) -> np.ndarray:
@@ -28,7 +30,7 @@ def tone(frequency: float, sample_rate: int, seconds: float = 1.0) -> np.ndarray
 def level_db(x: np.ndarray) -> float:
     """RMS of ``x`` relative to a full-scale sine, in dB (edges skipped: filter transients)."""
     x = np.asarray(x, dtype=np.float64)[200:-200]
-    return 10 * math.log10(np.mean(x ** 2) / 0.5 + 1e-30)
+    return 10 * math.log10(np.mean(x**2) / 0.5 + 1e-30)
 
 
 def peak_frequency(x: np.ndarray, sample_rate: int) -> float:
@@ -52,8 +54,11 @@ def check_folder(folder: Path) -> dict:
         assert np.abs(audio["mix"] - audio["s1"] - audio["s2"]).max() <= 1, item["files"]
         p1, p2 = (float(np.mean(audio[k].astype(np.float64) ** 2)) for k in ("s1", "s2"))
         measured = 10 * math.log10(p1 / p2)
-        assert abs(measured - item["snr_db"]) < 0.1, (item["files"]["mix"], measured,
-                                                      item["snr_db"])
+        assert abs(measured - item["snr_db"]) < 0.1, (
+            item["files"]["mix"],
+            measured,
+            item["snr_db"],
+        )
         assert -5.0 <= item["snr_db"] <= 5.0
         assert len(item["voices"]) == len(item["texts"]) == 2
         assert item["voices"][0] != item["voices"][1]  # two different speakers
@@ -69,6 +74,7 @@ def texts_by_split(index: dict) -> dict[str, set]:
 
 
 # ----------------------------------------------------------------------------- resampler
+
 
 @pytest.mark.parametrize("target", [8000, 16000])
 def test_resampler_keeps_a_1khz_tone(target):
@@ -115,6 +121,7 @@ def test_resampler_identity_and_errors():
 
 # ----------------------------------------------------------------------------- sentences
 
+
 def test_sentence_splits_are_disjoint_and_fixed():
     rng = np.random.default_rng(0)
     drawn = {split: set() for split in data.SPLITS}
@@ -128,8 +135,9 @@ def test_sentence_splits_are_disjoint_and_fixed():
     assert not drawn["train"] & drawn["test"]
     assert not drawn["valid"] & drawn["test"]
     # The split of a sentence depends on its text only (not on any seed).
-    assert data.sentence_split("The pilot found a red bicycle this morning.") == \
-        data.sentence_split("The pilot found a red bicycle this morning.")
+    assert data.sentence_split(
+        "The pilot found a red bicycle this morning."
+    ) == data.sentence_split("The pilot found a red bicycle this morning.")
 
 
 def test_every_language_has_a_word_list():
@@ -139,6 +147,7 @@ def test_every_language_has_a_word_list():
 
 
 # ----------------------------------------------------------------------------- committed split
+
 
 def test_bundled_test_set_loads():
     dataset = data.bundled_test_set()
@@ -184,8 +193,8 @@ def test_segments_are_reproducible_crops():
     assert torch.equal(mixture, again[5][0]) and torch.equal(sources, again[5][1])
     # The crop is a window of the full item, the same window for mixture and sources.
     whole, whole_sources = full[5]
-    starts = [s for s in range(16000 - 4000 + 1) if torch.equal(whole[s:s + 4000], mixture)]
-    assert starts and torch.equal(whole_sources[:, starts[0]:starts[0] + 4000], sources)
+    starts = [s for s in range(16000 - 4000 + 1) if torch.equal(whole[s : s + 4000], mixture)]
+    assert starts and torch.equal(whole_sources[:, starts[0] : starts[0] + 4000], sources)
     first.set_epoch(1)
     assert not torch.equal(first[5][0], mixture)
     # Longer than the item: zero-padded at the end.
@@ -196,9 +205,9 @@ def test_segments_are_reproducible_crops():
 
 def test_shuffled_loader_is_seeded():
     def order(seed):
-        batches = data.loader(data.BUNDLED_MIXTURES, "test", batch_size=4, shuffle=True,
-                              seed=seed)
+        batches = data.loader(data.BUNDLED_MIXTURES, "test", batch_size=4, shuffle=True, seed=seed)
         return torch.cat([b[0][:, :50] for b in batches])
+
     assert torch.equal(order(1), order(1))
     assert not torch.equal(order(1), order(2))
 
@@ -220,6 +229,7 @@ def test_resampling_on_load_keeps_the_sum():
 
 # ----------------------------------------------------------------------------- real voices
 
+
 def test_arctic_mixture():
     mixture, sources = data.arctic_mixture()
     assert mixture.dtype == sources.dtype == torch.float32
@@ -234,6 +244,7 @@ def test_arctic_mixture():
 
 # ----------------------------------------------------------------------------- espeak-ng
 
+
 def test_missing_espeak_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     with pytest.raises(InputError, match="apt-get install espeak-ng"):
@@ -247,8 +258,9 @@ def test_synthesize():
     assert 0.8 * 8000 < len(audio) < 5 * 8000
     # Trimmed: speech starts and ends within the 20 ms margin.
     assert np.abs(audio[:400]).max() > 1e-3 and np.abs(audio[-400:]).max() > 1e-3
-    wide = data.synthesize("The pilot found a red bicycle this morning.", "en-us+f3", 50, 160,
-                           sample_rate=16000)
+    wide = data.synthesize(
+        "The pilot found a red bicycle this morning.", "en-us+f3", 50, 160, sample_rate=16000
+    )
     assert abs(len(wide) - 2 * len(audio)) < 0.05 * len(wide)
     with pytest.raises(InputError, match="voice"):
         data.synthesize("Hello.", "xx")
@@ -260,8 +272,9 @@ def test_generation_is_deterministic_and_checks_out(tmp_path):
     first = data.make_mixtures(tmp_path / "a", **kwargs)
     second = data.make_mixtures(tmp_path / "b", **kwargs, workers=1)
     names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(second).as_posix() for p in second.rglob("*")
-                           if p.is_file())
+    assert names == sorted(
+        p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file()
+    )
     assert len(names) == 1 + 3 * 7
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
@@ -270,16 +283,20 @@ def test_generation_is_deterministic_and_checks_out(tmp_path):
     found = texts_by_split(index)
     assert not found["train"] & found["valid"] and not found["train"] & found["test"]
     assert not found["valid"] & found["test"]
-    assert [item["split"] for item in index["items"]] == ["train"] * 3 + ["valid"] * 2 + \
-        ["test"] * 2
+    assert [item["split"] for item in index["items"]] == ["train"] * 3 + ["valid"] * 2 + [
+        "test"
+    ] * 2
 
     # Same parameters: nothing is rewritten. Other parameters: regenerated, old files removed.
     stamp = (first / "index.json").stat().st_mtime_ns
     data.make_mixtures(first, **kwargs)
     assert (first / "index.json").stat().st_mtime_ns == stamp
     data.make_mixtures(first, **{**kwargs, "n_train": 1, "seed": 8})
-    assert sorted(p.name for p in (first / "train").iterdir()) == \
-        ["00000_mix.wav", "00000_s1.wav", "00000_s2.wav"]
+    assert sorted(p.name for p in (first / "train").iterdir()) == [
+        "00000_mix.wav",
+        "00000_s1.wav",
+        "00000_s2.wav",
+    ]
     assert json.loads((first / "index.json").read_text())["params"]["seed"] == 8
     batch = next(iter(data.loader(first, "train", batch_size=1, segment=1.0)))
     assert batch[0].shape == (1, 8000) and batch[1].shape == (1, 2, 8000)

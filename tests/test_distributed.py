@@ -9,6 +9,7 @@ their error per rank, so that one broken phase does not hide the others:
 - ``finetune_data_free``: the same on a model compiled without data (every parameter
   trainable), which separates "fine-tuning a learned compile" from "DDP fine-tuning at all".
 """
+
 from __future__ import annotations
 
 import socket
@@ -37,7 +38,7 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import datetime, os, sys, traceback
     import torch
     import torch.distributed as dist
@@ -114,7 +115,7 @@ SCRIPT = textwrap.dedent('''
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-''')
+""")
 
 
 def _free_port() -> int:
@@ -128,9 +129,20 @@ def ranks(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     script = work / "ddp_script.py"
     script.write_text(SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-               str(work), str(STEPS), str(BUDGET)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(work),
+        str(STEPS),
+        str(BUDGET),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=work)
     except subprocess.TimeoutExpired as error:
@@ -143,16 +155,18 @@ def ranks(tmp_path_factory):
 
 def _require(ranks, name):
     for r in ranks:
-        assert r[name]["ok"], (f"phase {name!r} failed on rank {r['rank']}: {r[name]['error']}\n"
-                               f"{r[name]['traceback']}")
+        assert r[name]["ok"], (
+            f"phase {name!r} failed on rank {r['rank']}: {r[name]['error']}\n{r[name]['traceback']}"
+        )
     return [r[name] for r in ranks]
 
 
 def _state_difference(a: dict, b: dict) -> tuple[list, float]:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
-    worst = max((float((a[k].double() - b[k].double()).abs().max()) for k in different),
-                default=0.0)
+    worst = max(
+        (float((a[k].double() - b[k].double()).abs().max()) for k in different), default=0.0
+    )
     return different, worst
 
 
@@ -160,7 +174,8 @@ def test_gate_logits_agree_across_ranks(ranks):
     zero, one = _require(ranks, "learn")
     assert torch.equal(zero["alpha"], one["alpha"]), (
         f"ranks ended with different gate logits (max diff "
-        f"{float((zero['alpha'] - one['alpha']).abs().max())})")
+        f"{float((zero['alpha'] - one['alpha']).abs().max())})"
+    )
     assert zero["expected_macs_ratio"] == one["expected_macs_ratio"]
     # the data differs, so the per-rank losses do: this really ran on two different shards
     assert zero["loss"] != one["loss"]
@@ -175,12 +190,14 @@ def test_gate_gradients_are_combined_over_ranks(ranks):
     model = sepfx.models.build("conv_tasnet", "tiny").eval()
     distances = []
     for rank in (0, 1):
-        alone, _ = sepfx.learn_gates(sepfx.analyze(model), _rank_data(rank), BUDGET,
-                                     steps=STEPS, progress=False)
+        alone, _ = sepfx.learn_gates(
+            sepfx.analyze(model), _rank_data(rank), BUDGET, steps=STEPS, progress=False
+        )
         distances.append(float((alone.alpha.detach() - zero["alpha"]).abs().max()))
     print(f"\n[ddp] max |alpha(ddp) - alpha(rank r data alone)| for r = 0, 1: {distances}")
     assert min(distances) > 1e-3, (
-        "the DDP gates equal those learned on one rank's data alone: gradients not averaged")
+        "the DDP gates equal those learned on one rank's data alone: gradients not averaged"
+    )
 
 
 def _rank_data(rank):

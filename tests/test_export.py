@@ -1,5 +1,6 @@
 """Invariant 4 (export parity): every zoo model's slim model exports to one self-contained ONNX
 file with a dynamic batch and time axis, and ONNX Runtime computes what PyTorch computes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,22 +43,25 @@ def test_slim_model_exports_with_dynamic_time(zoo, name, tmp_path):
     slim = analysis.slim(analysis.keep_ratio(0.5))
     path = tmp_path / "m.onnx"
     result = sepfx.export_onnx(slim, path)
-    print(f"\n{name}: exporter {result.exporter}, dynamic time {result.dynamic_time}, "
-          f"errors {result.errors}, notes {result.notes}")
+    print(
+        f"\n{name}: exporter {result.exporter}, dynamic time {result.dynamic_time}, "
+        f"errors {result.errors}, notes {result.notes}"
+    )
     assert isinstance(result, sepfx.ExportResult)
     assert result.path == str(path) and path.is_file()
     assert result.errors and all(e <= RTOL for e in result.errors.values()), result.errors
     # one self-contained file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     proto = onnx.load(str(path), load_external_data=False)
-    assert not any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in proto.graph.initializer)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     onnx.checker.check_model(proto)
     assert len(proto.graph.input) == 1 and len(proto.graph.output) == 1
     if not result.dynamic_time:
         assert any("fixed length" in note for note in result.notes), result.notes
-        print(f"*** {name}: ONNX export only at the fixed length "
-              f"{analysis.example_input.shape[-1]}: {result.notes}")
+        print(
+            f"*** {name}: ONNX export only at the fixed length "
+            f"{analysis.example_input.shape[-1]}: {result.notes}"
+        )
     assert result.dynamic_time, f"{name}: exported at a fixed length only: {result.notes}"
     # dynamic batch and time in the file itself
     in_dims, out_dims = _dims(proto.graph.input[0]), _dims(proto.graph.output[0])
@@ -94,18 +98,25 @@ class _PReLUNet(torch.nn.Module):
         return self.out(self.act(self.conv(x[:, None])))[:, 0]
 
 
-@pytest.mark.parametrize("slopes,op", [([0.25], "LeakyRelu"), ([0.0, 0.3, 1.0, 0.7], "Max"),
-                                       ([1.0, 2.0, 3.0, 1.5], "Min"),
-                                       ([-0.5, 2.0, 0.3, 1.0], "Relu")],
-                         ids=["shared", "below_one", "above_one", "mixed"])
+@pytest.mark.parametrize(
+    "slopes,op",
+    [
+        ([0.25], "LeakyRelu"),
+        ([0.0, 0.3, 1.0, 0.7], "Max"),
+        ([1.0, 2.0, 3.0, 1.5], "Min"),
+        ([-0.5, 2.0, 0.3, 1.0], "Relu"),
+    ],
+    ids=["shared", "below_one", "above_one", "mixed"],
+)
 def test_prelu_export_lowering(tmp_path, slopes, op):
     """nn.PReLU is exported as the fastest exact form its slopes allow, never as ONNX PRelu
     (43% of dense Conv-TasNet's ONNX Runtime time): LeakyRelu for one shared slope, max(x, w*x),
     min(x, w*x), or relu(x) - w*relu(-x); ONNX Runtime agrees with PyTorch's PReLU."""
     model = _PReLUNet(slopes).eval()
     path = tmp_path / "m.onnx"
-    result = sepfx.export_onnx(torch.fx.symbolic_trace(model), path,
-                               example_input=torch.randn(1, 4000))
+    result = sepfx.export_onnx(
+        torch.fx.symbolic_trace(model), path, example_input=torch.randn(1, 4000)
+    )
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "PRelu" not in ops and op in ops, ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

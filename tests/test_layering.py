@@ -1,4 +1,5 @@
 """Layering: ``passes/`` imports nothing from ``sepfx/``, and the passes import no cycle."""
+
 import ast
 import subprocess
 import sys
@@ -6,17 +7,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("passes", "sepfx")
-PASS_MODULES = ["passes", "passes.channels", "passes.rules", "passes.slim", "passes.gates",
-                "passes.cost", "passes.export", "passes.trace"]
+PASS_MODULES = [
+    "passes",
+    "passes.channels",
+    "passes.rules",
+    "passes.slim",
+    "passes.gates",
+    "passes.cost",
+    "passes.export",
+    "passes.trace",
+]
 
 
 def test_importing_passes_loads_no_sepfx_module():
-    code = ("import sys\n"
-            f"import {', '.join(PASS_MODULES)}\n"
-            "loaded = sorted(m for m in sys.modules if m == 'sepfx' or m.startswith('sepfx.'))\n"
-            "print(','.join(loaded))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import sys\n"
+        f"import {', '.join(PASS_MODULES)}\n"
+        "loaded = sorted(m for m in sys.modules if m == 'sepfx' or m.startswith('sepfx.'))\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"importing passes loaded {result.stdout.strip()}"
 
@@ -39,7 +51,7 @@ def _imported_modules(path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             # ``from passes import rules`` imports the module passes.rules
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
@@ -63,16 +75,22 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_passes_import_nothing_from_sepfx():
     graph = _import_graph()
-    offending = {module: sorted(m for m in imports if m.split(".")[0] == "sepfx")
-                 for module, imports in graph.items() if module.split(".")[0] == "passes"}
+    offending = {
+        module: sorted(m for m in imports if m.split(".")[0] == "sepfx")
+        for module, imports in graph.items()
+        if module.split(".")[0] == "passes"
+    }
     offending = {module: imports for module, imports in offending.items() if imports}
     assert not offending, f"passes modules importing sepfx: {offending}"
 
 
 def test_no_import_cycle_among_passes():
     graph = _import_graph()
-    passes_graph = {module: {m for m in imports if m.startswith("passes.")}
-                    for module, imports in graph.items() if module.startswith("passes.")}
+    passes_graph = {
+        module: {m for m in imports if m.startswith("passes.")}
+        for module, imports in graph.items()
+        if module.startswith("passes.")
+    }
     assert "passes.channels" in passes_graph and "passes.rules" in passes_graph
     state: dict[str, str] = {}  # module -> "open" while on the stack, "done" after
     stack: list[str] = []
@@ -82,7 +100,7 @@ def test_no_import_cycle_among_passes():
         stack.append(module)
         for target in sorted(passes_graph.get(module, ())):
             if state.get(target) == "open":
-                cycle = stack[stack.index(target):] + [target]
+                cycle = stack[stack.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)

@@ -113,7 +113,7 @@ def test_pit_per_example_permutations_differ():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_finite(dtype):
     sources = _rand(2, 3, 400, dtype=dtype, seed=11)
-    est = (sources[:, [2, 0, 1]] + 0.5 * _rand(2, 3, 400, dtype=dtype, seed=12))
+    est = sources[:, [2, 0, 1]] + 0.5 * _rand(2, 3, 400, dtype=dtype, seed=12)
     est.requires_grad_(True)
     loss, _ = pit_si_snr_loss(est, sources)
     assert loss.dtype == dtype and loss.dim() == 0
@@ -170,7 +170,9 @@ def test_improvement_positive_and_metrics_dict():
     assert (sii > 10).all() and (sdri > 10).all()
     # manual: aligned SI-SNR minus mixture SI-SNR, averaged over sources
     aligned = est[:, [1, 0]]
-    manual = (si_snr(aligned, sources) - si_snr(mixture.unsqueeze(1).expand_as(sources), sources)).mean(1)
+    manual = (
+        si_snr(aligned, sources) - si_snr(mixture.unsqueeze(1).expand_as(sources), sources)
+    ).mean(1)
     torch.testing.assert_close(sii, manual)
     m = separation_metrics(est, sources, mixture)
     assert set(m) == {"si_snr", "si_snri", "sdri"}

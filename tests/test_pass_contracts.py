@@ -1,6 +1,7 @@
 """No pass mutates its inputs (issue 12): the channel analysis, the cost model, gate insertion,
 the slim rewrite and the export each leave what they were given as it was, on a traced zoo model
 and on a model captured with an eager shell."""
+
 from __future__ import annotations
 
 import copy
@@ -29,17 +30,24 @@ def _state(module: torch.nn.Module) -> dict:
 
 
 def _same(before: dict, after: dict) -> bool:
-    return (before["code"] == after["code"] and before["modes"] == after["modes"]
-            and before["classes"] == after["classes"]
-            and before["tensors"].keys() == after["tensors"].keys()
-            and all(torch.equal(before["tensors"][k], after["tensors"][k])
-                    for k in before["tensors"]))
+    return (
+        before["code"] == after["code"]
+        and before["modes"] == after["modes"]
+        and before["classes"] == after["classes"]
+        and before["tensors"].keys() == after["tensors"].keys()
+        and all(torch.equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
+    )
 
 
 def _groups(analysis) -> list[dict]:
     """Every attribute of every channel group (arrays as bytes)."""
-    return [{k: {a: p.tobytes() for a, p in v.items()} if k == "positions" else copy.deepcopy(v)
-             for k, v in vars(g).items()} for g in analysis.groups]
+    return [
+        {
+            k: {a: p.tobytes() for a, p in v.items()} if k == "positions" else copy.deepcopy(v)
+            for k, v in vars(g).items()
+        }
+        for g in analysis.groups
+    ]
 
 
 def _meta_keys(gm: torch.fx.GraphModule) -> dict[str, tuple]:
@@ -58,8 +66,9 @@ def captured(request):
 def test_channel_analysis_and_cost_model_leave_their_inputs(captured):
     gm = captured.capture.graph_module
     before, meta = _state(gm), _meta_keys(gm)
-    channels = analyze_channels(gm, captured.example_input,
-                                summarised=not captured.capture.traced_whole)
+    channels = analyze_channels(
+        gm, captured.example_input, summarised=not captured.capture.traced_whole
+    )
     groups = _groups(channels)
     cost_model(channels)
     assert _same(before, _state(gm))
@@ -71,10 +80,13 @@ def test_gate_insertion_and_slim_leave_the_capture(captured):
     root, gm = captured.capture.root, captured.capture.graph_module
     before_root, before_gm = _state(root), _state(gm)
     rng = np.random.default_rng(0)
-    keep = {g.index: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
-            for g in captured.groups}
-    gated_model(captured.capture, captured.channels,
-                captured.channels.keep_vector(keep))(captured.example_input)
+    keep = {
+        g.index: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
+        for g in captured.groups
+    }
+    gated_model(captured.capture, captured.channels, captured.channels.keep_vector(keep))(
+        captured.example_input
+    )
     slim_model(captured.capture, captured.channels, keep)(captured.example_input)
     assert _same(before_root, _state(root))
     assert _same(before_gm, _state(gm))
@@ -89,8 +101,9 @@ def test_export_leaves_the_model_in_its_mode_and_state(captured, tmp_path):
     sepfx.export_onnx(slim, tmp_path / "slim.onnx")
     assert slim.training
     assert _same(before, _state(slim))
-    assert {k: v for k, v in vars(slim).items() if k.startswith("sepfx_")}.keys() == \
-        attributes.keys()
+    assert {
+        k: v for k, v in vars(slim).items() if k.startswith("sepfx_")
+    }.keys() == attributes.keys()
 
 
 def test_report_of_a_keep_set_does_not_change_the_analysis(captured):

@@ -8,6 +8,7 @@ Seeds whose model shows a known defect are ``xfail(strict=True)``, naming the re
 ``tests/test_random_regressions.py`` that holds the minimised model: when the defect is fixed,
 the seed passes and the mark must go.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,19 +37,28 @@ def _quiet_check(spec: dict) -> rm.Outcome:
         return rm.check(spec)
 
 
-@pytest.mark.parametrize("seed", [
-    pytest.param(seed, marks=pytest.mark.xfail(strict=True, reason=KNOWN[seed]))
-    if seed in KNOWN else seed for seed in SLICE])
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(seed, marks=pytest.mark.xfail(strict=True, reason=KNOWN[seed]))
+        if seed in KNOWN
+        else seed
+        for seed in SLICE
+    ],
+)
 def test_random_model(seed):
     spec = rm.generate(seed)
     outcome = _quiet_check(spec)
     assert outcome.checks > 0
     defects = [f"{f.kind}: {f.detail.splitlines()[0]}" for f in outcome.defects]
-    assert not defects, (f"seed {seed} (replay: python tests/random_models.py --seed {seed}):\n"
-                         + "\n".join(defects[:10]))
+    assert not defects, (
+        f"seed {seed} (replay: python tests/random_models.py --seed {seed}):\n"
+        + "\n".join(defects[:10])
+    )
 
 
 # -- the generator and the minimiser themselves ---------------------------------------------
+
 
 def test_generator_is_deterministic_and_json():
     spec = rm.generate(7)
@@ -74,8 +84,9 @@ def test_built_models_run_at_every_check_shape():
 def test_invalid_specs_are_refused():
     spec = rm.generate(3)
     bad = json.loads(json.dumps(spec))
-    bad["nodes"].append({"id": 99, "op": "binary", "in": ["v0", "nope"], "out": ["v99"],
-                         "fn": "add"})
+    bad["nodes"].append(
+        {"id": 99, "op": "binary", "in": ["v0", "nope"], "out": ["v99"], "fn": "add"}
+    )
     with pytest.raises(rm.InvalidSpec, match="nope"):
         rm.shapes(bad)
     bad = json.loads(json.dumps(spec))
@@ -88,9 +99,12 @@ def test_invalid_specs_are_refused():
 def test_minimiser_shrinks_while_the_failure_persists(monkeypatch):
     """With a stand-in check that "fails" while the model holds a no-rule op, the minimiser
     leaves little more than that op."""
-    seed = next(s for s in range(200) if any(
-        r["op"] == "norule" for r in rm.live_nodes(rm.generate(s))) and len(
-        rm.generate(s)["nodes"]) >= 5)
+    seed = next(
+        s
+        for s in range(200)
+        if any(r["op"] == "norule" for r in rm.live_nodes(rm.generate(s)))
+        and len(rm.generate(s)["nodes"]) >= 5
+    )
     spec = rm.generate(seed)
 
     def fake_check(candidate, **kwargs):
@@ -117,8 +131,11 @@ def test_silent_failures_are_caught(monkeypatch):
     swapped for the dense one makes gated != slim and the parameter counts disagree."""
     import sepfx.core
 
-    spec = next(s for s in map(rm.generate, range(100))
-                if all(r["op"] in rm.BASIC_OPS for r in s["nodes"]) and len(s["nodes"]) >= 2)
+    spec = next(
+        s
+        for s in map(rm.generate, range(100))
+        if all(r["op"] in rm.BASIC_OPS for r in s["nodes"]) and len(s["nodes"]) >= 2
+    )
     slim = sepfx.core.Analysis.slim
 
     def wrong_slim(self, keep, *args, **kwargs):
@@ -140,9 +157,20 @@ def test_soak_smoke(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "soak.py"), "--smoke",
-                           "--quiet", "--out", str(tmp_path)], cwd=root, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "soak.py"),
+            "--smoke",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "soak.json").read_text())
     totals = payload["totals"]

@@ -3,6 +3,7 @@
 out by hand, and asserts what sepfx should do. A test of a defect still open is marked
 ``xfail(strict=True)`` (a fix turns it into an XPASS error, and the mark is removed then): of
 the six found so far, 1-5 are fixed and 6 (the ONNX export of a length branch) is open."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,6 +49,7 @@ def _pad_to_even(wav: torch.Tensor) -> torch.Tensor:
 # 1. a branch on the length, taken the same way at every check input, is baked into the trace
 # --------------------------------------------------------------------------------------------
 
+
 class PadToMultiple(nn.Module):
     """The encoding padded to a multiple of 4 frames only when it is not one, a strided conv,
     then back to the encoder's rate (a U-Net's down/up path)."""
@@ -82,6 +84,7 @@ def test_length_branch_is_not_baked_into_the_trace():
 # --------------------------------------------------------------------------------------------
 # 2. an eager shell passing one tensor to two arguments of a part (attention's key and value)
 # --------------------------------------------------------------------------------------------
+
 
 class ShellAttention(nn.Module):
     def __init__(self, cross: bool):
@@ -121,6 +124,7 @@ def test_shell_passing_one_tensor_twice_to_a_part(cross):
 # 3. a literal one-channel slice: a valid keep set gives a slim model that does not run
 # --------------------------------------------------------------------------------------------
 
+
 class OneChannelSlice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -154,6 +158,7 @@ def test_one_channel_slice_keeps_its_channel():
 # --------------------------------------------------------------------------------------------
 # 4. literal channel sizes in an eager shell's own code: pruned, not frozen
 # --------------------------------------------------------------------------------------------
+
 
 class ShellMaskView(nn.Module):
     """A mask per source on the encoding, viewed [B, 2, 4, T] with the literal channel count
@@ -256,10 +261,11 @@ class ShellChunk(nn.Module):
         return self.decoder(first)
 
 
-@pytest.mark.parametrize("model_class",
-                         [ShellMaskView, ShellSlice, ShellSliceMean, ShellSplit, ShellFold,
-                          ShellChunk],
-                         ids=["view", "slice", "slice_mean", "split", "reshape", "chunk"])
+@pytest.mark.parametrize(
+    "model_class",
+    [ShellMaskView, ShellSlice, ShellSliceMean, ShellSplit, ShellFold, ShellChunk],
+    ids=["view", "slice", "slice_mean", "split", "reshape", "chunk"],
+)
 def test_shell_literal_channel_sizes_are_frozen(model_class):
     torch.manual_seed(0)
     analysis = sepfx.analyze(model_class().eval(), wav(1, 400))
@@ -274,6 +280,7 @@ def test_shell_literal_channel_sizes_are_frozen(model_class):
 # --------------------------------------------------------------------------------------------
 # 5. an eager shell handing a chunk to a traced part: the slim pass crashes
 # --------------------------------------------------------------------------------------------
+
 
 class GlobalLayerNorm(nn.Module):
     """gLN as Conv-TasNet writes it (traced as a part of its own inside the shell)."""
@@ -314,6 +321,7 @@ def test_shell_chunk_into_a_traced_part_slims():
 # 6. the same length-derived branch in an eager shell is baked into the ONNX export
 # --------------------------------------------------------------------------------------------
 
+
 def test_export_of_a_length_branch_holds_at_every_length(tmp_path):
     import onnxruntime as ort
 
@@ -323,8 +331,7 @@ def test_export_of_a_length_branch_holds_at_every_length(tmp_path):
     result = sepfx.export_onnx(slim, tmp_path / "slim.onnx")
     if not result.dynamic_time:
         return  # exported at the fixed length, and the result says so: fine
-    session = ort.InferenceSession(str(tmp_path / "slim.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "slim.onnx"), providers=["CPUExecutionProvider"])
     for length in (367, 454, 741):  # 90, 112 and 184 frames: 112 and 184 are multiples of 4
         x = wav(1, length, seed=length)
         with torch.no_grad():

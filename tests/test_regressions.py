@@ -1,5 +1,6 @@
 """Regression tests for confirmed defects (issue 11): each test builds the smallest model that
 showed the defect and checks the fix; plus one clear error for each of three bad inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +36,7 @@ def _assert_gated_equals_slim(analysis, keep, tol=1e-5):
 # 1. a standard deviation over the channel axis: n - 1 divisor, NaN with one channel kept
 # --------------------------------------------------------------------------------------------
 
+
 class StdNormalised(nn.Module):
     def __init__(self, correction: int = 1):
         super().__init__()
@@ -44,8 +46,11 @@ class StdNormalised(nn.Module):
 
     def forward(self, x):
         e = torch.relu(self.enc(x.unsqueeze(1)))
-        e = e / (e.std(dim=1, keepdim=True, correction=self.correction) + 1e-5) \
-            if self.correction != 1 else e / (e.std(dim=1, keepdim=True) + 1e-5)
+        e = (
+            e / (e.std(dim=1, keepdim=True, correction=self.correction) + 1e-5)
+            if self.correction != 1
+            else e / (e.std(dim=1, keepdim=True) + 1e-5)
+        )
         return self.head(e)  # [B, 2, T']
 
 
@@ -103,10 +108,8 @@ def test_keep_ratio_and_prune_keep_two(std_model, std_analysis):
 def test_compile_keeps_two_and_names_the_reachable_budget(std_model):
     # one channel of 16 would be 1/16 of the MACs; two are the floor: 0.125
     with pytest.raises(InputError, match=r"budget >= 0\.13"):
-        sepfx.compile(std_model, budget=0.1, example_input=torch.randn(1, 8000),
-                      progress=False)
-    slim = sepfx.compile(std_model, budget=0.15, example_input=torch.randn(1, 8000),
-                         progress=False)
+        sepfx.compile(std_model, budget=0.1, example_input=torch.randn(1, 8000), progress=False)
+    slim = sepfx.compile(std_model, budget=0.15, example_input=torch.randn(1, 8000), progress=False)
     assert slim.sepfx_report.groups[0].kept == 2
     assert _finite_everywhere(slim)
 
@@ -152,6 +155,7 @@ def test_non_finite_output_is_refused_naming_the_group(std_model, monkeypatch):
 # 2. a view of a slimmed tensor that is viewable at batch 1 only
 # --------------------------------------------------------------------------------------------
 
+
 class MaskView(nn.Module):
     """A 16-channel mask from a Linear over the transposed channel axis, viewed as 2 sources x
     8 channels, times the encoding, folded into the batch with a view."""
@@ -190,8 +194,11 @@ def test_view_of_slimmed_tensor_runs_at_batch_2(view_analysis):
     # the two views of pruned tensors became reshapes; the last one (of the unpruned decoder
     # output) stays a view
     slim = view_analysis.slim(single)
-    assert [n.target for n in slim.graph.nodes if n.op == "call_method"
-            and n.target in ("view", "reshape")] == ["reshape", "reshape", "view"], slim.code
+    assert [
+        n.target
+        for n in slim.graph.nodes
+        if n.op == "call_method" and n.target in ("view", "reshape")
+    ] == ["reshape", "reshape", "view"], slim.code
 
 
 def test_slim_check_runs_at_batch_2(view_analysis, monkeypatch):
@@ -212,6 +219,7 @@ def test_slim_check_runs_at_batch_2(view_analysis, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # 3. LayerNorm over the channel axis after a transpose, with and without parameters
 # --------------------------------------------------------------------------------------------
+
 
 class ChannelLayerNorm(nn.Module):
     def __init__(self, affine: bool):
@@ -254,6 +262,7 @@ def test_layer_norm_over_channels_slims(affine):
 # 4. bad inputs: one clear error each
 # --------------------------------------------------------------------------------------------
 
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -280,9 +289,11 @@ def test_integer_example_input_says_floating_point(entry):
     torch.manual_seed(0)
     model = Tiny().eval()
     example = (torch.randn(1, 800) * 3000).to(torch.int16)
-    call = {"analyze": lambda: sepfx.analyze(model, example),
-            "compile": lambda: sepfx.compile(model, 0.5, example_input=example, progress=False),
-            "prune": lambda: sepfx.prune(model, ratio=0.5, example_input=example)}[entry]
+    call = {
+        "analyze": lambda: sepfx.analyze(model, example),
+        "compile": lambda: sepfx.compile(model, 0.5, example_input=example, progress=False),
+        "prune": lambda: sepfx.prune(model, ratio=0.5, example_input=example),
+    }[entry]
     with pytest.raises(InputError, match=r"int16.*floating-point waveform"):
         call()
 
@@ -304,8 +315,9 @@ def test_separate_too_short_names_the_minimum_length(tiny_onnx, tmp_path, sample
     write_mixture(mixture, samples)
     proc = sepfx_cli("separate", tiny_onnx, mixture, timeout=60)
     # the first conv's kernel is 16 samples: shorter inputs cannot run
-    assert_one_line_error(proc, "too short", f"{samples} samples",
-                          "minimum input length is 16 samples")
+    assert_one_line_error(
+        proc, "too short", f"{samples} samples", "minimum input length is 16 samples"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.wav"]
     write_mixture(mixture, 16)
     assert sepfx_cli("separate", tiny_onnx, mixture, timeout=60).returncode == 0

@@ -3,6 +3,7 @@
 The zoo covers the common paths; these cover the rest of the registry (grouped convs, GRU,
 batch norm, grouped GroupNorm, split/chunk/slicing, attention with batch_first=False, Conv2d,
 shared PReLU into a cat, a module called at several places, view with literal sizes)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -98,8 +99,12 @@ class Attention(nn.Module):
 def _keep_sets(analysis, rng, count):
     sets = [{g.index: np.array([0]) for g in analysis.groups}]
     for _ in range(count):
-        sets.append({g.index: np.sort(rng.choice(g.size, rng.integers(1, g.size + 1),
-                                                 replace=False)) for g in analysis.groups})
+        sets.append(
+            {
+                g.index: np.sort(rng.choice(g.size, rng.integers(1, g.size + 1), replace=False))
+                for g in analysis.groups
+            }
+        )
     return sets
 
 

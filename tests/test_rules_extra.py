@@ -3,6 +3,7 @@ a module called at several places (one gate per channel group, at every call sit
 
 Each model is tiny; each test asserts the groups or frozen axes the rule must produce and that
 the hard-gated model at the original width computes what the slim model computes."""
+
 from __future__ import annotations
 
 import operator
@@ -32,11 +33,19 @@ def _assert_gated_equals_slim(analysis, count: int = 6, tol: float = 1e-5):
     assert analysis.groups, "no channel group: nothing to check"
     rng = np.random.default_rng(0)
     sets = [{g.index: [0] for g in analysis.groups}, analysis.keep_all()]
-    sets += [{g.index: sorted(rng.choice(g.size, int(rng.integers(1, g.size + 1)),
-                                         replace=False).tolist()) for g in analysis.groups}
-             for _ in range(count)]
-    inputs = [torch.randn(2, 400, generator=torch.Generator().manual_seed(1)),
-              torch.randn(3, 437, generator=torch.Generator().manual_seed(2))]
+    sets += [
+        {
+            g.index: sorted(
+                rng.choice(g.size, int(rng.integers(1, g.size + 1)), replace=False).tolist()
+            )
+            for g in analysis.groups
+        }
+        for _ in range(count)
+    ]
+    inputs = [
+        torch.randn(2, 400, generator=torch.Generator().manual_seed(1)),
+        torch.randn(3, 437, generator=torch.Generator().manual_seed(2)),
+    ]
     with torch.no_grad():
         for keep in sets:
             gated, slim = analysis.gated(keep), analysis.slim(keep)
@@ -131,8 +140,10 @@ def test_softmax_axis_is_frozen_and_reported():
     assert len(encoder) == 1 and encoder[0].size == 8
     assert len(analysis.groups) == 1, [g.describe() for g in analysis.groups]
     report = analysis.report()
-    assert any("softmax" in row.reason and any(p.startswith("mask out") for p in row.parameters)
-               for row in report.frozen), report.frozen
+    assert any(
+        "softmax" in row.reason and any(p.startswith("mask out") for p in row.parameters)
+        for row in report.frozen
+    ), report.frozen
     assert "softmax" in str(report)
     _assert_gated_equals_slim(analysis)
 
@@ -189,8 +200,9 @@ class Amax(nn.Module):
 def test_amax_freezes_the_reduced_axis():
     _, analysis = _analyze(Amax)
     frozen = _frozen_with(analysis, "maximum")
-    assert any(p.startswith("enc out") for f in frozen for p in f.parameters), \
-        [(f.label, f.reason, f.parameters) for f in analysis.channels.frozen]
+    assert any(p.startswith("enc out") for f in frozen for p in f.parameters), [
+        (f.label, f.reason, f.parameters) for f in analysis.channels.frozen
+    ]
     members = [m for g in analysis.groups for m in g.members]
     assert not any(m.startswith("enc out") for m in members), members
     middle = _groups_with(analysis, "mid out")
@@ -219,8 +231,12 @@ class SharedBlock(nn.Module):
 def _group_of_units(analysis, units: np.ndarray):
     """The one group all ``units`` (flat unit indices, none 0) belong to."""
     assert units.size and (units > 0).all(), units
-    owners = {g.index for g in analysis.groups for u in units.tolist()
-              if g.offset <= u < g.offset + g.size}
+    owners = {
+        g.index
+        for g in analysis.groups
+        for u in units.tolist()
+        if g.offset <= u < g.offset + g.size
+    }
     assert len(owners) == 1, owners
     return owners.pop()
 
@@ -229,8 +245,9 @@ def test_shared_module_has_one_gate_per_group_at_every_call_site():
     _, analysis = _analyze(SharedBlock)
     channels = analysis.channels
     # two groups: the residual stream (8) and the block's hidden channels (12)
-    assert sorted(g.size for g in analysis.groups) == [8, 12], \
-        [g.describe() for g in analysis.groups]
+    assert sorted(g.size for g in analysis.groups) == [8, 12], [
+        g.describe() for g in analysis.groups
+    ]
     hidden = _groups_with(analysis, "block.0 out")
     assert len(hidden) == 1 and hidden[0].size == 12
     stream = _groups_with(analysis, "enc out")
@@ -240,10 +257,14 @@ def test_shared_module_has_one_gate_per_group_at_every_call_site():
     for qualname in ("block.0", "block.1", "block.2"):
         for name, key in channels.module_axes[qualname].items():
             _group_of_units(channels, channels.axis_units(key))
-    assert _group_of_units(channels, channels.axis_units(
-        channels.module_axes["block.0"]["out"])) == hidden[0].index
-    assert _group_of_units(channels, channels.axis_units(
-        channels.module_axes["block.2"]["out"])) == stream[0].index
+    assert (
+        _group_of_units(channels, channels.axis_units(channels.module_axes["block.0"]["out"]))
+        == hidden[0].index
+    )
+    assert (
+        _group_of_units(channels, channels.axis_units(channels.module_axes["block.2"]["out"]))
+        == stream[0].index
+    )
 
     graph_module = analysis.channels.graph_module
     calls = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == "block.0"]
@@ -263,15 +284,22 @@ def test_shared_module_has_one_gate_per_group_at_every_call_site():
     banks = [n for n in nodes if n.op == "call_module" and n.target == "sepfx_gates"]
     assert len(banks) == 1
     # one index per gated axis, each read once
-    index_targets = [n.target for n in nodes
-                     if n.op == "get_attr" and str(n.target).startswith("sepfx_gates.axis")]
+    index_targets = [
+        n.target
+        for n in nodes
+        if n.op == "get_attr" and str(n.target).startswith("sepfx_gates.axis")
+    ]
     assert len(index_targets) == len(set(index_targets))
     bank = gated.get_submodule("sepfx_gates")
     assert set(index_targets) == {f"sepfx_gates.{name}" for name in bank.axis_names.values()}
     # the gated axes are the prunable channel axes of the graph's values: the encoder output,
     # and at each of the three call sites the outputs of block.0, block.1, block.2 and the add
-    prunable_values = {axis for dims in channels.value_axes.values() for axis in dims.values()
-                       if channels.axis_units(axis).any()}
+    prunable_values = {
+        axis
+        for dims in channels.value_axes.values()
+        for axis in dims.values()
+        if channels.axis_units(axis).any()
+    }
     assert set(bank.axis_names) == prunable_values
     assert len(index_targets) == len(prunable_values) == 1 + 3 * 4
     # the index of each gated axis points into exactly one group, and every group is gated
@@ -282,16 +310,31 @@ def test_shared_module_has_one_gate_per_group_at_every_call_site():
         gated_groups.add(_group_of_units(channels, units))
     assert gated_groups == {g.index for g in analysis.groups}
     # every call site of the shared block's hidden layer is gated
-    gate_calls = [n for n in nodes if n.op == "call_function"
-                  and getattr(n.target, "__name__", "") == "apply_gate"]
+    gate_calls = [
+        n
+        for n in nodes
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "apply_gate"
+    ]
     assert len(gate_calls) == len(prunable_values)  # one gate application per gated value
     reads = [n for n in nodes if n.op == "call_function" and n.target is operator.getitem]
     assert len(reads) == len(index_targets)  # each axis's gates gathered once
-    gated_inputs = {a.target for n in gate_calls for a in n.args[:1] if isinstance(a, fx.Node)
-                    and a.op == "call_module"}
+    gated_inputs = {
+        a.target
+        for n in gate_calls
+        for a in n.args[:1]
+        if isinstance(a, fx.Node) and a.op == "call_module"
+    }
     assert "block.0" in gated_inputs and "block.1" in gated_inputs
-    assert sum(1 for n in gate_calls if isinstance(n.args[0], fx.Node)
-               and n.args[0].op == "call_module" and n.args[0].target == "block.0") == 3
+    assert (
+        sum(
+            1
+            for n in gate_calls
+            if isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "call_module"
+            and n.args[0].target == "block.0"
+        )
+        == 3
+    )
     _assert_gated_equals_slim(analysis)
 
 
@@ -364,7 +407,8 @@ class Recurrent(nn.Module):
         self.shell, self.initial_state = shell, initial_state
         self.enc = nn.Conv1d(1, 16, 16, stride=8)
         self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](
-            16, 12, num_layers=2, batch_first=True, bidirectional=True)
+            16, 12, num_layers=2, batch_first=True, bidirectional=True
+        )
         self.proj = nn.Linear(24, 16)
         self.dec = nn.ConvTranspose1d(16, 1, 16, stride=8)
 
@@ -374,8 +418,9 @@ class Recurrent(nn.Module):
         e = self.enc(x.unsqueeze(1))
         if self.initial_state:
             state = torch.zeros(4, e.shape[0], 12)
-            h, _ = self.rnn(e.transpose(1, 2), (state, state) if isinstance(
-                self.rnn, nn.LSTM) else state)
+            h, _ = self.rnn(
+                e.transpose(1, 2), (state, state) if isinstance(self.rnn, nn.LSTM) else state
+            )
         else:
             h, _ = self.rnn(e.transpose(1, 2))
         return self.dec(e * torch.sigmoid(self.proj(h).transpose(1, 2)))
@@ -395,8 +440,11 @@ def test_recurrent_layer_prunes_and_counts_its_closed_form(kind, shell):
     analysis = sepfx.analyze(model, torch.randn(1, 8000))
     assert bool(analysis.capture.shells) == shell
     steps = (8000 - 16) // 8 + 1
-    rnn_nodes = [n.name for n in analysis.capture.graph_module.graph.nodes
-                 if n.op == "call_module" and n.target == "rnn"]
+    rnn_nodes = [
+        n.name
+        for n in analysis.capture.graph_module.graph.nodes
+        if n.op == "call_module" and n.target == "rnn"
+    ]
     assert len(rnn_nodes) == 1
     assert analysis.cost.node_macs[rnn_nodes[0]] == _recurrent_macs(kind, steps)
     hidden = _groups_with(analysis, "rnn hidden")
@@ -411,8 +459,11 @@ def test_recurrent_layer_with_an_initial_state_is_frozen_but_counted():
     analysis = sepfx.analyze(model, torch.randn(1, 8000))
     assert _frozen_with(analysis, "initial state")
     assert not _groups_with(analysis, "rnn hidden")
-    rnn_nodes = [n.name for n in analysis.capture.graph_module.graph.nodes
-                 if n.op == "call_module" and n.target == "rnn"]
+    rnn_nodes = [
+        n.name
+        for n in analysis.capture.graph_module.graph.nodes
+        if n.op == "call_module" and n.target == "rnn"
+    ]
     assert analysis.cost.node_macs[rnn_nodes[0]] == _recurrent_macs("lstm", (8000 - 16) // 8 + 1)
 
 
@@ -460,8 +511,16 @@ class Spectral(nn.Module):
     def forward(self, x):
         e = self.enc(x.unsqueeze(1))
         m = self.mask(e)
-        m = torch.nn.functional.batch_norm(m, self.norm.running_mean, self.norm.running_var,
-                                           self.norm.weight, self.norm.bias, False, 0.1, 1e-5)
+        m = torch.nn.functional.batch_norm(
+            m,
+            self.norm.running_mean,
+            self.norm.running_var,
+            self.norm.weight,
+            self.norm.bias,
+            False,
+            0.1,
+            1e-5,
+        )
         masked = e * torch.sigmoid(m).repeat(1, 2, 1)
         z = torch.view_as_complex(torch.stack(masked.chunk(2, dim=1), dim=-1).contiguous())
         parts = torch.cat((z.real, z.imag), dim=1)

@@ -18,12 +18,33 @@ Layout: ``registry`` (the registry and the helpers rules share; it knows no rule
 module per op family, each registering its own entries: ``pointwise``, ``conv``, ``norms``,
 ``recurrent``, ``attention``, ``layout``, ``reduce``, ``contraction``, ``opaque``.
 """
-from passes.rules import (attention, contraction, conv, layout, norms, opaque,  # noqa: F401
-                          pointwise, recurrent, reduce)  # each registers its rules
+
+# each family module registers its rules when imported
+from passes.rules import (  # noqa: F401
+    attention,
+    contraction,
+    conv,
+    layout,
+    norms,
+    opaque,
+    pointwise,
+    recurrent,
+    reduce,
+)
 from passes.rules.layout import ReshapeRule, reshape_groups
 from passes.rules.opaque import OPAQUE_LEAF
 from passes.rules.pointwise import mutates
 from passes.rules.registry import RULES, Registry, arg, describe_op, lookup, set_arg
 
-__all__ = ["OPAQUE_LEAF", "RULES", "Registry", "ReshapeRule", "arg", "describe_op", "lookup",
-           "mutates", "reshape_groups", "set_arg"]
+__all__ = [
+    "OPAQUE_LEAF",
+    "RULES",
+    "Registry",
+    "ReshapeRule",
+    "arg",
+    "describe_op",
+    "lookup",
+    "mutates",
+    "reshape_groups",
+    "set_arg",
+]

@@ -1,4 +1,5 @@
 """nn.MultiheadAttention: whole heads."""
+
 from __future__ import annotations
 
 import operator
@@ -36,8 +37,11 @@ class AttentionRule:
         if m._qkv_same_embed_dim:
             ins = [ctx.module_axis("in", e)] * 3
         else:
-            ins = [ctx.module_axis("in_q", e), ctx.module_axis("in_k", m.kdim),
-                   ctx.module_axis("in_v", m.vdim)]
+            ins = [
+                ctx.module_axis("in_q", e),
+                ctx.module_axis("in_k", m.kdim),
+                ctx.module_axis("in_v", m.vdim),
+            ]
         out = ctx.module_axis("out", e)
         for t, m_in in zip((q, k, v), ins):
             ctx.same(ctx.axis(t, 2), m_in)
@@ -49,8 +53,9 @@ class AttentionRule:
         for t in (k, v):
             ctx.freeze(ctx.axis(t, seq), "attention mixes along this axis")
         # recorded eager code unpacks both outputs (``out, _ = mha(...)``): used means read
-        weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users
-                           for u in node.users)
+        weights_used = any(
+            u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users
+        )
         if weights_used:
             ctx.freeze(heads, "the attention weights (averaged over heads) are used")
         for path in ctx.tensor_paths(node)[1:]:
@@ -60,9 +65,14 @@ class AttentionRule:
         assert q_shape is not None and k_shape is not None  # query and key are tensors
         lq, lk = q_shape[seq], k_shape[seq]
         b = q_shape[batch]
-        ctx.cost((b * lq * e * e, [ins[0], heads]), (b * lk * m.kdim * e, [ins[1], heads]),
-                 (b * lk * m.vdim * e, [ins[2], heads]), (2 * b * lq * lk * e, [heads]),
-                 (b * lq * e * e, [heads, out]), absolute=True)
+        ctx.cost(
+            (b * lq * e * e, [ins[0], heads]),
+            (b * lk * m.kdim * e, [ins[1], heads]),
+            (b * lk * m.vdim * e, [ins[2], heads]),
+            (2 * b * lq * lk * e, [heads]),
+            (b * lq * e * e, [heads, out]),
+            absolute=True,
+        )
 
     def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         qualname = cast(str, node.target)  # a call_module node
@@ -72,8 +82,9 @@ class AttentionRule:
         target = builder.add_module(runtime.GatedAttention(mha), qualname)
         return builder.call_module(target, (builder.arg(q), builder.arg(k), builder.arg(v), mask))
 
-    def slim_module(self, m: nn.MultiheadAttention, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(
+        self, m: nn.MultiheadAttention, pruning: PruningView, qualname: str
+    ) -> nn.Module | None:
         names = ["in", "in", "in"] if m._qkv_same_embed_dim else ["in_q", "in_k", "in_v"]
         sizes = [m.embed_dim, m.kdim, m.vdim]
         found_in = [pruning.kept_module(qualname, n) for n in names]
@@ -82,16 +93,29 @@ class AttentionRule:
         heads = np.arange(m.embed_dim) if heads is None else heads
         out = pruning.kept_module(qualname, "out")
         out = np.arange(m.embed_dim) if out is None else out
-        if all(len(k) == n for k, n in zip(kept_in, sizes)) and len(heads) == m.embed_dim\
-                and len(out) == m.embed_dim:
+        if (
+            all(len(k) == n for k, n in zip(kept_in, sizes))
+            and len(heads) == m.embed_dim
+            and len(out) == m.embed_dim
+        ):
             return None
         wq, bq, wk, bk, wv, bv, wo, bo = runtime._mha_weights(m)
         new = runtime.SlimMultiheadAttention(
-            len(kept_in[0]), len(kept_in[1]), len(kept_in[2]), len(heads) // m.head_dim,
-            m.head_dim, len(out), bias=bq is not None, batch_first=m.batch_first)
+            len(kept_in[0]),
+            len(kept_in[1]),
+            len(kept_in[2]),
+            len(heads) // m.head_dim,
+            m.head_dim,
+            len(out),
+            bias=bq is not None,
+            batch_first=m.batch_first,
+        )
         new = new.to(device=wq.device, dtype=wq.dtype)
-        for proj, w, b, cols in ((new.q_proj, wq, bq, kept_in[0]), (new.k_proj, wk, bk, kept_in[1]),
-                                 (new.v_proj, wv, bv, kept_in[2])):
+        for proj, w, b, cols in (
+            (new.q_proj, wq, bq, kept_in[0]),
+            (new.k_proj, wk, bk, kept_in[1]),
+            (new.v_proj, wv, bv, kept_in[2]),
+        ):
             proj.weight = sliced_parameter(w, heads, cols)
             if b is not None:
                 proj.bias = sliced_parameter(b, heads)
@@ -101,9 +125,7 @@ class AttentionRule:
         new.train(m.training)
         return new
 
-
-    def importance(self, m: nn.MultiheadAttention,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
+    def importance(self, m: nn.MultiheadAttention, axis: str) -> list[tuple[torch.Tensor, int]]:
         if axis != "heads":
             return []
         rows = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight

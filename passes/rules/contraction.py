@@ -1,4 +1,5 @@
 """Contractions: matmul/bmm and einsum."""
+
 from __future__ import annotations
 
 import operator
@@ -38,8 +39,9 @@ class MatmulRule:
         ctx.cost((1.0, [rows, inner_a, cols]))
 
 
-RULES.add(MatmulRule(), functions=[torch.matmul, operator.matmul, torch.bmm],
-          methods=["matmul", "bmm"])
+RULES.add(
+    MatmulRule(), functions=[torch.matmul, operator.matmul, torch.bmm], methods=["matmul", "bmm"]
+)
 
 
 class EinsumRule:
@@ -76,8 +78,9 @@ class EinsumRule:
         ctx.cost((1.0, representatives))
 
 
-def _einsum_parse(node: fx.Node, shape_of: Callable[[Any], Shape | None]
-                  ) -> tuple[list[str], str, list[fx.Node]] | None:
+def _einsum_parse(
+    node: fx.Node, shape_of: Callable[[Any], Shape | None]
+) -> tuple[list[str], str, list[fx.Node]] | None:
     """(operand letter strings, output letter string, operand nodes), ``...`` replaced by
     digits (one per broadcast axis, aligned from the right), or None."""
     equation, *operands = node.args
@@ -94,15 +97,16 @@ def _einsum_parse(node: fx.Node, shape_of: Callable[[Any], Shape | None]
     widths = [rank - (len(spec) - 3) if "..." in spec else 0 for spec, rank in zip(specs, ranks)]
     width = max(widths, default=0)
     ellipsis = "".join(str(i) for i in range(width))
-    specs = [spec.replace("...", ellipsis[width - w:]) for spec, w in zip(specs, widths)]
+    specs = [spec.replace("...", ellipsis[width - w :]) for spec, w in zip(specs, widths)]
     if any(len(spec) != rank for spec, rank in zip(specs, ranks)):
         return None
     if arrow:
         out = rhs.replace("...", ellipsis)
     else:  # implicit output: the letters seen once, in order
         letters = "".join(specs)
-        out = ellipsis + "".join(sorted(c for c in set(letters) if letters.count(c) == 1
-                                        and not c.isdigit()))
+        out = ellipsis + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1 and not c.isdigit())
+        )
     if len(out) != len(shape_of(node) or ()):
         return None
     return specs, out, cast(list[fx.Node], operands)  # all nodes: checked above

@@ -1,4 +1,5 @@
 """Convolutions (modules and functional) and Linear."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -56,7 +57,10 @@ class ConvRule:
             return
         per_in, per_out = c_in // groups, c_out // groups
         for g in range(groups):
-            ins, outs = np.arange(g * per_in, (g + 1) * per_in), np.arange(g * per_out, (g + 1) * per_out)
+            ins, outs = (
+                np.arange(g * per_in, (g + 1) * per_in),
+                np.arange(g * per_out, (g + 1) * per_out),
+            )
             if m_in is not None and m_out is not None:
                 ctx.link(m_in, np.repeat(ins[:1], per_out), m_out, outs)
                 ctx.unite(m_in, ins)
@@ -64,8 +68,9 @@ class ConvRule:
                 ctx.unite(m_out, outs)
         ctx.cost((1.0, [m_out]))
 
-    def slim_module(self, m: nn.modules.conv._ConvNd, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(
+        self, m: nn.modules.conv._ConvNd, pruning: PruningView, qualname: str
+    ) -> nn.Module | None:
         kept_in = pruning.kept_module(qualname, "in")
         kept_out = pruning.kept_module(qualname, "out")
         spans = _pruned_spans(m, pruning, qualname)
@@ -88,15 +93,15 @@ class ConvRule:
         m.in_channels, m.out_channels = len(k_in), len(k_out)
         return m
 
+    def importance(self, m: nn.modules.conv._ConvNd, axis: str) -> list[tuple[torch.Tensor, int]]:
+        return _weight_slices(
+            m, axis, isinstance(m, nn.modules.conv._ConvTransposeNd), m.groups > 1
+        )
 
-    def importance(self, m: nn.modules.conv._ConvNd,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
-        return _weight_slices(m, axis, isinstance(m, nn.modules.conv._ConvTransposeNd),
-                              m.groups > 1)
 
-
-def _weight_slices(m: nn.modules.conv._ConvNd | nn.Linear, axis: str, transposed: bool,
-                   grouped: bool) -> list[tuple[torch.Tensor, int]]:
+def _weight_slices(
+    m: nn.modules.conv._ConvNd | nn.Linear, axis: str, transposed: bool, grouped: bool
+) -> list[tuple[torch.Tensor, int]]:
     """(parameter, dim) pairs that the ``in``/``out`` axis of a conv or Linear indexes, for
     magnitude scores; a grouped weight's per-group dim is no channel index."""
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
@@ -111,12 +116,17 @@ def _weight_slices(m: nn.modules.conv._ConvNd | nn.Linear, axis: str, transposed
 RULES.add(ConvRule(), modules=[nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d])
 
 
-def _spanned(ctx: NodeContext, m: nn.modules.conv._ConvNd, d: int, a_in: Axis | None,
-             a_out: Axis | None) -> bool:
+def _spanned(
+    ctx: NodeContext, m: nn.modules.conv._ConvNd, d: int, a_in: Axis | None, a_out: Axis | None
+) -> bool:
     """Whether the (non-transposed, zero-padded) convolution ``m``'s kernel spans the whole
     static input axis ``d``, whose output axis is static too (or of size 1)."""
-    if isinstance(m, nn.modules.conv._ConvTransposeNd) or m.padding_mode != "zeros"\
-            or not isinstance(m.padding, tuple) or a_in is None:
+    if (
+        isinstance(m, nn.modules.conv._ConvTransposeNd)
+        or m.padding_mode != "zeros"
+        or not isinstance(m.padding, tuple)
+        or a_in is None
+    ):
         return False
     out_shape = ctx.shape()
     assert out_shape is not None  # a convolution's output is a tensor
@@ -125,8 +135,9 @@ def _spanned(ctx: NodeContext, m: nn.modules.conv._ConvNd, d: int, a_in: Axis | 
     return m.kernel_size[d - 2] >= a_in.size
 
 
-def _pruned_spans(m: nn.modules.conv._ConvNd, pruning: PruningView, qualname: str
-                  ) -> dict[int, tuple[NDArray[Any], NDArray[Any]]]:
+def _pruned_spans(
+    m: nn.modules.conv._ConvNd, pruning: PruningView, qualname: str
+) -> dict[int, tuple[NDArray[Any], NDArray[Any]]]:
     """{axis: (kept input positions, kept output positions)} of the spanned axes of conv ``m``
     that lose positions in the keep set (``ConvRule``)."""
     spans: dict[int, tuple[NDArray[Any], NDArray[Any]]] = {}
@@ -137,7 +148,9 @@ def _pruned_spans(m: nn.modules.conv._ConvNd, pruning: PruningView, qualname: st
         key = pruning.analysis.module_axes[qualname][f"span{d}_in"]
         size_in = pruning.analysis.axes[key].size
         out_key = pruning.analysis.module_axes[qualname].get(f"span{d}_out")
-        kept_out = np.arange(1) if out_key is None else pruning.kept_module(qualname, f"span{d}_out")
+        kept_out = (
+            np.arange(1) if out_key is None else pruning.kept_module(qualname, f"span{d}_out")
+        )
         assert kept_out is not None  # the axis exists: it has kept indices
         size_out = 1 if out_key is None else pruning.analysis.axes[out_key].size
         if len(kept_in) != size_in or len(kept_out) != size_out:
@@ -184,8 +197,10 @@ class FunctionalConvRule:
         c_in, c_out = x_shape[1], out_shape[1]
         per_in, per_out = c_in // groups, c_out // groups
         ctx.same(o_ch if not self.transposed else x_ch, w_out if not self.transposed else w_in)
-        ctx.freeze(w_in if not self.transposed else w_out, "per-group axis of a grouped "
-                   "convolution (whole groups are pruned)")
+        ctx.freeze(
+            w_in if not self.transposed else w_out,
+            "per-group axis of a grouped convolution (whole groups are pruned)",
+        )
         for g in range(groups):
             ins = np.arange(g * per_in, (g + 1) * per_in)
             outs = np.arange(g * per_out, (g + 1) * per_out)
@@ -217,8 +232,15 @@ class FunctionalConvRule:
 RULES.add(FunctionalConvRule(False), functions=[F.conv1d, F.conv2d, torch.conv1d, torch.conv2d])
 
 
-RULES.add(FunctionalConvRule(True), functions=[F.conv_transpose1d, F.conv_transpose2d,
-                                               torch.conv_transpose1d, torch.conv_transpose2d])
+RULES.add(
+    FunctionalConvRule(True),
+    functions=[
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        torch.conv_transpose1d,
+        torch.conv_transpose2d,
+    ],
+)
 
 
 class LinearRule:
@@ -232,8 +254,7 @@ class LinearRule:
             ctx.same(a, o)
         ctx.cost((1.0, [m_in, m_out]))
 
-    def slim_module(self, m: nn.Linear, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(self, m: nn.Linear, pruning: PruningView, qualname: str) -> nn.Module | None:
         k_in, k_out = pruning.kept_module(qualname, "in"), pruning.kept_module(qualname, "out")
         if not (pruned(k_in, m.in_features) or pruned(k_out, m.out_features)):
             return None
@@ -243,7 +264,6 @@ class LinearRule:
         m.in_features = m.weight.shape[1]
         m.out_features = m.weight.shape[0]
         return m
-
 
     def importance(self, m: nn.Linear, axis: str) -> list[tuple[torch.Tensor, int]]:
         return _weight_slices(m, axis, False, False)

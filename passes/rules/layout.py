@@ -1,6 +1,7 @@
 """Ops that move elements without computing on them: cat, split/chunk, stack, permute,
 reshapes, size reads, indexing and item assignment, index_add (overlap-add), windows
 (unfold/fold)."""
+
 from __future__ import annotations
 
 import operator
@@ -160,8 +161,9 @@ class RepeatRule:
     def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         x = node.args[0]
-        factors: list[Any] = list(node.args[1:]) if node.op == "call_method" else [
-            arg(node, 1, "dims")]
+        factors: list[Any] = (
+            list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "dims")]
+        )
         if len(factors) == 1 and isinstance(factors[0], (tuple, list, torch.Size)):
             factors = list(factors[0])
         shape, out = ctx.shape(x), ctx.shape()
@@ -230,12 +232,16 @@ class PermuteRule:
         return [d % n for d in dims]
 
 
-RULES.add(PermuteRule(), functions=[torch.transpose, torch.permute],
-          methods=["transpose", "permute", "t", "swapaxes"])
+RULES.add(
+    PermuteRule(),
+    functions=[torch.transpose, torch.permute],
+    methods=["transpose", "permute", "t", "swapaxes"],
+)
 
 
-def reshape_groups(in_shape: Sequence[int], out_shape: Sequence[int]
-                   ) -> list[tuple[list[int], list[int]]] | None:
+def reshape_groups(
+    in_shape: Sequence[int], out_shape: Sequence[int]
+) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of input dims with runs of output dims of equal product (size-1 dims left
     out). Returns a list of (input dims, output dims), or None when the shapes do not pair."""
     ins = [d for d, s in enumerate(in_shape) if s != 1]
@@ -278,18 +284,22 @@ class ReshapeRule:
         if groups is None or reshape_groups(probe_in, probe_out) is None:
             return ctx.freeze_all("reshape mixes axes in a way sepfx cannot follow")
         for dims_in, dims_out in groups:
-            dynamic = any(ref_in[d] != probe_in[d] for d in dims_in) or\
-                any(ref_out[d] != probe_out[d] for d in dims_out)
-            if dynamic and self._inner_static(ctx, x, dims_in, dims_out, ref_in, probe_in,
-                                              ref_out, probe_out):
+            dynamic = any(ref_in[d] != probe_in[d] for d in dims_in) or any(
+                ref_out[d] != probe_out[d] for d in dims_out
+            )
+            if dynamic and self._inner_static(
+                ctx, x, dims_in, dims_out, ref_in, probe_in, ref_out, probe_out
+            ):
                 continue
             if dynamic:
                 for d in dims_in:
-                    ctx.freeze(ctx.axis(x, d), "merged with or split from a batch/time axis")\
-                        if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(x, d))
+                    ctx.freeze(
+                        ctx.axis(x, d), "merged with or split from a batch/time axis"
+                    ) if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(x, d))
                 for d in dims_out:
-                    ctx.freeze(ctx.axis(None, d), "merged with or split from a batch/time axis")\
-                        if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(None, d))
+                    ctx.freeze(
+                        ctx.axis(None, d), "merged with or split from a batch/time axis"
+                    ) if len(dims_in) + len(dims_out) > 2 else ctx.touch(ctx.axis(None, d))
             elif len(dims_in) == 1 and len(dims_out) == 1:
                 ctx.same(ctx.axis(x, dims_in[0]), ctx.axis(None, dims_out[0]))
             elif len(dims_in) == 1 or len(dims_out) == 1:
@@ -302,15 +312,27 @@ class ReshapeRule:
         self._shape_args(ctx, ref_out)
 
     @staticmethod
-    def _inner_static(ctx: NodeContext, x: Any, dims_in: list[int], dims_out: list[int],
-                      ref_in: Shape, probe_in: Shape, ref_out: Shape, probe_out: Shape) -> bool:
+    def _inner_static(
+        ctx: NodeContext,
+        x: Any,
+        dims_in: list[int],
+        dims_out: list[int],
+        ref_in: Shape,
+        probe_in: Shape,
+        ref_out: Shape,
+        probe_out: Shape,
+    ) -> bool:
         """[B, r*C] <-> [B*r, C] (a mask conv's n_src x C channels folded into the batch, or
         unfolded back): when the one static axis on each side is the innermost of the group,
         channel c on the narrow side is channel c of every block of the wide side."""
         static_in = [d for d in dims_in if ref_in[d] == probe_in[d]]
         static_out = [d for d in dims_out if ref_out[d] == probe_out[d]]
-        if len(static_in) != 1 or len(static_out) != 1 or static_in[0] != dims_in[-1]\
-                or static_out[0] != dims_out[-1]:
+        if (
+            len(static_in) != 1
+            or len(static_out) != 1
+            or static_in[0] != dims_in[-1]
+            or static_out[0] != dims_out[-1]
+        ):
             return False
         a, o = ctx.axis(x, static_in[0]), ctx.axis(None, static_out[0])
         if a is None or o is None or (a.size % o.size and o.size % a.size):
@@ -322,15 +344,26 @@ class ReshapeRule:
         return True
 
     @staticmethod
-    def _factor(ctx: NodeContext, x: Any, dims_in: list[int], dims_out: list[int],
-                ref_in: Shape, ref_out: Shape) -> None:
+    def _factor(
+        ctx: NodeContext,
+        x: Any,
+        dims_in: list[int],
+        dims_out: list[int],
+        ref_in: Shape,
+        ref_out: Shape,
+    ) -> None:
         split = len(dims_in) == 1
         whole = ctx.axis(x, dims_in[0]) if split else ctx.axis(None, dims_out[0])
         factors = dims_out if split else dims_in
         sizes = [(ref_out if split else ref_in)[d] for d in factors]
         coords = np.unravel_index(np.arange(int(np.prod(sizes))), sizes)
-        keep = _prunable_factor(ctx, whole, [ctx.axis(None, d) if split else ctx.axis(x, d)
-                                             for d in factors], sizes, coords)
+        keep = _prunable_factor(
+            ctx,
+            whole,
+            [ctx.axis(None, d) if split else ctx.axis(x, d) for d in factors],
+            sizes,
+            coords,
+        )
         for i, d in enumerate(factors):
             axis = ctx.axis(None, d) if split else ctx.axis(x, d)
             if i == keep:
@@ -378,11 +411,17 @@ class ReshapeRule:
                     new[j] = len(kept)
                     changed = True
         if changed:
-            node.args = (node.args[0], *new) if node.target in ("view", "reshape")\
+            node.args = (
+                (node.args[0], *new)
+                if node.target in ("view", "reshape")
                 else (node.args[0], tuple(new))
-        if node.op == "call_method" and node.target == "view" and not any(
-                isinstance(v, torch.dtype) for v in sizes) and (
-                changed or self._touches_pruned(node, pruning)):
+            )
+        if (
+            node.op == "call_method"
+            and node.target == "view"
+            and not any(isinstance(v, torch.dtype) for v in sizes)
+            and (changed or self._touches_pruned(node, pruning))
+        ):
             # slimming changes strides (a Linear over a transposed axis, a broadcast product):
             # a view that merged dims of the dense tensor may not be viewable any more at some
             # batch size; reshape is the same view where one exists and a copy where not
@@ -396,7 +435,6 @@ class ReshapeRule:
                 if pruned(pruning.kept_value(cast(fx.Node, x), d), size):  # a node: has a shape
                     return True
         return False
-
 
     @staticmethod
     def _rewrite_unflatten(node: fx.Node, pruning: PruningView) -> None:
@@ -433,8 +471,13 @@ def _shapes(node: Any) -> tuple[Shape, Shape] | None:
     return tensor_shapes(node)
 
 
-def _prunable_factor(ctx: NodeContext, whole: Axis | None, factor_axes: list[Axis | None],
-                     sizes: list[int], coords: tuple[NDArray[np.intp], ...]) -> int:
+def _prunable_factor(
+    ctx: NodeContext,
+    whole: Axis | None,
+    factor_axes: list[Axis | None],
+    sizes: list[int],
+    coords: tuple[NDArray[np.intp], ...],
+) -> int:
     """Which factor of a channel axis split into (or merged from) several stays prunable: one
     along which the elements already coupled together agree (an F.unfold's [C*K] blocks are
     units of K consecutive elements: C, the outer factor), and not frozen by a rule; among
@@ -451,18 +494,26 @@ def _prunable_factor(ctx: NodeContext, whole: Axis | None, factor_axes: list[Axi
 
     fitting = [i for i in candidates if agrees(i)] or candidates
     if len(fitting) > 1:
-        frozen = {union_find.find(ctx.state.axes[key].start + j) for key in ctx.state.frozen_axes
-                  for j in range(ctx.state.axes[key].size)}
+        frozen = {
+            union_find.find(ctx.state.axes[key].start + j)
+            for key in ctx.state.frozen_axes
+            for j in range(ctx.state.axes[key].size)
+        }
         axes = cast(list[Axis], factor_axes)  # those of ``fitting``, candidates, are not None
-        free = [i for i in fitting if not any(
-            union_find.find(axes[i].start + j) in frozen for j in range(axes[i].size))]
+        free = [
+            i
+            for i in fitting
+            if not any(union_find.find(axes[i].start + j) in frozen for j in range(axes[i].size))
+        ]
         fitting = free or fitting
     return max(fitting, key=lambda i: (sizes[i], i))
 
 
-RULES.add(ReshapeRule(), functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
-                                    torch.unflatten],
-          methods=["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"])
+RULES.add(
+    ReshapeRule(),
+    functions=[torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten],
+    methods=["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"],
+)
 
 
 class SizeRule:
@@ -509,8 +560,10 @@ class ShapeTensorRule:
         ctx.read_size(read)
 
 
-RULES.add(ShapeTensorRule(), functions=[torch.tensor, torch.as_tensor, runtime.shape_tensor,
-                                        runtime.shape_as_tensor])
+RULES.add(
+    ShapeTensorRule(),
+    functions=[torch.tensor, torch.as_tensor, runtime.shape_tensor, runtime.shape_as_tensor],
+)
 
 
 class GetItemRule:
@@ -521,12 +574,18 @@ class GetItemRule:
         source, index = cast(tuple[fx.Node, Any], node.args)  # indexing a node's value
         if source.name in ctx.state.size_reads:
             read = ctx.state.size_reads[source.name]
-            ctx.touch(*[ctx.state.axes[k] for k in read.values()]) if isinstance(read, dict) else None
+            ctx.touch(*[ctx.state.axes[k] for k in read.values()]) if isinstance(
+                read, dict
+            ) else None
             if isinstance(index, int) and isinstance(read, dict):
                 shape = ctx_shape_len(source) or (ctx.shape(source) or [None])[0]
                 ctx.read_size(read.get(index % shape) if shape else None)
-            elif isinstance(index, slice) and _literal_slice(index) and isinstance(read, dict)\
-                    and ctx_shape_len(source) is not None:
+            elif (
+                isinstance(index, slice)
+                and _literal_slice(index)
+                and isinstance(read, dict)
+                and ctx_shape_len(source) is not None
+            ):
                 # ``x.size()[-2:]``, ``x.shape[:-1]``: the same sizes, renumbered
                 dims = list(range(cast(int, ctx_shape_len(source))))[index]  # not None
                 ctx.read_size({j: read[d] for j, d in enumerate(dims) if d in read})
@@ -596,8 +655,11 @@ class GetItemRule:
     def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         source, index = node.args
         source_shape = pruning.shape(source) if isinstance(source, fx.Node) else None
-        if not isinstance(source, fx.Node) or source_shape is None\
-                or pruning.tensor_paths(source) != [()]:
+        if (
+            not isinstance(source, fx.Node)
+            or source_shape is None
+            or pruning.tensor_paths(source) != [()]
+        ):
             return
         items = _index_items(index, len(source_shape))
         if items is None:
@@ -633,10 +695,15 @@ def _fraction_slice(ctx: NodeContext, item: slice, axis: Axis) -> tuple[slice, i
         if bound is None or (isinstance(bound, int) and not isinstance(bound, bool)):
             bounds.append(bound)
             continue
-        if not (isinstance(bound, fx.Node) and bound.target is operator.floordiv
-                and isinstance(bound.args[1], int) and bound.args[1] > 0
-                and ctx.size_read(bound.args[0]) == axis.key
-                and axis.size % bound.args[1] == 0 and blocks in (None, bound.args[1])):
+        if not (
+            isinstance(bound, fx.Node)
+            and bound.target is operator.floordiv
+            and isinstance(bound.args[1], int)
+            and bound.args[1] > 0
+            and ctx.size_read(bound.args[0]) == axis.key
+            and axis.size % bound.args[1] == 0
+            and blocks in (None, bound.args[1])
+        ):
             return None
         blocks = bound.args[1]
         bounds.append(axis.size // blocks)
@@ -744,8 +811,9 @@ class SetItemRule:
             node.args = (target, new_index, value)
 
 
-def _kept_slices(index: Any, x: fx.Node, pruning: PruningView
-                 ) -> tuple[int | slice | None, ...] | None:
+def _kept_slices(
+    index: Any, x: fx.Node, pruning: PruningView
+) -> tuple[int | slice | None, ...] | None:
     """``index`` into ``x`` with literal slices of pruned axes narrowed to the kept elements,
     or None if nothing changes."""
     x_shape = pruning.shape(x)
@@ -777,8 +845,9 @@ class IndexAddRule:
 
     def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
-        x, dim, index, source = (arg(node, i, name) for i, name in
-                                 enumerate(("self", "dim", "index", "source")))
+        x, dim, index, source = (
+            arg(node, i, name) for i, name in enumerate(("self", "dim", "index", "source"))
+        )
         shape, source_shape = ctx.shape(x), ctx.shape(source)
         if shape is None or source_shape is None or len(source_shape) != len(shape):
             return ctx.freeze_all("index_add with operands sepfx cannot follow")
@@ -840,8 +909,11 @@ class UnfoldRule:
         x = node.args[0]
         size = _pair(arg(node, 2 if self.fold else 1, "kernel_size"))
         k = int(np.prod(size)) if size is not None else None
-        channels, merged = (ctx.axis(None, 1), ctx.axis(x, 1)) if self.fold else\
-            (ctx.axis(x, 1), ctx.axis(None, 1))
+        channels, merged = (
+            (ctx.axis(None, 1), ctx.axis(x, 1))
+            if self.fold
+            else (ctx.axis(x, 1), ctx.axis(None, 1))
+        )
         ctx.same(ctx.axis(x, 0), ctx.axis(None, 0))
         for t, d_from in ((x, 2), (None, 2)):
             t_shape = ctx.shape(t)
@@ -852,20 +924,26 @@ class UnfoldRule:
             ctx.freeze(channels, "channels folded with kernel positions sepfx cannot follow")
             ctx.freeze(merged, "channels folded with kernel positions sepfx cannot follow")
             return
-        ctx.link(channels, np.repeat(np.arange(channels.size), k), merged,
-                 np.arange(merged.size))
+        ctx.link(channels, np.repeat(np.arange(channels.size), k), merged, np.arange(merged.size))
 
     def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: a dual-path fold (windows along one axis) as ``runtime.fold_1d``."""
         if not self.fold or node.op != "call_function":
             return False
         names = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
-        values = [arg(node, i, name, default) for i, (name, default) in
-                  enumerate(zip(names, (None, None, None, 1, 0, 1)))]
+        values = [
+            arg(node, i, name, default)
+            for i, (name, default) in enumerate(zip(names, (None, None, None, 1, 0, 1)))
+        ]
         _, size, kernel, dilation, padding, stride = values
-        second = [v[1] if isinstance(v, (tuple, list)) and len(v) == 2 else
-                  v if isinstance(v, int) and v is not size else None
-                  for v in (size, kernel, dilation, padding, stride)]
+        second = [
+            v[1]
+            if isinstance(v, (tuple, list)) and len(v) == 2
+            else v
+            if isinstance(v, int) and v is not size
+            else None
+            for v in (size, kernel, dilation, padding, stride)
+        ]
         # the input's TensorMetadata, or None
         meta: Any = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
         if second != [1, 1, 1, 0, 1] or not hasattr(meta, "shape") or len(meta.shape) != 3:

@@ -1,6 +1,7 @@
 """Normalisation layers: BatchNorm, InstanceNorm, GroupNorm (gLN), LayerNorm (cLN) and
 F.layer_norm. Norms whose statistics span a channel axis are computed over kept channels only in
 the gated model."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -12,16 +13,26 @@ from torch import fx, nn
 
 from passes import runtime
 from passes.context import NodeContext
-from passes.rules.registry import (RULES, GatedBuilderView, PruningView, arg, pruned, set_arg,
-                                   sliced_parameter)
+from passes.rules.registry import (
+    RULES,
+    GatedBuilderView,
+    PruningView,
+    arg,
+    pruned,
+    set_arg,
+    sliced_parameter,
+)
 from passes.values import AxisKey, SizeRead, scalar_values
 
 
 def _affine_slices(m: nn.Module) -> list[tuple[torch.Tensor, int]]:
     """(parameter, dim) pairs of a norm's per-channel affine parameters, for magnitude
     scores."""
-    return [(p, 0) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
-            if p is not None and p.dim() >= 1]
+    return [
+        (p, 0)
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+        if p is not None and p.dim() >= 1
+    ]
 
 
 class BatchNormRule:
@@ -32,8 +43,9 @@ class BatchNormRule:
         for a, o in zip(ctx.axes(x), ctx.axes()):
             ctx.same(a, o)  # per-channel statistics: every other axis maps through
 
-    def slim_module(self, m: nn.modules.batchnorm._BatchNorm, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(
+        self, m: nn.modules.batchnorm._BatchNorm, pruning: PruningView, qualname: str
+    ) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_features):
             return None
@@ -47,8 +59,9 @@ class BatchNormRule:
         m.num_features = len(kept)
         return m
 
-    def importance(self, m: nn.modules.batchnorm._BatchNorm,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
+    def importance(
+        self, m: nn.modules.batchnorm._BatchNorm, axis: str
+    ) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -97,8 +110,9 @@ class InstanceNormRule:
             else:
                 ctx.same(a, o)
 
-    def slim_module(self, m: nn.modules.instancenorm._InstanceNorm, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(
+        self, m: nn.modules.instancenorm._InstanceNorm, pruning: PruningView, qualname: str
+    ) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_features):
             return None
@@ -112,8 +126,9 @@ class InstanceNormRule:
         m.num_features = len(kept)
         return m
 
-    def importance(self, m: nn.modules.instancenorm._InstanceNorm,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
+    def importance(
+        self, m: nn.modules.instancenorm._InstanceNorm, axis: str
+    ) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -150,13 +165,19 @@ class GroupNormRule:
         mask = builder.value_mask(cast(fx.Node, node.args[0]), 1)  # the input tensor
         if mask is None or m.num_groups == m.num_channels:
             return None
-        return builder.call_function(runtime.masked_group_norm, (
-            builder.arg(node.args[0]), m.num_groups, builder.get_attr(f"{node.target}.weight")
-            if m.affine else None, builder.get_attr(f"{node.target}.bias") if m.affine else None,
-            m.eps, mask))
+        return builder.call_function(
+            runtime.masked_group_norm,
+            (
+                builder.arg(node.args[0]),
+                m.num_groups,
+                builder.get_attr(f"{node.target}.weight") if m.affine else None,
+                builder.get_attr(f"{node.target}.bias") if m.affine else None,
+                m.eps,
+                mask,
+            ),
+        )
 
-    def slim_module(self, m: nn.GroupNorm, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(self, m: nn.GroupNorm, pruning: PruningView, qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "channels")
         if not pruned(kept, m.num_channels):
             return None
@@ -169,8 +190,7 @@ class GroupNormRule:
         m.num_channels = len(kept)
         return m
 
-    def importance(self, m: nn.GroupNorm,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
+    def importance(self, m: nn.GroupNorm, axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "channels" else []
 
 
@@ -207,11 +227,11 @@ class LayerNormRule:
             return None
         weight = builder.get_attr(f"{node.target}.weight") if m.weight is not None else None
         bias = builder.get_attr(f"{node.target}.bias") if m.bias is not None else None
-        return builder.call_function(runtime.masked_layer_norm,
-                               (builder.arg(node.args[0]), k, weight, bias, m.eps, masks))
+        return builder.call_function(
+            runtime.masked_layer_norm, (builder.arg(node.args[0]), k, weight, bias, m.eps, masks)
+        )
 
-    def slim_module(self, m: nn.LayerNorm, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(self, m: nn.LayerNorm, pruning: PruningView, qualname: str) -> nn.Module | None:
         kept = [pruning.kept_module(qualname, f"dim{i}") for i in range(len(m.normalized_shape))]
         if not any(pruned(k, size) for k, size in zip(kept, m.normalized_shape)):
             return None
@@ -219,12 +239,12 @@ class LayerNormRule:
             m.weight = sliced_parameter(m.weight, *kept)
         if m.bias is not None:
             m.bias = sliced_parameter(m.bias, *kept)
-        m.normalized_shape = tuple(len(k) if k is not None else size
-                                   for k, size in zip(kept, m.normalized_shape))
+        m.normalized_shape = tuple(
+            len(k) if k is not None else size for k, size in zip(kept, m.normalized_shape)
+        )
         return m
 
-    def importance(self, m: nn.LayerNorm,
-                   axis: str) -> list[tuple[torch.Tensor, int]]:
+    def importance(self, m: nn.LayerNorm, axis: str) -> list[tuple[torch.Tensor, int]]:
         return _affine_slices(m) if axis == "dim0" else []
 
 
@@ -276,8 +296,17 @@ class FunctionalLayerNormRule:
         if all(mask is None for mask in masks):
             return None
         weight, bias = arg(node, 2, "weight"), arg(node, 3, "bias")
-        return builder.call_function(runtime.masked_layer_norm, (
-            builder.arg(x), k, builder.arg(weight), builder.arg(bias), arg(node, 4, "eps", 1e-5), masks))
+        return builder.call_function(
+            runtime.masked_layer_norm,
+            (
+                builder.arg(x),
+                k,
+                builder.arg(weight),
+                builder.arg(bias),
+                arg(node, 4, "eps", 1e-5),
+                masks,
+            ),
+        )
 
     def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         shape = arg(node, 1, "normalized_shape")

@@ -1,4 +1,5 @@
 """The fallback for a module with no rule (an untraceable custom module or an unknown layer)."""
+
 from __future__ import annotations
 
 from typing import cast
@@ -27,16 +28,25 @@ class OpaqueLeafRule:
         name = describe_op(node, ctx.state.modules)
         out_shape = ctx.shape()
         # (a non-tensor input has no shape: len(None) raises, as before typing)
-        if inputs is None or len(tensors) != 1 or node.kwargs or out_shape is None\
-                or len(out_shape) != len(cast(Shape, ctx.shape(tensors[0]))):
+        if (
+            inputs is None
+            or len(tensors) != 1
+            or node.kwargs
+            or out_shape is None
+            or len(out_shape) != len(cast(Shape, ctx.shape(tensors[0])))
+        ):
             return ctx.freeze_all(f"opaque {name}: not a one-tensor-in, one-tensor-out module")
         x_node = tensors[0]
         x = inputs[0][0]
         for d, (a, o) in enumerate(zip(ctx.axes(x_node), ctx.axes())):
             if a is None and o is None:
                 continue
-            if a is not None and o is not None and a.size == o.size\
-                    and self._commutes(ctx.module, x, d):
+            if (
+                a is not None
+                and o is not None
+                and a.size == o.size
+                and self._commutes(ctx.module, x, d)
+            ):
                 ctx.same(a, o)
             else:
                 reason = f"opaque {name}: f(x[S]) != f(x)[S] along dim {d}"
@@ -49,8 +59,11 @@ class OpaqueLeafRule:
         try:
             with torch.no_grad():
                 for trial in range(self.trials):
-                    sample = x if trial == 0 else torch.randn(x.shape, generator=generator,
-                                                              dtype=x.dtype)
+                    sample = (
+                        x
+                        if trial == 0
+                        else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                    )
                     subset = torch.randperm(n, generator=generator)[: max(1, n // 2)].sort().values
                     full = module(sample).index_select(dim, subset)
                     part = module(sample.index_select(dim, subset))

@@ -1,5 +1,6 @@
 """Pointwise ops: activations, arithmetic with broadcasting, in-place variants, casts, tensor
 factories, PReLU, and parameters or buffers read by the graph."""
+
 from __future__ import annotations
 
 import operator
@@ -85,24 +86,40 @@ def _scaled_size(ctx: NodeContext) -> None:
     reads = [ctx.size_read(a) for a in node.args]
     keys = [r for r in reads if isinstance(r, tuple)]
     literals = [a for a in node.args if isinstance(a, int) and not isinstance(a, bool)]
-    if len(keys) != 1 or len(literals) != 1 or (node.target is operator.floordiv
-                                                and not isinstance(node.args[1], int)):
+    if (
+        len(keys) != 1
+        or len(literals) != 1
+        or (node.target is operator.floordiv and not isinstance(node.args[1], int))
+    ):
         return
     for user in node.users:
         if user.target is operator.getitem:
             items = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
             if not any(isinstance(i, slice) and node in (i.start, i.stop) for i in items):
                 return
-        elif user.target not in ("view", "reshape", torch.reshape)\
-                or node.target is not operator.mul:
+        elif (
+            user.target not in ("view", "reshape", torch.reshape) or node.target is not operator.mul
+        ):
             return
     ctx.touch(ctx.state.axes[keys[0]])
 
 
-_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
-                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
-                      operator.imatmul, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift}
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.imatmul,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+}
 
 
 def mutates(node: fx.Node) -> bool:
@@ -138,25 +155,126 @@ def regated(builder: GatedBuilderView, node: fx.Node) -> fx.Node:
 
 ELEMENTWISE = RULES.add(
     Elementwise(),
-    modules=[nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU,
-             nn.Softplus, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
-             nn.Dropout2d, nn.Hardswish, nn.Hardsigmoid],
-    functions=[operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-               operator.floordiv,
-               operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
-               torch.maximum, torch.minimum, torch.where, torch.relu, torch.sigmoid, torch.tanh,
-               torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.pow, torch.clamp, torch.atan2,
-               torch.neg, torch.sin, torch.cos, torch.log, torch.log1p, torch.square,
-               torch.zeros_like, torch.ones_like, torch.sign, torch.nan_to_num,
-               torch.empty_like, torch.full_like, torch.masked_fill,
-               F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.softplus, F.mish,
-               F.sigmoid, F.tanh, F.hardtanh, F.dropout, F.hardswish],
-    methods=["add", "sub", "mul", "div", "truediv", "__add__", "__sub__", "__mul__",
-             "__truediv__", "__radd__", "__rmul__", "__rsub__", "neg", "pow", "relu",
-             "sigmoid", "tanh", "exp", "abs", "sqrt", "rsqrt", "clamp", "clamp_min",
-             "clamp_max", "square", "log", "sin", "cos", "contiguous", "float", "double",
-             "half", "detach", "clone", "masked_fill", "zero_", "sign",
-             "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "tanh_", "new_zeros_like"])
+    modules=[
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.GELU,
+        nn.SiLU,
+        nn.ELU,
+        nn.Softplus,
+        nn.Mish,
+        nn.Hardtanh,
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+    ],
+    functions=[
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.neg,
+        operator.floordiv,
+        operator.pow,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.true_divide,
+        torch.maximum,
+        torch.minimum,
+        torch.where,
+        torch.relu,
+        torch.sigmoid,
+        torch.tanh,
+        torch.exp,
+        torch.abs,
+        torch.sqrt,
+        torch.rsqrt,
+        torch.pow,
+        torch.clamp,
+        torch.atan2,
+        torch.neg,
+        torch.sin,
+        torch.cos,
+        torch.log,
+        torch.log1p,
+        torch.square,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.sign,
+        torch.nan_to_num,
+        torch.empty_like,
+        torch.full_like,
+        torch.masked_fill,
+        F.relu,
+        F.relu6,
+        F.leaky_relu,
+        F.gelu,
+        F.silu,
+        F.elu,
+        F.softplus,
+        F.mish,
+        F.sigmoid,
+        F.tanh,
+        F.hardtanh,
+        F.dropout,
+        F.hardswish,
+    ],
+    methods=[
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "truediv",
+        "__add__",
+        "__sub__",
+        "__mul__",
+        "__truediv__",
+        "__radd__",
+        "__rmul__",
+        "__rsub__",
+        "neg",
+        "pow",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "exp",
+        "abs",
+        "sqrt",
+        "rsqrt",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "square",
+        "log",
+        "sin",
+        "cos",
+        "contiguous",
+        "float",
+        "double",
+        "half",
+        "detach",
+        "clone",
+        "masked_fill",
+        "zero_",
+        "sign",
+        "add_",
+        "mul_",
+        "sub_",
+        "div_",
+        "relu_",
+        "sigmoid_",
+        "tanh_",
+        "new_zeros_like",
+    ],
+)
 
 
 class InplaceElementwise(Elementwise):
@@ -169,10 +287,33 @@ class InplaceElementwise(Elementwise):
         return regated(builder, node)
 
 
-RULES.add(InplaceElementwise(), functions=[torch.relu_],
-          methods=["zero_", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "tanh_",
-                   "masked_fill_", "copy_", "fill_", "clamp_", "clamp_min_", "clamp_max_",
-                   "neg_", "abs_", "exp_", "sqrt_", "pow_", "square_", "nan_to_num_"])
+RULES.add(
+    InplaceElementwise(),
+    functions=[torch.relu_],
+    methods=[
+        "zero_",
+        "add_",
+        "mul_",
+        "sub_",
+        "div_",
+        "relu_",
+        "sigmoid_",
+        "tanh_",
+        "masked_fill_",
+        "copy_",
+        "fill_",
+        "clamp_",
+        "clamp_min_",
+        "clamp_max_",
+        "neg_",
+        "abs_",
+        "exp_",
+        "sqrt_",
+        "pow_",
+        "square_",
+        "nan_to_num_",
+    ],
+)
 
 
 class CastRule:
@@ -193,8 +334,11 @@ class CastRule:
                 ctx.touch(*ctx.axes(other))
 
 
-RULES.add(CastRule(), functions=[runtime.as_variable],
-          methods=["to", "type_as", "type", "long", "int", "bool", "new_tensor"])
+RULES.add(
+    CastRule(),
+    functions=[runtime.as_variable],
+    methods=["to", "type_as", "type", "long", "int", "bool", "new_tensor"],
+)
 
 
 class FactoryRule:
@@ -225,7 +369,7 @@ class FactoryRule:
         if whole is not None and not isinstance(read, dict):
             return ctx.freeze_all("a factory's sizes computed from other values")
         # whole given: read is a shape {dim: axis} (else returned above)
-        for j, key in (cast(dict[int, AxisKey], read).items() if whole is not None else ()):
+        for j, key in cast(dict[int, AxisKey], read).items() if whole is not None else ():
             ctx.same(ctx.state.axes[key], ctx.axis(None, j))
         for x in ctx.tensor_inputs():
             ctx.touch(*ctx.axes(x))
@@ -240,8 +384,10 @@ class FactoryRule:
             return ("kwarg", "size"), node.kwargs["size"]
         full = node.target in ("new_full", torch.full)
         rest = node.args[start:]
-        if full or (len(rest) == 1 and (isinstance(rest[0], (tuple, list, torch.Size))
-                                        or _is_shape(rest[0]))):
+        if full or (
+            len(rest) == 1
+            and (isinstance(rest[0], (tuple, list, torch.Size)) or _is_shape(rest[0]))
+        ):
             return ("arg", start), rest[0] if rest else None
         return ("args", start), list(rest)
 
@@ -267,16 +413,19 @@ class FactoryRule:
         assert out is not None  # a factory makes a tensor
         new = list(sizes)
         for j, size in enumerate(sizes):
-            if isinstance(size, int) and not isinstance(size, bool) and j < len(out)\
-                    and size == out[j]:
+            if (
+                isinstance(size, int)
+                and not isinstance(size, bool)
+                and j < len(out)
+                and size == out[j]
+            ):
                 kept = pruning.kept_value(node, j)
                 if pruned(kept, size):
                     new[j] = len(kept)
         if new == list(sizes):
             return
         if where == "kwarg":
-            node.kwargs = {**node.kwargs, at: type(sizes)(new) if isinstance(sizes, tuple)
-                           else new}
+            node.kwargs = {**node.kwargs, at: type(sizes)(new) if isinstance(sizes, tuple) else new}
         elif where == "arg":
             args = list(node.args)
             args[at] = tuple(new) if isinstance(sizes, tuple) else new
@@ -291,8 +440,11 @@ def _is_shape(value: Any) -> bool:
     return values is not None and isinstance(values[0], tuple)
 
 
-RULES.add(FactoryRule(), functions=[torch.zeros, torch.ones, torch.empty, torch.full],
-          methods=["new_zeros", "new_ones", "new_empty", "new_full"])
+RULES.add(
+    FactoryRule(),
+    functions=[torch.zeros, torch.ones, torch.empty, torch.full],
+    methods=["new_zeros", "new_ones", "new_empty", "new_full"],
+)
 
 
 class PReLURule:
@@ -306,8 +458,7 @@ class PReLURule:
         for d, (a, o) in enumerate(zip(ctx.axes(x), ctx.axes())):
             ctx.same(a, o)
 
-    def slim_module(self, m: nn.PReLU, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(self, m: nn.PReLU, pruning: PruningView, qualname: str) -> nn.Module | None:
         kept = pruning.kept_module(qualname, "weight")
         if not pruned(kept, m.num_parameters):
             return None

@@ -1,4 +1,5 @@
 """Recurrent layers: nn.LSTM, nn.GRU and nn.RNN."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,8 +12,14 @@ from torch import fx, nn
 from passes import runtime
 from passes.axes import Axis
 from passes.context import NodeContext
-from passes.rules.registry import (RULES, GatedBuilderView, PruningView, arg, pruned,
-                                   sliced_parameter)
+from passes.rules.registry import (
+    RULES,
+    GatedBuilderView,
+    PruningView,
+    arg,
+    pruned,
+    sliced_parameter,
+)
 
 
 class RecurrentRule:
@@ -27,8 +34,12 @@ class RecurrentRule:
         x = node.args[0]
         self._cost(ctx, m, x, None, None)
         initial = arg(node, 1, "hx")
-        if initial is not None or len(node.args) > 2 or set(node.kwargs) - {"hx"} \
-                or m.proj_size > 0:
+        if (
+            initial is not None
+            or len(node.args) > 2
+            or set(node.kwargs) - {"hx"}
+            or m.proj_size > 0
+        ):
             return ctx.freeze_all("recurrent layer with an initial state or projections")
         d = 2 if m.bidirectional else 1
         h = m.hidden_size
@@ -51,8 +62,9 @@ class RecurrentRule:
         self._cost(ctx, m, x, m_in, hidden)
 
     @staticmethod
-    def _cost(ctx: NodeContext, m: nn.RNNBase, x: Any, m_in: Axis | None,
-              hidden: Axis | None) -> None:
+    def _cost(
+        ctx: NodeContext, m: nn.RNNBase, x: Any, m_in: Axis | None, hidden: Axis | None
+    ) -> None:
         d = 2 if m.bidirectional else 1
         h, out = m.hidden_size, m.proj_size or m.hidden_size
         step, batch = (1, 0) if m.batch_first else (0, 1)
@@ -76,8 +88,7 @@ class RecurrentRule:
         target = builder.add_module(runtime.GatedRNN(rnn), qualname)
         return builder.call_module(target, (builder.arg(node.args[0]), mask))
 
-    def slim_module(self, m: nn.RNNBase, pruning: PruningView,
-                    qualname: str) -> nn.Module | None:
+    def slim_module(self, m: nn.RNNBase, pruning: PruningView, qualname: str) -> nn.Module | None:
         k_in, k_h = pruning.kept_module(qualname, "input"), pruning.kept_module(qualname, "hidden")
         if not (pruned(k_in, m.input_size) or pruned(k_h, m.hidden_size)):
             return None
@@ -91,9 +102,16 @@ class RecurrentRule:
         options = {"nonlinearity": m.nonlinearity} if isinstance(m, nn.RNN) else {}
         # nn.LSTM/GRU/RNN(input_size, hidden_size, ...), not RNNBase(mode, ...)
         rnn_class = cast(Callable[..., nn.RNNBase], type(m))
-        new = rnn_class(len(k_in), len(k_h), num_layers=m.num_layers, bias=m.bias,
-                        batch_first=m.batch_first, dropout=m.dropout,
-                        bidirectional=m.bidirectional, **options)
+        new = rnn_class(
+            len(k_in),
+            len(k_h),
+            num_layers=m.num_layers,
+            bias=m.bias,
+            batch_first=m.batch_first,
+            dropout=m.dropout,
+            bidirectional=m.bidirectional,
+            **options,
+        )
         first = cast(torch.Tensor, m.weight_ih_l0)  # a parameter (Module.__getattr__)
         new = new.to(device=first.device, dtype=first.dtype)
         for name in m._flat_weights_names:

@@ -1,5 +1,6 @@
 """Reductions over axes (sum, mean, var, std, max-like), softmax, and per-channel ops along
 the spatial axes (pooling, resampling, padding)."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -70,8 +71,10 @@ class ReduceRule:
         masks = [builder.value_mask(x, d) for d in dims]
         if all(m is None for m in masks):
             return None
-        return builder.call_function(runtime.masked_reduce,
-                               (self.kind, builder.arg(x), dims, keepdim, correction, masks, dims))
+        return builder.call_function(
+            runtime.masked_reduce,
+            (self.kind, builder.arg(x), dims, keepdim, correction, masks, dims),
+        )
 
 
 def _reduce_options(node: fx.Node, kind: str, ndim: int) -> tuple[list[int], bool, Any]:
@@ -81,8 +84,11 @@ def _reduce_options(node: fx.Node, kind: str, ndim: int) -> tuple[list[int], boo
     positional = list(node.args[2:])
     correction: Any = 0  # a number (or None) from the call's arguments
     if kind in ("var", "std"):  # x.var(dim, unbiased, keepdim) or keyword forms
-        unbiased = positional.pop(0) if positional and isinstance(positional[0], bool) else\
-            node.kwargs.get("unbiased", True)
+        unbiased = (
+            positional.pop(0)
+            if positional and isinstance(positional[0], bool)
+            else node.kwargs.get("unbiased", True)
+        )
         correction = node.kwargs.get("correction", 1 if unbiased else 0)
     keepdim = positional[0] if positional else node.kwargs.get("keepdim", False)
     return dims, bool(keepdim), correction
@@ -100,8 +106,11 @@ RULES.add(ReduceRule("var"), functions=[torch.var], methods=["var"])
 RULES.add(ReduceRule("std"), functions=[torch.std], methods=["std"])
 
 
-RULES.add(ReduceRule("max"), functions=[torch.amax, torch.amin, torch.logsumexp],
-          methods=["amax", "amin", "logsumexp"])
+RULES.add(
+    ReduceRule("max"),
+    functions=[torch.amax, torch.amin, torch.logsumexp],
+    methods=["amax", "amin", "logsumexp"],
+)
 
 
 class SoftmaxRule:
@@ -126,9 +135,12 @@ class SoftmaxRule:
                 ctx.same(a, o)
 
 
-RULES.add(SoftmaxRule(), modules=[nn.Softmax, nn.LogSoftmax],
-          functions=[torch.softmax, F.softmax, F.log_softmax, torch.log_softmax],
-          methods=["softmax", "log_softmax"])
+RULES.add(
+    SoftmaxRule(),
+    modules=[nn.Softmax, nn.LogSoftmax],
+    functions=[torch.softmax, F.softmax, F.log_softmax, torch.log_softmax],
+    methods=["softmax", "log_softmax"],
+)
 
 
 class ChannelwiseRule:
@@ -146,7 +158,6 @@ class ChannelwiseRule:
                 ctx.freeze(a, "resampled or pooled along this axis")
                 ctx.freeze(o, "resampled or pooled along this axis")
 
-
     def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: ``F.adaptive_avg_pool1d``, which the exporters cannot keep dynamic, as an
         equivalent matmul (``runtime.adaptive_avg_pool1d``)."""
@@ -156,11 +167,26 @@ class ChannelwiseRule:
         return False
 
 
-RULES.add(ChannelwiseRule(),
-          modules=[nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
-                   nn.Upsample, nn.AvgPool2d, nn.MaxPool2d],
-          functions=[F.interpolate, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
-                     F.avg_pool1d, F.max_pool1d, F.upsample])
+RULES.add(
+    ChannelwiseRule(),
+    modules=[
+        nn.AvgPool1d,
+        nn.MaxPool1d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveMaxPool1d,
+        nn.Upsample,
+        nn.AvgPool2d,
+        nn.MaxPool2d,
+    ],
+    functions=[
+        F.interpolate,
+        F.adaptive_avg_pool1d,
+        F.adaptive_max_pool1d,
+        F.avg_pool1d,
+        F.max_pool1d,
+        F.upsample,
+    ],
+)
 
 
 class PadRule:

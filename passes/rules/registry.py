@@ -1,6 +1,7 @@
 """The op-rule registry and the helpers every rule uses. It knows no rule: each family module
 (``passes.rules.pointwise``, ``.conv``...) registers its own entries, including the fallback for
 modules that have none (``passes.rules.opaque``)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -31,11 +32,13 @@ class GatedBuilderView(Protocol):
 
     def copy(self, node: fx.Node) -> fx.Node: ...
 
-    def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any] | None = None) -> fx.Node: ...
+    def call_function(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> fx.Node: ...
 
-    def call_module(self, target: str, args: tuple[Any, ...],
-                    kwargs: dict[str, Any] | None = None) -> fx.Node: ...
+    def call_module(
+        self, target: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> fx.Node: ...
 
     def get_attr(self, target: str) -> fx.Node: ...
 
@@ -54,8 +57,7 @@ class PruningView(Protocol):
 
     def kept_module(self, qualname: str, name: str) -> NDArray[np.intp] | None: ...
 
-    def kept_value(self, x: fx.Node, dim: int, path: ValuePath = ()
-                   ) -> NDArray[np.intp] | None: ...
+    def kept_value(self, x: fx.Node, dim: int, path: ValuePath = ()) -> NDArray[np.intp] | None: ...
 
     def shape(self, x: fx.Node, path: ValuePath = ()) -> Shape | None: ...
 
@@ -74,9 +76,15 @@ class Registry:
         self.node_ops: dict[str, Any] = {}
         self.unknown_module: Any = None
 
-    def add(self, rule: RuleT, modules: Iterable[type] = (), functions: Iterable[Any] = (),
-            methods: Iterable[str] = (), node_ops: Iterable[str] = (),
-            unknown_module: bool = False) -> RuleT:
+    def add(
+        self,
+        rule: RuleT,
+        modules: Iterable[type] = (),
+        functions: Iterable[Any] = (),
+        methods: Iterable[str] = (),
+        node_ops: Iterable[str] = (),
+        unknown_module: bool = False,
+    ) -> RuleT:
         for m in modules:
             self.modules[m] = rule
         for f in functions:

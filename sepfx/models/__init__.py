@@ -24,7 +24,19 @@ from .sepformer import Sepformer
 from .sudormrf import SuDORMRF
 from .tdanet import TDANet
 
-__all__ = ["ZOO", "CONFIGS", "build", "pretrained", "pretrained_names", "ConvTasNet", "DPRNN", "SuDORMRF", "TDANet", "Sepformer", "AFRCNN"]
+__all__ = [
+    "ZOO",
+    "CONFIGS",
+    "build",
+    "pretrained",
+    "pretrained_names",
+    "ConvTasNet",
+    "DPRNN",
+    "SuDORMRF",
+    "TDANet",
+    "Sepformer",
+    "AFRCNN",
+]
 
 ZOO: dict[str, type[nn.Module]] = {
     "conv_tasnet": ConvTasNet,
@@ -44,10 +56,26 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "small": dict(N=np.int64(128), L=16, B=64, H=128, P=3, X=8, R=2, Sc=64),
     },
     "dprnn": {
-        "tiny": dict(N=32, L=16, C=32, hidden=16, chunk_size=50, n_blocks=2,
-                     inter_bidirectional=True, inter_layers=1),
-        "small": dict(N=64, L=16, C=64, hidden=64, chunk_size=50, n_blocks=3,
-                      inter_bidirectional=True, inter_layers=2),
+        "tiny": dict(
+            N=32,
+            L=16,
+            C=32,
+            hidden=16,
+            chunk_size=50,
+            n_blocks=2,
+            inter_bidirectional=True,
+            inter_layers=1,
+        ),
+        "small": dict(
+            N=64,
+            L=16,
+            C=64,
+            hidden=64,
+            chunk_size=50,
+            n_blocks=3,
+            inter_bidirectional=True,
+            inter_layers=2,
+        ),
     },
     "sudormrf": {
         "tiny": dict(N=32, L=16, B=16, C=32, n_blocks=3, depth=3, kernel_size=5),
@@ -59,7 +87,9 @@ CONFIGS: dict[str, dict[str, dict]] = {
     },
     "sepformer": {
         "tiny": dict(N=32, L=16, C=32, chunk_size=50, n_blocks=1, n_layers=1, n_heads=2, d_ffn=16),
-        "small": dict(N=64, L=16, C=64, chunk_size=50, n_blocks=2, n_layers=2, n_heads=4, d_ffn=256),
+        "small": dict(
+            N=64, L=16, C=64, chunk_size=50, n_blocks=2, n_layers=2, n_heads=4, d_ffn=256
+        ),
     },
     "afrcnn": {
         "tiny": dict(N=32, L=16, B=16, C=16, depth=4, iters=4),
@@ -87,7 +117,9 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
 
 def pretrained_names() -> list[str]:
     """Zoo models with a bundled checkpoint (trained by benchmarks/train_baseline.py)."""
-    return sorted(p.stem for p in CHECKPOINTS.glob("*.json") if (CHECKPOINTS / f"{p.stem}.pt").exists())
+    return sorted(
+        p.stem for p in CHECKPOINTS.glob("*.json") if (CHECKPOINTS / f"{p.stem}.pt").exists()
+    )
 
 
 def pretrained(name: str) -> nn.Module:
@@ -95,8 +127,10 @@ def pretrained(name: str) -> nn.Module:
     training command, test SI-SNRi) is ``model.sepfx_card``."""
     card_path, weights = CHECKPOINTS / f"{name}.json", CHECKPOINTS / f"{name}.pt"
     if not (card_path.exists() and weights.exists()):
-        raise ValueError(f"no bundled checkpoint for {name!r}; bundled: "
-                         f"{', '.join(pretrained_names()) or 'none'}")
+        raise ValueError(
+            f"no bundled checkpoint for {name!r}; bundled: "
+            f"{', '.join(pretrained_names()) or 'none'}"
+        )
     card = json.loads(card_path.read_text())
     model = build(name, card["config"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

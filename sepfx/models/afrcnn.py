@@ -46,11 +46,24 @@ class ConvNorm(nn.Module):
     """Conv1d ("same" padding, depthwise when ``groups == in_chan``) + gLN, optionally + PReLU
     (the original's ``ConvNormAct`` in modes "CN" and "CNA")."""
 
-    def __init__(self, in_chan: int, out_chan: int, kernel_size: int = 1, stride: int = 1,
-                 groups: int = 1, act: bool = False):
+    def __init__(
+        self,
+        in_chan: int,
+        out_chan: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = False,
+    ):
         super().__init__()
-        self.conv = nn.Conv1d(in_chan, out_chan, kernel_size, stride=stride,
-                              padding=(kernel_size - 1) // 2, groups=groups)
+        self.conv = nn.Conv1d(
+            in_chan,
+            out_chan,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
+        )
         self.norm = GlobalLayerNorm(out_chan)
         self.act = nn.PReLU() if act else nn.Identity()
 
@@ -69,7 +82,10 @@ class AFRCNNBlock(nn.Module):
         self.proj_in = ConvNorm(in_chan, hid_chan, 1, act=True)
         self.bottom_up = nn.ModuleList(
             [ConvNorm(hid_chan, hid_chan, kernel_size, 1, groups=hid_chan)]
-            + [ConvNorm(hid_chan, hid_chan, kernel_size, 2, groups=hid_chan) for _ in range(depth - 1)]
+            + [
+                ConvNorm(hid_chan, hid_chan, kernel_size, 2, groups=hid_chan)
+                for _ in range(depth - 1)
+            ]
         )
         # fuse_down[i - 1] brings scale i - 1 to the resolution of scale i (same length as
         # bottom_up[i]'s output: both are stride-2 convs with "same" padding).
@@ -110,8 +126,16 @@ class AFRCNNBlock(nn.Module):
 class AFRCNNSeparator(nn.Module):
     """gLN, bottleneck, the shared block unrolled ``iters`` times, masks."""
 
-    def __init__(self, in_chan: int, n_src: int, bn_chan: int, hid_chan: int, depth: int,
-                 iters: int, kernel_size: int):
+    def __init__(
+        self,
+        in_chan: int,
+        n_src: int,
+        bn_chan: int,
+        hid_chan: int,
+        depth: int,
+        iters: int,
+        kernel_size: int,
+    ):
         super().__init__()
         self.n_src = n_src
         self.iters = iters
@@ -120,7 +144,9 @@ class AFRCNNSeparator(nn.Module):
         self.block = AFRCNNBlock(bn_chan, hid_chan, depth, kernel_size)
         # The original's "concat_block" of mode SC: a per-channel 1x1 conv + PReLU applied to
         # the sum of the block input and the previous iteration's output.
-        self.input_fusion = nn.Sequential(nn.Conv1d(bn_chan, bn_chan, 1, groups=bn_chan), nn.PReLU())
+        self.input_fusion = nn.Sequential(
+            nn.Conv1d(bn_chan, bn_chan, 1, groups=bn_chan), nn.PReLU()
+        )
         self.mask_act_in = nn.PReLU()
         self.mask_conv = nn.Conv1d(bn_chan, n_src * in_chan, 1)
         self.mask_act = nn.ReLU()
@@ -154,13 +180,19 @@ class AFRCNN(nn.Module):
         self.n_src = n_src
         self.stride = L // 2
         # As the original: pad to lcm(encoder stride, 2 ** depth) samples.
-        self.pad_unit = math.lcm(self.stride, 2 ** depth)
+        self.pad_unit = math.lcm(self.stride, 2**depth)
         self.encoder = nn.Conv1d(1, N, L, stride=self.stride, padding=self.stride, bias=False)
         self.separator = AFRCNNSeparator(N, n_src, B, C, depth, iters, kernel_size)
         # Output length (frames - 1) * stride + stride - 1 >= the padded input's length.
-        self.decoder = nn.ConvTranspose1d(n_src * N, n_src, L, stride=self.stride,
-                                          padding=self.stride, output_padding=self.stride - 1,
-                                          bias=False)
+        self.decoder = nn.ConvTranspose1d(
+            n_src * N,
+            n_src,
+            L,
+            stride=self.stride,
+            padding=self.stride,
+            output_padding=self.stride - 1,
+            bias=False,
+        )
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         x = pad_right_to_multiple(wav, self.pad_unit)

@@ -27,7 +27,9 @@ from .layers import GlobalLayerNorm, PadToMultiple
 class TemporalBlock(nn.Module):
     """One 1-D conv block of the TCN. Returns ``(residual, skip)``."""
 
-    def __init__(self, bn_chan: int, hid_chan: int, skip_chan: int, kernel_size: int, dilation: int):
+    def __init__(
+        self, bn_chan: int, hid_chan: int, skip_chan: int, kernel_size: int, dilation: int
+    ):
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2  # 'same' for odd kernels
         self.in_conv = nn.Conv1d(bn_chan, hid_chan, 1)

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import ChannelLayerNorm, TransposedLayerNorm, merge_chunks, pad_right_to_multiple, split_chunks
+from .layers import (
+    ChannelLayerNorm,
+    TransposedLayerNorm,
+    merge_chunks,
+    pad_right_to_multiple,
+    split_chunks,
+)
 
 
 class DPRNNBlock(nn.Module):
@@ -34,7 +40,11 @@ class DPRNNBlock(nn.Module):
         # cLN through nn.LayerNorm on the channels-last layout.
         self.intra_norm = nn.LayerNorm(chan, eps=1e-8)
         self.inter_rnn = nn.LSTM(
-            chan, hidden, num_layers=inter_layers, batch_first=True, bidirectional=inter_bidirectional
+            chan,
+            hidden,
+            num_layers=inter_layers,
+            batch_first=True,
+            bidirectional=inter_bidirectional,
         )
         self.inter_linear = nn.Linear(hidden * (2 if inter_bidirectional else 1), chan)
         # cLN written by hand, on the channels-first 4-D layout.

@@ -19,7 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import PositionalEncoding, TransposedLayerNorm, merge_chunks, pad_right_to_multiple, split_chunks
+from .layers import (
+    PositionalEncoding,
+    TransposedLayerNorm,
+    merge_chunks,
+    pad_right_to_multiple,
+    split_chunks,
+)
 
 
 class TransformerLayer(nn.Module):
@@ -50,7 +56,9 @@ class TransformerStack(nn.Module):
     def __init__(self, d_model: int, n_layers: int, n_heads: int, d_ffn: int, max_len: int):
         super().__init__()
         self.pos_enc = PositionalEncoding(d_model, max_len)
-        self.layers = nn.ModuleList(TransformerLayer(d_model, n_heads, d_ffn) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            TransformerLayer(d_model, n_heads, d_ffn) for _ in range(n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

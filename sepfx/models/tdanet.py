@@ -59,10 +59,17 @@ class ShapeAgnosticLayerNorm(nn.Module):
 class ConvNorm(nn.Module):
     """Conv1d (depthwise when ``groups == chan``) + GroupNorm(1, C)."""
 
-    def __init__(self, in_chan: int, out_chan: int, kernel_size: int, stride: int = 1, groups: int = 1):
+    def __init__(
+        self, in_chan: int, out_chan: int, kernel_size: int, stride: int = 1, groups: int = 1
+    ):
         super().__init__()
         self.conv = nn.Conv1d(
-            in_chan, out_chan, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, groups=groups
+            in_chan,
+            out_chan,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
         )
         self.norm = nn.GroupNorm(1, out_chan)
 
@@ -113,14 +120,25 @@ class LocalGlobalFusion(nn.Module):
 class RecurrentBlock(nn.Module):
     """The weight-shared TDANet encoder-decoder block, ``[B, B, T'] -> same``."""
 
-    def __init__(self, in_chan: int, hid_chan: int, depth: int, n_heads: int, ffn_chan: int, kernel_size: int = 5):
+    def __init__(
+        self,
+        in_chan: int,
+        hid_chan: int,
+        depth: int,
+        n_heads: int,
+        ffn_chan: int,
+        kernel_size: int = 5,
+    ):
         super().__init__()
         self.proj_in = nn.Conv1d(in_chan, hid_chan, 1)
         self.proj_norm = nn.GroupNorm(1, hid_chan)
         self.proj_act = nn.PReLU()
         self.down = nn.ModuleList(
             [ConvNorm(hid_chan, hid_chan, kernel_size, 1, groups=hid_chan)]
-            + [ConvNorm(hid_chan, hid_chan, kernel_size, 2, groups=hid_chan) for _ in range(depth - 1)]
+            + [
+                ConvNorm(hid_chan, hid_chan, kernel_size, 2, groups=hid_chan)
+                for _ in range(depth - 1)
+            ]
         )
         self.attention = GlobalAttention(hid_chan, n_heads, ffn_chan, kernel_size)
         self.fuse = nn.ModuleList(LocalGlobalFusion(hid_chan, kernel_size) for _ in range(depth))
@@ -205,7 +223,9 @@ class TDANet(nn.Module):
         self.encoder = nn.Conv1d(1, N, L, stride=self.stride, bias=False)
         self.encoder_act = nn.ReLU()
         self.norm = ShapeAgnosticLayerNorm(N)
-        self.separator = TDANetSeparator(N, n_src, B, C, depth, iters, n_heads, ffn_chan, kernel_size)
+        self.separator = TDANetSeparator(
+            N, n_src, B, C, depth, iters, n_heads, ffn_chan, kernel_size
+        )
         self.decoder = nn.ConvTranspose1d(N, 1, L, stride=self.stride, bias=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ TinyTDANet also uses ``nn.MultiheadAttention(batch_first=True)``, ``F.interpolat
 size read from another tensor, and an asteroid-style ``pad_x_to_y`` (``F.pad`` by a length
 difference); TinyAFRCNN trims its output by slicing with ``wav.shape[-1]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,14 @@ class DepthwiseNorm(nn.Module):
 
     def __init__(self, channels, kernel_size=5, stride=1):
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size, stride=stride,
-                              padding=kernel_size // 2, groups=channels)
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            groups=channels,
+        )
         self.norm = GlobalLayerNorm(channels)
 
     def forward(self, x):
@@ -95,11 +102,14 @@ class TopDownBlock(nn.Module):
         self.norm_in = nn.GroupNorm(1, channels)
         self.act_in = nn.PReLU(channels)
         self.downs = nn.ModuleList(
-            [DepthwiseNorm(channels, 5, 1)] + [DepthwiseNorm(channels, 5, 2) for _ in range(depth - 1)])
+            [DepthwiseNorm(channels, 5, 1)]
+            + [DepthwiseNorm(channels, 5, 2) for _ in range(depth - 1)]
+        )
         self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
         self.attn_norm = nn.LayerNorm(channels)
-        self.ffn = nn.Sequential(nn.Conv1d(channels, 2 * channels, 1), nn.ReLU(),
-                                 nn.Conv1d(2 * channels, channels, 1))
+        self.ffn = nn.Sequential(
+            nn.Conv1d(channels, 2 * channels, 1), nn.ReLU(), nn.Conv1d(2 * channels, channels, 1)
+        )
         self.gate = nn.ModuleList([nn.Conv1d(channels, channels, 1) for _ in range(depth)])
         self.embed = nn.ModuleList([nn.Conv1d(channels, channels, 1) for _ in range(depth)])
         self.proj_out = nn.Conv1d(channels, io_channels, 1)
@@ -139,22 +149,32 @@ class TopDownBlock(nn.Module):
 class TinyTDANet(nn.Module):
     sample_rate = 8000
 
-    def __init__(self, n_src=2, enc_channels=32, io_channels=16, channels=32, depth=4, iters=3,
-                 kernel_size=16):
+    def __init__(
+        self,
+        n_src=2,
+        enc_channels=32,
+        io_channels=16,
+        channels=32,
+        depth=4,
+        iters=3,
+        kernel_size=16,
+    ):
         super().__init__()
         self.n_src = n_src
         self.iters = iters
         self.enc_channels = enc_channels
         stride = kernel_size // 2
-        self.encoder = nn.Conv1d(1, enc_channels, kernel_size, stride=stride, padding=stride,
-                                 bias=False)
+        self.encoder = nn.Conv1d(
+            1, enc_channels, kernel_size, stride=stride, padding=stride, bias=False
+        )
         self.in_norm = GlobalLayerNorm(enc_channels)
         self.bottleneck = nn.Conv1d(enc_channels, io_channels, 1)
         self.block = TopDownBlock(io_channels, channels, depth)
         self.mask_act = nn.PReLU()
         self.mask_conv = nn.Conv1d(io_channels, n_src * enc_channels, 1)
-        self.decoder = nn.ConvTranspose1d(enc_channels, 1, kernel_size, stride=stride,
-                                          padding=stride, bias=False)
+        self.decoder = nn.ConvTranspose1d(
+            enc_channels, 1, kernel_size, stride=stride, padding=stride, bias=False
+        )
 
     def forward(self, wav):
         if wav.ndim == 1:
@@ -179,8 +199,14 @@ class TinyTDANet(nn.Module):
 class ConvBN(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1):
         super().__init__()
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=(kernel_size - 1) // 2, groups=groups)
+        self.conv = nn.Conv1d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
+        )
         self.bn = nn.BatchNorm1d(out_channels)
 
     def forward(self, x):
@@ -198,7 +224,8 @@ class UBlock(nn.Module):
         self.act_in = nn.PReLU(channels)
         self.bottom_up = nn.ModuleList(
             [ConvBN(channels, channels, 5, 1, channels)]
-            + [ConvBN(channels, channels, 5, 2, channels) for _ in range(scales - 1)])
+            + [ConvBN(channels, channels, 5, 2, channels) for _ in range(scales - 1)]
+        )
         self.fuse = nn.ModuleList()
         for i in range(scales):
             parts = 1 + (i > 0) + (i < scales - 1)
@@ -226,16 +253,25 @@ class UBlock(nn.Module):
                 y = torch.cat([y, coarser], 1)
             fused.append(self.act(self.fuse[i](y)))
         length = fused[0].shape[-1]
-        top = torch.cat([fused[0]] + [F.interpolate(f, size=length, mode="nearest")
-                                      for f in fused[1:]], dim=1)
+        top = torch.cat(
+            [fused[0]] + [F.interpolate(f, size=length, mode="nearest") for f in fused[1:]], dim=1
+        )
         return x + self.proj_out(self.merge(top))
 
 
 class TinyAFRCNN(nn.Module):
     sample_rate = 8000
 
-    def __init__(self, n_src=2, enc_channels=32, io_channels=16, channels=32, scales=3, iters=3,
-                 kernel_size=16):
+    def __init__(
+        self,
+        n_src=2,
+        enc_channels=32,
+        io_channels=16,
+        channels=32,
+        scales=3,
+        iters=3,
+        kernel_size=16,
+    ):
         super().__init__()
         self.n_src = n_src
         self.iters = iters
@@ -247,8 +283,9 @@ class TinyAFRCNN(nn.Module):
         self.block = UBlock(io_channels, channels, scales)
         self.concat = nn.Sequential(nn.Conv1d(2 * io_channels, io_channels, 1), nn.PReLU())
         self.mask = nn.Conv1d(io_channels, n_src * enc_channels, 1)
-        self.decoder = nn.ConvTranspose1d(enc_channels, 1, kernel_size, stride=self.stride,
-                                          bias=False)
+        self.decoder = nn.ConvTranspose1d(
+            enc_channels, 1, kernel_size, stride=self.stride, bias=False
+        )
 
     def forward(self, wav):
         s = self.stride
@@ -264,7 +301,7 @@ class TinyAFRCNN(nn.Module):
         b = masked.shape[0]
         out = self.decoder(masked.flatten(0, 1))
         out = out.reshape(b, self.n_src, -1)
-        return out[..., s: s + wav.shape[-1]]
+        return out[..., s : s + wav.shape[-1]]
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,7 +318,7 @@ class SinusoidalPosition(nn.Module):
         self.register_buffer("pe", pe)
 
     def forward(self, x):
-        return x + self.pe[:, :x.size(1)]
+        return x + self.pe[:, : x.size(1)]
 
 
 class EncoderLayer(nn.Module):
@@ -294,8 +331,9 @@ class EncoderLayer(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, heads, dropout=dropout)
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(d_ff, d_model))
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
 
     def forward(self, x):
         h = self.norm1(x)
@@ -312,30 +350,30 @@ class TinyTransformer(nn.Module):
         self.n_src = n_src
         self.enc_channels = enc_channels
         self.kernel_size = kernel_size
-        self.encoder = nn.Conv1d(1, enc_channels, kernel_size, stride=kernel_size // 2,
-                                 bias=False)
+        self.encoder = nn.Conv1d(1, enc_channels, kernel_size, stride=kernel_size // 2, bias=False)
         self.enc_norm = nn.LayerNorm(enc_channels)
         self.in_proj = nn.Linear(enc_channels, d_model)
         self.position = SinusoidalPosition(d_model)
         self.layers = nn.ModuleList([EncoderLayer(d_model) for _ in range(layers)])
         self.out_norm = nn.LayerNorm(d_model)
         self.masker = nn.Linear(d_model, n_src * enc_channels)
-        self.decoder = nn.ConvTranspose1d(enc_channels, 1, kernel_size, stride=kernel_size // 2,
-                                          bias=False)
+        self.decoder = nn.ConvTranspose1d(
+            enc_channels, 1, kernel_size, stride=kernel_size // 2, bias=False
+        )
 
     def forward(self, wav):
         if wav.ndim == 1:
             wav = wav.unsqueeze(0)
         shape = torch.tensor(wav.shape)
         x, _ = pad_to_multiple(wav.unsqueeze(1), self.kernel_size // 2)
-        w = torch.relu(self.encoder(x))                       # [B, C, L]
-        h = self.in_proj(self.enc_norm(w.transpose(1, 2)))    # [B, L, D]
+        w = torch.relu(self.encoder(x))  # [B, C, L]
+        h = self.in_proj(self.enc_norm(w.transpose(1, 2)))  # [B, L, D]
         h = self.position(h)
         for layer in self.layers:
             h = layer(h)
-        m = torch.relu(self.masker(self.out_norm(h)))         # [B, L, n_src * C]
+        m = torch.relu(self.masker(self.out_norm(h)))  # [B, L, n_src * C]
         m = m.view(m.shape[0], m.shape[1], self.n_src, self.enc_channels).permute(0, 2, 3, 1)
-        masked = m * w.unsqueeze(1)                           # [B, n_src, C, L]
+        masked = m * w.unsqueeze(1)  # [B, n_src, C, L]
         out = self.decoder(masked.reshape(-1, self.enc_channels, masked.shape[-1]))
         out = out.view(-1, self.n_src, out.shape[-1])
         return out[..., : shape[-1]]

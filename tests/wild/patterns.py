@@ -8,6 +8,7 @@ a MAC share, none of them frozen. ``NEEDS_SHELLS`` are the models whose Python c
 depends on the input's length or batch: tracing them must fail cleanly (or fall back), and
 they become prunable with eager shells (capture by parts).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ class ZerosVarargs(Sandwich):
         B, N, L = w.shape
         gap = 4
         pad = torch.zeros(B, N, gap, dtype=w.dtype, device=w.device)
-        return torch.cat([pad, w, pad], 2)[..., gap:gap + L]
+        return torch.cat([pad, w, pad], 2)[..., gap : gap + L]
 
 
 class ZerosFromList(Sandwich):
@@ -60,7 +61,7 @@ class ZerosFromList(Sandwich):
 
     def glue(self, w):
         pad = torch.zeros(list(w.shape[:-1]) + [3]).type(w.type())
-        return torch.cat([w, pad], -1)[:, :, :w.shape[-1]]
+        return torch.cat([w, pad], -1)[:, :, : w.shape[-1]]
 
 
 class NewZeros(Sandwich):
@@ -71,7 +72,7 @@ class NewZeros(Sandwich):
         head = w.new_zeros(B, N, 2)
         tail = w.new_zeros((w.shape[0], w.shape[1], 5))
         same = w.new_ones(w.shape)
-        return torch.cat([head, w * same, tail], dim=2)[..., 2:2 + L]
+        return torch.cat([head, w * same, tail], dim=2)[..., 2 : 2 + L]
 
 
 class LegacyWrappers(Sandwich):
@@ -80,7 +81,7 @@ class LegacyWrappers(Sandwich):
     def glue(self, w):
         pad = Variable(torch.zeros(w.size(0), w.size(1), 4)).type(w.type())
         also = torch.autograd.Variable(torch.ones(w.size(0), w.size(1), 1)).type(w.type())
-        return torch.cat([w * also, pad], 2)[..., :w.size(2)]
+        return torch.cat([w * also, pad], 2)[..., : w.size(2)]
 
 
 class LiteralChannels(Sandwich):
@@ -95,7 +96,7 @@ class LiteralChannels(Sandwich):
         pad = torch.zeros(w.shape[0], self.channels, 4)
         scale = torch.ones(1, C, 1) * 0.5
         tail = torch.full(w.shape[:2] + (2,), 0.25)
-        return (torch.cat([w, pad, tail], 2) * scale + scale)[..., :w.shape[-1]]
+        return (torch.cat([w, pad, tail], 2) * scale + scale)[..., : w.shape[-1]]
 
 
 # ------------------------------------------------------------------------------------------
@@ -116,8 +117,9 @@ class RankNorm(nn.Module):
         mean = x.mean(dim=dims, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
         view = [1, -1] + [1] * (x.ndim - 2)
-        return (x - mean) / torch.sqrt(var + self.eps) * self.gamma.view(view) \
-            + self.beta.view(view)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.gamma.view(view) + self.beta.view(
+            view
+        )
 
 
 class RankConstants(Sandwich):
@@ -178,9 +180,9 @@ class SetItemPad(Sandwich):
         B, N, L = w.shape
         padded = w.new_zeros(B, N, L + 6)
         padded[..., :L] = w
-        padded[:, 0:4, L:L + 2] = w[:, 0:4, :2]
-        padded[:, 4:8, L + 2:L + 4] = 1.0  # a constant written into literal channels
-        padded[..., L + 4:] = 0.5  # and into every channel
+        padded[:, 0:4, L : L + 2] = w[:, 0:4, :2]
+        padded[:, 4:8, L + 2 : L + 4] = 1.0  # a constant written into literal channels
+        padded[..., L + 4 :] = 0.5  # and into every channel
         return padded
 
 
@@ -189,7 +191,7 @@ class MaskedFillCopy(Sandwich):
     fresh buffer, ``mul_``: the values returned are never used."""
 
     def glue(self, w):
-        quiet = (w.abs().mean(1, keepdim=True) < 0.05)
+        quiet = w.abs().mean(1, keepdim=True) < 0.05
         w = w * 1.0
         w.masked_fill_(quiet, 0.5)
         out = torch.empty_like(w)
@@ -252,7 +254,7 @@ class UnfoldFold(Sandwich):
         chunks = F.unfold(w.unsqueeze(-1), kernel_size=(K, 1), padding=(K, 0), stride=(S, 1))
         n_chunks = chunks.shape[-1]
         chunks = chunks.reshape(B, N, K, n_chunks).permute(0, 3, 2, 1)  # [B, S, K, N]
-        chunks = torch.relu(self.intra(chunks)).permute(0, 3, 2, 1)       # [B, N, K, S]
+        chunks = torch.relu(self.intra(chunks)).permute(0, 3, 2, 1)  # [B, N, K, S]
         chunks = chunks.reshape(B, N * K, n_chunks)
         out = F.fold(chunks, (L, 1), kernel_size=(K, 1), padding=(K, 0), stride=(S, 1))
         return out.squeeze(-1)
@@ -490,8 +492,15 @@ PRUNABLE = {
     "overlap_add": _SANDWICH + ["frames out"],
     "setitem_pad": _SANDWICH,
     "masked_fill_copy": _SANDWICH,
-    "functional_conv": ["filters dim 0", "mix dim 0", "mix dim 1", "grouped dim 0",
-                        "up.weight dim 0", "up.weight dim 1", "dec_filters dim 0"],
+    "functional_conv": [
+        "filters dim 0",
+        "mix dim 0",
+        "mix dim 1",
+        "grouped dim 0",
+        "up.weight dim 0",
+        "up.weight dim 1",
+        "dec_filters dim 0",
+    ],
     "unfold_fold": _SANDWICH + ["intra in", "intra out"],
     "functional_layer_norm": _SANDWICH + ["cln.weight dim 0", "gamma dim 0"],
     "instance_norms": _SANDWICH + ["affine channels", "two_d channels"],
@@ -509,8 +518,14 @@ PRUNABLE = {
 # length in the graph): it traces, and is tested with the traced patterns
 # ``rest_positive`` (``rest = n - T % n; if rest > 0``) is always true, but no trace can know
 # that: a branch on a length-derived value is taken as varying, so its module is a shell.
-NEEDS_SHELLS = ["if_mod", "res_flag", "rest_positive", "origin_vs_estimate", "int_lcm",
-                "squeeze_dim"]
+NEEDS_SHELLS = [
+    "if_mod",
+    "res_flag",
+    "rest_positive",
+    "origin_vs_estimate",
+    "int_lcm",
+    "squeeze_dim",
+]
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -2,6 +2,7 @@
 and stays prunable: the parameter axes around it are in a channel group with a MAC share, none
 of them frozen, no opaque leaf, and the hard-gated model equals the slim one (and the dense one
 when everything is kept) at 8000 and 12345 samples, batch 1 and 2."""
+
 from __future__ import annotations
 
 import operator
@@ -30,8 +31,10 @@ def one_thread():
 
 
 def inputs():
-    return [torch.randn(b, t, generator=torch.Generator().manual_seed(10 + i))
-            for i, (b, t) in enumerate(SHAPES)]
+    return [
+        torch.randn(b, t, generator=torch.Generator().manual_seed(10 + i))
+        for i, (b, t) in enumerate(SHAPES)
+    ]
 
 
 def relative_error(expected, got) -> float:
@@ -44,9 +47,14 @@ def keep_sets(analysis, count=3, seed=0):
     rng = np.random.default_rng(seed)
     sets = [{g.index: [0] for g in analysis.groups}]
     for _ in range(count):
-        sets.append({g.index: sorted(rng.choice(g.size, int(rng.integers(1, g.size + 1)),
-                                                replace=False).tolist())
-                     for g in analysis.groups})
+        sets.append(
+            {
+                g.index: sorted(
+                    rng.choice(g.size, int(rng.integers(1, g.size + 1)), replace=False).tolist()
+                )
+                for g in analysis.groups
+            }
+        )
     return sets
 
 
@@ -89,8 +97,9 @@ def assert_exact(name, model, analysis):
             for x in xs:
                 err = relative_error(gated(x), slim(x))
                 if not err <= TOL:
-                    failures.append(f"keep {keep}, input {list(x.shape)}: gated != slim "
-                                    f"({err:.3g})")
+                    failures.append(
+                        f"keep {keep}, input {list(x.shape)}: gated != slim ({err:.3g})"
+                    )
     assert not failures, f"{name}:\n" + "\n".join(failures)
 
 
@@ -150,9 +159,13 @@ def test_sliced_size_unpacks():
     ``channels`` the channel axis, ``frames`` a dynamic size."""
     analysis = sepfx.analyze(patterns.build("rank_constants"))
     channels = analysis.channels
-    sliced = [n for n in channels.graph_module.graph.nodes
-              if n.target is operator.getitem and isinstance(n.args[1], slice)
-              and isinstance(channels.size_reads.get(n.name), dict)]
+    sliced = [
+        n
+        for n in channels.graph_module.graph.nodes
+        if n.target is operator.getitem
+        and isinstance(n.args[1], slice)
+        and isinstance(channels.size_reads.get(n.name), dict)
+    ]
     assert sliced, channels.graph_module.code
     unpacked = [channels.size_reads.get(u.name) for u in sliced[0].users]
     assert len(unpacked) == 2 and unpacked[1] is None, unpacked
@@ -177,8 +190,11 @@ def test_functional_conv_groups_rewritten():
     slim = analysis.slim(keep)
     shapes = {k: tuple(v.shape) for k, v in slim.named_parameters()}
     assert shapes["filters"][0] == 8 and shapes["depthwise"][0] == 8, shapes
-    groups = [n.kwargs.get("groups") for n in slim.graph.nodes
-              if n.target is torch.nn.functional.conv1d and n.kwargs.get("groups", 1) != 1]
+    groups = [
+        n.kwargs.get("groups")
+        for n in slim.graph.nodes
+        if n.target is torch.nn.functional.conv1d and n.kwargs.get("groups", 1) != 1
+    ]
     assert 8 in groups, groups
 
 

@@ -11,6 +11,7 @@ with no concession to torch.fx. For every model:
 
 Every model is built once, analysed once and compiled once per module (cached, errors too).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -48,21 +49,32 @@ SHARED_BLOCK = {"tdanet": ("block.proj_in", 3), "afrcnn": ("block.proj_in.conv",
 
 # objects that a tracer might be tempted to patch while tracing; they must be these afterwards
 GLOBAL_OBJECTS = {
-    "torch.tensor": (torch, "tensor"), "torch.arange": (torch, "arange"),
-    "torch.cat": (torch, "cat"), "torch.Tensor": (torch, "Tensor"),
-    "torch.relu": (torch, "relu"), "torch.sigmoid": (torch, "sigmoid"),
-    "torch.sqrt": (torch, "sqrt"), "torch.exp": (torch, "exp"),
-    "builtins.int": (builtins, "int"), "builtins.len": (builtins, "len"),
-    "builtins.range": (builtins, "range"), "builtins.isinstance": (builtins, "isinstance"),
-    "F.pad": (F, "pad"), "F.interpolate": (F, "interpolate"),
+    "torch.tensor": (torch, "tensor"),
+    "torch.arange": (torch, "arange"),
+    "torch.cat": (torch, "cat"),
+    "torch.Tensor": (torch, "Tensor"),
+    "torch.relu": (torch, "relu"),
+    "torch.sigmoid": (torch, "sigmoid"),
+    "torch.sqrt": (torch, "sqrt"),
+    "torch.exp": (torch, "exp"),
+    "builtins.int": (builtins, "int"),
+    "builtins.len": (builtins, "len"),
+    "builtins.range": (builtins, "range"),
+    "builtins.isinstance": (builtins, "isinstance"),
+    "F.pad": (F, "pad"),
+    "F.interpolate": (F, "interpolate"),
     "F.adaptive_avg_pool1d": (F, "adaptive_avg_pool1d"),
     "F.multi_head_attention_forward": (F, "multi_head_attention_forward"),
-    "math.log": (math, "log"), "math.sqrt": (math, "sqrt"),
+    "math.log": (math, "log"),
+    "math.sqrt": (math, "sqrt"),
     "operator.getitem": (operator, "getitem"),
-    "Tensor.to": (torch.Tensor, "to"), "Tensor.tolist": (torch.Tensor, "tolist"),
-    "Tensor.size": (torch.Tensor, "size"), "Tensor.view": (torch.Tensor, "view"),
+    "Tensor.to": (torch.Tensor, "to"),
+    "Tensor.tolist": (torch.Tensor, "tolist"),
+    "Tensor.size": (torch.Tensor, "size"),
+    "Tensor.view": (torch.Tensor, "view"),
     "Tensor.__getitem__": (torch.Tensor, "__getitem__"),
-    "Tensor.__len__": (torch.Tensor, "__len__"), "Tensor.__int__": (torch.Tensor, "__int__"),
+    "Tensor.__len__": (torch.Tensor, "__len__"),
+    "Tensor.__int__": (torch.Tensor, "__int__"),
     "nn.Module.__call__": (nn.Module, "__call__"),
     "nn.Module._call_impl": (nn.Module, "_call_impl"),
     "nn.Module.__getattr__": (nn.Module, "__getattr__"),
@@ -90,8 +102,12 @@ def synthetic_batches(n_batches: int = 3, batch: int = 2, length: int = 8000, n_
         freqs = 100 + 1500 * torch.rand(batch, n_src, 3, 1, generator=generator)
         phases = 2 * math.pi * torch.rand(batch, n_src, 3, 1, generator=generator)
         tones = torch.sin(2 * math.pi * freqs * t + phases).sum(2)
-        envelope = 0.5 + 0.5 * torch.sin(2 * math.pi * 3 * torch.rand(batch, n_src, 1, generator=generator) * t)
-        sources = 0.3 * tones * envelope + 0.01 * torch.randn(batch, n_src, length, generator=generator)
+        envelope = 0.5 + 0.5 * torch.sin(
+            2 * math.pi * 3 * torch.rand(batch, n_src, 1, generator=generator) * t
+        )
+        sources = 0.3 * tones * envelope + 0.01 * torch.randn(
+            batch, n_src, length, generator=generator
+        )
         out.append((sources.sum(1), sources))
     return out
 
@@ -141,7 +157,9 @@ def snapshot_differences(model: nn.Module, before: Snapshot) -> list[str]:
     after = take_snapshot(model)
     problems = []
     if after.state.keys() != before.state.keys():
-        problems.append(f"state_dict keys changed: {sorted(after.state.keys() ^ before.state.keys())}")
+        problems.append(
+            f"state_dict keys changed: {sorted(after.state.keys() ^ before.state.keys())}"
+        )
     for k in before.state.keys() & after.state.keys():
         a, b = before.state[k], after.state[k]
         if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
@@ -152,13 +170,17 @@ def snapshot_differences(model: nn.Module, before: Snapshot) -> list[str]:
         if after.parameters.get(k) is not p:
             problems.append(f"parameter {k!r} replaced")
     if after.requires_grad != before.requires_grad:
-        problems.append(f"requires_grad changed: {[k for k in before.requires_grad if before.requires_grad[k] != after.requires_grad.get(k)]}")
+        problems.append(
+            f"requires_grad changed: {[k for k in before.requires_grad if before.requires_grad[k] != after.requires_grad.get(k)]}"
+        )
     if after.training != before.training:
         problems.append("train/eval mode of some submodule changed")
     for k, attrs in before.instance_attrs.items():
         if after.instance_attrs.get(k) != attrs:
-            problems.append(f"instance attributes of {k or 'the model'!r} changed: "
-                            f"{sorted((after.instance_attrs.get(k) or set()) ^ attrs)}")
+            problems.append(
+                f"instance attributes of {k or 'the model'!r} changed: "
+                f"{sorted((after.instance_attrs.get(k) or set()) ^ attrs)}"
+            )
     for cls, forward in before.forwards.items():
         if cls.forward is not forward:
             problems.append(f"{cls.__name__}.forward replaced")
@@ -200,8 +222,12 @@ class Case:
         return self._cached("_analysis", lambda: sepfx.analyze(self.model))
 
     def compiled(self):
-        return self._cached("_compiled", lambda: sepfx.compile(
-            self.model, budget=BUDGET, data=synthetic_batches(), steps=10, progress=False))
+        return self._cached(
+            "_compiled",
+            lambda: sepfx.compile(
+                self.model, budget=BUDGET, data=synthetic_batches(), steps=10, progress=False
+            ),
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -253,8 +279,9 @@ def test_compile_meets_budget(cases, name):
     slim = case.compiled()
     report = slim.sepfx_report
     print(f"\n{report}")
-    assert BUDGET - 0.02 <= report.macs_ratio <= BUDGET, \
+    assert BUDGET - 0.02 <= report.macs_ratio <= BUDGET, (
         f"{name}: MACs ratio {report.macs_ratio:.4f} not in [0.38, 0.40]"
+    )
     with torch.no_grad():
         for x in inputs():
             assert slim(x).shape == (x.shape[0], 2, x.shape[-1])
@@ -275,8 +302,10 @@ def test_gated_equals_slim(cases, name):
             try:
                 gated, slim = analysis.gated(keep), analysis.slim(keep)
             except Exception as error:
-                failures.append(f"keep set {label} {describe(keep)}: {type(error).__name__}: "
-                                f"{str(error).splitlines()[0][:300]}")
+                failures.append(
+                    f"keep set {label} {describe(keep)}: {type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:300]}"
+                )
                 continue
             for x in xs:
                 try:
@@ -285,12 +314,16 @@ def test_gated_equals_slim(cases, name):
                     assert got.shape == (x.shape[0], 2, x.shape[-1]), tuple(got.shape)
                     err = max_relative_error(expected, got)
                 except Exception as error:
-                    failures.append(f"keep set {label} {describe(keep)} input {list(x.shape)}: "
-                                    f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                    failures.append(
+                        f"keep set {label} {describe(keep)} input {list(x.shape)}: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    )
                     continue
                 if not err <= TOL:
-                    failures.append(f"keep set {label} {describe(keep)} input {list(x.shape)}: "
-                                    f"max relative error {err:.3g} > {TOL:g}")
+                    failures.append(
+                        f"keep set {label} {describe(keep)} input {list(x.shape)}: "
+                        f"max relative error {err:.3g} > {TOL:g}"
+                    )
     assert not failures, f"{name}: gated != slim\n" + "\n".join(failures)
 
 
@@ -314,14 +347,17 @@ def test_export_onnx_dynamic_time(cases, name, tmp_path):
     slim = cases(name).compiled()
     path = tmp_path / "m.onnx"
     result = sepfx.export_onnx(slim, path)
-    print(f"\n{name}: exporter {result.exporter}, dynamic time {result.dynamic_time}, "
-          f"errors {result.errors}, notes {result.notes}")
+    print(
+        f"\n{name}: exporter {result.exporter}, dynamic time {result.dynamic_time}, "
+        f"errors {result.errors}, notes {result.notes}"
+    )
     assert path.is_file()
     assert result.errors and all(e <= ONNX_TOL for e in result.errors.values()), result.errors
     if not result.dynamic_time:
         print(f"*** {name}: exported at a fixed length only: {result.notes}")
-        assert any("fixed length" in note for note in result.notes), \
+        assert any("fixed length" in note for note in result.notes), (
             f"{name}: fixed-length export without a note saying so: {result.notes}"
+        )
     assert result.dynamic_time, f"{name}: exported at a fixed length only: {result.notes}"
     # the file really is dynamic: ONNX Runtime at lengths the exporter never saw
     options = ort.SessionOptions()
@@ -399,14 +435,22 @@ def test_position_buffer_sliced_with_its_group(cases):
     keep = analysis.keep_ratio(0.5, importance="first")
     slim = analysis.slim(keep)
     buffers = {k: tuple(v.shape) for k, v in slim.named_buffers() if k.endswith("pe")}
-    assert buffers, f"no positional-encoding buffer in the slim model: {dict(slim.named_buffers()).keys()}"
+    assert buffers, (
+        f"no positional-encoding buffer in the slim model: {dict(slim.named_buffers()).keys()}"
+    )
     for k, shape in buffers.items():
         assert shape[-1] == 16, f"{k}: {shape}: its channel axis (32) was not sliced to 16"
     # the buffer's own position axis (dim 1, max_len) is rightly frozen: it is sliced by the
     # input length; its channel axis must not be
-    frozen = [f for f in analysis.channels.frozen
-              if any(p.startswith(("position", "in_proj", "layers"))
-                     and p not in ("position.pe dim 1", "in_proj in") for p in f.parameters)]
+    frozen = [
+        f
+        for f in analysis.channels.frozen
+        if any(
+            p.startswith(("position", "in_proj", "layers"))
+            and p not in ("position.pe dim 1", "in_proj in")
+            for p in f.parameters
+        )
+    ]
     assert not frozen, "\n".join(f"{f.label}: {f.reason} ({f.parameters})" for f in frozen)
 
 
@@ -419,8 +463,9 @@ def test_shared_block_keeps_one_module_at_every_call_site(cases, name):
     sites = [n for n in slim.graph.nodes if n.op == "call_module" and n.target == target]
     assert len(sites) == calls, f"{name}: {target} called at {len(sites)} sites, expected {calls}"
     if name == "afrcnn":
-        assert not any(n.op == "call_module" and n.target == "block.aux"
-                       for n in slim.graph.nodes), "the unused branch block.aux is still computed"
+        assert not any(
+            n.op == "call_module" and n.target == "block.aux" for n in slim.graph.nodes
+        ), "the unused branch block.aux is still computed"
 
 
 # -- the caller's model ------------------------------------------------------------------------
