@@ -661,22 +661,9 @@ class GetItemRule:
             or pruning.tensor_paths(source) != [()]
         ):
             return
-        items = _index_items(index, len(source_shape))
-        if items is None:
-            return
-        new_items: list[int | slice | None] = []
-        changed = False
-        for d_in, item in items:
-            if isinstance(item, slice) and item != slice(None) and _literal_slice(item):
-                assert d_in is not None  # a slice indexes an input dim
-                kept = pruning.kept_value(source, d_in)
-                if pruned(kept, source_shape[d_in]):
-                    start, stop, _ = item.indices(source_shape[d_in])
-                    item = slice(int((kept < start).sum()), int((kept < stop).sum()))
-                    changed = True
-            new_items.append(item)
-        if changed:
-            node.args = (source, tuple(new_items))
+        new_index = _kept_slices(index, source, pruning)
+        if new_index is not None:
+            node.args = (source, new_index)
 
 
 def ctx_shape_len(x: fx.Node) -> int | None:

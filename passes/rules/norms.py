@@ -35,6 +35,25 @@ def _affine_slices(m: nn.Module) -> list[tuple[torch.Tensor, int]]:
     ]
 
 
+def _slim_running_norm(
+    m: nn.modules.batchnorm._NormBase, pruning: PruningView, qualname: str
+) -> nn.Module | None:
+    """Batch and instance norms: slice the affine parameters and the running statistics to
+    the kept channels (None when none is pruned)."""
+    kept = pruning.kept_module(qualname, "channels")
+    if not pruned(kept, m.num_features):
+        return None
+    idx = torch.as_tensor(kept, dtype=torch.long)
+    if m.affine:
+        m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
+    if m.track_running_stats:
+        assert m.running_mean is not None and m.running_var is not None  # tracked
+        m.running_mean = m.running_mean[idx].clone()
+        m.running_var = m.running_var[idx].clone()
+    m.num_features = len(kept)
+    return m
+
+
 class BatchNormRule:
     def couple(self, ctx: NodeContext) -> None:
         m = cast(nn.modules.batchnorm._BatchNorm, ctx.module)
@@ -46,18 +65,7 @@ class BatchNormRule:
     def slim_module(
         self, m: nn.modules.batchnorm._BatchNorm, pruning: PruningView, qualname: str
     ) -> nn.Module | None:
-        kept = pruning.kept_module(qualname, "channels")
-        if not pruned(kept, m.num_features):
-            return None
-        idx = torch.as_tensor(kept, dtype=torch.long)
-        if m.affine:
-            m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
-        if m.track_running_stats:
-            assert m.running_mean is not None and m.running_var is not None  # tracked
-            m.running_mean = m.running_mean[idx].clone()
-            m.running_var = m.running_var[idx].clone()
-        m.num_features = len(kept)
-        return m
+        return _slim_running_norm(m, pruning, qualname)
 
     def importance(
         self, m: nn.modules.batchnorm._BatchNorm, axis: str
@@ -113,18 +121,7 @@ class InstanceNormRule:
     def slim_module(
         self, m: nn.modules.instancenorm._InstanceNorm, pruning: PruningView, qualname: str
     ) -> nn.Module | None:
-        kept = pruning.kept_module(qualname, "channels")
-        if not pruned(kept, m.num_features):
-            return None
-        idx = torch.as_tensor(kept, dtype=torch.long)
-        if m.affine:
-            m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
-        if m.track_running_stats:
-            assert m.running_mean is not None and m.running_var is not None  # tracked
-            m.running_mean = m.running_mean[idx].clone()
-            m.running_var = m.running_var[idx].clone()
-        m.num_features = len(kept)
-        return m
+        return _slim_running_norm(m, pruning, qualname)
 
     def importance(
         self, m: nn.modules.instancenorm._InstanceNorm, axis: str
