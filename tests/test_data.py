@@ -242,6 +242,34 @@ def test_arctic_mixture():
     assert (data.ARCTIC / "LICENSE").exists() and (data.ARCTIC / "ATTRIBUTION.md").exists()
 
 
+def test_real_voice_set():
+    voices = data.real_voices()
+    assert len({v["speaker"] for v in voices}) >= 4 and len(voices) >= 10
+    attribution = (data.VOICES / "ATTRIBUTION.md").read_text()
+    for v in voices:
+        assert v["licence"] and v["audio"].ndim == 1 and len(v["audio"]) > 8000
+        if v["path"].parent == data.VOICES:  # each file's origin is stated next to it
+            assert v["file"].split("_")[0] in attribution and v["source"] and v["sha256"]
+    dataset = data.RealVoiceSet()
+    assert len(dataset) >= 20
+    used = {v["file"] for a, b, _ in dataset.items for v in (a, b)}
+    assert used == {v["file"] for v in voices}
+    for i in range(len(dataset)):
+        a, b, snr_db = dataset.items[i]
+        assert a["speaker"] != b["speaker"] and -2.5 <= snr_db <= 2.5
+        mixture, sources = dataset[i]
+        assert sources.shape == (2, mixture.shape[0]) and mixture.shape[0] <= 4 * 8000
+        assert torch.equal(mixture, sources.sum(0))
+        power = sources.double().pow(2).mean(dim=1)
+        assert 10 * math.log10(power[0] / power[1]) == pytest.approx(snr_db, abs=0.01)
+    # fixed: the same draw every time
+    again = data.RealVoiceSet()
+    assert [dataset.describe(i) for i in range(len(dataset))] == [
+        again.describe(i) for i in range(len(again))
+    ]
+    assert torch.equal(again[3][1], dataset[3][1])
+
+
 # ----------------------------------------------------------------------------- espeak-ng
 
 
