@@ -170,7 +170,8 @@ def test_bundled_split_sums_snr_and_texts():
 def test_bundled_files_are_small():
     files = [p for p in data.ASSETS.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files if "checkpoints" not in p.parts)
-    assert size < 2.5e6, f"sepfx/assets data is {size / 1e6:.2f} MB"
+    # mixtures 1.9 MB, real voices 0.9 MB (arctic and voices)
+    assert size < 3.0e6, f"sepfx/assets data is {size / 1e6:.2f} MB"
     for p in files:  # trained baselines: a few MB at most each
         if "checkpoints" in p.parts:
             assert p.stat().st_size < 5e6, f"{p} is {p.stat().st_size / 1e6:.2f} MB"
