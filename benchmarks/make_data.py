@@ -1,6 +1,8 @@
 """Generate the synthetic speech-mixture cache (and, on request, the committed assets).
 
     python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
+    python benchmarks/make_data.py --out data/varied --train 400 --valid 40 --test 40 \
+        --engines espeak,flite,festival --augment   # more voices, rooms, channels, noise
     python benchmarks/make_data.py --bundled        # re-create sepfx/assets/mixtures
     python benchmarks/make_data.py --arctic-assets  # re-create sepfx/assets/arctic
     python benchmarks/make_data.py --voice-assets   # re-create sepfx/assets/voices
@@ -169,7 +171,17 @@ def main(argv=None) -> int:
         help="comma-separated espeak-ng voices with word lists: "
         + ",".join(sorted(data.LANGUAGES)),
     )
-    parser.add_argument("--workers", type=int, default=None, help="espeak-ng threads")
+    parser.add_argument(
+        "--engines",
+        default="espeak",
+        help="comma-separated synthesisers, of " + ",".join(data.ENGINES),
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="speaker warp, simulated rooms, channels and noise floors (needs pyroomacoustics)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="synthesiser threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--bundled",
@@ -211,6 +223,8 @@ def main(argv=None) -> int:
             sample_rate=args.sample_rate,
             seconds=args.seconds,
             languages=tuple(args.languages.split(",")),
+            engines=tuple(args.engines.split(",")),
+            augment=args.augment,
             workers=args.workers,
             progress=not args.quiet,
         )

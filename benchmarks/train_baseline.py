@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import evaluate, evaluate_arctic  # noqa: E402
 
-from sepfx.data import MixtureDataset, bundled_test_set, loader  # noqa: E402
+from sepfx.data import MixtureDataset, RealVoiceSet, _load_index, bundled_test_set, loader  # noqa: E402
 from sepfx.losses import pit_si_snr_loss  # noqa: E402
 from sepfx.models import build  # noqa: E402
 
@@ -113,7 +113,8 @@ def main(argv=None):
         "config": args.config,
         "command": command,
         "commands": commands + [command],
-        "data": "python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200",
+        "data": str(args.data),
+        "data_params": (_load_index(Path(args.data)) or {}).get("params"),
         "steps": step,
         "minutes": past_minutes + (time.time() - start) / 60,
         "batch": args.batch,
@@ -124,6 +125,7 @@ def main(argv=None):
         "test_si_snri": evaluate(model, MixtureDataset(args.data, "test")),
         "bundled_test_si_snri": evaluate(model, bundled_test_set()),
         "arctic_si_snri": evaluate_arctic(model),
+        "real_voice_si_snri": evaluate(model, RealVoiceSet(sample_rate=model.sample_rate)),
         "history": history,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -731,20 +732,9 @@ def _to_int16(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _espeak() -> str:
-    path = shutil.which("espeak-ng")
-    if path is None:
-        raise InputError(
-            "espeak-ng is not installed: it is needed to synthesise speech mixtures. Install it "
-            "with `apt-get install espeak-ng` (Debian/Ubuntu), or use "
-            "sepfx.data.bundled_test_set(), which needs no synthesiser"
-        )
-    return path
-
-
 def espeak_version() -> str:
     """The installed espeak-ng's version line (recorded in index.json for provenance)."""
-    result = subprocess.run([_espeak(), "--version"], capture_output=True, text=True)
+    result = subprocess.run([_program("espeak"), "--version"], capture_output=True, text=True)
     return result.stdout.split("Data at")[0].strip()
 
 
@@ -769,44 +759,106 @@ def trim_silence(
     return x[start:stop]
 
 
+# Synthesisers whose voices were built from recordings of real speakers (espeak-ng's voices are
+# formant rules): variety of timbre that espeak-ng alone does not have. flite's awb and slt are
+# left out: they were trained on the two CMU ARCTIC speakers of the real-voice set, which must
+# stay unheard in training.
+FLITE_VOICES = ("rms", "kal", "kal16")
+# festival voice -> the word list its sentences come from. The Czech and Finnish voices read the
+# English sentences with their own letter-to-sound rules: real-speaker diphones, foreign accent.
+FESTIVAL_VOICES = {
+    "kal_diphone": "en",
+    "ked_diphone": "en",
+    "pc_diphone": "it",
+    "lp_diphone": "it",
+    "czech_dita": "en",
+    "czech_krb": "en",
+    "czech_machac": "en",
+    "czech_ph": "en",
+    "suo_fi_lj_diphone": "en",
+    "hy_fi_mv_diphone": "en",
+}
+ENGINES = ("espeak", "flite", "festival")
+_PROGRAMS = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}
+_PACKAGES = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k ..."}
+
+
+def _program(engine: str) -> str:
+    path = shutil.which(_PROGRAMS[engine])
+    if path is None:
+        raise InputError(
+            f"{_PROGRAMS[engine]} is not installed: it is needed to synthesise speech with "
+            f"{engine}. Install it with `apt-get install {_PACKAGES[engine]}` (Debian/Ubuntu; "
+            "README: training data), or use sepfx.data.bundled_test_set(), which needs no "
+            "synthesiser"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _flite_voices() -> frozenset:
+    listing = subprocess.run([_program("flite"), "-lv"], capture_output=True, text=True).stdout
+    return frozenset(listing.split(":", 1)[-1].split())
+
+
 def synthesize(
     text: str, voice: str = "en", pitch: int = 50, speed: int = 175, sample_rate: int = 8000
 ) -> np.ndarray:
-    """Speak ``text`` with espeak-ng; float32 samples in [-1, 1) at ``sample_rate``, with
-    leading and trailing silence trimmed.
+    """Speak ``text``; float32 samples in [-1, 1) at ``sample_rate``, with leading and trailing
+    silence trimmed.
 
-    ``voice`` is an espeak-ng voice, optionally with a variant (``"en-us+f3"``); ``pitch`` is
-    espeak-ng's ``-p`` (0-99), ``speed`` its ``-s`` (words per minute). espeak-ng speaks at
-    22.05 kHz; the audio is resampled with :func:`resample` (anti-aliased).
+    ``voice`` is an espeak-ng voice, optionally with a variant (``"en-us+f3"``), or
+    ``"flite:NAME"`` (:data:`FLITE_VOICES`) or ``"festival:NAME"`` (:data:`FESTIVAL_VOICES`).
+    ``speed`` is in words per minute (espeak-ng's ``-s``; for flite and festival a duration
+    stretch of 175 / speed); ``pitch`` is espeak-ng's ``-p`` (0-99) and is ignored by the other
+    two (:func:`make_mixtures` varies their pitch by warping). The audio is resampled with
+    :func:`resample` (anti-aliased).
     """
     text = str(text).strip()
     if not text or text.startswith("-"):
         raise InputError(
             f"synthesize: text {text!r} is empty or starts with '-' (it would be "
-            "read as an espeak-ng option)"
+            "read as a synthesiser option)"
         )
-    command = [
-        _espeak(),
-        "-b",
-        "1",
-        "-v",
-        voice,
-        "-p",
-        str(int(pitch)),
-        "-s",
-        str(int(speed)),
-        "--stdout",
-        text,
-    ]
-    result = subprocess.run(command, capture_output=True)
-    if result.returncode != 0 or len(result.stdout) <= 44:
+    engine, _, name = voice.rpartition(":") if ":" in voice else ("espeak", "", voice)
+    if engine not in ENGINES:
+        raise InputError(f"synthesize: unknown synthesiser {engine!r} in voice {voice!r}")
+    stretch = f"{175.0 / max(int(speed), 1):.3f}"
+    stdin = None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speech.wav"
+        if engine == "espeak":
+            command = [_program(engine), "-b", "1", "-v", name, "-p", str(int(pitch))]
+            command += ["-s", str(int(speed)), "--stdout", text]
+        elif engine == "flite":
+            if name not in _flite_voices():  # flite speaks an unknown voice with its default one
+                raise InputError(
+                    f"synthesize: flite has no voice {name!r}; it has {sorted(_flite_voices())}"
+                )
+            command = [_program(engine), "-voice", name, "--setf", f"duration_stretch={stretch}"]
+            command += ["-t", text, "-o", str(out)]
+        else:  # festival reads the text on stdin; its voices are Scheme functions
+            command = [_program(engine), "-o", str(out), "-eval", f"(voice_{name})"]
+            command += ["-eval", f"(Parameter.set 'Duration_Stretch {stretch})"]
+            stdin = text.encode("utf-8")
+        result = subprocess.run(command, input=stdin, capture_output=True)
+        audio_bytes = (
+            result.stdout if engine == "espeak" else out.read_bytes() if out.exists() else b""
+        )
+    # festival reports an unknown voice on stderr but still exits 0 and writes nothing useful.
+    if result.returncode != 0 or len(audio_bytes) <= 44 or b"SIOD ERROR" in result.stderr:
         message = result.stderr.decode("utf-8", "replace").strip() or "no audio"
+        listing = {
+            "espeak": "`espeak-ng --voices`",
+            "flite": "sepfx.data.FLITE_VOICES",
+            "festival": "sepfx.data.FESTIVAL_VOICES",
+        }[engine]
         raise InputError(
-            f"espeak-ng failed for voice {voice!r} on {text!r}: {message}; list "
-            "the voices with `espeak-ng --voices`"
+            f"{engine} failed for voice {voice!r} on {text!r}: {message[-300:]}; "
+            f"the voices are listed by {listing}"
         )
-    with wave.open(io.BytesIO(result.stdout), "rb") as wav_file:
-        samples = _pcm16(wav_file, f"espeak-ng output for voice {voice!r}")
+    with wave.open(io.BytesIO(audio_bytes), "rb") as wav_file:
+        samples = _pcm16(wav_file, f"{engine} output for voice {voice!r}")
         rate = wav_file.getframerate()
     audio = resample(samples.astype(np.float32) / 32768.0, rate, sample_rate)
     return trim_silence(audio, sample_rate)
@@ -825,15 +877,29 @@ def _speaker_turn(
     length: int,
     avoid: set,
     other_voice: str | None = None,
+    engines=("espeak",),
+    augment: bool = False,
 ) -> dict:
-    """One source of a mixture: one speaker (language, voice variant, pitch, speed) saying
-    sentences of ``split`` back to back until ``length`` samples are filled (at most four),
-    then a random ``length``-sample window of that (zero-padded if still short). The voice is
-    never ``other_voice``, so the two sources of a mixture are different speakers."""
+    """One source of a mixture: one speaker (synthesiser voice, pitch, speed) saying sentences
+    of ``split`` back to back until ``length`` samples are filled (at most four), then a random
+    ``length``-sample window of that (zero-padded if still short). The voice is never
+    ``other_voice``, so the two sources of a mixture are different speakers. The synthesiser is
+    drawn from ``engines``; espeak-ng speaks a random language of ``languages`` with a random
+    variant, flite and festival a random voice of :data:`FLITE_VOICES` / :data:`FESTIVAL_VOICES`.
+    With ``augment``, the source is recorded as by :func:`_augment` (warp, room, channel, noise).
+    """
     voice = other_voice
     while voice == other_voice:
-        language = languages[int(rng.integers(len(languages)))]
-        voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+        # Drawn only when there is a choice, so that espeak-only data stays as it was.
+        engine = engines[int(rng.integers(len(engines)))] if len(engines) > 1 else engines[0]
+        if engine == "espeak":
+            language = languages[int(rng.integers(len(languages)))]
+            voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+        else:
+            names = FLITE_VOICES if engine == "flite" else tuple(FESTIVAL_VOICES)
+            name = names[int(rng.integers(len(names)))]
+            language = "en" if engine == "flite" else FESTIVAL_VOICES[name]
+            voice = f"{engine}:{name}"
     pitch = int(rng.integers(20, 81))
     speed = int(rng.integers(130, 201))
     pieces, texts, total = [], [], 0
@@ -845,20 +911,103 @@ def _speaker_turn(
             pieces.append(np.zeros(int(rng.uniform(0.1, 0.4) * sample_rate), np.float32))
         pieces.append(synthesize(text, voice, pitch, speed, sample_rate))
         total = sum(len(p) for p in pieces)
-    audio = np.concatenate(pieces)
+    audio = np.concatenate(pieces).astype(np.float64)
+    recording: dict = {}
+    if augment:
+        audio, recording = _augment(rng, audio, sample_rate)
     if len(audio) >= length:
         start = int(rng.integers(0, len(audio) - length + 1))
         audio = audio[start : start + length]
     else:
         offset = int(rng.integers(0, length - len(audio) + 1))
         audio = np.pad(audio, (offset, length - len(audio) - offset))
+    if recording.get("noise_snr_db") is not None:
+        audio = audio + _noise_floor(rng, audio, sample_rate, recording)
     return {
         "audio": audio.astype(np.float64),
         "voice": voice,
         "pitch": pitch,
         "speed": speed,
         "texts": texts,
+        **({"recording": recording} if augment else {}),
     }
+
+
+def _lowpass(cutoff_hz: float, sample_rate: int, taps: int = 129) -> np.ndarray:
+    """A Kaiser-windowed sinc low-pass FIR (unit DC gain)."""
+    t = np.arange(taps) - (taps - 1) / 2
+    h = np.sinc(2.0 * cutoff_hz / sample_rate * t) * _kaiser(t, (taps - 1) / 2 + 1, 8.6)
+    return h / h.sum()
+
+
+def _convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Full linear convolution by FFT."""
+    n = len(x) + len(h) - 1
+    size = 1 << (n - 1).bit_length()
+    return np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(h, size), size)[:n]
+
+
+def _room_impulse_response(rng: np.random.Generator, sample_rate: int) -> tuple[np.ndarray, dict]:
+    """An image-source impulse response of a random shoebox room (pyroomacoustics), with
+    RT60 in [0.15, 0.6] s and the talker and microphone at random places inside."""
+    try:
+        import pyroomacoustics as pra
+    except ImportError as error:
+        raise InputError(
+            "make_mixtures(augment=True) simulates rooms with pyroomacoustics: "
+            "pip install -c constraints.txt pyroomacoustics (or the sepfx[data] extra)"
+        ) from error
+    dims = rng.uniform([3.0, 3.0, 2.4], [9.0, 8.0, 3.5])
+    rt60 = float(rng.uniform(0.15, 0.6))
+    absorption, max_order = pra.inverse_sabine(rt60, dims)
+    room = pra.ShoeBox(
+        dims, fs=sample_rate, materials=pra.Material(absorption), max_order=min(max_order, 30)
+    )
+    room.add_source(rng.uniform(0.5, dims - 0.5))
+    room.add_microphone(rng.uniform(0.5, dims - 0.5))
+    room.compute_rir()
+    h = np.asarray(room.rir[0][0], dtype=np.float64)
+    h = h[max(0, int(np.argmax(np.abs(h))) - 40) :]  # drop the propagation delay
+    return h, {"room_m": [round(float(d), 2) for d in dims], "rt60_s": round(rt60, 3)}
+
+
+def _augment(rng: np.random.Generator, audio: np.ndarray, sample_rate: int):
+    """Make a synthetic utterance sound recorded by someone: a speaker warp (resampling by
+    0.88-1.12 and playing back at the original rate moves pitch, formants and tempo together,
+    like a different vocal tract), then with probability 1/2 each a room (reverberation), a
+    band-limited channel (high-pass 60-300 Hz, low-pass 2.8-3.8 kHz) and, after the window is
+    cut, a coloured noise floor 15-40 dB below the speech (:func:`_noise_floor`). The
+    reverberant, band-limited, noisy signal is the source: what a recording of that speaker
+    would hold. Returns the audio and what was done."""
+    warp = int(rng.integers(44, 57)) / 50  # k / 50: the resampling ratio stays small
+    audio = resample(audio, sample_rate, int(round(sample_rate * warp))).astype(np.float64)
+    recording: dict = {"warp": warp}
+    if rng.random() < 0.5:
+        h, room = _room_impulse_response(rng, sample_rate)
+        audio = _convolve(audio, h)
+        recording.update(room)
+    if rng.random() < 0.5:
+        low, high = float(rng.uniform(60, 300)), float(rng.uniform(2800, 3800))
+        band = _lowpass(min(high, 0.49 * sample_rate), sample_rate) - _lowpass(low, sample_rate)
+        audio = np.convolve(audio, band, mode="same")
+        recording["band_hz"] = [round(low), round(high)]
+    recording["noise_snr_db"] = round(float(rng.uniform(15, 40)), 2) if rng.random() < 0.5 else None
+    return audio, recording
+
+
+def _noise_floor(rng: np.random.Generator, audio: np.ndarray, sample_rate: int, recording: dict):
+    """Noise with a 1/f^alpha spectrum (alpha in [0, 2]: white to brown) at
+    ``recording["noise_snr_db"]`` below the power of ``audio``."""
+    alpha = float(rng.uniform(0.0, 2.0))
+    spectrum = np.fft.rfft(rng.standard_normal(len(audio)))
+    frequency = np.fft.rfftfreq(len(audio), 1.0 / sample_rate)
+    spectrum *= np.maximum(frequency, 20.0) ** (-alpha / 2)
+    noise = np.fft.irfft(spectrum, len(audio))
+    recording["noise_alpha"] = round(alpha, 3)
+    scale = math.sqrt(
+        _power(audio) / max(_power(noise), 1e-20) / 10 ** (recording["noise_snr_db"] / 10)
+    )
+    return noise * scale
 
 
 def _power(x: np.ndarray) -> float:
@@ -875,9 +1024,10 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     length = int(round(params["seconds"] * sample_rate))
     avoid: set = set()  # the two speakers never say the same sentence
-    first = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid)
+    how = dict(engines=tuple(params["engines"]), augment=params["augment"])
+    first = _speaker_turn(rng, split, params["languages"], sample_rate, length, avoid, **how)
     second = _speaker_turn(
-        rng, split, params["languages"], sample_rate, length, avoid, other_voice=first["voice"]
+        rng, split, params["languages"], sample_rate, length, avoid, first["voice"], **how
     )
     snr_db = float(rng.uniform(-5.0, 5.0))
     level_db = float(rng.uniform(-30.0, -20.0))  # RMS of the first source, dBFS
@@ -911,6 +1061,7 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
         "pitches": [first["pitch"], second["pitch"]],
         "speeds": [first["speed"], second["speed"]],
         "texts": [first["texts"], second["texts"]],
+        **({"recordings": [first["recording"], second["recording"]]} if params["augment"] else {}),
         "sample_rate": sample_rate,
         "seed": seed,
         "samples": length,
@@ -935,6 +1086,8 @@ def make_mixtures(
     seconds: float = 4.0,
     languages=DEFAULT_LANGUAGES,
     *,
+    engines=("espeak",),
+    augment: bool = False,
     workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -949,7 +1102,12 @@ def make_mixtures(
     Each source is one speaker: a random language from ``languages``, voice variant, pitch
     (``-p`` 20-80) and speed (``-s`` 130-200 words per minute). The second source is scaled to
     a random SNR in [-5, 5] dB relative to the first. Needs the ``espeak-ng`` program.
-    ``workers`` threads run espeak-ng in parallel (default: the number of CPUs, at most 8).
+    ``engines`` adds the voices of flite and festival (``("espeak", "flite", "festival")``:
+    each source draws its synthesiser; they need those programs and festival's voices,
+    README: training data). ``augment`` records each source as a real speaker would be (a
+    speaker warp, a simulated room, a channel, a noise floor: :func:`_augment`; needs
+    pyroomacoustics). ``workers`` threads run the synthesisers in parallel (default: the number
+    of CPUs, at most 8).
     """
     out_dir = Path(out_dir)
     counts = {"train": int(n_train), "valid": int(n_valid), "test": int(n_test)}
@@ -964,6 +1122,9 @@ def make_mixtures(
         )
     if seconds <= 0:
         raise InputError(f"make_mixtures: seconds must be > 0, got {seconds}")
+    engines = tuple(engines)
+    if not engines or set(engines) - set(ENGINES):
+        raise InputError(f"make_mixtures: engines must be a subset of {ENGINES}, got {engines}")
     params = {
         "n_train": counts["train"],
         "n_valid": counts["valid"],
@@ -972,6 +1133,8 @@ def make_mixtures(
         "sample_rate": int(sample_rate),
         "seconds": float(seconds),
         "languages": list(languages),
+        "engines": list(engines),
+        "augment": bool(augment),
         "generator_version": GENERATOR_VERSION,
     }
 
@@ -986,6 +1149,10 @@ def make_mixtures(
     ):
         return out_dir
     version = espeak_version()  # fails early, with the install hint, if espeak-ng is missing
+    for engine in engines:
+        _program(engine)
+    if augment:
+        _room_impulse_response(np.random.default_rng(0), int(sample_rate))  # pyroomacoustics?
     if old is not None:  # remove the previous generation's files: only names it could write
         (out_dir / "index.json").unlink()
         for path in old_files:

@@ -336,3 +336,79 @@ def test_generation_rejects_bad_arguments(tmp_path):
         data.make_mixtures(tmp_path, 1, 0, 0, languages=("xx",), progress=False)
     with pytest.raises(InputError, match="counts"):
         data.make_mixtures(tmp_path, 0, 0, 0, progress=False)
+
+
+# ----------------------------------------------------------------------------- varied data
+
+needs_other_synthesisers = pytest.mark.skipif(
+    shutil.which("flite") is None or shutil.which("text2wave") is None,
+    reason="flite or festival is not installed",
+)
+
+
+def test_augment_records_a_speaker_in_a_room(monkeypatch):
+    """The speaker warp stretches by its factor, the noise floor lies at its drawn SNR, the
+    channel removes energy outside its band, and the room adds a reverberant tail."""
+    sample_rate = 8000
+    t = np.arange(2 * sample_rate) / sample_rate
+    tone = np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 40 * t)
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        audio, recording = data._augment(rng, tone, sample_rate)
+        warp = recording["warp"]
+        assert 0.88 <= warp <= 1.12
+        if "rt60_s" not in recording:
+            assert abs(len(audio) - len(tone) * warp) <= 2, (recording, len(audio))
+        else:
+            assert 0.15 <= recording["rt60_s"] <= 0.6
+            assert len(audio) > len(tone) * warp + 0.05 * sample_rate  # the tail
+        if "band_hz" in recording and "rt60_s" not in recording:
+            low = peak_frequency(audio, sample_rate)  # 40 Hz is cut, 1000/warp Hz kept
+            assert abs(low - 1000 / warp) < 10, (low, recording)
+        if recording["noise_snr_db"] is not None:
+            noise = data._noise_floor(rng, audio, sample_rate, recording)
+            snr = 10 * math.log10(np.mean(audio**2) / np.mean(noise**2))
+            assert abs(snr - recording["noise_snr_db"]) < 1e-6
+    assert data.make_mixtures.__kwdefaults__["augment"] is False
+
+
+def test_unknown_synthesiser_voices_are_clear_errors():
+    with pytest.raises(InputError, match="engines"):
+        data.make_mixtures("unused", 1, 0, 0, engines=("espeak", "sam"), progress=False)
+    with pytest.raises(InputError, match="unknown synthesiser"):
+        data.synthesize("Hello.", "sam:robot")
+
+
+@needs_other_synthesisers
+def test_flite_and_festival_voices_speak():
+    for voice in [f"flite:{v}" for v in data.FLITE_VOICES] + [
+        f"festival:{v}" for v in data.FESTIVAL_VOICES
+    ]:
+        audio = data.synthesize("The pilot found a red bicycle.", voice, 50, 175)
+        assert audio.dtype == np.float32 and 0.8 * 8000 < len(audio) < 5 * 8000, voice
+        slow = data.synthesize("The pilot found a red bicycle.", voice, 50, 120)
+        assert len(slow) > 1.15 * len(audio), voice  # speed is honoured
+    with pytest.raises(InputError, match="no voice"):
+        data.synthesize("Hello.", "flite:nobody")
+    with pytest.raises(InputError, match="voice_nobody"):
+        data.synthesize("Hello.", "festival:nobody")
+
+
+@needs_espeak
+@needs_other_synthesisers
+def test_varied_mixtures_check_out(tmp_path):
+    kwargs = dict(n_train=6, n_valid=1, n_test=1, seed=5, seconds=1.5, progress=False, augment=True)
+    kwargs["engines"] = data.ENGINES
+    first = data.make_mixtures(tmp_path / "a", **kwargs)
+    index = check_folder(first)
+    assert index["params"]["engines"] == list(data.ENGINES) and index["params"]["augment"]
+    voices = [v for item in index["items"] for v in item["voices"]]
+    assert {v.split(":")[0] for v in voices if ":" in v} <= {"flite", "festival"}
+    for item in index["items"]:
+        assert len(item["recordings"]) == 2 and all("warp" in r for r in item["recordings"])
+    # The real-voice set's CMU ARCTIC speakers (flite's awb and slt) are never spoken.
+    assert not {"flite:awb", "flite:slt"} & set(voices)
+    second = data.make_mixtures(tmp_path / "b", **kwargs, workers=1)
+    for item in index["items"]:
+        for path in item["files"].values():
+            assert (first / path).read_bytes() == (second / path).read_bytes(), path
