@@ -780,7 +780,13 @@ FESTIVAL_VOICES = {
 }
 ENGINES = ("espeak", "flite", "festival")
 _PROGRAMS = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}
-_PACKAGES = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k ..."}
+_PACKAGES = {
+    "espeak": "espeak-ng",
+    "flite": "flite",
+    "festival": "festival festvox-kallpc16k festvox-kdlpc16k festvox-itapc16k festvox-italp16k "
+    "festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-suopuhe-lj "
+    "festvox-suopuhe-mv",
+}
 
 
 def _program(engine: str) -> str:
@@ -947,16 +953,21 @@ def _convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(h, size), size)[:n]
 
 
-def _room_impulse_response(rng: np.random.Generator, sample_rate: int) -> tuple[np.ndarray, dict]:
-    """An image-source impulse response of a random shoebox room (pyroomacoustics), with
-    RT60 in [0.15, 0.6] s and the talker and microphone at random places inside."""
+def _pyroomacoustics():
     try:
-        import pyroomacoustics as pra
+        import pyroomacoustics
     except ImportError as error:
         raise InputError(
             "make_mixtures(augment=True) simulates rooms with pyroomacoustics: "
             "pip install -c constraints.txt pyroomacoustics (or the sepfx[data] extra)"
         ) from error
+    return pyroomacoustics
+
+
+def _room_impulse_response(rng: np.random.Generator, sample_rate: int) -> tuple[np.ndarray, dict]:
+    """An image-source impulse response of a random shoebox room (pyroomacoustics), with
+    RT60 in [0.15, 0.6] s and the talker and microphone at random places inside."""
+    pra = _pyroomacoustics()
     dims = rng.uniform([3.0, 3.0, 2.4], [9.0, 8.0, 3.5])
     rt60 = float(rng.uniform(0.15, 0.6))
     absorption, max_order = pra.inverse_sabine(rt60, dims)
@@ -1152,7 +1163,7 @@ def make_mixtures(
     for engine in engines:
         _program(engine)
     if augment:
-        _room_impulse_response(np.random.default_rng(0), int(sample_rate))  # pyroomacoustics?
+        _pyroomacoustics()  # fails early, with the install hint
     if old is not None:  # remove the previous generation's files: only names it could write
         (out_dir / "index.json").unlink()
         for path in old_files:
