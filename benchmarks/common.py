@@ -37,6 +37,8 @@ def machine() -> dict:
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
+        if v is None:
+            return ""
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)

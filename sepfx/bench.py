@@ -176,3 +176,139 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+# ONNX Runtime node types by the kind of work they do; convolutions are split by their weight's
+# shape in ``_node_kind``. What is not listed is "other".
+_KINDS = {
+    "matmul": {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"},
+    "conv transpose": {"ConvTranspose"},
+    "recurrent": {"LSTM", "GRU", "RNN"},
+    "norm": {
+        "InstanceNormalization",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "BatchNormalization",
+        "GroupNorm",
+    },
+    "elementwise": {
+        *("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Neg", "Abs", "Erf"),
+        *("Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "FastGelu", "Clip"),
+        *("Where", "Equal", "Less", "Greater", "Not", "And", "Cast", "BiasGelu", "QuickGelu"),
+    },
+    "reduce and softmax": {"ReduceMean", "ReduceSum", "ReduceMax", "Softmax", "LogSoftmax"},
+    "shape and layout": {
+        *("Shape", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "Pad"),
+        *("Unsqueeze", "Squeeze", "Expand", "Tile", "ConstantOfShape", "Range", "Identity"),
+        *("Flatten", "ScatterND", "GatherElements"),
+    },
+}
+_KIND_OF = {op: kind for kind, ops in _KINDS.items() for op in ops}
+
+
+def _node_kind_and_macs(args: dict) -> tuple[str, int]:
+    """The kind of one profiled node (``args`` of an ORT profile event) and its multiply-adds
+    where they follow from the shapes it ran on (convolutions and matmuls; 0 otherwise)."""
+    op = args["op_name"]
+    shapes = [next(iter(s.values())) for s in args.get("input_type_shape", [])]
+    outputs = [next(iter(s.values())) for s in args.get("output_type_shape", [])]
+    if op in ("Conv", "FusedConv") and len(shapes) >= 2 and outputs:
+        weight, out = shapes[1], outputs[0]
+        macs = out[0] * int(np.prod(out[2:])) * int(np.prod(weight))
+        if weight[1] == 1 and shapes[0][1] > 1:  # one input channel per group: depthwise
+            return "depthwise conv", macs
+        return ("pointwise conv" if int(np.prod(weight[2:])) == 1 else "conv"), macs
+    if op in _KINDS["matmul"] and len(shapes) >= 2 and outputs:
+        return "matmul", int(np.prod(outputs[0])) * shapes[0][-1]
+    return _KIND_OF.get(op, "other"), 0
+
+
+def ort_op_profile(
+    paths: list[str], x: np.ndarray, threads: int = 1, runs: int = 20
+) -> list[dict[str, dict]]:
+    """ONNX Runtime's own profile of each model on ``x``, the models run interleaved: for each
+    kind of node (pointwise conv, depthwise conv, norm, elementwise, ...) the median kernel
+    milliseconds per run, the node count and the MACs; ``"between kernels"`` is the session's own
+    work between them and ``"run"`` the whole run. Profiling slows each node a little: read the
+    shares and ratios, and time a model with ``ort_medians``."""
+    import json
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for i, path in enumerate(paths):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tmp, f"model{i}")
+            sessions.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+        paired_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs)
+        profiles = []
+        for session in sessions:
+            events = json.loads(open(session.end_profiling()).read())
+            spans = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+            spans = spans[-runs:]  # the timed runs, not the warm-up
+            per_run = [dict() for _ in spans]
+            kinds: dict[str, dict] = {}
+            for e in events:
+                if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                    continue
+                for i, span in enumerate(spans):
+                    if span["ts"] <= e["ts"] <= span["ts"] + span["dur"]:
+                        kind, macs = _node_kind_and_macs(e["args"])
+                        per_run[i][kind] = per_run[i].get(kind, 0.0) + e["dur"] / 1000
+                        if i == 0:
+                            row = kinds.setdefault(kind, {"nodes": 0, "macs": 0})
+                            row["nodes"] += 1
+                            row["macs"] += macs
+                        break
+            for kind, row in kinds.items():
+                row["ms"] = float(np.median([r.get(kind, 0.0) for r in per_run]))
+            gaps = [s["dur"] / 1000 - sum(r.values()) for s, r in zip(spans, per_run)]
+            kinds["between kernels"] = {"nodes": 0, "macs": 0, "ms": float(np.median(gaps))}
+            kinds["run"] = {
+                "nodes": sum(r["nodes"] for r in kinds.values()),
+                "macs": sum(r["macs"] for r in kinds.values()),
+                "ms": float(np.median([s["dur"] / 1000 for s in spans])),
+            }
+            profiles.append(kinds)
+    return profiles
+
+
+PROFILE_COLUMNS = [
+    "kind",
+    "nodes",
+    "dense_ms",
+    "slim_ms",
+    "dense_share",
+    "time_ratio",
+    "macs_ratio",
+]
+
+
+def profile_rows(dense: dict[str, dict], slim: dict[str, dict]) -> list[dict]:
+    """One row per kind of node, the most costly first, from two ``ort_op_profile`` results:
+    what share of the dense run each kind takes and how much of its time and MACs the slim
+    model keeps (``time_ratio`` above ``macs_ratio``: that kind shrinks less than its MACs)."""
+    total = dense["run"]["ms"]
+    rows = []
+    for kind in sorted(set(dense) | set(slim), key=lambda k: -dense.get(k, {}).get("ms", 0)):
+        d = dense.get(kind, {"nodes": 0, "macs": 0, "ms": 0.0})
+        s = slim.get(kind, {"nodes": 0, "macs": 0, "ms": 0.0})
+        rows.append(
+            {
+                "kind": kind,
+                "nodes": d["nodes"],
+                "dense_ms": d["ms"],
+                "slim_ms": s["ms"],
+                "dense_share": d["ms"] / total,
+                "time_ratio": s["ms"] / d["ms"] if d["ms"] else None,
+                "macs_ratio": s["macs"] / d["macs"] if d["macs"] else None,
+            }
+        )
+    return rows

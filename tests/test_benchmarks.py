@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sepfx import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -93,6 +95,51 @@ def test_latency_smoke(tmp_path):
             r["speedup"] * r["macs_ratio"], rel=1e-6
         )
     check_plot(tmp_path, "latency_smoke")
+
+
+def test_ort_profile_smoke(tmp_path):  # ~10 s: CI runs this one
+    run_script("ort_profile.py", tmp_path)
+    payload = json.loads((tmp_path / "ort_profile_smoke.json").read_text())
+    table = (tmp_path / "ort_profile_smoke.md").read_text()
+    assert "| seconds | kind | nodes | dense_ms |" in table and "| multiple |" in table
+    summary, rows = payload["summary"], payload["rows"]
+    assert [r["multiple"] for r in summary] == [8, 1]
+    for r in summary:
+        assert 0.38 <= r["macs_ratio"] <= 0.4 and r["dense_ms"] > 0 and r["slim_ms"] > 0, r
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["slim_ms"], rel=1e-6)
+    kinds = {r["kind"]: r for r in rows}
+    assert {"run", "between kernels", "pointwise conv", "depthwise conv", "norm"} <= set(kinds)
+    run = kinds.pop("run")
+    assert run["dense_share"] == 1 and run["nodes"] == sum(r["nodes"] for r in kinds.values())
+    # the kinds add up to the run (medians of each, so not exactly)
+    assert sum(r["dense_ms"] for r in kinds.values()) == pytest.approx(run["dense_ms"], rel=0.2)
+    assert all(r["dense_ms"] >= 0 and r["slim_ms"] >= 0 for r in kinds.values())
+    # every pointwise conv is cut on both sides or one: its MACs fall at least as much as a side
+    assert 0 < kinds["pointwise conv"]["macs_ratio"] <= kinds["depthwise conv"]["macs_ratio"] < 1
+
+
+def test_profile_node_kinds_and_macs():
+    def node(op, inputs, output):
+        return {
+            "op_name": op,
+            "input_type_shape": [{"float": s} for s in inputs],
+            "output_type_shape": [{"float": output}],
+        }
+
+    kind = bench._node_kind_and_macs
+    assert kind(node("Conv", [[2, 64, 100], [128, 64, 1]], [2, 128, 100])) == (
+        "pointwise conv",
+        2 * 100 * 128 * 64,
+    )
+    assert kind(node("FusedConv", [[1, 128, 100], [128, 1, 3]], [1, 128, 98])) == (
+        "depthwise conv",
+        98 * 128 * 3,
+    )
+    assert kind(node("Conv", [[1, 1, 800], [64, 1, 16]], [1, 64, 99])) == ("conv", 99 * 64 * 16)
+    assert kind(node("MatMul", [[2, 10, 32], [32, 48]], [2, 10, 48])) == ("matmul", 960 * 32)
+    assert kind(node("InstanceNormalization", [[1, 1, 10]], [1, 1, 10])) == ("norm", 0)
+    assert kind(node("Reshape", [[1, 10]], [10])) == ("shape and layout", 0)
+    assert kind(node("SomethingNew", [[1]], [1])) == ("other", 0)
 
 
 @pytest.mark.slow
