@@ -9,7 +9,8 @@ steps as the others are fine-tuned).
     python benchmarks/quality.py                        # every bundled checkpoint, 0.6/0.4/0.25
     python benchmarks/quality.py --models conv_tasnet --budgets 0.4
     python benchmarks/quality.py --models tdanet --name quality_tdanet   # models run apart
-    python benchmarks/quality.py --smoke                # untrained tiny Conv-TasNet: what CI runs
+    python benchmarks/quality.py --models conv_tasnet --seeds 0 --finetune distill  # quicker
+    python benchmarks/quality.py --smoke                # untrained tiny Conv-TasNet, 2 seeds
 
 For each model and budget b:
 
@@ -35,18 +36,28 @@ For each model and budget b:
 - ``sepfx-scratch``: the ``sepfx-learned`` architecture with every module's parameters
   re-initialised (``reset_parameters()``; custom norms' gamma/beta to 1/0), trained from scratch.
 
-Every method's model is then fine-tuned by ``sepfx.finetune`` for ``--finetune-steps`` on the
-same batches (a fresh, identically seeded loader per method). SI-SNRi is measured on the test
-split (``--eval-limit`` mixtures) and on the CMU ARCTIC pair (``sepfx.data.arctic_mixture``)
-before and after fine-tuning; ``recovered`` is the fine-tuned SI-SNRi as a fraction of the dense
-model's (only where the dense model's is positive). Writes ``quality.json``, ``quality.md`` and
-``quality.png`` (``quality_smoke.*`` with ``--smoke``, ``NAME.*`` with ``--name``) under
-``--out``, rewritten after every budget (``"complete": false`` until the run ends).
+Every method, budget and seed (``--seeds``, default 0 1 2: the seed drives the gates' learning,
+the training batches, Torch-Pruning's random importance and the re-initialisation) gives one
+pruned model, fine-tuned by ``sepfx.finetune`` for ``--finetune-steps`` on the same batches (a
+fresh loader seeded alike for every method), once on the clean sources and once by distillation
+from the dense model (``teacher=``; ``--finetune clean|distill|both``, default both). Each
+fine-tuned model is scored by ``sepfx.metrics`` (SI-SNRi, BSS-eval SDRi, STOI, narrow-band PESQ;
+a metric whose library is missing is left out and named) on the test split (``--eval-limit``
+mixtures) and on the real-voice set (``sepfx.data.RealVoiceSet()``, 24 mixtures of recorded
+speakers; columns ``real_*``); SI-SNRi also before fine-tuning. ``recovered`` is the fine-tuned
+SI-SNRi as a fraction of the dense model's (only where the dense model's is positive).
 
-Time: with the defaults (batch 4 x 2 s, 200 gate steps, 100 fine-tune steps, 100 test
-mixtures) a small Conv-TasNet takes about 30-40 minutes for three budgets on a shared 2-core
-CPU, 1 thread (a gate step ~1.8 s, a fine-tune step of a slim model ~0.5 s); the paper's
-500 + 500 steps take about 2 hours.
+The results are every run's row and a summary: mean and sample standard deviation over the
+seeds per model, budget, method and fine-tuning mode, and for each budget whether the learned
+gates beat the magnitude ranking by more than the spread (the sum of the two standard
+deviations). Writes ``quality.json``, ``quality.md`` and ``quality.png`` (``quality_smoke.*``
+with ``--smoke``, ``NAME.*`` with ``--name``) under ``--out``, rewritten after every budget
+(``"complete": false`` until the run ends).
+
+Time: a gate step of a small Conv-TasNet takes ~1.8 s and a fine-tune step of its slim model
+~0.5 s on one thread of a shared 2-core CPU, and scoring 100 + 24 mixtures with every metric
+about half a minute; with the defaults (3 budgets x 3 seeds, 200 gate steps, 6 methods x 2
+fine-tunes of 100 steps) that is about 3-4 hours per model.
 """
 
 from __future__ import annotations
@@ -64,18 +75,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    RESULTS,
-    evaluate,
-    evaluate_arctic,
-    machine,
-    markdown_table,  # noqa: E402
-    plot,
-    write,
-)
+from common import RESULTS, evaluate, machine, markdown_table, plot, write  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 import sepfx  # noqa: E402
-from sepfx.data import MixtureDataset, bundled_test_set, loader  # noqa: E402
+import sepfx.metrics  # noqa: E402
+from sepfx.data import MixtureDataset, RealVoiceSet, bundled_test_set, loader  # noqa: E402
 from sepfx.losses import pit_si_snr_loss  # noqa: E402
 from sepfx.models import ZOO, build, pretrained, pretrained_names  # noqa: E402
 
@@ -87,18 +93,28 @@ METHODS = [
     "tp-random",
     "sepfx-scratch",
 ]
+FINETUNES = {"clean": "on the clean sources", "distill": "by distillation from the dense model"}
+# scores after fine-tuning, on the test split and (real_) on the real-voice set
+METRICS = ["si_snri", "sdri", "stoi", "pesq"]
+AFTER = [f"{m}_after_ft" for m in METRICS] + [f"real_{m}_after_ft" for m in METRICS]
 COLUMNS = [
     "model",
     "budget",
     "method",
+    "finetune",
+    "seed",
     "macs_ratio",
     "params",
     "si_snri_before_ft",
-    "si_snri_after_ft",
+    *AFTER[:4],
     "recovered",
-    "arctic_si_snri_after_ft",
+    "real_si_snri_before_ft",
+    *AFTER[4:],
+    "real_recovered",
     "time_s",
 ]
+SUMMARY_METRICS = AFTER[:4] + ["recovered"] + AFTER[4:] + ["real_recovered"]
+SUMMARY_COLUMNS = ["model", "budget", "method", "finetune", "seeds", "macs_ratio"] + SUMMARY_METRICS
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,19 +373,32 @@ class Setup:
         self.args = args
         if args.smoke:
             length = int(args.segment * 8000)
-            self.make_train = lambda: SyntheticBatches(4, args.batch, length, seed=args.seed)
+            self.make_train = lambda seed: SyntheticBatches(4, args.batch, length, seed=seed)
             self.test = bundled_test_set()
             self.test_name = "bundled test mixtures"
         else:
-            self.make_train = lambda: loader(
-                args.data, "train", args.batch, segment=args.segment, seed=args.seed
+            self.make_train = lambda seed: loader(
+                args.data, "train", args.batch, segment=args.segment, seed=seed
             )
             self.test = MixtureDataset(args.data, "test")
             self.test_name = f"{args.data} test split"
-        self.batch = next(iter(self.make_train()))
+        self.real = RealVoiceSet(sample_rate=8000)
+        self.batch = next(iter(self.make_train(args.seeds[0])))
 
-    def scores(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test, self.args.eval_limit), evaluate_arctic(model)
+    def _items(self, dataset):
+        return (dataset[i] for i in range(min(self.args.eval_limit, len(dataset))))
+
+    def si_snri(self, model) -> tuple[float, float]:
+        """SI-SNRi on the test split and on the real-voice set (before fine-tuning)."""
+        limit = self.args.eval_limit
+        return evaluate(model, self.test, limit), evaluate(model, self.real, limit)
+
+    def scores(self, model) -> dict[str, float]:
+        """Every metric of ``sepfx.metrics`` on both sets, real-voice ones prefixed ``real_``."""
+        rate = getattr(model, "sample_rate", 8000)
+        test = sepfx.metrics.evaluate(model, self._items(self.test), rate)
+        real = sepfx.metrics.evaluate(model, self._items(self.real), rate)
+        return {**test, **{f"real_{k}": v for k, v in real.items()}}
 
 
 def _load(name: str, config: str, seed: int) -> tuple[nn.Module, str]:
@@ -384,20 +413,20 @@ def _row(model_name, budget, method, **fields) -> dict:
     return {"model": model_name, "budget": budget, "method": method, **fields}
 
 
+def _recovered(score: float | None, dense: float) -> float | None:
+    return score / dense if score is not None and dense > 0 else None
+
+
 def run_method(
-    setup: Setup,
-    method: str,
-    make,
-    dense_scores,
-    dense_macs,
-    model_name,
-    budget,
-    teacher: nn.Module | None = None,
-) -> tuple[dict, nn.Module | None]:
-    """``make()`` -> (pruned model, extra fields); then evaluate, fine-tune, evaluate."""
+    setup: Setup, method: str, make, dense: dict, model_name, budget, seed
+) -> tuple[list[dict], nn.Module | None]:
+    """``make()`` -> (pruned model, extra fields); then evaluate, and for each fine-tuning mode
+    (``--finetune``) fine-tune a copy and evaluate it: one row per mode."""
     args = setup.args
     start = time.perf_counter()
+    common = {"seed": seed}
     try:
+        torch.manual_seed(seed)  # Torch-Pruning's random importance draws from it
         model, extra = make()
     except Exception as error:
         message = (str(error).splitlines() or [""])[0][:400]
@@ -405,65 +434,75 @@ def run_method(
             message = f"{type(error).__name__}: {message}"
         if args.verbose:
             traceback.print_exc()
-        print(f"  {model_name} {budget} {method}: FAILED {message}")
-        return _row(
-            model_name, budget, method, error=message, time_s=time.perf_counter() - start
-        ), None
+        print(f"  {model_name} {budget} {method} seed {seed}: FAILED {message}")
+        elapsed = time.perf_counter() - start
+        rows = [
+            _row(model_name, budget, method, finetune=f, error=message, time_s=elapsed, **common)
+            for f in args.finetunes
+        ]
+        return rows, None
     prune_s = time.perf_counter() - start
-    before, arctic_before = setup.scores(model)
-    slim_start = time.perf_counter()
-    tuned = sepfx.finetune(
-        copy.deepcopy(model),
-        setup.make_train(),
-        steps=args.finetune_steps,
-        progress=args.progress,
-        teacher=teacher,
-    )
-    finetune_s = time.perf_counter() - slim_start
-    after, arctic_after = setup.scores(tuned)
+    before, real_before = setup.si_snri(model)
     macs_ratio = extra.pop("macs_ratio", None)
     if macs_ratio is None:
-        macs_ratio = macs_of(model) / dense_macs
-    dense = dense_scores[0]
-    row = _row(
-        model_name,
-        budget,
-        method,
-        macs_ratio=macs_ratio,
-        params=params_of(model),
-        si_snri_before_ft=before,
-        si_snri_after_ft=after,
-        recovered=after / dense if dense > 0 else None,
-        arctic_si_snri_before_ft=arctic_before,
-        arctic_si_snri_after_ft=arctic_after,
-        time_s=prune_s + finetune_s,
-        prune_s=prune_s,
-        finetune_s=finetune_s,
-        **extra,
-    )
-    print(
-        f"  {model_name} {budget} {method}: MACs {macs_ratio:.3f}, SI-SNRi {before:.2f} -> "
-        f"{after:.2f} dB (arctic {arctic_after:.2f}), {row['time_s']:.0f} s",
-        flush=True,
-    )
-    return row, model
+        macs_ratio = macs_of(model) / dense["model"]
+    rows = []
+    for finetune in args.finetunes:
+        finetune_start = time.perf_counter()
+        tuned = sepfx.finetune(
+            copy.deepcopy(model),
+            setup.make_train(seed),
+            steps=args.finetune_steps,
+            progress=args.progress,
+            teacher=dense["model"] if finetune == "distill" else None,
+        )
+        finetune_s = time.perf_counter() - finetune_start
+        after = {f"{k}_after_ft": v for k, v in setup.scores(tuned).items()}
+        row = _row(
+            model_name,
+            budget,
+            method,
+            finetune=finetune,
+            macs_ratio=macs_ratio,
+            params=params_of(model),
+            si_snri_before_ft=before,
+            real_si_snri_before_ft=real_before,
+            **after,
+            recovered=_recovered(after.get("si_snri_after_ft"), dense["si_snri"]),
+            real_recovered=_recovered(after.get("real_si_snri_after_ft"), dense["real_si_snri"]),
+            time_s=prune_s + finetune_s,
+            prune_s=prune_s,
+            finetune_s=finetune_s,
+            **common,
+            **extra,
+        )
+        rows.append(row)
+        print(
+            f"  {model_name} {budget} {method} seed {seed} {finetune}: MACs {macs_ratio:.3f}, "
+            f"SI-SNRi {before:.2f} -> {row['si_snri_after_ft']:.2f} dB "
+            f"(real voices {real_before:.2f} -> {row['real_si_snri_after_ft']:.2f}), "
+            f"{row['time_s']:.0f} s",
+            flush=True,
+        )
+    return rows, model
 
 
 def run_model(setup: Setup, name: str, save=None) -> list[dict]:
-    """Every method at every budget for one model; ``save(rows)`` after each budget."""
+    """Every method at every budget and seed for one model; ``save(rows)`` after each budget."""
     args = setup.args
     if args.smoke:
-        torch.manual_seed(args.seed)
-        dense, source = build("conv_tasnet", "tiny").eval(), "untrained tiny (smoke)"
+        torch.manual_seed(0)
+        model, source = build("conv_tasnet", "tiny").eval(), "untrained tiny (smoke)"
         name = "conv_tasnet"
     else:
-        dense, source = _load(name, args.config, args.seed)
-    dense_macs = macs_of(dense)
-    dense_scores = setup.scores(dense)
+        model, source = _load(name, args.config, 0)
+    dense_macs = macs_of(model)
+    scores = setup.scores(model)
+    dense = {"model": model, "macs": dense_macs, **scores}
     print(
-        f"{name} ({source}): {dense_macs / 1e6:.1f} MMACs/s, {params_of(dense)} params, "
-        f"SI-SNRi {dense_scores[0]:.2f} dB on {setup.test_name}, "
-        f"{dense_scores[1]:.2f} dB on CMU ARCTIC",
+        f"{name} ({source}): {dense_macs / 1e6:.1f} MMACs/s, {params_of(model)} params, "
+        f"SI-SNRi {scores['si_snri']:.2f} dB on {setup.test_name}, "
+        f"{scores['real_si_snri']:.2f} dB on the real-voice set",
         flush=True,
     )
     rows = [
@@ -472,82 +511,145 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
             1.0,
             "dense",
             macs_ratio=1.0,
-            params=params_of(dense),
-            si_snri_before_ft=dense_scores[0],
-            si_snri_after_ft=dense_scores[0],
-            recovered=1.0 if dense_scores[0] > 0 else None,
-            arctic_si_snri_before_ft=dense_scores[1],
-            arctic_si_snri_after_ft=dense_scores[1],
+            params=params_of(model),
+            si_snri_before_ft=scores["si_snri"],
+            real_si_snri_before_ft=scores["real_si_snri"],
+            **{f"{k}_after_ft": v for k, v in scores.items()},
+            recovered=1.0 if scores["si_snri"] > 0 else None,
+            real_recovered=1.0 if scores["real_si_snri"] > 0 else None,
             time_s=0.0,
             source=source,
         )
     ]
+    dense["model"] = model
     try:
-        search = TorchPruningSearch(dense, setup.batch, dense_macs, args.tp_tolerance)
+        search = TorchPruningSearch(model, setup.batch, dense_macs, args.tp_tolerance)
         search_error = None
     except Exception as error:  # torch_pruning missing, or the dead-code probe failed
         search, search_error = None, f"{type(error).__name__}: {str(error)[:300]}"
-    common = dict(
-        dense_scores=dense_scores,
-        dense_macs=dense_macs,
-        model_name=name,
-        teacher=dense if args.distill else None,
-    )
     for budget in args.budgets:
-        learned = {}
+        for seed in args.seeds:
+            common = dict(dense=dense, model_name=name, budget=budget, seed=seed)
+            learned = {}
 
-        def make_learned():
-            slim = sepfx.compile(
-                dense,
-                budget=budget,
-                data=setup.make_train(),
-                steps=args.gate_steps,
-                seed=args.seed,
-                progress=args.progress,
-            )
-            learned["slim"] = slim
-            return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
+            def make_learned():
+                slim = sepfx.compile(
+                    model,
+                    budget=budget,
+                    data=setup.make_train(seed),
+                    steps=args.gate_steps,
+                    seed=seed,
+                    progress=args.progress,
+                )
+                learned["slim"] = slim
+                return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
 
-        row, _ = run_method(setup, "sepfx-learned", make_learned, budget=budget, **common)
-        rows.append(row)
-        if "slim" not in learned:
-            continue  # nothing to match MACs to, nor to train from scratch
-        target = learned["slim"].sepfx_report.macs_ratio
+            rows += run_method(setup, "sepfx-learned", make_learned, **common)[0]
+            if "slim" not in learned:
+                continue  # nothing to match MACs to, nor to train from scratch
+            target = learned["slim"].sepfx_report.macs_ratio
 
-        def make_magnitude():
-            slim = sepfx.compile(dense, budget=budget, seed=args.seed, progress=args.progress)
-            return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
+            def make_magnitude():  # data-free: the seed changes only the fine-tuning batches
+                slim = sepfx.compile(model, budget=budget, seed=seed, progress=args.progress)
+                return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
 
-        rows.append(
-            run_method(setup, "sepfx-magnitude", make_magnitude, budget=budget, **common)[0]
-        )
-        for method in ("tp-magnitude", "tp-taylor", "tp-random"):
+            rows += run_method(setup, "sepfx-magnitude", make_magnitude, **common)[0]
+            for method in ("tp-magnitude", "tp-taylor", "tp-random"):
 
-            def make_tp(method=method):
-                if search is None:
-                    raise RuntimeError(search_error)
-                found = search.search(method, target)
-                return found["model"], {
-                    "macs_ratio": found["macs_ratio"],
-                    "tp_pruning_ratio": found["ratio"],
-                    "tp_attempts": found["attempts"],
-                    "note": "; ".join(found["notes"]) or None,
-                }
+                def make_tp(method=method):
+                    if search is None:
+                        raise RuntimeError(search_error)
+                    found = search.search(method, target)
+                    return found["model"], {
+                        "macs_ratio": found["macs_ratio"],
+                        "tp_pruning_ratio": found["ratio"],
+                        "tp_attempts": found["attempts"],
+                        "note": "; ".join(found["notes"]) or None,
+                    }
 
-            rows.append(run_method(setup, method, make_tp, budget=budget, **common)[0])
+                rows += run_method(setup, method, make_tp, **common)[0]
 
-        def make_scratch():
-            model, left = reinitialise(learned["slim"], args.seed)
-            note = f"{left} parameter tensors could not be re-initialised" if left else None
-            return model, {"macs_ratio": target, "note": note}
+            def make_scratch():
+                slim, left = reinitialise(learned["slim"], seed)
+                note = f"{left} parameter tensors could not be re-initialised" if left else None
+                return slim, {"macs_ratio": target, "note": note}
 
-        rows.append(run_method(setup, "sepfx-scratch", make_scratch, budget=budget, **common)[0])
+            rows += run_method(setup, "sepfx-scratch", make_scratch, **common)[0]
         if save is not None:
             save(rows)
     return rows
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds of every score, per model, budget,
+    method and fine-tuning mode (``seeds``: how many succeeded; ``error``: a failure's)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"], r["method"], r.get("finetune")), []).append(r)
+    summary = []
+    for (model, budget, method, finetune), members in groups.items():
+        ok = [r for r in members if not r.get("error")]
+        entry = {
+            "model": model,
+            "budget": budget,
+            "method": method,
+            "finetune": finetune,
+            "seeds": len(ok),
+            "macs_ratio": float(np.mean([r["macs_ratio"] for r in ok])) if ok else None,
+        }
+        for metric in SUMMARY_METRICS:
+            values = [r[metric] for r in ok if r.get(metric) is not None]
+            entry[metric] = float(np.mean(values)) if values else None
+            entry[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        if len(ok) < len(members):
+            entry["error"] = next(r["error"] for r in members if r.get("error"))
+        summary.append(entry)
+    return summary
+
+
+def comparisons(summary: list[dict], metric: str = "si_snri_after_ft") -> list[str]:
+    """Learned gates vs magnitude ranking, per budget and fine-tuning mode: the difference of
+    the means, called a difference only where it exceeds the spread (the sum of the two
+    standard deviations over seeds)."""
+    lines = []
+    index = {(s["model"], s["budget"], s["method"], s["finetune"]): s for s in summary}
+    for (model, budget, method, finetune), learned in index.items():
+        magnitude = index.get((model, budget, "sepfx-magnitude", finetune))
+        if method != "sepfx-learned" or magnitude is None:
+            continue
+        if learned.get(metric) is None or magnitude.get(metric) is None:
+            continue
+        diff = learned[metric] - magnitude[metric]
+        stds = [s.get(f"{metric}_std") for s in (learned, magnitude)]
+        if None in stds:
+            verdict = "one seed: no spread to compare with"
+        else:
+            spread = sum(stds)
+            better = "learned better" if diff > 0 else "magnitude better"
+            verdict = f"spread {spread:.2f}: " + (
+                better if abs(diff) > spread else "within the spread"
+            )
+        lines.append(
+            f"- {model} {budget} ({finetune}): learned - magnitude = {diff:+.2f} dB ({verdict})"
+        )
+    return lines
+
+
+def _cell(entry: dict, metric: str):
+    mean, std = entry.get(metric), entry.get(f"{metric}_std")
+    if mean is None:
+        return None
+    return f"{mean:.3g} ± {std:.2g}" if std is not None else mean
+
+
 def _table(rows: list[dict]) -> str:
+    summary = summarise(rows)
+    shown_summary = []
+    for entry in summary:
+        cells = {**entry, **{m: _cell(entry, m) for m in SUMMARY_METRICS}}
+        if entry.get("error") and not entry["seeds"]:
+            cells["si_snri_after_ft"] = "failed: " + entry["error"][:80].replace("|", "/")
+        shown_summary.append({k: ("–" if v is None else v) for k, v in cells.items()})
     shown = [{k: ("–" if v is None else v) for k, v in r.items()} for r in rows]
     for r in shown:
         if r.get("error"):
@@ -556,7 +658,20 @@ def _table(rows: list[dict]) -> str:
         f"- {r['model']} {r['budget']} {r['method']}: {r['note']}" for r in rows if r.get("note")
     ]
     notes = sorted(set(notes), key=notes.index)
-    return markdown_table(shown, COLUMNS) + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else "")
+    compared = comparisons(summary)
+    return (
+        "Mean ± standard deviation over seeds:\n\n"
+        + markdown_table(shown_summary, SUMMARY_COLUMNS)
+        + (
+            "\n\nLearned gates vs magnitude (SI-SNRi after fine-tuning, test split):\n\n"
+            + "\n".join(compared)
+            if compared
+            else ""
+        )
+        + "\n\nEvery run:\n\n"
+        + markdown_table(shown, COLUMNS)
+        + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else "")
+    )
 
 
 def main(argv=None):
@@ -574,6 +689,13 @@ def main(argv=None):
     )
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25])
     parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help="every method at every budget once per seed (gates, batches, random importance)",
+    )
+    parser.add_argument(
         "--gate-steps",
         type=int,
         default=200,
@@ -586,14 +708,20 @@ def main(argv=None):
         help="fine-tuning steps, the same for every method (default 100)",
     )
     parser.add_argument(
-        "--distill",
-        action="store_true",
-        help="fine-tune every method by distillation from the dense model "
-        "(sepfx.finetune(teacher=...)) instead of on the clean sources",
+        "--finetune",
+        choices=["clean", "distill", "both"],
+        default="both",
+        help="fine-tune on the clean sources, by distillation from the dense model "
+        "(sepfx.finetune(teacher=...)), or each pruned model both ways (default)",
     )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--segment", type=float, default=2.0, help="seconds per training item")
-    parser.add_argument("--eval-limit", type=int, default=100, help="test mixtures evaluated")
+    parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=100,
+        help="mixtures evaluated per set (test split; the real-voice set has 24)",
+    )
     parser.add_argument(
         "--tp-tolerance",
         type=float,
@@ -601,11 +729,10 @@ def main(argv=None):
         help="Torch-Pruning's MAC ratio within this of sepfx's (default 0.01)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="untrained tiny Conv-TasNet, synthetic batches, a few steps",
+        help="untrained tiny Conv-TasNet, synthetic batches, a few steps, budget 0.4, 2 seeds",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="tracebacks of failed methods")
@@ -618,7 +745,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.models = ["conv_tasnet"]
+        args.models, args.budgets, args.seeds = ["conv_tasnet"], [0.4], [0, 1]
         args.gate_steps = args.finetune_steps = 8
         args.batch, args.segment, args.eval_limit = 2, 0.5, 4
     elif args.models is None:
@@ -631,6 +758,10 @@ def main(argv=None):
     unknown = [m for m in args.models if m not in ZOO]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(sorted(ZOO))}")
+    absent = sepfx.metrics.missing()
+    if absent:
+        print(f"not measured (library missing: pip install -e '.[metrics]'): {', '.join(absent)}")
+    args.finetunes = list(FINETUNES) if args.finetune == "both" else [args.finetune]
     args.progress = not (args.quiet or args.smoke)
     torch.set_num_threads(args.threads)
     try:
@@ -638,7 +769,7 @@ def main(argv=None):
     except sepfx.errors.InputError as error:  # no data folder: say how to make it
         parser.error(str(error))
     start = time.perf_counter()
-    rows = []
+    rows: list[dict] = []
     for name in args.models:  # results are rewritten after every budget: a stopped run keeps them
         rows += run_model(
             setup,
@@ -659,19 +790,22 @@ def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -
             "config",
             "data",
             "budgets",
+            "seeds",
             "gate_steps",
             "finetune_steps",
+            "finetunes",
             "batch",
             "segment",
             "eval_limit",
             "tp_tolerance",
             "threads",
-            "seed",
             "smoke",
-            "distill",
         )
     }
     settings["test_set"] = setup.test_name
+    settings["real_voice_set"] = f"sepfx.data.RealVoiceSet() ({len(setup.real)} mixtures)"
+    settings["metrics_missing"] = sepfx.metrics.missing()
+    summary = summarise(rows)
     write(
         name,
         {
@@ -679,23 +813,21 @@ def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -
             "settings": settings,
             "complete": complete,
             "seconds": time.perf_counter() - start,
+            "summary": summary,
             "rows": rows,
         },
         _table(rows),
         args.out,
     )
-    series = {}
-    for r in rows:
-        if r.get("si_snri_after_ft") is None or r["method"] == "dense":
+    series: dict[str, tuple[list, list]] = {}
+    for s in summary:
+        if s.get("si_snri_after_ft") is None:
             continue
-        key = f"{r['model']} {r['method']}" if len(args.models) > 1 else r["method"]
+        label = "dense" if s["method"] == "dense" else f"{s['method']} ({s['finetune']})"
+        key = f"{s['model']} {label}" if len(args.models) > 1 else label
         series.setdefault(key, ([], []))
-        series[key][0].append(r["macs_ratio"])
-        series[key][1].append(r["si_snri_after_ft"])
-    for r in rows:  # the dense model as a one-point series per model
-        if r["method"] == "dense":
-            key = f"{r['model']} dense" if len(args.models) > 1 else "dense"
-            series[key] = ([1.0], [r["si_snri_after_ft"]])
+        series[key][0].append(s["macs_ratio"])
+        series[key][1].append(s["si_snri_after_ft"])
     for x, y in series.values():  # lines left to right
         order = sorted(range(len(x)), key=x.__getitem__)
         x[:], y[:] = [x[i] for i in order], [y[i] for i in order]
@@ -703,7 +835,7 @@ def _write(args, setup: Setup, rows: list[dict], start: float, complete: bool) -
         args.out / f"{name}.png",
         series,
         "MACs / dense MACs",
-        "SI-SNRi after fine-tune (dB)",
+        "SI-SNRi after fine-tune (dB, mean over seeds)",
         f"Quality at equal MACs ({args.finetune_steps} fine-tune steps)",
     )
     return name

@@ -172,18 +172,21 @@ QUALITY_METHODS = [
     "tp-random",
     "sepfx-scratch",
 ]
-QUALITY_COLUMNS = [
-    "model",
-    "budget",
-    "method",
-    "macs_ratio",
-    "params",
-    "si_snri_before_ft",
-    "si_snri_after_ft",
-    "recovered",
-    "arctic_si_snri_after_ft",
-    "time_s",
+AFTER = [
+    f"{prefix}{m}_after_ft" for prefix in ("", "real_") for m in ("si_snri", "sdri", "stoi", "pesq")
 ]
+
+
+def markdown_tables(path: Path) -> list[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table of a file: (header, body rows), cells stripped."""
+    tables, block = [], []
+    for line in path.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip("|").split("|")])
+        elif block:
+            tables.append((block[0], block[2:]))
+            block = []
+    return tables
 
 
 @pytest.fixture(scope="module")
@@ -196,92 +199,119 @@ def quality_smoke(tmp_path_factory):
 @pytest.mark.slow
 def test_quality_smoke_files(quality_smoke):
     out, proc = quality_smoke
-    payload, header, body = load_results(out, "quality_smoke")
-    assert header == QUALITY_COLUMNS
-    assert payload["settings"]["smoke"] is True
-    assert "wrote" in proc.stdout
+    payload = json.loads((out / "quality_smoke.json").read_text())
+    assert payload["settings"]["smoke"] is True and payload["complete"] is True
+    assert payload["settings"]["seeds"] == [0, 1]
+    assert payload["settings"]["finetunes"] == ["clean", "distill"]
+    (summary_header, summary_body), (header, body) = markdown_tables(out / "quality_smoke.md")
+    assert summary_header[:6] == ["model", "budget", "method", "finetune", "seeds", "macs_ratio"]
+    assert set(AFTER) <= set(summary_header) and set(AFTER) <= set(header)
+    assert header[:5] == ["model", "budget", "method", "finetune", "seed"]
+    assert len(body) == len(payload["rows"]) and len(summary_body) == len(payload["summary"])
+    assert (
+        "wrote" in proc.stdout
+        and "Learned gates vs magnitude" in proc.stdout + (out / "quality_smoke.md").read_text()
+    )
     check_plot(out, "quality_smoke")
-    methods = {row[2] for row in body}
-    assert methods >= set(QUALITY_METHODS) | {"dense"}
+    assert {row[2] for row in body} >= set(QUALITY_METHODS) | {"dense"}
 
 
 @pytest.mark.slow
 def test_quality_smoke_rows(quality_smoke):
     out, _ = quality_smoke
-    rows = json.loads((out / "quality_smoke.json").read_text())["rows"]
+    payload = json.loads((out / "quality_smoke.json").read_text())
+    rows, summary = payload["rows"], payload["summary"]
     dense = [r for r in rows if r["method"] == "dense"]
     assert len(dense) == 1
     dense = dense[0]
     assert dense["macs_ratio"] == 1.0 and dense["params"] > 0
-    assert finite(dense["si_snri_after_ft"], dense["arctic_si_snri_after_ft"])
-    budgets = {r["budget"] for r in rows if r["method"] != "dense"}
-    assert 0.4 in budgets
-    for budget in budgets:
-        by_method = {r["method"]: r for r in rows if r["budget"] == budget}
-        if budget == 0.4:
-            assert set(by_method) == set(QUALITY_METHODS), sorted(by_method)
+    assert finite(*(dense[k] for k in AFTER)), dense
+    assert dense["si_snri_after_ft"] == dense["si_snri_before_ft"]
+    pruned = [r for r in rows if r["method"] != "dense"]
+    assert {r["budget"] for r in pruned} == {0.4}
+    # every method, seed and fine-tuning mode once
+    assert sorted((r["method"], r["seed"], r["finetune"]) for r in pruned) == sorted(
+        (m, s, f) for m in QUALITY_METHODS for s in (0, 1) for f in ("clean", "distill")
+    )
+    for seed in (0, 1):
+        by_method = {r["method"]: r for r in pruned if r["seed"] == seed}
         learned = by_method["sepfx-learned"]
         for method, r in by_method.items():
-            assert not r.get("error"), f"{method} at {budget}: {r.get('error')}"
-            assert r["model"] == "conv_tasnet"
-            assert 0 < r["macs_ratio"] <= 1, r
-            assert 0 < r["params"] < dense["params"], r
+            assert not r.get("error"), f"{method} seed {seed}: {r.get('error')}"
+            assert 0 < r["macs_ratio"] <= 1 and 0 < r["params"] < dense["params"], r
             assert finite(
-                r["si_snri_before_ft"],
-                r["si_snri_after_ft"],
-                r["arctic_si_snri_before_ft"],
-                r["arctic_si_snri_after_ft"],
-            ), r
+                r["si_snri_before_ft"], r["real_si_snri_before_ft"], *(r[k] for k in AFTER)
+            )
+            assert 0 <= r["stoi_after_ft"] <= 1 and 0 <= r["real_stoi_after_ft"] <= 1, r
             assert r["time_s"] > 0 and r["finetune_s"] > 0, r
-            assert r["recovered"] is None or finite(r["recovered"])
-            if r["recovered"] is not None:
-                assert r["recovered"] == pytest.approx(
-                    r["si_snri_after_ft"] / dense["si_snri_after_ft"]
-                )
-        # sepfx meets the budget; the others are compared at the MACs it achieved
-        assert learned["macs_ratio"] <= budget + 1e-9
-        assert by_method["sepfx-magnitude"]["macs_ratio"] <= budget + 1e-9
+            assert r["recovered"] is None  # the untrained dense model's SI-SNRi is negative
+        assert learned["macs_ratio"] <= 0.4 + 1e-9
+        assert by_method["sepfx-magnitude"]["macs_ratio"] <= 0.4 + 1e-9
         assert by_method["sepfx-scratch"]["macs_ratio"] == learned["macs_ratio"]
-        assert by_method["sepfx-scratch"]["params"] == learned["params"]
         for method in ("tp-magnitude", "tp-taylor", "tp-random"):
             r = by_method[method]
             assert 0 < r["tp_pruning_ratio"] < 1
-            if abs(r["macs_ratio"] - learned["macs_ratio"]) > 0.01 + 1e-9:
-                # a uniform pruning ratio moves groups of one size together: the MACs can jump
-                # over the target; the row says so (at 0.4 the tiny model is known to match)
-                assert budget != 0.4, r
-                assert "closest MAC ratio reachable" in r["note"], r
+            assert abs(r["macs_ratio"] - learned["macs_ratio"]) <= 0.01 + 1e-9, r
+    # the summary is the mean and sample std of the seeds' rows
+    for entry in summary:
+        if entry["method"] == "dense":
+            continue
+        members = [
+            r
+            for r in pruned
+            if (r["method"], r["finetune"]) == (entry["method"], entry["finetune"])
+        ]
+        assert entry["seeds"] == len(members) == 2
+        for key in AFTER:
+            values = [r[key] for r in members]
+            assert entry[key] == pytest.approx(sum(values) / 2)
+            assert entry[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
 
 
-def test_quality_smoke_markdown_marks_failures(tmp_path):
-    """A failed method's row keeps its place in the table, with the error instead of numbers
-    (checked on the table writer alone: the smoke run has no failure)."""
+def _quality_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import quality
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return quality
+
+
+def test_quality_markdown_marks_failures():
+    """A failed method's row keeps its place in both tables, with the error instead of numbers
+    (checked on the table writer alone: the smoke run has no failure)."""
+    quality = _quality_module()
     rows = [
-        {
-            "model": "m",
-            "budget": 0.4,
-            "method": "tp-taylor",
-            "error": "IndexError: boom",
-            "time_s": 0.1,
-        },
-        {
-            "model": "m",
-            "budget": 0.4,
-            "method": "sepfx-learned",
-            "macs_ratio": 0.39,
-            "params": 10,
-            "si_snri_before_ft": 1.0,
-            "si_snri_after_ft": 2.0,
-            "recovered": None,
-            "arctic_si_snri_after_ft": 1.5,
-            "time_s": 1.0,
-        },
+        {"model": "m", "budget": 0.4, "method": "tp-taylor", "finetune": "clean", "seed": 0,
+         "error": "IndexError: boom", "time_s": 0.1},
+        {"model": "m", "budget": 0.4, "method": "sepfx-learned", "finetune": "clean", "seed": 0,
+         "macs_ratio": 0.39, "params": 10, "si_snri_before_ft": 1.0, "si_snri_after_ft": 2.0,
+         "recovered": None, "time_s": 1.0},
+    ]  # fmt: skip
+    table = quality._table(rows)
+    assert table.count("failed: IndexError: boom") == 2  # summary and every-run tables
+    assert "None" not in table
+
+
+def test_quality_comparison_needs_a_difference_beyond_the_spread():
+    quality = _quality_module()
+
+    def rows(method, values):
+        return [
+            {"model": "m", "budget": 0.4, "method": method, "finetune": "clean", "seed": i,
+             "macs_ratio": 0.4, "si_snri_after_ft": v}
+            for i, v in enumerate(values)
+        ]  # fmt: skip
+
+    # means 5 and 4, stds 1 and 0: a difference of 1 is not beyond a spread of 1
+    close = quality.comparisons(quality.summarise(rows("sepfx-learned", [4, 5, 6]) + rows(
+        "sepfx-magnitude", [4, 4, 4])))  # fmt: skip
+    assert close == [
+        "- m 0.4 (clean): learned - magnitude = +1.00 dB (spread 1.00: within the spread)"
     ]
-    table = quality._table(rows).splitlines()
-    assert "failed: IndexError: boom" in table[2]
-    assert "None" not in table[3]
+    far = quality.comparisons(quality.summarise(rows("sepfx-learned", [6, 7, 8]) + rows(
+        "sepfx-magnitude", [4, 4.5, 5])))  # fmt: skip
+    assert far == ["- m 0.4 (clean): learned - magnitude = +2.50 dB (spread 1.50: learned better)"]
+    one = quality.comparisons(quality.summarise(rows("sepfx-learned", [6]) + rows(
+        "sepfx-magnitude", [4])))  # fmt: skip
+    assert "one seed" in one[0]
