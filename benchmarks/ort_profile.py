@@ -3,7 +3,9 @@ of node (pointwise conv, depthwise conv, norm, elementwise, shape and layout, ..
 kind's share of the dense run and how much of its time and of its MACs the slim model keeps.
 A kind whose time shrinks less than the MACs is where the speed-up falls short of the MAC cut.
 The unprofiled speed-up is also measured with the kept counts rounded to other multiples
-(``--multiples``: 1 is no rounding), since SIMD-width channel counts are a common remedy.
+(``--multiples``: 1 is no rounding), and single 1x1 convolutions are timed at the dense and
+kept channel counts and one channel off them (``--gemm``): whether channel counts that suit the
+SIMD width run faster per MAC.
 
     python benchmarks/ort_profile.py                   # conv_tasnet small, budget 0.4, 1 s and 4 s
     python benchmarks/ort_profile.py --smoke           # tiny, one length: what CI runs
@@ -18,13 +20,44 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table, write  # noqa: E402
 
 import sepfx  # noqa: E402
-from sepfx.bench import PROFILE_COLUMNS, ort_medians, ort_op_profile, profile_rows  # noqa: E402
+from sepfx.bench import (  # noqa: E402
+    PROFILE_COLUMNS,
+    ort_medians,
+    ort_op_profile,
+    ort_session,
+    paired_medians,
+    profile_rows,
+)
 from sepfx.models import build  # noqa: E402
+
+
+def pointwise_timings(shapes, frames: int, threads: int, runs: int, tmp: str) -> list[dict]:
+    """Median ONNX Runtime time of one 1x1 Conv1d per (out, in) channel shape on ``frames``
+    frames, run interleaved, and its picoseconds per MAC."""
+    sessions, feeds = [], []
+    for out_channels, in_channels in shapes:
+        path = os.path.join(tmp, f"pointwise_{out_channels}_{in_channels}.onnx")
+        example = torch.randn(1, in_channels, frames)
+        sepfx.export_onnx(nn.Conv1d(in_channels, out_channels, 1), path, example)
+        sessions.append(ort_session(path, threads))
+        feeds.append({sessions[-1].get_inputs()[0].name: example.numpy()})
+    times = paired_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs)
+    return [
+        {
+            "out_channels": o,
+            "in_channels": i,
+            "frames": frames,
+            "us": 1e6 * t,
+            "ps_per_mac": 1e12 * t / (o * i * frames),
+        }
+        for (o, i), t in zip(shapes, times)
+    ]
 
 
 def main(argv=None):
@@ -42,11 +75,19 @@ def main(argv=None):
         default=[8, 1, 16],
         help="kept-count roundings to time; the first is profiled (compile's default: 8)",
     )
+    parser.add_argument(
+        "--gemm",
+        nargs="+",
+        type=int,
+        default=[64, 128, 40, 80, 39, 79, 41, 81, 48, 96, 32, 64],
+        help="channel counts C, D, ...: 1x1 convs D->C and C->D are timed for each pair",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 1 s, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.config, args.seconds, args.runs, args.multiples = "tiny", [1], 3, [8, 1]
+        args.gemm = [16, 32, 15, 31]
     torch.manual_seed(0)
     model = build(args.model, args.config).eval()
     analysis = sepfx.analyze(model)
@@ -85,13 +126,20 @@ def main(argv=None):
                     }
                 )
             print(markdown_table([r for r in rows if r["seconds"] == seconds], PROFILE_COLUMNS))
+        pairs = list(zip(args.gemm[::2], args.gemm[1::2]))
+        shapes = [shape for c, d in pairs for shape in ((c, d), (d, c))]
+        frames = int(model.sample_rate * args.seconds[-1]) // 8  # the encoder's stride
+        gemm = pointwise_timings(shapes, frames, args.threads, max(args.runs, 50), tmp)
     kept = {m: [[g.size, g.kept] for g in slim.sepfx_report.groups] for m, slim in slims.items()}
     name = "ort_profile_smoke" if args.smoke else f"ort_profile_{args.model}"
     table = (
         "Unprofiled (paired medians; `multiple`: kept counts rounded to multiples of it):\n\n"
         + markdown_table(summary, list(summary[0]))
-        + f"\n\nProfiled (multiple {profiled}), by kind of node (ORT's profiler slows each node "
-        "a little):\n\n" + markdown_table(rows, ["seconds"] + PROFILE_COLUMNS)
+        + f"\n\nProfiled (multiple {profiled}), by kind of node, means over the runs "
+        "(ORT's profiler slows each node a little):\n\n"
+        + markdown_table(rows, ["seconds"] + PROFILE_COLUMNS)
+        + f"\n\nOne 1x1 convolution (out <- in channels), {frames} frames:\n\n"
+        + markdown_table(gemm, list(gemm[0]))
     )
     payload = {
         "machine": machine(),
@@ -102,6 +150,7 @@ def main(argv=None):
         "kept": kept,
         "summary": summary,
         "rows": rows,
+        "pointwise": gemm,
     }
     write(name, payload, table, args.out)
     print(f"wrote {args.out / (name + '.md')}")

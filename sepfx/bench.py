@@ -228,8 +228,9 @@ def ort_op_profile(
     paths: list[str], x: np.ndarray, threads: int = 1, runs: int = 20
 ) -> list[dict[str, dict]]:
     """ONNX Runtime's own profile of each model on ``x``, the models run interleaved: for each
-    kind of node (pointwise conv, depthwise conv, norm, elementwise, ...) the median kernel
-    milliseconds per run, the node count and the MACs; ``"between kernels"`` is the session's own
+    kind of node (pointwise conv, depthwise conv, norm, elementwise, ...) the mean kernel
+    milliseconds per run (means, so that the kinds add up to the run), the node count and the
+    MACs; ``"between kernels"`` is the session's own
     work between them and ``"run"`` the whole run. Profiling slows each node a little: read the
     shares and ratios, and time a model with ``ort_medians``."""
     import json
@@ -268,13 +269,13 @@ def ort_op_profile(
                             row["macs"] += macs
                         break
             for kind, row in kinds.items():
-                row["ms"] = float(np.median([r.get(kind, 0.0) for r in per_run]))
+                row["ms"] = float(np.mean([r.get(kind, 0.0) for r in per_run]))
             gaps = [s["dur"] / 1000 - sum(r.values()) for s, r in zip(spans, per_run)]
-            kinds["between kernels"] = {"nodes": 0, "macs": 0, "ms": float(np.median(gaps))}
+            kinds["between kernels"] = {"nodes": 0, "macs": 0, "ms": float(np.mean(gaps))}
             kinds["run"] = {
                 "nodes": sum(r["nodes"] for r in kinds.values()),
                 "macs": sum(r["macs"] for r in kinds.values()),
-                "ms": float(np.median([s["dur"] / 1000 for s in spans])),
+                "ms": float(np.mean([s["dur"] / 1000 for s in spans])),
             }
             profiles.append(kinds)
     return profiles

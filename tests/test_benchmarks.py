@@ -111,11 +111,21 @@ def test_ort_profile_smoke(tmp_path):  # ~10 s: CI runs this one
     assert {"run", "between kernels", "pointwise conv", "depthwise conv", "norm"} <= set(kinds)
     run = kinds.pop("run")
     assert run["dense_share"] == 1 and run["nodes"] == sum(r["nodes"] for r in kinds.values())
-    # the kinds add up to the run (medians of each, so not exactly)
-    assert sum(r["dense_ms"] for r in kinds.values()) == pytest.approx(run["dense_ms"], rel=0.2)
+    for side in ("dense_ms", "slim_ms"):  # the kinds (and the gaps between them) add up to the run
+        assert sum(r[side] for r in kinds.values()) == pytest.approx(run[side], rel=1e-6)
     assert all(r["dense_ms"] >= 0 and r["slim_ms"] >= 0 for r in kinds.values())
     # every pointwise conv is cut on both sides or one: its MACs fall at least as much as a side
     assert 0 < kinds["pointwise conv"]["macs_ratio"] <= kinds["depthwise conv"]["macs_ratio"] < 1
+    pointwise = payload["pointwise"]
+    assert [(r["out_channels"], r["in_channels"]) for r in pointwise] == [
+        (16, 32),
+        (32, 16),
+        (15, 31),
+        (31, 15),
+    ]
+    for r in pointwise:
+        macs = r["out_channels"] * r["in_channels"] * r["frames"]
+        assert r["us"] > 0 and r["ps_per_mac"] == pytest.approx(1e6 * r["us"] / macs), r
 
 
 def test_profile_node_kinds_and_macs():
