@@ -79,8 +79,18 @@ def _parser() -> argparse.ArgumentParser:
         "half: MACs, params, latency, SI-SNRi before/after.",
     )
     demo.add_argument("--budget", type=float, default=0.4)
-    demo.add_argument("--steps", type=int, default=100, help="gate-learning steps (default 100)")
-    demo.add_argument("--finetune-steps", type=int, default=100, help="default 100")
+    demo.add_argument(
+        "--gates",
+        choices=["magnitude", "learned"],
+        default="magnitude",
+        help="keep the channels of largest weights (data-free, default: measured better "
+        "after the demo's short fine-tune, see README) or learn the gates on the tune "
+        "mixtures (SepPrune)",
+    )
+    demo.add_argument(
+        "--steps", type=int, default=100, help="gate-learning steps with --gates learned"
+    )
+    demo.add_argument("--finetune-steps", type=int, default=250, help="default 250")
     demo.add_argument(
         "--no-distill",
         action="store_true",
@@ -142,7 +152,12 @@ def _demo(args) -> int:
     from sepfx import demo
 
     result = demo.run(
-        args.budget, args.steps, args.finetune_steps, args.out, distill=not args.no_distill
+        args.budget,
+        args.steps,
+        args.finetune_steps,
+        args.out,
+        distill=not args.no_distill,
+        gates=args.gates,
     )
     print(demo.summary(result))
     return 0

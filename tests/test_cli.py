@@ -184,6 +184,17 @@ def test_error_unknown_model_name(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_demo_gates_choice_is_checked_before_any_work(tmp_path):
+    proc = sepfx_cli("demo", "--gates", "random", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'random'" in proc.stderr
+    from sepfx import demo
+    from sepfx.errors import InputError
+
+    with pytest.raises(InputError, match="'magnitude' or 'learned'"):
+        demo.run(gates="random", out=str(tmp_path / "x.onnx"), progress=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_error_missing_model_file(tmp_path):
     missing = tmp_path / "nowhere" / "model.pt"
     proc = sepfx_cli("compile", missing, "--out", tmp_path / "x.onnx", cwd=tmp_path)
