@@ -445,7 +445,7 @@ def run_method(
     before, real_before = setup.si_snri(model)
     macs_ratio = extra.pop("macs_ratio", None)
     if macs_ratio is None:
-        macs_ratio = macs_of(model) / dense["model"]
+        macs_ratio = macs_of(model) / dense["macs"]
     rows = []
     for finetune in args.finetunes:
         finetune_start = time.perf_counter()
@@ -521,7 +521,6 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
             source=source,
         )
     ]
-    dense["model"] = model
     try:
         search = TorchPruningSearch(model, setup.batch, dense_macs, args.tp_tolerance)
         search_error = None
