@@ -28,6 +28,7 @@ from common import RESULTS, machine, markdown_table, write  # noqa: E402
 import sepfx  # noqa: E402
 from sepfx.bench import (  # noqa: E402
     PROFILE_COLUMNS,
+    latency_row,
     ort_medians,
     ort_op_profile,
     ort_session,
@@ -111,20 +112,12 @@ def main(argv=None):
             for row in profile_rows(dense, slimmed):
                 rows.append({"model": args.model, "seconds": seconds, **row})
             times = ort_medians([dense_path, *paths.values()], x, args.threads, args.runs)
+            runtime = f"ort cpu x{args.threads}"
             for (m, slim), t_slim in zip(slims.items(), times[1:]):
-                macs_ratio = slim.sepfx_report.macs_ratio
-                summary.append(
-                    {
-                        "model": args.model,
-                        "seconds": seconds,
-                        "multiple": m,
-                        "dense_ms": 1000 * times[0],
-                        "slim_ms": 1000 * t_slim,
-                        "macs_ratio": macs_ratio,
-                        "speedup": times[0] / t_slim,
-                        "speedup_over_mac_ratio": times[0] / t_slim * macs_ratio,
-                    }
+                row = latency_row(
+                    args.model, args.budget, seconds, runtime, times[0], t_slim, slim.sepfx_report
                 )
+                summary.append({"multiple": m, **row})
             print(markdown_table([r for r in rows if r["seconds"] == seconds], PROFILE_COLUMNS))
         pairs = list(zip(args.gemm[::2], args.gemm[1::2]))
         shapes = [shape for c, d in pairs for shape in ((c, d), (d, c))]

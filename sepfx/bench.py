@@ -41,13 +41,18 @@ def paired_medians(fns: list, runs: int, warmup: int = 2) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def ort_session(path: str, threads: int = 1, cuda: bool = False):
+def ort_session(path: str, threads: int = 1, cuda: bool = False, profile_prefix: str | None = None):
+    """An ONNX Runtime session; with ``profile_prefix`` it writes ORT's per-node profile
+    there (``session.end_profiling()`` returns the file)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     return ort.InferenceSession(path, options, providers=providers)
 
@@ -83,7 +88,8 @@ def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
     return [float(np.median([t[i] for t in times])) for i in range(len(models))]
 
 
-def _row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
+def latency_row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
+    """One row of ``COLUMNS`` from the dense and slim seconds and the slim model's report."""
     speedup = t_dense / t_slim
     return {
         "model": name,
@@ -141,19 +147,19 @@ def compare(
                         torch.set_num_threads(n)
                         with torch.inference_mode():
                             t = paired_medians([lambda: model(x), lambda: slim(x)], runs)
-                        rows.append(_row(name, budget, sec, f"torch cpu x{n}", *t, report))
+                        rows.append(latency_row(name, budget, sec, f"torch cpu x{n}", *t, report))
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), n, runs)
-                        rows.append(_row(name, budget, sec, f"ort cpu x{n}", *t, report))
+                        rows.append(latency_row(name, budget, sec, f"ort cpu x{n}", *t, report))
                 finally:
                     torch.set_num_threads(previous_threads)
                 if torch.cuda.is_available():
                     t = _cuda_medians([model, slim], x, runs)
-                    rows.append(_row(name, budget, sec, "torch cuda", *t, report))
+                    rows.append(latency_row(name, budget, sec, "torch cuda", *t, report))
                     import onnxruntime as ort
 
                     if "CUDAExecutionProvider" in ort.get_available_providers():
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), 1, runs, cuda=True)
-                        rows.append(_row(name, budget, sec, "ort cuda", *t, report))
+                        rows.append(latency_row(name, budget, sec, "ort cuda", *t, report))
                 if progress:
                     print(format_table(rows[-1:], header=False), flush=True)
     return rows
@@ -234,24 +240,18 @@ def ort_op_profile(
     work between them and ``"run"`` the whole run. Profiling slows each node a little: read the
     shares and ratios, and time a model with ``ort_medians``."""
     import json
-
-    import onnxruntime as ort
+    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = []
-        for i, path in enumerate(paths):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            options.enable_profiling = True
-            options.profile_file_prefix = os.path.join(tmp, f"model{i}")
-            sessions.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        sessions = [
+            ort_session(path, threads, profile_prefix=os.path.join(tmp, f"model{i}"))
+            for i, path in enumerate(paths)
+        ]
         feeds = [{s.get_inputs()[0].name: x} for s in sessions]
         paired_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs)
         profiles = []
         for session in sessions:
-            events = json.loads(open(session.end_profiling()).read())
+            events = json.loads(Path(session.end_profiling()).read_text())
             spans = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
             spans = spans[-runs:]  # the timed runs, not the warm-up
             per_run = [dict() for _ in spans]
