@@ -2,8 +2,10 @@
 of node (pointwise conv, depthwise conv, norm, elementwise, shape and layout, ...), with each
 kind's share of the dense run and how much of its time and of its MACs the slim model keeps.
 A kind whose time shrinks less than the MACs is where the speed-up falls short of the MAC cut.
-The unprofiled speed-up is also measured with the kept counts rounded to other multiples
-(``--multiples``: 1 is no rounding), and single 1x1 convolutions are timed at the dense and
+Each width allocation (``--allocations``: compile's default "uniform", the same fraction of
+every group, and "latency", which spends the MACs where they write the fewest activation
+elements) is profiled; the unprofiled speed-up is also measured with the kept counts rounded to other
+multiples (``--multiples``: 1 is no rounding), and single 1x1 convolutions are timed at the dense and
 kept channel counts and one channel off them (``--gemm``): whether channel counts that suit the
 SIMD width run faster per MAC.
 
@@ -35,6 +37,7 @@ from sepfx.bench import (  # noqa: E402
     paired_medians,
     profile_rows,
 )
+from sepfx.budget import ALLOCATIONS  # noqa: E402
 from sepfx.models import build  # noqa: E402
 
 
@@ -77,6 +80,13 @@ def main(argv=None):
         help="kept-count roundings to time; the first is profiled (compile's default: 8)",
     )
     parser.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=list(ALLOCATIONS),
+        default=["uniform", "latency"],
+        help="width allocations to profile and time (compile's default: uniform)",
+    )
+    parser.add_argument(
         "--gemm",
         nargs="+",
         type=int,
@@ -92,45 +102,53 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build(args.model, args.config).eval()
     analysis = sepfx.analyze(model)
-    slims = {
-        m: sepfx.compile(model, budget=args.budget, multiple=m, progress=False)  # data-free
+    slims = {  # data-free; keyed (allocation, multiple)
+        (a, m): sepfx.compile(model, budget=args.budget, multiple=m, allocation=a, progress=False)
+        for a in args.allocations
         for m in args.multiples
     }
     rows, summary = [], []
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = os.path.join(tmp, "dense.onnx")
         sepfx.export_onnx(analysis.slim(analysis.keep_all()), dense_path)
-        paths = {m: os.path.join(tmp, f"slim{m}.onnx") for m in slims}
-        for m, slim in slims.items():
-            sepfx.export_onnx(slim, paths[m])
+        paths = {key: os.path.join(tmp, "slim_{}_{}.onnx".format(*key)) for key in slims}
+        for key, slim in slims.items():
+            sepfx.export_onnx(slim, paths[key])
         profiled = args.multiples[0]
         for seconds in args.seconds:
             x = torch.randn(1, int(model.sample_rate * seconds)).numpy()
-            dense, slimmed = ort_op_profile(
-                [dense_path, paths[profiled]], x, args.threads, args.runs
-            )
-            for row in profile_rows(dense, slimmed):
-                rows.append({"model": args.model, "seconds": seconds, **row})
+            for allocation in args.allocations:
+                dense, slimmed = ort_op_profile(
+                    [dense_path, paths[allocation, profiled]], x, args.threads, args.runs
+                )
+                for row in profile_rows(dense, slimmed):
+                    rows.append(
+                        {"model": args.model, "allocation": allocation, "seconds": seconds, **row}
+                    )
             times = ort_medians([dense_path, *paths.values()], x, args.threads, args.runs)
             runtime = f"ort cpu x{args.threads}"
-            for (m, slim), t_slim in zip(slims.items(), times[1:]):
+            for ((a, m), slim), t_slim in zip(slims.items(), times[1:]):
                 row = latency_row(
                     args.model, args.budget, seconds, runtime, times[0], t_slim, slim.sepfx_report
                 )
-                summary.append({"multiple": m, **row})
+                summary.append({"allocation": a, "multiple": m, **row})
             print(markdown_table([r for r in rows if r["seconds"] == seconds], PROFILE_COLUMNS))
         pairs = list(zip(args.gemm[::2], args.gemm[1::2]))
         shapes = [shape for c, d in pairs for shape in ((c, d), (d, c))]
         frames = int(model.sample_rate * args.seconds[-1]) // 8  # the encoder's stride
         gemm = pointwise_timings(shapes, frames, args.threads, max(args.runs, 50), tmp)
-    kept = {m: [[g.size, g.kept] for g in slim.sepfx_report.groups] for m, slim in slims.items()}
+    kept = {
+        f"{a} x{m}": [[g.size, g.kept] for g in slim.sepfx_report.groups]
+        for (a, m), slim in slims.items()
+    }
     name = "ort_profile_smoke" if args.smoke else f"ort_profile_{args.model}"
     table = (
-        "Unprofiled (paired medians; `multiple`: kept counts rounded to multiples of it):\n\n"
+        "Unprofiled (paired medians; `allocation`: how wide each group stays; `multiple`: kept "
+        "counts rounded to multiples of it):\n\n"
         + markdown_table(summary, list(summary[0]))
         + f"\n\nProfiled (multiple {profiled}), by kind of node, means over the runs "
         "(ORT's profiler slows each node a little):\n\n"
-        + markdown_table(rows, ["seconds"] + PROFILE_COLUMNS)
+        + markdown_table(rows, ["allocation", "seconds"] + PROFILE_COLUMNS)
         + f"\n\nOne 1x1 convolution (out <- in channels), {frames} frames:\n\n"
         + markdown_table(gemm, list(gemm[0]))
     )

@@ -15,7 +15,10 @@ steps as the others are fine-tuned).
 For each model and budget b:
 
 - ``sepfx-learned``: ``sepfx.compile(model, budget=b, data=train, steps=--gate-steps)``;
-- ``sepfx-magnitude``: ``sepfx.compile(model, budget=b)`` (no data);
+- ``sepfx-magnitude``: ``sepfx.compile(model, budget=b)`` (no data; every group keeps the
+  same fraction);
+- ``sepfx-latency``: the same with ``allocation="latency"`` (the MACs spent where they write
+  the fewest activation elements): what those faster widths cost or gain in quality;
 - ``tp-magnitude`` / ``tp-taylor`` / ``tp-random``: Torch-Pruning's ``MetaPruner`` with
   ``MagnitudeImportance(p=2)`` / ``TaylorImportance()`` (after one backward pass on a training
   batch) / ``RandomImportance()``, the same pruning ratio for every group, the ratio found by
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import time
@@ -88,6 +92,7 @@ from sepfx.models import ZOO, build, pretrained, pretrained_names  # noqa: E402
 METHODS = [
     "sepfx-learned",
     "sepfx-magnitude",
+    "sepfx-latency",
     "tp-magnitude",
     "tp-taylor",
     "tp-random",
@@ -543,17 +548,26 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
                 learned["slim"] = slim
                 return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
 
-            rows += run_method(setup, "sepfx-learned", make_learned, **common)[0]
+            if "sepfx-learned" in args.methods:
+                rows += run_method(setup, "sepfx-learned", make_learned, **common)[0]
+
+            def make_magnitude(allocation="uniform"):  # data-free: seeds only the fine-tuning
+                slim = sepfx.compile(
+                    model, budget=budget, allocation=allocation, seed=seed, progress=args.progress
+                )
+                return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
+
+            if "sepfx-magnitude" in args.methods:
+                rows += run_method(setup, "sepfx-magnitude", make_magnitude, **common)[0]
+            if "sepfx-latency" in args.methods:
+                make_latency = functools.partial(make_magnitude, "latency")
+                rows += run_method(setup, "sepfx-latency", make_latency, **common)[0]
             if "slim" not in learned:
                 continue  # nothing to match MACs to, nor to train from scratch
             target = learned["slim"].sepfx_report.macs_ratio
-
-            def make_magnitude():  # data-free: the seed changes only the fine-tuning batches
-                slim = sepfx.compile(model, budget=budget, seed=seed, progress=args.progress)
-                return slim, {"macs_ratio": slim.sepfx_report.macs_ratio}
-
-            rows += run_method(setup, "sepfx-magnitude", make_magnitude, **common)[0]
-            for method in ("tp-magnitude", "tp-taylor", "tp-random"):
+            for method in [
+                m for m in ("tp-magnitude", "tp-taylor", "tp-random") if m in args.methods
+            ]:
 
                 def make_tp(method=method):
                     if search is None:
@@ -573,7 +587,8 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
                 note = f"{left} parameter tensors could not be re-initialised" if left else None
                 return slim, {"macs_ratio": target, "note": note}
 
-            rows += run_method(setup, "sepfx-scratch", make_scratch, **common)[0]
+            if "sepfx-scratch" in args.methods:
+                rows += run_method(setup, "sepfx-scratch", make_scratch, **common)[0]
         if save is not None:
             save(rows)
     return rows
@@ -713,6 +728,14 @@ def main(argv=None):
         help="fine-tune on the clean sources, by distillation from the dense model "
         "(sepfx.finetune(teacher=...)), or each pruned model both ways (default)",
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=METHODS,
+        help="methods to run (default all; Torch-Pruning and scratch match sepfx-learned's "
+        "MACs, so they run only with it)",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--segment", type=float, default=2.0, help="seconds per training item")
     parser.add_argument(
@@ -760,6 +783,9 @@ def main(argv=None):
     absent = sepfx.metrics.missing()
     if absent:
         print(f"not measured (library missing: pip install -e '.[metrics]'): {', '.join(absent)}")
+    matched = [m for m in args.methods if m.startswith("tp-") or m == "sepfx-scratch"]
+    if matched and "sepfx-learned" not in args.methods:
+        parser.error(f"{', '.join(matched)} match sepfx-learned's MACs: add sepfx-learned")
     args.finetunes = list(FINETUNES) if args.finetune == "both" else [args.finetune]
     args.progress = not (args.quiet or args.smoke)
     torch.set_num_threads(args.threads)

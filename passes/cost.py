@@ -1,10 +1,13 @@
-"""MACs of a GraphModule as a function of the channels each group keeps.
+"""MACs of a GraphModule as a function of the channels each group keeps, and the activation
+elements its nodes write (what channel-linear work such as norms, activations, depthwise
+convolutions and residual adds costs, which MACs do not see).
 
 Each node's dense MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) while
 the graph runs on the reference input; nodes whose rule gives a closed form (LSTM/GRU, which
 the counter does not see inside, and attention) use it instead. A rule's cost terms say how
 the node's MACs scale with the kept fraction of each axis, so the model gives both the MACs of a
-keep set and, for gate learning, the expected MACs of keep probabilities (differentiable).
+keep set and, for gate learning, the expected MACs of keep probabilities (differentiable). A
+node's output elements scale with the kept fractions of the output's channel axes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from passes.values import AxisKey
 
 
 COUNTED_MACS = "sepfx_counted_macs"  # node.meta key, while counting: the node's MACs
+COUNTED_ELEMENTS = "sepfx_counted_elements"  # node.meta key, while counting: output elements
 
 
 class _MacCounter(fx.Interpreter):
@@ -29,6 +33,10 @@ class _MacCounter(fx.Interpreter):
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         n.meta[COUNTED_MACS] = counter.get_total_flops() / 2
+        if n.op in ("call_function", "call_method", "call_module") and isinstance(
+            result, torch.Tensor
+        ):
+            n.meta[COUNTED_ELEMENTS] = result.numel()
         return result
 
 
@@ -41,10 +49,12 @@ class CostModel:
     analysis: ChannelAnalysis
     reference_shape: tuple[int, ...]
     shares: list[float]  # per group (by index): the fraction of dense MACs scaling with it
+    # output elements of the graph's tensor-valued calls: (dense count, axes scaling it)
+    element_terms: list[tuple[float, list[AxisKey]]]
 
     def _fractions(self, flat: torch.Tensor) -> dict[AxisKey, torch.Tensor]:
         fractions = {}
-        for _, axes in self.terms:
+        for _, axes in self.terms + self.element_terms:
             for key in axes:
                 if key not in fractions:
                     units = torch.as_tensor(self.analysis.axis_units(key))
@@ -66,6 +76,17 @@ class CostModel:
         flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
         return float(self.expected_macs(flat))
 
+    def elements(self, flat_keep: np.ndarray) -> float:
+        """Activation elements the graph's calls write with keep vector ``flat_keep``."""
+        fractions = self._fractions(torch.as_tensor(np.asarray(flat_keep, dtype=np.float64)))
+        total = 0.0
+        for count, axes in self.element_terms:
+            term = count
+            for key in axes:
+                term *= float(fractions[key])
+            total += term
+        return total
+
     def floor_macs(self) -> float:
         """MACs with every group at one unit: no keep set can go below (about) this."""
         flat = np.zeros(self.analysis.num_units)
@@ -85,7 +106,11 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
     constant = 0.0
     terms: list[tuple[float, list[AxisKey]]] = []
     node_macs: dict[str, float] = {}
+    element_terms: list[tuple[float, list[AxisKey]]] = []
     for node in gm.graph.nodes:
+        if COUNTED_ELEMENTS in node.meta:
+            axes = list(analysis.value_axes.get((node.name, ()), {}).values())
+            element_terms.append((float(node.meta.pop(COUNTED_ELEMENTS)), axes))
         counted = node.meta.pop(COUNTED_MACS, 0.0)
         if node.name not in analysis.cost_terms:
             node_macs[node.name] = counted
@@ -98,7 +123,14 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
         constant += sum(w for w, axes in scaled if not axes)
     dense = constant + sum(w for w, _ in terms)
     model = CostModel(
-        dense, constant, terms, node_macs, analysis, tuple(analysis.example_input.shape), []
+        dense,
+        constant,
+        terms,
+        node_macs,
+        analysis,
+        tuple(analysis.example_input.shape),
+        [],
+        element_terms,
     )
     for group in analysis.groups:  # the MACs that go when the group goes
         flat = np.ones(analysis.num_units)

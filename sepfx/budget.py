@@ -6,6 +6,13 @@ saved; then restore the units that bring the most probability per MAC while the 
 holds. Kept counts are multiples of ``multiple`` in groups large enough for it to matter
 (SIMD/tensor-core friendly widths), and at least ``min_per_group`` and the group's own
 ``min_size`` (a variance with an n - 1 divisor over its channels needs two).
+
+Where the counts are not learned, the starting widths come from ``allocation``: "uniform" keeps
+the same fraction of every group; "latency" spends the MAC budget on the groups whose units
+write the fewest activation elements per MAC first, from a floor of half the uniform width. MACs
+alone miss the channel-linear work (norms, activations, depthwise convolutions, residual adds):
+at equal MACs a narrow wide-hidden layer runs slower than a wide bottleneck, and the latency
+allocation keeps the budget while doing less of that work.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import numpy as np
 
 from passes.cost import CostModel
 from sepfx.errors import InputError
+
+ALLOCATIONS = ("latency", "uniform")
+LATENCY_FLOOR = 0.5  # the latency allocation keeps at least this fraction of the uniform width
 
 
 def _multiples(cost: CostModel, multiple: int) -> list[int]:
@@ -59,32 +69,24 @@ def project(
     initial: np.ndarray | None = None,
     min_per_group: int = 1,
     multiple: int = 8,
+    allocation: str = "uniform",
 ) -> dict[int, np.ndarray]:
     """A keep set with MACs <= budget * dense MACs, as close to it as the granularity allows.
 
     ``probability``: flat keep probability per unit (the ranking); ``initial``: flat bool keep
-    to start from (default: every group keeps the same fraction, the largest that fits)."""
+    to start from (default: widths from ``allocation``, see the module's docstring)."""
     groups = cost.analysis.groups
     limit = budget * cost.dense_macs
     steps = _multiples(cost, multiple)
     order = {g.index: np.argsort(-probability[g.units], kind="stable") for g in groups}
-    check_reachable(cost, budget, min_per_group, multiple)
-    low = floor_counts(cost, min_per_group, multiple)
-
-    def snap(k, g, step):
-        if k >= g.size:
-            return g.size
-        return int(min(g.size, max(low[g.index], int(np.ceil(k / step)) * step)))
-
     if initial is None:
-        lo, hi = 0.0, 1.0
-        for _ in range(30):  # the largest uniform fraction that fits
-            mid = (lo + hi) / 2
-            counts = [snap(max(1, round(mid * g.size)), g, s) for g, s in zip(groups, steps)]
-            lo, hi = (mid, hi) if cost.macs(_flat(cost, order, counts)) <= limit else (lo, mid)
-        counts = [snap(max(1, round(lo * g.size)), g, s) for g, s in zip(groups, steps)]
+        counts, low = start_counts(cost, budget, allocation, min_per_group, multiple)
     else:
-        counts = [snap(int(initial[g.units].sum()), g, s) for g, s in zip(groups, steps)]
+        check_reachable(cost, budget, min_per_group, multiple)
+        low = floor_counts(cost, min_per_group, multiple)
+        counts = [
+            _snap(int(initial[g.units].sum()), g, s, low[g.index]) for g, s in zip(groups, steps)
+        ]
     prob_sorted = {g.index: probability[g.offset + order[g.index]] for g in groups}
     macs = cost.macs(_flat(cost, order, counts))
 
@@ -132,6 +134,88 @@ def project(
     if macs < limit - 0.02 * cost.dense_macs:
         counts, macs = _swap_towards(cost, order, counts, macs, limit, steps, low)
     return {g.index: np.sort(order[g.index][: counts[g.index]]) for g in groups}
+
+
+def _snap(k: int, group, step: int, low: int) -> int:
+    """``k`` kept units of ``group`` rounded up to its step, at least ``low``."""
+    if k >= group.size:
+        return group.size
+    return int(min(group.size, max(low, int(np.ceil(k / step)) * step)))
+
+
+def start_counts(
+    cost: CostModel,
+    budget: float,
+    allocation: str = "uniform",
+    min_per_group: int = 1,
+    multiple: int = 8,
+) -> tuple[list[int], list[int]]:
+    """(kept count per group, the fewest each may keep) before ranking refines them: the
+    largest uniform fraction that fits the budget, or for "latency" the widths filled from half
+    of it by the fewest activation elements per MAC where that writes fewer elements (see the
+    module's docstring)."""
+    check_allocation(allocation)
+    check_reachable(cost, budget, min_per_group, multiple)
+    groups, steps = cost.analysis.groups, _multiples(cost, multiple)
+    limit = budget * cost.dense_macs
+    low = floor_counts(cost, min_per_group, multiple)
+    order = {g.index: np.arange(g.size) for g in groups}  # counts alone set MACs and elements
+
+    def uniform(fraction):
+        return [
+            _snap(max(1, round(fraction * g.size)), g, s, low[g.index])
+            for g, s in zip(groups, steps)
+        ]
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # the largest uniform fraction that fits
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost.macs(_flat(cost, order, uniform(mid))) <= limit else (lo, mid)
+    counts = uniform(lo)
+    if allocation == "latency":  # kept only where it writes fewer elements than uniform
+        floors = [
+            _snap(max(1, int(np.ceil(LATENCY_FLOOR * k))), g, s, low[g.index])
+            for k, g, s in zip(counts, groups, steps)
+        ]
+        filled = _fill_by_elements(cost, order, floors, limit, steps)
+        if cost.elements(_flat(cost, order, filled)) < cost.elements(_flat(cost, order, counts)):
+            counts, low = filled, floors
+    return counts, low
+
+
+def check_allocation(allocation) -> None:
+    if allocation not in ALLOCATIONS:
+        raise InputError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
+def _fill_by_elements(cost, order, counts, limit, steps) -> list[int]:
+    """From ``counts``, widen one group by a step at a time, the one whose step adds the fewest
+    activation elements per MAC, while the MACs stay within ``limit``. Ratios equal to three
+    digits (alike blocks) go to the group keeping the smallest fraction, so alike blocks widen
+    together rather than one after another."""
+    groups = cost.analysis.groups
+    counts = list(counts)
+    flat = _flat(cost, order, counts)
+    macs, elements = cost.macs(flat), cost.elements(flat)
+    while True:
+        best = None
+        for g, s in zip(groups, steps):
+            if counts[g.index] >= g.size:
+                continue
+            trial = counts.copy()
+            trial[g.index] = min(g.size, trial[g.index] + s)
+            trial_flat = _flat(cost, order, trial)
+            trial_macs = cost.macs(trial_flat)
+            if trial_macs > limit:
+                continue
+            trial_elements = cost.elements(trial_flat)
+            per_mac = (trial_elements - elements) / max(trial_macs - macs, 1e-9)
+            key = (float(f"{per_mac:.3g}"), counts[g.index] / g.size)
+            if best is None or key < best[0]:
+                best = (key, trial, trial_macs, trial_elements)
+        if best is None:
+            return counts
+        _, counts, macs, elements = best
 
 
 def _swap_towards(cost, order, counts, macs, limit, steps, low, rounds: int = 200):

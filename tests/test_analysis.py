@@ -168,6 +168,38 @@ def test_predicted_macs_match_counted_slim_macs(zoo, name):
         assert abs(predicted - measured) <= 0.005 * measured
 
 
+class _ElementCounter(fx.Interpreter):
+    """Runs a GraphModule and adds up the elements of every tensor its calls return."""
+
+    total = 0
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.op in ("call_function", "call_method", "call_module") and isinstance(
+            result, torch.Tensor
+        ):
+            self.total += result.numel()
+        return result
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_predicted_elements_match_counted_slim_elements(zoo, name):
+    """The cost model's activation elements (what the latency allocation spends by) are the
+    elements the slim graph's calls really write, for any keep set."""
+    analysis = zoo(name).analysis
+    rng = np.random.default_rng(4)
+    keeps = [analysis.keep_all(), analysis.keep_ratio(0.5)]
+    keeps += [random_keep(analysis, rng) for _ in range(3)]
+    for keep in keeps:
+        slim = analysis.slim(keep)
+        assert isinstance(slim, fx.GraphModule), f"{name} no longer traces whole"
+        counter = _ElementCounter(slim)
+        counter.run(analysis.example_input)
+        predicted = analysis.cost.elements(analysis.channels.keep_vector(keep))
+        assert counter.total > 0
+        assert predicted == pytest.approx(counter.total, rel=1e-9), (name, predicted, counter.total)
+
+
 def _rnn_macs(rnn: nn.RNNBase, x: torch.Tensor) -> float:
     """gates * H * (I + H) per step, per direction, per layer, times batch (closed form)."""
     gates = {nn.LSTM: 4, nn.GRU: 3}[type(rnn)]

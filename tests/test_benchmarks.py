@@ -103,19 +103,26 @@ def test_ort_profile_smoke(tmp_path):  # ~10 s: CI runs this one
     table = (tmp_path / "ort_profile_smoke.md").read_text()
     assert "| seconds | kind | nodes | dense_ms |" in table and "| multiple |" in table
     summary, rows = payload["summary"], payload["rows"]
-    assert [r["multiple"] for r in summary] == [8, 1]
+    assert [(r["allocation"], r["multiple"]) for r in summary] == [
+        ("uniform", 8),
+        ("uniform", 1),
+        ("latency", 8),
+        ("latency", 1),
+    ]
     for r in summary:
         assert 0.38 <= r["macs_ratio"] <= 0.4 and r["dense_ms"] > 0 and r["slim_ms"] > 0, r
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["slim_ms"], rel=1e-6)
-    kinds = {r["kind"]: r for r in rows}
-    assert {"run", "between kernels", "pointwise conv", "depthwise conv", "norm"} <= set(kinds)
-    run = kinds.pop("run")
-    assert run["dense_share"] == 1 and run["nodes"] == sum(r["nodes"] for r in kinds.values())
-    for side in ("dense_ms", "slim_ms"):  # the kinds (and the gaps between them) add up to the run
-        assert sum(r[side] for r in kinds.values()) == pytest.approx(run[side], rel=1e-6)
-    assert all(r["dense_ms"] >= 0 and r["slim_ms"] >= 0 for r in kinds.values())
-    # every pointwise conv is cut on both sides or one: its MACs fall at least as much as a side
-    assert 0 < kinds["pointwise conv"]["macs_ratio"] <= kinds["depthwise conv"]["macs_ratio"] < 1
+    for allocation in ("latency", "uniform"):
+        kinds = {r["kind"]: r for r in rows if r["allocation"] == allocation}
+        assert {"run", "between kernels", "pointwise conv", "depthwise conv", "norm"} <= set(kinds)
+        run = kinds.pop("run")
+        assert run["dense_share"] == 1 and run["nodes"] == sum(r["nodes"] for r in kinds.values())
+        for side in ("dense_ms", "slim_ms"):  # the kinds (and the gaps) add up to the run
+            assert sum(r[side] for r in kinds.values()) == pytest.approx(run[side], rel=1e-6)
+        assert all(r["dense_ms"] >= 0 and r["slim_ms"] >= 0 for r in kinds.values())
+        # every pointwise conv is cut on both sides or one: its MACs fall at least as a side's
+        pointwise, depthwise = kinds["pointwise conv"], kinds["depthwise conv"]
+        assert 0 < pointwise["macs_ratio"] <= depthwise["macs_ratio"] < 1
     pointwise = payload["pointwise"]
     assert [(r["out_channels"], r["in_channels"]) for r in pointwise] == [
         (16, 32),
@@ -177,6 +184,7 @@ def test_compile_time_smoke(tmp_path):
 QUALITY_METHODS = [
     "sepfx-learned",
     "sepfx-magnitude",
+    "sepfx-latency",
     "tp-magnitude",
     "tp-taylor",
     "tp-random",
@@ -325,3 +333,18 @@ def test_quality_comparison_needs_a_difference_beyond_the_spread():
     one = quality.comparisons(quality.summarise(rows("sepfx-learned", [6]) + rows(
         "sepfx-magnitude", [4])))  # fmt: skip
     assert "one seed" in one[0]
+
+
+def test_quality_refuses_matched_methods_without_learned(tmp_path):
+    """Torch-Pruning and scratch match sepfx-learned's MACs: asked for alone, the script says
+    so before any work instead of silently running nothing."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quality.py"), "--smoke", "--out", str(tmp_path)]
+        + ["--methods", "sepfx-magnitude", "tp-random"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "tp-random match sepfx-learned" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -24,6 +24,7 @@ from torch import nn
 
 import sepfx
 import sepfx.budget
+import sepfx.learnable_gates
 import sepfx.models
 from sepfx.errors import InputError
 from sepfx.losses import pit_si_snr_loss, si_snr_improvement
@@ -489,6 +490,40 @@ def test_zoo_model_compiles_to_budget_and_exports(name, with_data, tmp_path):
     )
     assert os.path.exists(result.path)
     assert result.errors and all(e <= 1e-4 for e in result.errors.values()), result.errors
+
+
+@pytest.mark.parametrize("name", list(sepfx.models.ZOO))
+def test_latency_allocation_keeps_the_budget_with_fewer_elements(name):
+    """The latency allocation's widths write no more activation elements than the uniform
+    ones, no group falls below half its uniform width, and the keep set made from them still
+    meets the MAC budget window."""
+    analysis = sepfx.analyze(_build(name))
+    cost = analysis.cost
+    logits = sepfx.learnable_gates.magnitude_init(
+        analysis.channels, analysis.unit_magnitudes(), 0.7, 1.0
+    )
+    probability = 1 / (1 + np.exp(-logits))
+
+    def elements(counts):
+        keep = {g.index: np.arange(k) for g, k in zip(analysis.groups, counts)}
+        return cost.elements(analysis.channels.keep_vector(keep))
+
+    for budget in (0.6, 0.4, 0.25):
+        uniform = sepfx.budget.start_counts(cost, budget, "uniform")[0]
+        latency = sepfx.budget.start_counts(cost, budget, "latency")[0]
+        assert elements(latency) <= elements(uniform), (budget, uniform, latency)
+        assert all(k >= (u + 1) // 2 for k, u in zip(latency, uniform)), (budget, uniform, latency)
+        if name == "conv_tasnet" and budget == 0.4:  # its wide hidden layers are cut harder
+            assert elements(latency) <= 0.95 * elements(uniform), (uniform, latency)
+        keep = sepfx.budget.project(cost, probability, budget, allocation="latency")
+        macs = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+        assert budget - 0.02 <= macs <= budget, (budget, macs)
+
+
+def test_bad_allocation_is_an_input_error():
+    model = _build("conv_tasnet")
+    with pytest.raises(InputError, match="allocation must be one of .*'even'"):
+        sepfx.compile(model, budget=0.4, allocation="even", progress=False)
 
 
 # -- bad input ------------------------------------------------------------------------------
