@@ -61,16 +61,22 @@ class CostModel:
                     fractions[key] = flat[units].mean()
         return fractions
 
-    def expected_macs(self, flat_keep_probability: torch.Tensor) -> torch.Tensor:
-        """MACs when unit u is kept with probability p[u] (p[0] = 1): differentiable."""
-        fractions = self._fractions(flat_keep_probability)
-        total = torch.as_tensor(self.constant_macs, dtype=flat_keep_probability.dtype)
-        for macs, axes in self.terms:
-            term = torch.as_tensor(macs, dtype=flat_keep_probability.dtype)
+    def _scaled_sum(
+        self, terms: list[tuple[float, list[AxisKey]]], flat: torch.Tensor, constant: float = 0.0
+    ) -> torch.Tensor:
+        """``constant`` plus each term's dense count times the kept fractions of its axes."""
+        fractions = self._fractions(flat)
+        total = torch.as_tensor(constant, dtype=flat.dtype)
+        for count, axes in terms:
+            term = torch.as_tensor(count, dtype=flat.dtype)
             for key in axes:
                 term = term * fractions[key]
             total = total + term
         return total
+
+    def expected_macs(self, flat_keep_probability: torch.Tensor) -> torch.Tensor:
+        """MACs when unit u is kept with probability p[u] (p[0] = 1): differentiable."""
+        return self._scaled_sum(self.terms, flat_keep_probability, self.constant_macs)
 
     def macs(self, flat_keep: np.ndarray) -> float:
         flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
@@ -78,14 +84,8 @@ class CostModel:
 
     def elements(self, flat_keep: np.ndarray) -> float:
         """Activation elements the graph's calls write with keep vector ``flat_keep``."""
-        fractions = self._fractions(torch.as_tensor(np.asarray(flat_keep, dtype=np.float64)))
-        total = 0.0
-        for count, axes in self.element_terms:
-            term = count
-            for key in axes:
-                term *= float(fractions[key])
-            total += term
-        return total
+        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
+        return float(self._scaled_sum(self.element_terms, flat))
 
     def floor_macs(self) -> float:
         """MACs with every group at one unit: no keep set can go below (about) this."""

@@ -80,7 +80,7 @@ def project(
     steps = _multiples(cost, multiple)
     order = {g.index: np.argsort(-probability[g.units], kind="stable") for g in groups}
     if initial is None:
-        counts, low = start_counts(cost, budget, allocation, min_per_group, multiple)
+        counts, low = start_counts(cost, budget, allocation, min_per_group, multiple, order)
     else:
         check_reachable(cost, budget, min_per_group, multiple)
         low = floor_counts(cost, min_per_group, multiple)
@@ -149,17 +149,20 @@ def start_counts(
     allocation: str = "uniform",
     min_per_group: int = 1,
     multiple: int = 8,
+    order: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """(kept count per group, the fewest each may keep) before ranking refines them: the
     largest uniform fraction that fits the budget, or for "latency" the widths filled from half
     of it by the fewest activation elements per MAC where that writes fewer elements (see the
-    module's docstring)."""
+    module's docstring). ``order``: per group, its units best first (default: index order);
+    an axis that spans part of a group makes the MACs depend on which units are kept."""
     check_allocation(allocation)
     check_reachable(cost, budget, min_per_group, multiple)
     groups, steps = cost.analysis.groups, _multiples(cost, multiple)
     limit = budget * cost.dense_macs
     low = floor_counts(cost, min_per_group, multiple)
-    order = {g.index: np.arange(g.size) for g in groups}  # counts alone set MACs and elements
+    if order is None:
+        order = {g.index: np.arange(g.size) for g in groups}
 
     def uniform(fraction):
         return [
