@@ -2,12 +2,14 @@
 of node (pointwise conv, depthwise conv, norm, elementwise, shape and layout, ...), with each
 kind's share of the dense run and how much of its time and of its MACs the slim model keeps.
 A kind whose time shrinks less than the MACs is where the speed-up falls short of the MAC cut.
-Each width allocation (``--allocations``: compile's default "uniform", the same fraction of
-every group, and "latency", which spends the MACs where they write the fewest activation
+Each width allocation (``--allocations``: "uniform", the same fraction of every group,
+and compile's default "latency", which spends the MACs where they write the fewest activation
 elements) is profiled; the unprofiled speed-up is also measured with the kept counts rounded to other
 multiples (``--multiples``: 1 is no rounding), and single 1x1 convolutions are timed at the dense and
 kept channel counts and one channel off them (``--gemm``): whether channel counts that suit the
-SIMD width run faster per MAC.
+SIMD width run faster per MAC. The model is the bundled checkpoint where one exists for
+``--config`` (the latency widths depend on what the trained weights are sensitive to), else
+randomly initialised (``--smoke``, or ``--random``).
 
     python benchmarks/ort_profile.py                   # conv_tasnet small, budget 0.4, 1 s and 4 s
     python benchmarks/ort_profile.py --smoke           # tiny, one length: what CI runs
@@ -38,7 +40,7 @@ from sepfx.bench import (  # noqa: E402
     profile_rows,
 )
 from sepfx.budget import ALLOCATIONS  # noqa: E402
-from sepfx.models import build  # noqa: E402
+from sepfx.models import build, pretrained, pretrained_names  # noqa: E402
 
 
 def pointwise_timings(shapes, frames: int, threads: int, runs: int, tmp: str) -> list[dict]:
@@ -84,7 +86,7 @@ def main(argv=None):
         nargs="+",
         choices=list(ALLOCATIONS),
         default=["uniform", "latency"],
-        help="width allocations to profile and time (compile's default: uniform)",
+        help="width allocations to profile and time (compile's default: latency)",
     )
     parser.add_argument(
         "--gemm",
@@ -93,6 +95,9 @@ def main(argv=None):
         default=[64, 128, 40, 80, 39, 79, 41, 81, 48, 96, 32, 64],
         help="channel counts C, D, ...: 1x1 convs D->C and C->D are timed for each pair",
     )
+    parser.add_argument(
+        "--random", action="store_true", help="random weights even where a checkpoint exists"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 1 s, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -100,7 +105,11 @@ def main(argv=None):
         args.config, args.seconds, args.runs, args.multiples = "tiny", [1], 3, [8, 1]
         args.gemm = [16, 32, 15, 31]
     torch.manual_seed(0)
-    model = build(args.model, args.config).eval()
+    model, weights = build(args.model, args.config).eval(), "random"
+    if not args.random and args.model in pretrained_names():
+        bundled = pretrained(args.model)
+        if bundled.sepfx_card["config"] == args.config:
+            model, weights = bundled, "bundled checkpoint"
     analysis = sepfx.analyze(model)
     slims = {  # data-free; keyed (allocation, multiple)
         (a, m): sepfx.compile(model, budget=args.budget, multiple=m, allocation=a, progress=False)
@@ -143,6 +152,8 @@ def main(argv=None):
     }
     name = "ort_profile_smoke" if args.smoke else f"ort_profile_{args.model}"
     table = (
+        f"{args.model} `{args.config}` ({weights}), budget {args.budget}, "
+        f"{args.threads} thread(s).\n\n"
         "Unprofiled (paired medians; `allocation`: how wide each group stays; `multiple`: kept "
         "counts rounded to multiples of it):\n\n"
         + markdown_table(summary, list(summary[0]))
@@ -155,6 +166,7 @@ def main(argv=None):
     payload = {
         "machine": machine(),
         "config": args.config,
+        "weights": weights,
         "budget": args.budget,
         "threads": args.threads,
         "runs": args.runs,

@@ -15,10 +15,12 @@ steps as the others are fine-tuned).
 For each model and budget b:
 
 - ``sepfx-learned``: ``sepfx.compile(model, budget=b, data=train, steps=--gate-steps)``;
-- ``sepfx-magnitude``: ``sepfx.compile(model, budget=b)`` (no data; every group keeps the
-  same fraction);
-- ``sepfx-latency``: the same with ``allocation="latency"`` (the MACs spent where they write
-  the fewest activation elements): what those faster widths cost or gain in quality;
+- ``sepfx-magnitude``: ``sepfx.compile(model, budget=b, allocation="uniform")`` (no data;
+  every group keeps the same fraction);
+- ``sepfx-latency``: ``sepfx.compile(model, budget=b)`` (compile's default allocation, the MACs
+  spent where they write the fewest activation elements, the groups that change the output
+  most kept at least at the uniform width): what those faster widths cost or gain in quality
+  (results before 2026-12-03 under this name are the allocation without that guard);
 - ``tp-magnitude`` / ``tp-taylor`` / ``tp-random``: Torch-Pruning's ``MetaPruner`` with
   ``MagnitudeImportance(p=2)`` / ``TaylorImportance()`` (after one backward pass on a training
   batch) / ``RandomImportance()``, the same pruning ratio for every group, the ratio found by

@@ -12,7 +12,9 @@ the same fraction of every group; "latency" spends the MAC budget on the groups 
 write the fewest activation elements per MAC first, from a floor of half the uniform width. MACs
 alone miss the channel-linear work (norms, activations, depthwise convolutions, residual adds):
 at equal MACs a narrow wide-hidden layer runs slower than a wide bottleneck, and the latency
-allocation keeps the budget while doing less of that work.
+allocation keeps the budget while doing less of that work. Given a measure of how much a keep
+set changes the output, it leaves the groups the output is most sensitive to no narrower than
+the uniform width (``start_counts``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from sepfx.errors import InputError
 
 ALLOCATIONS = ("latency", "uniform")
 LATENCY_FLOOR = 0.5  # the latency allocation keeps at least this fraction of the uniform width
+# ... unless narrowing a group alone to that floor changes the output by more than this share
+# of what the whole uniform keep set changes it (see start_counts)
+SENSITIVE_SHARE = 0.1
 
 
 def _multiples(cost: CostModel, multiple: int) -> list[int]:
@@ -70,17 +75,21 @@ def project(
     min_per_group: int = 1,
     multiple: int = 8,
     allocation: str = "uniform",
+    output_change=None,
 ) -> dict[int, np.ndarray]:
     """A keep set with MACs <= budget * dense MACs, as close to it as the granularity allows.
 
     ``probability``: flat keep probability per unit (the ranking); ``initial``: flat bool keep
-    to start from (default: widths from ``allocation``, see the module's docstring)."""
+    to start from (default: widths from ``allocation`` and ``output_change``, see
+    ``start_counts``)."""
     groups = cost.analysis.groups
     limit = budget * cost.dense_macs
     steps = _multiples(cost, multiple)
     order = {g.index: np.argsort(-probability[g.units], kind="stable") for g in groups}
     if initial is None:
-        counts, low = start_counts(cost, budget, allocation, min_per_group, multiple, order)
+        counts, low = start_counts(
+            cost, budget, allocation, min_per_group, multiple, order, output_change
+        )
     else:
         check_reachable(cost, budget, min_per_group, multiple)
         low = floor_counts(cost, min_per_group, multiple)
@@ -150,12 +159,22 @@ def start_counts(
     min_per_group: int = 1,
     multiple: int = 8,
     order: dict | None = None,
+    output_change=None,
 ) -> tuple[list[int], list[int]]:
     """(kept count per group, the fewest each may keep) before ranking refines them: the
     largest uniform fraction that fits the budget, or for "latency" the widths filled from half
     of it by the fewest activation elements per MAC where that writes fewer elements (see the
     module's docstring). ``order``: per group, its units best first (default: index order);
-    an axis that spans part of a group makes the MACs depend on which units are kept."""
+    an axis that spans part of a group makes the MACs depend on which units are kept.
+
+    ``output_change``: a function of a keep set ``{group: units}`` (other groups whole) giving
+    how much it changes the model's output (``Analysis.output_change``). Where given, the
+    latency allocation keeps at least the uniform width of each group that is sensitive:
+    narrowed alone to its floor, it changes the output by more than ``SENSITIVE_SHARE`` of what
+    the uniform widths of all groups together do. In separation models these are the encoder
+    basis and the residual and skip paths, which the fewest-elements rule would otherwise cut
+    first; what the allocation cuts instead are wide hidden layers that barely change the
+    output."""
     check_allocation(allocation)
     check_reachable(cost, budget, min_per_group, multiple)
     groups, steps = cost.analysis.groups, _multiples(cost, multiple)
@@ -180,6 +199,15 @@ def start_counts(
             _snap(max(1, int(np.ceil(LATENCY_FLOOR * k))), g, s, low[g.index])
             for k, g, s in zip(counts, groups, steps)
         ]
+        if output_change is not None:
+            keep = {g.index: order[g.index][: counts[g.index]] for g in groups}
+            whole = output_change(keep)
+            for g in groups:
+                i = g.index
+                if floors[i] < counts[i] and (
+                    output_change({i: order[i][: floors[i]]}) > SENSITIVE_SHARE * whole
+                ):
+                    floors[i] = counts[i]
         filled = _fill_by_elements(cost, order, floors, limit, steps)
         if cost.elements(_flat(cost, order, filled)) < cost.elements(_flat(cost, order, counts)):
             counts, low = filled, floors

@@ -64,7 +64,7 @@ class _Reference:
             try:
                 for x in check_inputs(analysis.example_input)[inputs]:
                     try:
-                        self.dense.append(_run(dense, self._cast(x)))
+                        self.dense.append(eval_outputs(dense, self._cast(x)))
                     except Exception:  # the dense model does not take it: no claim on it
                         if self.double:
                             raise
@@ -89,10 +89,10 @@ class _Reference:
         for x, dense in zip(self.inputs, self.dense):
             shape = list(x.shape)
             try:
-                got = _run(slim, x)
+                got = eval_outputs(slim, x)
             except Exception as error:
                 return Failure("runs", shape, f"{type(error).__name__}: {error}")
-            expected = _run(gated, x)
+            expected = eval_outputs(gated, x)
             if len(got) != len(expected):
                 return Failure("exact", shape, f"{len(got)} outputs, expected {len(expected)}")
             for e, g, d in zip(expected, got, dense):
@@ -238,7 +238,7 @@ def _only(keep: dict, groups: dict, indices: list[int]) -> dict:
     return {i: keep[i] if i in indices else list(range(g.size)) for i, g in groups.items()}
 
 
-def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The output's tensors, computed in eval mode (the modules' modes are restored after)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()

@@ -16,7 +16,7 @@ from passes.cost import CostModel, cost_model
 from passes.gates import GateBank, gated_model
 from passes.rules import RULES
 from passes.slim import check_keep, slim_model
-from sepfx.checks import check_slim, unslimmable_groups
+from sepfx.checks import check_slim, eval_outputs, unslimmable_groups
 from sepfx.errors import InputError
 from sepfx.report import FrozenRow, GroupRow, Report
 
@@ -73,6 +73,7 @@ class Analysis:
         self.n_src = model_number(model, "n_src")
         self.capture: Capture = capture(model, example_input)
         self.example_input = example_input
+        self._dense_outputs: list[torch.Tensor] | None = None  # for output_change
         self.channels: ChannelAnalysis = analyze_channels(
             self.capture.graph_module, example_input, summarised=not self.capture.traced_whole
         )
@@ -151,6 +152,21 @@ class Analysis:
                 total += per_unit / max(per_unit.mean(), 1e-12)
             scores[g.index] = total
         return scores
+
+    def output_change(self, keep: dict) -> float:
+        """How much keeping only ``keep`` (groups left out stay whole) changes the output at the
+        example input: the squared error of the hard-gated model's output tensors relative to
+        the dense model's squared output, in eval mode."""
+        if self._dense_outputs is None:
+            self._dense_outputs = eval_outputs(self.gated(), self.example_input)
+        full = self.keep_all()
+        gated = self.gated({**full, **keep})
+        error = total = 0.0
+        for d, g in zip(self._dense_outputs, eval_outputs(gated, self.example_input)):
+            if d.is_floating_point() and d.shape == g.shape:
+                error += float(((d.double() - g.double()) ** 2).sum())
+                total += float((d.double() ** 2).sum())
+        return error / max(total, 1e-30)
 
     # -- models -----------------------------------------------------------------------------
     def gated(self, keep: dict | None = None, bank: GateBank | None = None) -> nn.Module:

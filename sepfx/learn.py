@@ -275,7 +275,7 @@ def compile(
     init: str = "random",
     min_per_group: int = 1,
     multiple: int = 8,
-    allocation: str = "uniform",
+    allocation: str = "latency",
     seed: int = 0,
     device=None,
     progress: bool = True,
@@ -287,10 +287,12 @@ def compile(
     ``data``: an iterable of ``(mixture[B, T], sources[B, n_src, T])`` batches for learning the
     gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
     says so. ``init`` is where gate learning starts (see ``learn_gates``). ``allocation``: how
-    wide each group stays when the channels are chosen by magnitude: "uniform" (default) keeps
-    the same fraction of every group; "latency" spends the MACs where they write the fewest
-    activation elements, which runs faster at the same MACs but can cost quality (see the
-    README). Learned gates choose their own widths. The result's report is ``slim.sepfx_report``; the caller's model is not modified.
+    wide each group stays when the channels are chosen by magnitude: "latency" (default) spends
+    the MACs where they write the fewest activation elements, which runs faster at the same
+    MACs, but keeps every group whose narrowing changes the output most (encoder, residual and
+    skip paths) at least at the uniform width; "uniform" keeps the same fraction of every group
+    (see the README). Learned gates choose their own widths. The result's report is
+    ``slim.sepfx_report``; the caller's model is not modified.
     """
     budget = check_budget(budget)
     _check_init(init)
@@ -387,7 +389,15 @@ def _compile(
     pinned: list[str] = []  # groups kept whole because pruning them failed a check
     while True:
         keep, projection_notes = _project(
-            cost, probability, budget, initial, min_per_group, multiple, allocation, pinned
+            cost,
+            probability,
+            budget,
+            initial,
+            min_per_group,
+            multiple,
+            allocation,
+            pinned,
+            analysis.output_change,
         )
         slim = analysis.slim(
             keep, budget=budget, notes=notes + pinned + projection_notes, check=False
@@ -414,7 +424,9 @@ def _compile(
     return slim
 
 
-def _project(cost, probability, budget, initial, min_per_group, multiple, allocation, pinned):
+def _project(
+    cost, probability, budget, initial, min_per_group, multiple, allocation, pinned, output_change
+):
     """The final keep set within [budget - 0.02, budget] where the granularity allows, and
     notes on how it was rounded."""
     notes = []
@@ -427,6 +439,7 @@ def _project(cost, probability, budget, initial, min_per_group, multiple, alloca
             min_per_group=min_per_group,
             multiple=multiple,
             allocation=allocation,
+            output_change=output_change,
         )
     except InputError as error:
         if not pinned:
@@ -444,6 +457,7 @@ def _project(cost, probability, budget, initial, min_per_group, multiple, alloca
             min_per_group=min_per_group,
             multiple=1,
             allocation=allocation,
+            output_change=output_change,
         )
         notes.append(
             f"kept counts not rounded to multiples of {multiple}: with rounding the "

@@ -520,6 +520,73 @@ def test_latency_allocation_keeps_the_budget_with_fewer_elements(name):
         assert budget - 0.02 <= macs <= budget, (budget, macs)
 
 
+@pytest.mark.parametrize("name", list(sepfx.models.ZOO))
+def test_latency_allocation_keeps_sensitive_groups_at_the_uniform_width(name):
+    """With ``output_change``, a group that changes the output by more than SENSITIVE_SHARE of
+    the uniform keep set's change when narrowed alone to half its uniform width keeps at least
+    its uniform width; the others keep at least half; the widths still write no more elements
+    than uniform and the keep set meets the budget window."""
+    analysis = sepfx.analyze(_build(name))
+    cost, groups = analysis.cost, analysis.groups
+    order = {g.index: np.arange(g.size) for g in groups}
+    assert analysis.output_change(analysis.keep_all()) == 0.0
+
+    def elements(counts):
+        keep = {g.index: np.arange(k) for g, k in zip(groups, counts)}
+        return cost.elements(analysis.channels.keep_vector(keep))
+
+    for budget in (0.6, 0.4):
+        uniform, low = sepfx.budget.start_counts(cost, budget, "uniform")
+        whole = analysis.output_change({g.index: np.arange(k) for g, k in zip(groups, uniform)})
+        assert whole > 0, "cutting every group changed nothing: output_change measures nothing"
+        guarded = sepfx.budget.start_counts(
+            cost, budget, "latency", order=order, output_change=analysis.output_change
+        )[0]
+        assert elements(guarded) <= elements(uniform), (budget, uniform, guarded)
+        if guarded == uniform:
+            continue  # the latency widths wrote more elements: uniform kept
+        steps = sepfx.budget._multiples(cost, 8)
+        for g, u, k, floor, step in zip(groups, uniform, guarded, low, steps):
+            half = sepfx.budget._snap(
+                max(1, math.ceil(sepfx.budget.LATENCY_FLOOR * u)), g, step, floor
+            )
+            change = analysis.output_change({g.index: np.arange(half)})
+            if change > sepfx.budget.SENSITIVE_SHARE * whole:
+                assert k >= u, f"{g.describe()}: sensitive ({change:.3g} of {whole:.3g}), {k} < {u}"
+            assert k >= (u + 1) // 2, (g.describe(), k, u)
+        keep = sepfx.budget.project(
+            cost,
+            np.ones(analysis.channels.num_units),
+            budget,
+            allocation="latency",
+            output_change=analysis.output_change,
+        )
+        macs = cost.macs(analysis.channels.keep_vector(keep)) / cost.dense_macs
+        assert budget - 0.02 <= macs <= budget, (budget, macs)
+
+
+def test_latency_allocation_keeps_the_bundled_conv_tasnet_encoder():
+    """On the trained Conv-TasNet the fewest-elements rule alone halves the encoder basis (the
+    cut that cost 1.3 dB); guarded by output_change it keeps its uniform width and the widths
+    still write at most 0.9 of the uniform elements."""
+    analysis = sepfx.analyze(sepfx.models.pretrained("conv_tasnet"), torch.randn(1, 4000))
+    cost, groups = analysis.cost, analysis.groups
+    encoder = next(g.index for g in groups if "encoder out" in g.describe())
+    uniform = sepfx.budget.start_counts(cost, 0.4, "uniform")[0]
+    bare = sepfx.budget.start_counts(cost, 0.4, "latency")[0]
+    guarded = sepfx.budget.start_counts(cost, 0.4, "latency", output_change=analysis.output_change)[
+        0
+    ]
+    assert bare[encoder] < uniform[encoder], "the unguarded rule no longer cuts the encoder"
+    assert guarded[encoder] >= uniform[encoder], (uniform, guarded)
+
+    def elements(counts):
+        keep = {g.index: np.arange(k) for g, k in zip(groups, counts)}
+        return cost.elements(analysis.channels.keep_vector(keep))
+
+    assert elements(guarded) <= 0.9 * elements(uniform), (uniform, guarded)
+
+
 def test_bad_allocation_is_an_input_error():
     model = _build("conv_tasnet")
     with pytest.raises(InputError, match="allocation must be one of .*'even'"):
