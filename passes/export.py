@@ -4,8 +4,19 @@ The legacy TorchScript-based exporter is tried first (fast, one self-contained f
 exporter is the fallback, always with ``external_data=False`` (one file) and ``optimize=False``
 (its optimizer has been seen to turn a correct transformer into all-NaN output). Either way ONNX
 Runtime's output is compared with PyTorch's at the example input and at a second batch size and
-length; where the model's own code fixes the length (a leaf that turns a length into a Python
-int), the export is redone at the example's fixed length and the result says so.
+length.
+
+Both exporters run the model's Python once, at the length they trace with, so a branch that the
+model's code takes on the length (``if T % k: pad``, ``if T_origin > T_est: pad else slice``) is
+fixed by that length, while the sizes it computes stay shape arithmetic. A length that is a
+multiple of every stride (the usual example, 8000) takes the "nothing to pad" side, which holds
+at that length only; a prime length takes the "pad" side, whose traced amount is zero where
+there is nothing to pad, so it holds at every length when the code computes the amount from the
+length. The dynamic export is therefore traced at the example's length and then at the next
+prime length, each checked at many lengths. Where the model's code fixes the length whatever the
+traced length (a pad that changes what a global statistic sees, a length turned into a Python
+int), the export is redone at the example's fixed length and the result says so: such a file
+runs on any length through ``sepfx separate``, which overlap-adds chunks of the fixed length.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import re
 import shutil
@@ -194,73 +206,93 @@ def export_onnx(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
     example = _float32_example(model, example_input.detach().cpu())
-    lowered = _lower(model, example)
     eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
     failures = []
     length_fixed: set[str] = set()  # exporters whose dynamic-time file was wrong at a length
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
     for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
-        traced_with = (
-            _with_batch(example, 2) if dynamic_batch and example.shape[0] == 1 else example
-        )
+        batch = 2 if dynamic_batch and example.shape[0] == 1 else example.shape[0]
+        lengths = trace_lengths(example.shape[-1]) if dynamic_time else [example.shape[-1]]
         inputs = [example] + _variants(example, dynamic_batch, dynamic_time, eager)
         for exporter in ("torchscript", "dynamo"):
-            label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time})"
             if dynamic_time and not dynamic_batch and exporter in length_fixed:
                 # wrong at another length with the example's batch size already: fixing the
                 # batch does not change how the model's code fixes the length
+                label = f"{exporter} (dynamic batch=False, time=True)"
                 failures.append(
                     f"{label}: not tried (its dynamic-time export was wrong at another length)"
                 )
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                candidate = os.path.join(tmp, "model.onnx")
-                try:
-                    _export(
-                        lowered,
-                        traced_with,
-                        candidate,
-                        exporter,
-                        dynamic_batch,
-                        dynamic_time,
-                        opset,
-                    )
-                    errors = _check(candidate, model, inputs, rtol)
-                except Exception as error:
-                    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
+            wrong_lengths = 0  # traced lengths whose file was wrong at another length
+            for length in lengths:
+                label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time}"
+                label += f", traced at length {length})" if dynamic_time else ")"
+                traced_with = _trace_input(example, batch, length)
+                with tempfile.TemporaryDirectory() as tmp:
+                    candidate = os.path.join(tmp, "model.onnx")
+                    try:
+                        _export(
+                            _lower(copy.deepcopy(model), traced_with),
+                            traced_with,
+                            candidate,
+                            exporter,
+                            dynamic_batch,
+                            dynamic_time,
+                            opset,
+                        )
+                        errors = _check(candidate, model, inputs, rtol)
+                    except Exception as error:
+                        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
+                        failures.append(
+                            f"{label}: {type(error).__name__}: "
+                            f"{text.splitlines()[0][:300] if text else ''}"
+                        )
+                        continue
+                    if all(e <= rtol for e in errors.values()):
+                        shutil.move(candidate, path)  # may cross filesystems
+                        notes = _notes(example, length, dynamic_batch, dynamic_time)
+                        return ExportResult(
+                            path, exporter, dynamic_time, errors, notes, dynamic_batch
+                        )
+                    if dynamic_time and any(
+                        e > rtol
+                        and shape.startswith(f"[{example.shape[0]}, ")
+                        and shape != str(list(example.shape))
+                        for shape, e in errors.items()
+                    ):
+                        wrong_lengths += 1
                     failures.append(
-                        f"{label}: {type(error).__name__}: "
-                        f"{text.splitlines()[0][:300] if text else ''}"
+                        f"{label}: ONNX Runtime differs from PyTorch: max relative error {errors}"
                     )
-                    continue
-                if all(e <= rtol for e in errors.values()):
-                    shutil.move(candidate, path)  # may cross filesystems
-                    notes = []
-                    if not dynamic_time:
-                        notes.append(
-                            f"exported at the fixed length {example.shape[-1]}: at "
-                            "other lengths ONNX Runtime disagreed with PyTorch (the "
-                            "model's code fixes the length)"
-                        )
-                    if not dynamic_batch:
-                        notes.append(
-                            f"exported at the fixed batch size {example.shape[0]}: at "
-                            "other batch sizes ONNX Runtime disagreed with PyTorch (the "
-                            "model mixes the batch axis, e.g. attention over it)"
-                        )
-                    return ExportResult(path, exporter, dynamic_time, errors, notes, dynamic_batch)
-                if dynamic_time and any(
-                    e > rtol
-                    and shape.startswith(f"[{example.shape[0]}, ")
-                    and shape != str(list(example.shape))
-                    for shape, e in errors.items()
-                ):
-                    length_fixed.add(exporter)
-                failures.append(
-                    f"{label}: ONNX Runtime differs from PyTorch: max relative error {errors}"
-                )
+            if wrong_lengths == len(lengths):
+                length_fixed.add(exporter)
     raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
+
+
+def _notes(
+    example: torch.Tensor, traced_length: int, dynamic_batch: bool, dynamic_time: bool
+) -> list[str]:
+    notes = []
+    if dynamic_time and traced_length != example.shape[-1]:
+        notes.append(
+            f"traced at the prime length {traced_length}: at the example's length "
+            f"{example.shape[-1]} the model's code takes a branch on the length that holds "
+            "at that length only (e.g. nothing to pad)"
+        )
+    if not dynamic_time:
+        notes.append(
+            f"exported at the fixed length {example.shape[-1]}: at other lengths ONNX "
+            "Runtime disagreed with PyTorch (the model's code fixes the length); `sepfx "
+            "separate` runs the file on any length by overlap-adding chunks of that length"
+        )
+    if not dynamic_batch:
+        notes.append(
+            f"exported at the fixed batch size {example.shape[0]}: at other batch sizes ONNX "
+            "Runtime disagreed with PyTorch (the model mixes the batch axis, e.g. attention "
+            "over it)"
+        )
+    return notes
 
 
 def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:
@@ -280,9 +312,22 @@ def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Ten
     return example.float() if example.is_floating_point() else example
 
 
-def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
+def trace_lengths(length: int) -> list[int]:
+    """The lengths a dynamic-time export is traced at, in turn: the example's, then the first
+    prime above it (a multiple of no stride, chunk or pad unit, so every pad-to-a-multiple
+    branch of the model's code takes its "pad" side; see the module's docstring)."""
+    prime = length + 1
+    while prime < 2 or any(prime % d == 0 for d in range(2, math.isqrt(prime) + 1)):
+        prime += 1
+    return [length, prime]
+
+
+def _trace_input(example: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The example itself, or a random input of its dtype with another batch size or length."""
     shape = list(example.shape)
-    shape[0] = batch
+    if [batch, length] == [shape[0], shape[-1]]:
+        return example
+    shape[0], shape[-1] = batch, length
     return torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=example.dtype)
 
 
