@@ -163,23 +163,13 @@ def _demo(args) -> int:
     return 0
 
 
-def _as_sources(outputs: list):
-    """[n_src, T] from a model's ONNX outputs for a batch of one: one output [1, n_src, T] (or
-    [1, T] for a single source), or one output per speaker, each [1, T] or [1, 1, T]."""
-    import numpy as np
-
-    if len(outputs) > 1:
-        return np.stack([np.asarray(o)[0].reshape(-1) for o in outputs])
-    first = np.asarray(outputs[0])[0]
-    return first[None] if first.ndim == 1 else first.reshape(first.shape[0], -1)
-
-
 def _separate(args) -> int:
     from pathlib import Path
 
     import numpy as np
     import onnxruntime as ort
 
+    from sepfx import runner
     from sepfx.data import read_wav, resample, write_wav
     from sepfx.errors import InputError
 
@@ -193,9 +183,9 @@ def _separate(args) -> int:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a refused input is reported below as one line
     session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
     try:
-        sources = _as_sources(session.run(None, {name: x[None]}))
+        # a file exported at a fixed length runs on overlap-added chunks (sepfx.runner)
+        sources = runner.separate(session, x)
         failure = None if sources.size else "it gave an empty output"
     except Exception as error:  # noqa: BLE001  (too short? see below; else raised as is)
         failure = error
@@ -224,13 +214,13 @@ def _separate(args) -> int:
 
 def _minimum_length(session, limit: int = 1 << 22) -> int | None:
     """The shortest input (samples) an ONNX model runs on with a non-empty output, found by
-    probing silence of growing length, then bisecting; a fixed time axis is its own length.
-    None if no length up to ``limit`` runs."""
+    probing silence of growing length, then bisecting. None if no length up to ``limit`` runs,
+    and for a fixed time axis (any recording runs there, in chunks padded to that length)."""
     import numpy as np
 
     info = session.get_inputs()[0]
     if isinstance(info.shape[-1], int):
-        return info.shape[-1]
+        return None
     batch = info.shape[0] if isinstance(info.shape[0], int) else 1
     dtype = np.float64 if info.type == "tensor(double)" else np.float32
 
