@@ -34,7 +34,11 @@ from torch.utils._pytree import tree_flatten
 from passes import rules
 from passes.trace import is_impure_node
 
-from passes.errors import ExportError, InputError
+from passes.errors import ExportError, InputError, SepfxError
+
+
+class LoweringError(Exception):
+    """An op rule's ``lower`` hook failed (its message names the rule and the node)."""
 
 
 @dataclass
@@ -188,13 +192,44 @@ def export_onnx(
             "export_onnx needs an example_input: this model was not made by sepfx, "
             "so pass one, e.g. torch.randn(1, 8000)"
         )
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(
+            f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
+            f"got {type(example_input).__name__}"
+        )
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
+    try:
+        return _export_checked(model, path, example_input, opset, rtol)
+    except SepfxError:
+        raise
+    except Exception as error:  # anything else is named, never raised raw
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed outside the exporters: "
+            f"{reason(error)}; please report it with the model"
+        ) from error
+
+
+def _export_checked(
+    model: torch.nn.Module,
+    path: str,
+    example_input: torch.Tensor,
+    opset: int,
+    rtol: float,
+) -> ExportResult:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
     example = _float32_example(model, example_input.detach().cpu())
-    lowered = _lower(model, example)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:
+        raise ExportError(
+            f"the model fails on example_input of shape {list(example.shape)}, so there is "
+            f"nothing to export: {reason(error)}; pass an input the model takes"
+        ) from error
+    lowered, lowering_failures = _lower(model, example)
     eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
     failures = []
     length_fixed: set[str] = set()  # exporters whose dynamic-time file was wrong at a length
@@ -228,15 +263,14 @@ def export_onnx(
                     )
                     errors = _check(candidate, model, inputs, rtol)
                 except Exception as error:
-                    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
-                    failures.append(
-                        f"{label}: {type(error).__name__}: "
-                        f"{text.splitlines()[0][:300] if text else ''}"
-                    )
+                    failures.append(f"{label}: {reason(error)}")
                     continue
                 if all(e <= rtol for e in errors.values()):
                     shutil.move(candidate, path)  # may cross filesystems
-                    notes = []
+                    notes = [
+                        f"exported without the export lowering of {failure}"
+                        for failure in lowering_failures
+                    ]
                     if not dynamic_time:
                         notes.append(
                             f"exported at the fixed length {example.shape[-1]}: at "
@@ -260,7 +294,43 @@ def export_onnx(
                 failures.append(
                     f"{label}: ONNX Runtime differs from PyTorch: max relative error {errors}"
                 )
-    raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
+    first: dict[str, str] = {}  # each exporter's first reason, for the message's first line
+    for failure in failures:
+        first.setdefault(failure.split(" ", 1)[0], failure.split(": ", 1)[-1])
+    summary = "; ".join(f"{exporter}: {text}" for exporter, text in first.items())
+    lowering = [
+        f"the export lowering of {failure} (exported without it)" for failure in lowering_failures
+    ]
+    raise ExportError(
+        f"ONNX export of {type(model).__name__} failed: no exporter made a file that ONNX "
+        f"Runtime runs as PyTorch does ({summary}). An op named here that ONNX cannot express, "
+        "or a size the model computes from tensor values, is what to change or report. "
+        "Every try:\n  " + "\n  ".join(lowering + failures)
+    )
+
+
+def reason(error: BaseException) -> str:
+    """What went wrong, in one line: the error's type and the line that says why. The dynamo
+    exporter's message opens with boilerplate ("Failed to export the model with torch.export.
+    This is step 1/3 ...") and states its cause under "## Exception summary", with the model's
+    line that raised it; an error with no message is described by its cause, or its type."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
+    lines = [line.strip() for line in text.splitlines()]
+    kind = type(error).__name__
+    if "## Exception summary" in lines:
+        after = [line for line in lines[lines.index("## Exception summary") + 1 :] if line]
+        cause = after[0] if after else ""
+        match = re.match(r"<class '(?:[\w.]*\.)?(\w+)'>: (.*)", cause)
+        kind, why = (match.group(1), match.group(2)) if match else (kind, cause)
+        if "The following call raised this error:" in lines:
+            where = lines[lines.index("The following call raised this error:") + 1 :][:2]
+            why += f" (raised by {' '.join(where)})" if where else ""
+    else:
+        why = next((line for line in lines if line), "")
+    if not why and error.__cause__ is not None:
+        return f"{kind}: {reason(error.__cause__)}"
+    why = why.split("  [Caused by the value")[0]  # TorchScript appends its whole graph value
+    return f"{kind}: {why[:400]}" if why else f"{kind} (with no message)"
 
 
 def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:
@@ -320,14 +390,16 @@ def _variants(
     ]
 
 
-def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+def _lower(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:
     """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
     the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
     ones), after shape propagation at ``example`` (the hooks read shapes). A model with eager
     code (``passes.capture``) gets its graph parts lowered so, each at the inputs it receives
-    at ``example``; a model without graphs is returned as is."""
+    at ``example``; a model without graphs is returned as is. A graph whose lowering fails is
+    kept as it is, and the failure returned (``where: why``)."""
+    failures: list[str] = []
     if isinstance(model, fx.GraphModule):
-        return _lowered_graph(model, (example,))
+        return _lowered_or_as_is(model, (example,), "the model", failures), failures
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}
     inputs: dict[str, tuple[Any, ...]] = {}
     handles = [
@@ -342,8 +414,23 @@ def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
             handle.remove()
     for name, part in parts.items():  # ``model`` is export_onnx's own copy
         if name in inputs:
-            model.set_submodule(name, _lowered_graph(part, inputs[name]))
-    return model
+            model.set_submodule(name, _lowered_or_as_is(part, inputs[name], name, failures))
+    return model, failures
+
+
+def _lowered_or_as_is(
+    model: fx.GraphModule, args: tuple[Any, ...], name: str, failures: list[str]
+) -> fx.GraphModule:
+    """The lowered graph, or ``model`` as it is when a lowering fails (the exporters may still
+    take it), the failure added to ``failures``."""
+    try:
+        return _lowered_graph(model, args)
+    except LoweringError as error:
+        failures.append(f"{name}, {error}: {reason(error.__cause__ or error)}")
+        return model
+    except Exception as error:
+        failures.append(f"{name}: {reason(error)}")
+        return model
 
 
 def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModule:
@@ -354,8 +441,10 @@ def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModu
     changed = False
     for node in list(lowered.graph.nodes):
         rule: Any = rules.lookup(node, modules) if node.op != "output" else None
-        if hasattr(rule, "lower") and rule.lower(node, lowered):
-            changed = True
+        try:
+            changed = bool(hasattr(rule, "lower") and rule.lower(node, lowered)) or changed
+        except Exception as error:
+            raise LoweringError(f"{type(rule).__name__} at node {node.name}") from error
     if not changed:
         return model
     lowered.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept
