@@ -15,7 +15,6 @@ import copy
 import io
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from passes import rules
 from passes.trace import is_impure_node
 
-from passes.errors import ExportError, InputError, SepfxError
+from passes.errors import ExportError, InputError, SepfxError, describe_error
 
 
 class LoweringError(Exception):
@@ -207,7 +206,7 @@ def export_onnx(
     except Exception as error:  # anything else is named, never raised raw
         raise ExportError(
             f"ONNX export of {type(model).__name__} failed outside the exporters: "
-            f"{reason(error)}; please report it with the model"
+            f"{describe_error(error)}; please report it with the model"
         ) from error
 
 
@@ -227,7 +226,7 @@ def _export_checked(
     except Exception as error:
         raise ExportError(
             f"the model fails on example_input of shape {list(example.shape)}, so there is "
-            f"nothing to export: {reason(error)}; pass an input the model takes"
+            f"nothing to export: {describe_error(error)}; pass an input the model takes"
         ) from error
     lowered, lowering_failures = _lower(model, example)
     eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
@@ -263,7 +262,7 @@ def _export_checked(
                     )
                     errors = _check(candidate, model, inputs, rtol)
                 except Exception as error:
-                    failures.append(f"{label}: {reason(error)}")
+                    failures.append(f"{label}: {describe_error(error)}")
                     continue
                 if all(e <= rtol for e in errors.values()):
                     shutil.move(candidate, path)  # may cross filesystems
@@ -307,30 +306,6 @@ def _export_checked(
         "or a size the model computes from tensor values, is what to change or report. "
         "Every try:\n  " + "\n  ".join(lowering + failures)
     )
-
-
-def reason(error: BaseException) -> str:
-    """What went wrong, in one line: the error's type and the line that says why. The dynamo
-    exporter's message opens with boilerplate ("Failed to export the model with torch.export.
-    This is step 1/3 ...") and states its cause under "## Exception summary", with the model's
-    line that raised it; an error with no message is described by its cause, or its type."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
-    lines = [line.strip() for line in text.splitlines()]
-    kind = type(error).__name__
-    if "## Exception summary" in lines:
-        after = [line for line in lines[lines.index("## Exception summary") + 1 :] if line]
-        cause = after[0] if after else ""
-        match = re.match(r"<class '(?:[\w.]*\.)?(\w+)'>: (.*)", cause)
-        kind, why = (match.group(1), match.group(2)) if match else (kind, cause)
-        if "The following call raised this error:" in lines:
-            where = lines[lines.index("The following call raised this error:") + 1 :][:2]
-            why += f" (raised by {' '.join(where)})" if where else ""
-    else:
-        why = next((line for line in lines if line), "")
-    if not why and error.__cause__ is not None:
-        return f"{kind}: {reason(error.__cause__)}"
-    why = why.split("  [Caused by the value")[0]  # TorchScript appends its whole graph value
-    return f"{kind}: {why[:400]}" if why else f"{kind} (with no message)"
 
 
 def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:
@@ -426,10 +401,10 @@ def _lowered_or_as_is(
     try:
         return _lowered_graph(model, args)
     except LoweringError as error:
-        failures.append(f"{name}, {error}: {reason(error.__cause__ or error)}")
+        failures.append(f"{name}, {error}: {describe_error(error.__cause__ or error)}")
         return model
     except Exception as error:
-        failures.append(f"{name}: {reason(error)}")
+        failures.append(f"{name}: {describe_error(error)}")
         return model
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sepfx.budget import check_allocation, check_reachable, project
 from sepfx.checks import failing_groups
 from sepfx.core import Analysis
-from sepfx.errors import InputError, SlimError
+from sepfx.errors import InputError, SlimError, sepfx_errors_only
 from sepfx.learnable_gates import LearnableGates, magnitude_init
 from sepfx.losses import pit_si_snr_loss
 
@@ -262,6 +262,7 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
         bank.alpha.copy_(base + (low + high) / 2)
 
 
+@sepfx_errors_only
 def compile(
     model: nn.Module,
     budget: float = 0.4,

@@ -11,7 +11,7 @@ import torch.nn as nn
 import sepfx
 from passes import export as export_pass
 from passes.rules.layout import UnfoldRule
-from sepfx.errors import ExportError
+from sepfx.errors import ExportError, describe_error
 
 pytest.importorskip("onnxruntime")
 
@@ -100,7 +100,7 @@ def test_dynamo_reason_is_its_exception_summary_not_its_preamble(tmp_path):
             17,
         )
     assert "This is step 1/3" in str(caught.value)  # the preamble the reason must skip
-    why = export_pass.reason(caught.value)
+    why = describe_error(caught.value)
     assert why.startswith("GuardOnDataDependentSymNode: Could not guard on data-dependent"), why
     assert "raised by" in why and "if x.sum() > 0" in why, why
     assert "step 1/3" not in why
@@ -121,5 +121,5 @@ def test_torchscript_reason_names_the_missing_op(tmp_path):
             False,
             17,
         )
-    why = export_pass.reason(caught.value)
+    why = describe_error(caught.value)
     assert why.startswith("UnsupportedOperatorError: ") and "aten::col2im" in why, why
