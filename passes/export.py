@@ -6,6 +6,9 @@ exporter is the fallback, always with ``external_data=False`` (one file) and ``o
 Runtime's output is compared with PyTorch's at the example input and at a second batch size and
 length; where the model's own code fixes the length (a leaf that turns a length into a Python
 int), the export is redone at the example's fixed length and the result says so.
+
+Nothing but a sepfx error leaves ``export_onnx``: an ``ExportError`` names each exporter tried
+and the reason it failed; a lowering that fails is skipped and named.
 """
 
 from __future__ import annotations
@@ -296,7 +299,10 @@ def _export_checked(
     first: dict[str, str] = {}  # each exporter's first reason, for the message's first line
     for failure in failures:
         first.setdefault(failure.split(" ", 1)[0], failure.split(": ", 1)[-1])
-    summary = "; ".join(f"{exporter}: {text}" for exporter, text in first.items())
+    summary = "; ".join(
+        f"{exporter}: {text if len(text) <= 200 else text[:199] + '…'}"
+        for exporter, text in first.items()
+    )
     lowering = [
         f"the export lowering of {failure} (exported without it)" for failure in lowering_failures
     ]
