@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from sepfx.progress import progress_bar
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -60,7 +61,7 @@ def soak(
     frozen_axes = collections.Counter()
     frozen_models = collections.Counter()
     cases: dict[str, dict] = {}
-    bar = tqdm(range(seed, seed + models), desc="soak", unit="model", disable=quiet)
+    bar = progress_bar(range(seed, seed + models), desc="soak", unit="model", disable=quiet)
     for n, model_seed in enumerate(bar, 1):
         try:
             spec = _quietly(random_models.generate, model_seed, max_nodes)
@@ -105,7 +106,7 @@ def soak(
     bar.close()
     if minimise:
         done: dict[int, str] = {}  # seed -> the kind its model was minimised for
-        for kind, case in tqdm(sorted(cases.items()), desc="minimising", disable=quiet):
+        for kind, case in progress_bar(sorted(cases.items()), desc="minimising", disable=quiet):
             if case["seed"] in done:  # one model, several kinds: minimised once
                 case["minimised_as"] = done[case["seed"]]
                 continue

@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from passes.axes import Axis, ChannelAnalysis, ChannelGroup, Frozen
 from passes.context import CouplingState, NodeContext, _read_keys
+from passes.errors import InternalError, SepfxError, describe_error
 from passes.values import (
     CONSTANT,
     GLUE,
@@ -140,7 +141,15 @@ def analyze_channels(
                 else "a statistic over channels computed in eager code"
             )
             continue
-        rule.couple(ctx)
+        try:
+            rule.couple(ctx)
+        except SepfxError:
+            raise
+        except Exception as error:
+            raise InternalError(
+                f"{ctx.where()}: sepfx's {type(rule).__name__} rule failed on it "
+                f"({describe_error(error)}); please report it with the model"
+            ) from error
         _freeze_untouched(ctx, rule)
     return _finish(gm, state, rule_of, example_input)
 

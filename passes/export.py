@@ -17,6 +17,9 @@ prime length, each checked at many lengths. Where the model's code fixes the len
 traced length (a pad that changes what a global statistic sees, a length turned into a Python
 int), the export is redone at the example's fixed length and the result says so: such a file
 runs on any length through ``sepfx separate``, which overlap-adds chunks of the fixed length.
+
+Nothing but a sepfx error leaves ``export_onnx``: an ``ExportError`` names each exporter tried
+and the reason it failed; a lowering that fails is skipped and named.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import io
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -46,7 +48,11 @@ from torch.utils._pytree import tree_flatten
 from passes import rules
 from passes.trace import is_impure_node
 
-from passes.errors import ExportError, InputError
+from passes.errors import ExportError, InputError, SepfxError, describe_error
+
+
+class LoweringError(Exception):
+    """An op rule's ``lower`` hook failed (its message names the rule and the node)."""
 
 
 @dataclass
@@ -200,12 +206,44 @@ def export_onnx(
             "export_onnx needs an example_input: this model was not made by sepfx, "
             "so pass one, e.g. torch.randn(1, 8000)"
         )
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(
+            f"example_input must be a torch.Tensor (e.g. torch.randn(1, 8000)), "
+            f"got {type(example_input).__name__}"
+        )
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
+    try:
+        return _export_checked(model, path, example_input, opset, rtol)
+    except SepfxError:
+        raise
+    except Exception as error:  # anything else is named, never raised raw
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed outside the exporters: "
+            f"{describe_error(error)}; please report it with the model"
+        ) from error
+
+
+def _export_checked(
+    model: torch.nn.Module,
+    path: str,
+    example_input: torch.Tensor,
+    opset: int,
+    rtol: float,
+) -> ExportResult:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
     example = _float32_example(model, example_input.detach().cpu())
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:
+        raise ExportError(
+            f"the model fails on example_input of shape {list(example.shape)}, so there is "
+            f"nothing to export: {describe_error(error)}; pass an input the model takes"
+        ) from error
+    lowering_failures: list[str] = []  # each lowering that failed, once
     eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
     failures = []
     length_fixed: set[str] = set()  # exporters whose dynamic-time file was wrong at a length
@@ -232,8 +270,10 @@ def export_onnx(
                 with tempfile.TemporaryDirectory() as tmp:
                     candidate = os.path.join(tmp, "model.onnx")
                     try:
+                        lowered, failed = _lower(copy.deepcopy(model), traced_with)
+                        lowering_failures += [f for f in failed if f not in lowering_failures]
                         _export(
-                            _lower(copy.deepcopy(model), traced_with),
+                            lowered,
                             traced_with,
                             candidate,
                             exporter,
@@ -243,15 +283,14 @@ def export_onnx(
                         )
                         errors = _check(candidate, model, inputs, rtol)
                     except Exception as error:
-                        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal colours
-                        failures.append(
-                            f"{label}: {type(error).__name__}: "
-                            f"{text.splitlines()[0][:300] if text else ''}"
-                        )
+                        failures.append(f"{label}: {describe_error(error)}")
                         continue
                     if all(e <= rtol for e in errors.values()):
                         shutil.move(candidate, path)  # may cross filesystems
-                        notes = _notes(example, length, dynamic_batch, dynamic_time)
+                        notes = [
+                            f"exported without the export lowering of {failure}"
+                            for failure in failed
+                        ] + _notes(example, length, dynamic_batch, dynamic_time)
                         return ExportResult(
                             path, exporter, dynamic_time, errors, notes, dynamic_batch
                         )
@@ -267,7 +306,22 @@ def export_onnx(
                     )
             if wrong_lengths == len(lengths):
                 length_fixed.add(exporter)
-    raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
+    first: dict[str, str] = {}  # each exporter's first reason, for the message's first line
+    for failure in failures:
+        first.setdefault(failure.split(" ", 1)[0], failure.split(": ", 1)[-1])
+    summary = "; ".join(
+        f"{exporter}: {text if len(text) <= 200 else text[:199] + '…'}"
+        for exporter, text in first.items()
+    )
+    lowering = [
+        f"the export lowering of {failure} (exported without it)" for failure in lowering_failures
+    ]
+    raise ExportError(
+        f"ONNX export of {type(model).__name__} failed: no exporter made a file that ONNX "
+        f"Runtime runs as PyTorch does ({summary}). An op named here that ONNX cannot express, "
+        "or a size the model computes from tensor values, is what to change or report. "
+        "Every try:\n  " + "\n  ".join(lowering + failures)
+    )
 
 
 def _notes(
@@ -365,14 +419,16 @@ def _variants(
     ]
 
 
-def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+def _lower(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:
     """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
     the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
     ones), after shape propagation at ``example`` (the hooks read shapes). A model with eager
     code (``passes.capture``) gets its graph parts lowered so, each at the inputs it receives
-    at ``example``; a model without graphs is returned as is."""
+    at ``example``; a model without graphs is returned as is. A graph whose lowering fails is
+    kept as it is, and the failure returned (``where: why``)."""
+    failures: list[str] = []
     if isinstance(model, fx.GraphModule):
-        return _lowered_graph(model, (example,))
+        return _lowered_or_as_is(model, (example,), "the model", failures), failures
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}
     inputs: dict[str, tuple[Any, ...]] = {}
     handles = [
@@ -387,8 +443,23 @@ def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
             handle.remove()
     for name, part in parts.items():  # ``model`` is export_onnx's own copy
         if name in inputs:
-            model.set_submodule(name, _lowered_graph(part, inputs[name]))
-    return model
+            model.set_submodule(name, _lowered_or_as_is(part, inputs[name], name, failures))
+    return model, failures
+
+
+def _lowered_or_as_is(
+    model: fx.GraphModule, args: tuple[Any, ...], name: str, failures: list[str]
+) -> fx.GraphModule:
+    """The lowered graph, or ``model`` as it is when a lowering fails (the exporters may still
+    take it), the failure added to ``failures``."""
+    try:
+        return _lowered_graph(model, args)
+    except LoweringError as error:
+        failures.append(f"{name}, {error}: {describe_error(error.__cause__ or error)}")
+        return model
+    except Exception as error:
+        failures.append(f"{name}: {describe_error(error)}")
+        return model
 
 
 def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModule:
@@ -399,8 +470,10 @@ def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModu
     changed = False
     for node in list(lowered.graph.nodes):
         rule: Any = rules.lookup(node, modules) if node.op != "output" else None
-        if hasattr(rule, "lower") and rule.lower(node, lowered):
-            changed = True
+        try:
+            changed = bool(hasattr(rule, "lower") and rule.lower(node, lowered)) or changed
+        except Exception as error:
+            raise LoweringError(f"{type(rule).__name__} at node {node.name}") from error
     if not changed:
         return model
     lowered.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -17,7 +18,7 @@ from passes.gates import GateBank, gated_model
 from passes.rules import RULES
 from passes.slim import check_keep, slim_model
 from sepfx.checks import check_slim, eval_outputs, unslimmable_groups
-from sepfx.errors import InputError
+from sepfx.errors import InputError, describe_error, sepfx_errors_only
 from sepfx.report import FrozenRow, GroupRow, Report
 
 
@@ -45,6 +46,65 @@ def default_example_input(model: nn.Module, seconds: float = 1.0) -> torch.Tenso
     return torch.randn(1, int(rate * seconds), generator=generator, dtype=dtype)
 
 
+def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
+    """InputError when the model's floating-point tensors are all of one dtype and the example
+    is of another (a float64 waveform for a float32 model fails deep inside its first layer)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if len(dtypes) != 1 or example_input.dtype in dtypes:
+        return
+    model_dtype, given = (str(d).replace("torch.", "") for d in (*dtypes, example_input.dtype))
+    raise InputError(
+        f"example_input is {given} but the model's parameters are {model_dtype}: pass "
+        f"example_input.to(torch.{model_dtype}), or compile a {given} copy of the model "
+        f"(copy.deepcopy(model).to(torch.{given}))"
+    )
+
+
+# other layouts of a waveform to try when the model refuses the example: (expression, make)
+_LAYOUTS = (
+    ("x[:, 0]", lambda x: x[:, 0] if x.dim() == 3 and x.shape[1] == 1 else None),
+    ("x[..., 0]", lambda x: x[..., 0] if x.dim() == 3 and x.shape[-1] == 1 else None),
+    ("x.unsqueeze(1)", lambda x: x.unsqueeze(1) if x.dim() == 2 else None),
+    ("x.unsqueeze(0)", lambda x: x.unsqueeze(0) if x.dim() == 1 else None),
+)
+_LAYOUT_NAMES = {1: "[time]", 2: "[batch, time]", 3: "[batch, 1, time]"}
+
+
+def _example_problem(model: nn.Module, example_input: torch.Tensor) -> str | None:
+    """What is wrong with ``example_input`` when the model itself fails on it (run on a copy
+    in eval mode), with the layout it does take where another layout of the same waveform
+    runs; None when the model runs on it (the failure is not the input's)."""
+    runner = copy.deepcopy(model).eval()
+
+    def failure(x: torch.Tensor) -> str | None:
+        try:
+            with torch.no_grad():
+                runner(x)
+        except Exception as error:
+            return describe_error(error)
+        return None
+
+    why = failure(example_input)
+    if why is None:
+        return None
+    shape = list(example_input.shape)
+    for expression, make in _LAYOUTS:
+        other = make(example_input)
+        if other is not None and failure(other) is None:
+            layout = _LAYOUT_NAMES.get(other.dim(), f"{other.dim()} axes")
+            return (
+                f"the model fails on example_input of shape {shape} ({why}) and runs on "
+                f"shape {list(other.shape)}: it takes a waveform {layout}; pass "
+                f"example_input={expression} (x your input), e.g. "
+                f"torch.randn({', '.join(map(str, other.shape))})"
+            )
+    return (
+        f"the model fails on example_input of shape {shape} ({example_input.dtype}): {why}; "
+        "sepfx runs model(example_input) as you would, so pass an input the model takes "
+        "(for most separators a waveform [batch, time], e.g. torch.randn(1, 8000))"
+    )
+
+
 class Analysis:
     """A model traced and analysed once; slim or gated models for any keep set.
 
@@ -66,12 +126,19 @@ class Analysis:
                 f"floating-point waveform [batch, time] in the model's dtype: convert it, e.g. "
                 f"x.float() / 32768 for 16-bit PCM samples, or pass torch.randn(1, 8000)"
             )
+        _check_example_dtype(model, example_input)
         device = next(iter(model.parameters()), torch.empty(0)).device
         example_input = example_input.to(device)
         self.model_name = type(model).__name__
         self.sample_rate = model_number(model, "sample_rate")
         self.n_src = model_number(model, "n_src")
-        self.capture: Capture = capture(model, example_input)
+        try:
+            self.capture: Capture = capture(model, example_input)
+        except Exception as error:
+            problem = _example_problem(model, example_input)  # the input's fault, or not
+            if problem is not None:
+                raise InputError(problem) from error
+            raise
         self.example_input = example_input
         self._dense_outputs: list[torch.Tensor] | None = None  # for output_change
         self.channels: ChannelAnalysis = analyze_channels(
@@ -257,11 +324,13 @@ def _norms(tensor: torch.Tensor, dim: int) -> np.ndarray:
     return t.norm(dim=1).cpu().numpy().astype(np.float64)
 
 
+@sepfx_errors_only
 def analyze(model: nn.Module, example_input: torch.Tensor | None = None) -> Analysis:
     """Trace ``model`` (never modified) and find its channel groups and their MAC shares."""
     return Analysis(model, example_input)
 
 
+@sepfx_errors_only
 def prune(
     model: nn.Module,
     keep: dict | None = None,

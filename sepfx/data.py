@@ -1175,12 +1175,12 @@ def make_mixtures(
 
     jobs = [(split, i) for split in SPLITS for i in range(counts[split])]
     workers = workers or min(8, os.cpu_count() or 1)
-    from tqdm.auto import tqdm
+    from sepfx.progress import progress_bar
 
     # Threads suffice: the time goes into the espeak-ng processes and numpy, not Python.
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar,
+        progress_bar(total=len(jobs), desc="mixtures", unit="mix", disable=not progress) as bar,
     ):
         futures = [pool.submit(_make_item, out_dir, split, i, params) for split, i in jobs]
         items = []

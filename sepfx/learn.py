@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sepfx.budget import check_allocation, check_reachable, project
 from sepfx.checks import failing_groups
 from sepfx.core import Analysis
-from sepfx.errors import InputError, SlimError
+from sepfx.errors import InputError, SlimError, sepfx_errors_only
 from sepfx.learnable_gates import LearnableGates, magnitude_init
 from sepfx.losses import pit_si_snr_loss
+from sepfx.progress import progress_bar
 
 
 @dataclass
@@ -187,7 +187,7 @@ def learn_gates(
     model = _wrap(gated, device)
     optimizer = torch.optim.Adam([bank.alpha], lr=lr)
     history = GateHistory()
-    bar = tqdm(total=steps, desc="learning gates", disable=not progress or not _is_main())
+    bar = progress_bar(total=steps, desc="learning gates", disable=not progress or not _is_main())
     try:
         _gate_steps(
             analysis,
@@ -262,6 +262,7 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
         bank.alpha.copy_(base + (low + high) / 2)
 
 
+@sepfx_errors_only
 def compile(
     model: nn.Module,
     budget: float = 0.4,
@@ -507,7 +508,7 @@ def finetune(
     n_src = getattr(slim, "sepfx_n_src", None)
     if teacher is not None:
         teacher = copy.deepcopy(teacher).to(device, dtype).eval()
-    bar = tqdm(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
+    bar = progress_bar(total=steps, desc="fine-tuning", disable=not progress or not _is_main())
     for mixture, sources in _batches(
         data, steps, n_src, device, dtype, mixtures_only=teacher is not None
     ):

@@ -17,7 +17,7 @@ from torch import fx
 from passes import runtime
 from passes.axes import Axis
 from passes.context import NodeContext
-from passes.rules.pointwise import mutates, regated, scaled_read
+from passes.rules.pointwise import fixed_int, mutates, regated, scaled_read
 from passes.rules.registry import RULES, GatedBuilderView, PruningView, arg, pruned, set_arg
 from passes.values import AxisKey, Shape, ValuePath, scalar_values, tensor_shapes
 
@@ -922,6 +922,12 @@ class UnfoldRule:
             arg(node, i, name, default)
             for i, (name, default) in enumerate(zip(names, (None, None, None, 1, 0, 1)))
         ]
+        # sizes computed in the forward that hold one value at every input as ints: the
+        # TorchScript exporter needs a convolution's kernel shape and stride as constants
+        values[2:] = [
+            type(v)(_fixed_or_node(e) for e in v) if isinstance(v, (tuple, list)) else v
+            for v in values[2:]
+        ]
         _, size, kernel, dilation, padding, stride = values
         second = [
             v[1]
@@ -935,17 +941,31 @@ class UnfoldRule:
         meta: Any = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
         if second != [1, 1, 1, 0, 1] or not hasattr(meta, "shape") or len(meta.shape) != 3:
             return False
+        channels: Any = int(meta.shape[1]) // kernel[0] if isinstance(kernel[0], int) else None
+        if channels is None:
+            # a kernel size computed in the forward (``B, N, K, S = x.shape``): the channel
+            # count is computed in the graph too, from the input's size at run time
+            with graph_module.graph.inserting_before(node):
+                merged = graph_module.graph.call_method("size", (values[0], 1))
+                channels = graph_module.graph.call_function(operator.floordiv, (merged, kernel[0]))
         node.target = runtime.fold_1d
-        node.args, node.kwargs = (*values, int(meta.shape[1]) // kernel[0]), {}
+        node.args, node.kwargs = (*values, channels), {}
         return True
 
 
+def _fixed_or_node(value: Any) -> Any:
+    fixed = fixed_int(value)
+    return value if fixed is None else fixed
+
+
 def _pair(size: Any) -> tuple[int, ...] | None:
-    if isinstance(size, int):
-        return (size, size)
-    if isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
-        return tuple(size)
-    return None
+    """A kernel size as ints: literals, or sizes computed in the forward that hold the same
+    value at every input (``fixed_int``)."""
+    if isinstance(size, (tuple, list)):
+        sizes = [fixed_int(v) for v in size]
+        return tuple(v for v in sizes if v is not None) if None not in sizes else None
+    single = fixed_int(size)
+    return None if single is None else (single, single)
 
 
 RULES.add(UnfoldRule(False), functions=[F.unfold])

@@ -63,15 +63,26 @@ def _concatenated_sizes(ctx: NodeContext) -> None:
     ctx.read_size(reads)
 
 
+def fixed_int(value: Any) -> int | None:
+    """``value`` as an int when it is one: a literal, or a node holding the same int at the
+    reference and probe inputs (``K`` of ``B, N, K, S = x.shape`` on a chunk axis). A size
+    read among such nodes is frozen by the check on size reads unless a rule accounts for it,
+    so the int cannot change when the model is slimmed."""
+    if isinstance(value, fx.Node):
+        values = scalar_values(value)
+        value = values[0] if values is not None and values[0] == values[1] else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def scaled_read(ctx: NodeContext, value: Any) -> tuple[AxisKey, int] | None:
-    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis; else
-    None."""
+    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis and k a
+    fixed int (``fixed_int``); else None."""
     if not (isinstance(value, fx.Node) and value.target is operator.mul and len(value.args) == 2):
         return None
     for a, b in (value.args, value.args[::-1]):
-        read = ctx.size_read(a)
-        if isinstance(read, tuple) and isinstance(b, int) and not isinstance(b, bool) and b > 0:
-            return read, b
+        read, factor = ctx.size_read(a), fixed_int(b)
+        if isinstance(read, tuple) and factor is not None and factor > 0:
+            return read, factor  # (k read from another axis: that one is frozen, untouched)
     return None
 
 
@@ -83,15 +94,18 @@ def _scaled_size(ctx: NodeContext) -> None:
     node = ctx.node
     if node.target not in (operator.mul, operator.floordiv) or len(node.args) != 2:
         return
-    reads = [ctx.size_read(a) for a in node.args]
-    keys = [r for r in reads if isinstance(r, tuple)]
-    literals = [a for a in node.args if isinstance(a, int) and not isinstance(a, bool)]
-    if (
-        len(keys) != 1
-        or len(literals) != 1
-        or (node.target is operator.floordiv and not isinstance(node.args[1], int))
-    ):
-        return
+    if node.target is operator.mul:
+        found = scaled_read(ctx, node)
+        if found is None:
+            return
+        key = found[0]
+    else:
+        reads = [ctx.size_read(a) for a in node.args]
+        keys = [r for r in reads if isinstance(r, tuple)]
+        literal = node.args[1]
+        if len(keys) != 1 or not isinstance(literal, int) or isinstance(literal, bool):
+            return
+        key = keys[0]
     for user in node.users:
         if user.target is operator.getitem:
             items = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
@@ -101,7 +115,7 @@ def _scaled_size(ctx: NodeContext) -> None:
             user.target not in ("view", "reshape", torch.reshape) or node.target is not operator.mul
         ):
             return
-    ctx.touch(ctx.state.axes[keys[0]])
+    ctx.touch(ctx.state.axes[key])
 
 
 _INPLACE_OPERATORS = {
