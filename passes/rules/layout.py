@@ -137,6 +137,27 @@ class SplitRule:
 RULES.add(SplitRule(), functions=[torch.split, torch.chunk], methods=["split", "chunk"])
 
 
+class UnbindRule:
+    """``x.unbind(dim)`` / ``torch.unbind(x, dim)`` (a mask tensor into one tensor per speaker):
+    piece i is ``x`` indexed by i along ``dim``, which it drops; every other axis is the same
+    axis in ``x`` and in each piece. A static ``dim`` is frozen, as indexing by a constant."""
+
+    def couple(self, ctx: NodeContext) -> None:
+        node = ctx.node
+        x = node.args[0]
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the unbound tensor
+        dim = arg(node, 1, "dim", 0) % len(x_shape)
+        ctx.freeze(ctx.axis(x, dim), "unbound into one piece per index")
+        for path in (p for p in ctx.tensor_paths(node) if len(p) == 1):
+            for d in range(len(x_shape)):
+                if d != dim:
+                    ctx.same(ctx.axis(x, d), ctx.axis(None, d - (d > dim), path))
+
+
+RULES.add(UnbindRule(), functions=[torch.unbind], methods=["unbind"])
+
+
 class StackRule:
     def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
