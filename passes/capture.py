@@ -318,6 +318,9 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph = fx.Graph()
         self.nodes: dict[int, fx.Node] = {}  # id(tensor) -> the node that made it
+        # the elements a recorded tensor views -> its node: a tensor object made outside torch
+        # calls over the same elements (``Variable(x)``, which no torch function sees) is it
+        self.aliases: dict[tuple[Any, ...], fx.Node] = {}
         self.alive: list[Any] = []  # every recorded value, so that no id is reused
         self.depth = 0  # > 0 while a part runs
         self.constants: dict[str, torch.Tensor] = {}
@@ -347,9 +350,13 @@ class _Recorder(TorchFunctionMode):
         if not isinstance(value, torch.Tensor):
             return value
         node = self.nodes.get(id(value))
+        name = self.attributes.get(id(value))
+        alias = _alias_key(value) if node is None and name is None else None
+        if alias is not None:
+            # ``Variable(x)``: another tensor object over the elements of a recorded one
+            node = self.aliases.get(alias)
         if node is not None:
             return node
-        name = self.attributes.get(id(value))
         if name is None:  # a tensor made outside torch calls: a constant of the glue
             name = f"{CONSTANT}{len(self.constants)}"
             self.constants[name] = value.detach()
@@ -367,6 +374,9 @@ class _Recorder(TorchFunctionMode):
         self.alive.append(result)
         if isinstance(result, torch.Tensor):
             self.nodes[id(result)] = node
+            key = _alias_key(result)
+            if key is not None:
+                self.aliases[key] = node
         elif isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
             for i, item in enumerate(result):
                 if isinstance(item, (torch.Tensor, tuple, list)) and not isinstance(
@@ -438,6 +448,19 @@ class _Recorder(TorchFunctionMode):
         node.meta[GLUE] = True
         self.bind(node, result)
         return result
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What identifies the elements a tensor views (None for an empty one, which has none)."""
+    if tensor.numel() == 0 or tensor.layout != torch.strided:
+        return None
+    return (
+        tensor.data_ptr(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
 
 
 def _record(
