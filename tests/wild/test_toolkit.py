@@ -1,0 +1,132 @@
+"""Issue 28, item 4: patterns of toolkits' separators (``tests/wild/toolkit.py``), each checked
+where it used to fail. ``tests/wild/test_wild.py`` runs its whole battery (compile at 0.4,
+gated == slim, ONNX, the caller's model untouched) on the same models; these tests pin what each
+pattern must keep prunable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sepfx
+
+from . import toolkit
+
+# batch 1 and 2, and a length that is a multiple of no stride or segment size
+SHAPES = [(1, 8000), (2, 8000), (2, 8037)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = toolkit.build(name)
+            cache[name] = (model, sepfx.analyze(model))
+        return cache[name]
+
+    return get
+
+
+def wav(batch, length, seed=0):
+    return torch.randn(batch, length, generator=torch.Generator().manual_seed(seed))
+
+
+def frozen_parameters(analysis) -> dict[str, str]:
+    return {p: f.reason for f in analysis.channels.frozen for p in f.parameters}
+
+
+def assert_exact_at_half(analysis):
+    """Hard-gated == slim (in float64) keeping half of every group, at every shape."""
+    keep = analysis.keep_ratio(0.5, importance="random", seed=3)
+    gated = analysis.gated(keep)
+    slim = analysis.slim(keep)
+    gated, slim = copy.deepcopy(gated).double(), slim.double()
+    with torch.no_grad():
+        for b, t in SHAPES:
+            x = wav(b, t, seed=b * t).double()
+            expected, got = gated(x), slim(x)
+            assert got.shape == (b, 2, t)
+            error = float((expected - got).abs().max() / expected.abs().max())
+            assert error <= 1e-9, (b, t, error)
+
+
+def test_dtype_test_is_not_data(analysed):
+    """``if is_complex(input)``, ``feature.is_floating_point()``, ``feature.dtype == ...`` read
+    metadata, not values: the separator traces (no eager shell), and each test is a stated
+    assumption."""
+    model, analysis = analysed("dtype_tasnet")
+    assert not analysis.capture.shells, analysis.capture.shells
+    assumptions = " ".join(analysis.capture.assumptions)
+    for wanted in ("torch.is_complex(c)", "feature.is_floating_point()", "feature.dtype"):
+        assert wanted in assumptions, analysis.capture.assumptions
+
+
+def test_data_test_still_makes_a_shell():
+    """A test of tensor values (``if x.abs().max() > 1``) is data: never fixed while tracing."""
+
+    class Clip(nn.Module):
+        def forward(self, x):
+            if x.abs().max() > 1:
+                x = x / x.abs().max()
+            return x
+
+    class Model(nn.Module):
+        sample_rate = 8000
+
+        def __init__(self):
+            super().__init__()
+            self.clip = Clip()
+            self.conv = nn.Conv1d(1, 8, 4, stride=2)
+            self.out = nn.ConvTranspose1d(8, 1, 4, stride=2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.conv(self.clip(x).unsqueeze(1))))
+
+    torch.manual_seed(0)
+    analysis = sepfx.analyze(Model().eval(), wav(1, 800))
+    assert "clip" in analysis.capture.shells, analysis.capture.shells
+    assert "tensor data" in analysis.capture.shells["clip"]
+
+
+@pytest.mark.parametrize("name", ["dtype_tasnet", "dual_path"])
+def test_unbound_masks_keep_the_encoder_prunable(analysed, name):
+    """``masks.unbind(dim)`` into speakers: the encoder/mask channel axis stays one prunable
+    group with the mask convolution's channels, and >= 85% of the MACs are prunable."""
+    model, analysis = analysed(name)
+    frozen = frozen_parameters(analysis)
+    assert "encoder.conv1d out" not in frozen, frozen["encoder.conv1d out"]
+    mask = (
+        "separator.mask_conv1x1 out" if name == "dtype_tasnet" else "separator.dprnn.output.1 out"
+    )
+    groups = [g for g in analysis.groups if "encoder.conv1d out" in g.members]
+    assert groups and mask in groups[0].members, [g.members for g in analysis.groups]
+    assert any(n.target == "unbind" for n in analysis.capture.graph_module.graph.nodes)
+    assert analysis.report().prunable_macs_share >= 0.85
+    assert_exact_at_half(analysis)
+
+
+def test_zero_pad_made_in_eager_glue_follows_the_kept_width(analysed):
+    """``pad_segment``'s ``Variable(torch.zeros(B, N, rest)).type(x.type())`` runs in an eager
+    shell (it branches on ``rest > 0``): the zeros are recorded as a factory (not a constant of
+    the glue, although ``Variable`` hands back another tensor object), their channel axis is
+    the stream's, and the slim model sizes them from the kept width."""
+    model, analysis = analysed("dual_path")
+    assert "separator" in analysis.capture.shells and "rest > 0" in analysis.capture.shells[""]
+    nodes = list(analysis.capture.graph_module.graph.nodes)
+    assert [n for n in nodes if n.target is torch.zeros], "the zeros were not recorded"
+    assert not [n for n in nodes if n.op == "get_attr" and "constant" in str(n.target)]
+    assert "separator.dprnn.row_norm.0 channels" not in frozen_parameters(analysis)
+    assert_exact_at_half(analysis)
