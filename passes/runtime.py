@@ -144,7 +144,8 @@ def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
     RNN's only block) times mask.
 
     With its candidate zeroed a unit's cell and hidden state stay exactly 0 from a zero initial
-    state (tanh(0) = relu(0) = 0), which is what removing the unit computes."""
+    state (tanh(0) = relu(0) = 0), which is what removing the unit computes; a given initial
+    state is gated, so a pruned unit's starts at 0 too."""
     h = rnn.hidden_size
     blocks = gate_blocks(rnn)
     ones = torch.ones(h, dtype=mask.dtype, device=mask.device)
@@ -160,7 +161,7 @@ class GatedRNN(nn.Module):
         super().__init__()
         self.rnn = rnn
 
-    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor, hx: Any = None) -> Any:
         rows = _candidate_rows(self.rnn, hidden_mask)
         params: dict[str, torch.Tensor] = {}
         for name in self.rnn._flat_weights_names:
@@ -170,7 +171,7 @@ class GatedRNN(nn.Module):
             else:
                 w = w * rows.to(w.dtype)
             params[name] = w
-        return torch.func.functional_call(self.rnn, params, (x,))
+        return torch.func.functional_call(self.rnn, params, (x, hx))
 
 
 # -- attention ---------------------------------------------------------------------------------
