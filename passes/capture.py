@@ -240,10 +240,20 @@ def _trace_part(
         bound = dict(zip(names, args))
         bound.update(kwargs)
         positional.append(tuple(bound.get(n, defaults.get(n)) for n in names))
+    # an argument that is None at every call (an optional one the caller did not pass, a state
+    # not there yet) stays None while tracing: ``if fs is not None`` cannot be asked of a proxy
+    always_none = {
+        name
+        for name in names
+        if all(
+            dict(zip(names, args)).get(name, kwargs.get(name, defaults.get(name))) is None
+            for _, args, kwargs, _ in calls
+        )
+    }
     tracer = tracing._Tracer(set(), (positional[0], positional[1]))
     try:
         with tracing._traced_builtins(tracer, module):
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=dict.fromkeys(always_none))
     except Exception as error:  # noqa: BLE001 - any failure to trace makes a shell
         cause = tracer.failed_module[1] if tracer.failed_module else error
         return None, f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}", []
@@ -598,11 +608,14 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
 def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
     """The part's graph as inlined at call ``site`` of the analysis graph: the analysis graph's
     node names, root-relative targets and metadata, so that its channel axes are at hand. Its
-    placeholders are the part's, named after the analysis values they received."""
+    placeholders are the part's, named after the analysis values they received. Arguments are
+    the part's own: a Python value its caller passed (``S``, ``(h, c)``) stays a placeholder, not
+    the reference run's value that the analysis graph holds."""
     nodes = {n.name: n for n in capture.graph_module.graph.nodes}
     mapping = part.sites[site]
     graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
+    env: dict[fx.Node, Any] = {}  # part node -> its node in the new graph
+    received: dict[str, fx.Node] = {}  # analysis value -> the placeholder that receives it
     taken: set[str] = set()  # placeholder names are the generated forward's argument names
 
     def placeholder(name: str, default: Any) -> fx.Node:
@@ -617,28 +630,28 @@ def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
         if node.op == "placeholder":
             source = mapping[node.name]
             default = node.args[0] if node.args else inspect.Parameter.empty
-            if isinstance(source, Constant) or nodes[source] in env:
-                # a constant, or a value already passed in another argument (``mha(e, e, e)``):
-                # the graph reads the first one
-                placeholder(node.name, default)
+            if isinstance(source, Constant) or source in received:
+                # a Python value, or a value already passed in another argument (``mha(e, e,
+                # e)``): the graph reads the first one
+                new = placeholder(node.name, default)
+                env[node] = new if isinstance(source, Constant) else received[source]
                 continue
             new = placeholder(source, default)
             new.meta = copy.copy(nodes[source].meta)
-            env[nodes[source]] = new
+            env[node] = received[source] = new
         elif node.op == "output":
-            graph.output(
-                fx.node.map_arg(
-                    node.args[0],
-                    lambda n: (
-                        env[nodes[mapping[n.name]]]
-                        if not isinstance(mapping[n.name], Constant)
-                        else mapping[n.name].value
-                    ),
-                )
-            )
+            graph.output(fx.node.map_arg(node.args[0], lambda n: env[n]))
         else:
             original = nodes[mapping[node.name]]
-            env[original] = graph.node_copy(original, lambda n: env[n])
+            new = graph.create_node(
+                node.op,
+                original.target,
+                fx.node.map_arg(node.args, lambda n: env[n]),
+                fx.node.map_arg(node.kwargs, lambda n: env[n]),
+                name=original.name,
+            )
+            new.meta = copy.copy(original.meta)
+            env[node] = new
     return graph
 
 

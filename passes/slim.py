@@ -91,10 +91,14 @@ class Pruning:
         return self._kept(axes.get(dim % len(shape))) if shape else None
 
     def shape(self, x: fx.Node, path: ValuePath = ()) -> Shape | None:
+        if x.name not in self.original:  # a part's placeholder holding a Python value
+            return None
         shapes = tensor_shapes(self.original[x.name], path)
         return None if shapes is None else shapes[0]
 
     def tensor_paths(self, x: fx.Node) -> list[ValuePath]:
+        if x.name not in self.original:  # a part's placeholder holding a Python value
+            return []
         return NodeContext.tensor_paths(self.original[x.name])
 
 
