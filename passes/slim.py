@@ -165,7 +165,9 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict[int, Any]
             if n.op in ("call_module", "get_attr")
         }
         gm = fx.GraphModule(objects, graph, class_name=type(part.graph_module).__name__)
-        model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
+        call = runtime.PartCall(gm, part.placeholders, part.defaults)
+        # dressed as the module it replaces: eager code may check its class
+        model.set_submodule(path, runtime.dressed(model.get_submodule(path), call))
     return model
 
 

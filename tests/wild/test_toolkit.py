@@ -6,6 +6,7 @@ pattern must keep prunable."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -130,3 +131,52 @@ def test_zero_pad_made_in_eager_glue_follows_the_kept_width(analysed):
     assert not [n for n in nodes if n.op == "get_attr" and "constant" in str(n.target)]
     assert "separator.dprnn.row_norm.0 channels" not in frozen_parameters(analysis)
     assert_exact_at_half(analysis)
+
+
+def test_class_dispatch_sees_the_original_classes(analysed):
+    """SkiM's wrapper checks ``type(self.skim.seg_lstms[0]).__name__ == "SegLSTM"`` and
+    ``isinstance(self.skim.mem_lstms[0], MemLSTM)`` before it runs: the gated and slim models
+    put graph parts in those places, dressed as the modules they replace (class, name,
+    attributes), so the caller's forward runs; the slim model pickles and copies."""
+    model, analysis = analysed("skim")
+    keep = analysis.keep_ratio(0.5, importance="random", seed=3)
+    gated, slim = analysis.gated(keep), analysis.slim(keep)
+    for built in (gated, slim):
+        skim = built.separator.skim
+        assert type(skim.seg_lstms[0]).__name__ == "SegLSTM"
+        assert isinstance(skim.seg_lstms[1], toolkit.SegLSTM)
+        assert isinstance(skim.mem_lstms[0], toolkit.MemLSTM)
+        assert skim.seg_lstms[0].num_direction == 2  # its attributes are there
+        assert type(skim) is toolkit.SkiM  # an eager shell: its own class, unchanged
+    assert type(model.separator.skim.seg_lstms[0]) is toolkit.SegLSTM  # the caller's model
+    x = wav(2, 8037, seed=5)
+    with torch.no_grad():
+        expected, got = gated(x), slim(x)
+        error = float((expected - got).abs().max() / expected.abs().max())
+        assert error <= 1e-5, error
+        again = pickle.loads(pickle.dumps(slim))
+        assert type(again.separator.skim.seg_lstms[0]).__name__ == "SegLSTM"
+        assert torch.equal(again(x), got)
+        assert torch.equal(copy.deepcopy(slim)(x), got)
+
+
+def test_tuple_states_through_parts(analysed):
+    """``(h, c)`` tuples handed from one LSTM block to the next (``hc = None`` on the first,
+    a traced ``if hc is None``) and ``S`` passed as a number: no raw ``AttributeError`` from a
+    rule; an LSTM fed an initial state keeps its hidden units prunable; the slim parts take
+    ``S`` at every length (not the reference run's value)."""
+    model, analysis = analysed("skim")
+    # ``hc`` is None at every call of the first block: traced as None, not a shell
+    assert "separator.skim.seg_lstms.0" in analysis.capture.parts, analysis.capture.shells
+    members = {m for g in analysis.groups for m in g.members}
+    assert "separator.skim.mem_lstms.0.h_net.rnn hidden" in members, members
+    assert "encoder.conv1d out" in members, members  # through view(input.shape)
+    assert analysis.report().prunable_macs_share >= 0.75
+    keep = analysis.keep_ratio(0.5, importance="random", seed=3)
+    slim, gated = analysis.slim(keep), analysis.gated(keep)
+    with torch.no_grad():
+        for b, t in SHAPES:
+            x = wav(b, t, seed=t)
+            expected = gated(x)
+            error = float((expected - slim(x)).abs().max() / expected.abs().max())
+            assert error <= 1e-5, (b, t, error)
