@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 import sepfx
+from passes import runtime
+from sepfx.errors import SlimError
 
 from . import toolkit
 
@@ -180,3 +182,12 @@ def test_tuple_states_through_parts(analysed):
             expected = gated(x)
             error = float((expected - slim(x)).abs().max() / expected.abs().max())
             assert error <= 1e-5, (b, t, error)
+
+
+def test_check_runs_the_callers_forward(monkeypatch):
+    """Were the parts not dressed, SkiM's wrapper would raise at its class check in every
+    rebuilt model: sepfx's own check runs them through the caller's forward and says so,
+    instead of skipping inputs the dense model "does not take"."""
+    monkeypatch.setattr(runtime, "dressed", lambda module, call: call)
+    with pytest.raises(SlimError, match="Unsupported segment model class"):
+        sepfx.analyze(toolkit.build("skim"))
