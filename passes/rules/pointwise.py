@@ -64,8 +64,8 @@ def _concatenated_sizes(ctx: NodeContext) -> None:
 
 
 def scaled_read(ctx: NodeContext, value: Any) -> tuple[AxisKey, int] | None:
-    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis; else
-    None."""
+    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis and k a
+    literal; else None."""
     if not (isinstance(value, fx.Node) and value.target is operator.mul and len(value.args) == 2):
         return None
     for a, b in (value.args, value.args[::-1]):
@@ -73,6 +73,24 @@ def scaled_read(ctx: NodeContext, value: Any) -> tuple[AxisKey, int] | None:
         if isinstance(read, tuple) and isinstance(b, int) and not isinstance(b, bool) and b > 0:
             return read, b
     return None
+
+
+def _factor(ctx: NodeContext, value: Any) -> int | None:
+    """A literal, or the size of an axis already kept whole (a bidirectional state's
+    direction axis in ``view(B, S, d * H)``): a number that slimming does not change."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return _fixed_size(ctx, ctx.size_read(value))
+
+
+def _fixed_size(ctx: NodeContext, read: Any) -> int | None:
+    """The size of the static axis ``read`` when every element of it is frozen by now."""
+    if not isinstance(read, tuple) or read not in ctx.state.axes:
+        return None
+    find = ctx.state.union_find.find
+    frozen = {find(int(e)) for key in ctx.state.frozen_axes for e in ctx.state.axes[key].elements}
+    axis = ctx.state.axes[read]
+    return axis.size if all(find(int(e)) in frozen for e in axis.elements) else None
 
 
 def _scaled_size(ctx: NodeContext) -> None:
@@ -83,9 +101,9 @@ def _scaled_size(ctx: NodeContext) -> None:
     node = ctx.node
     if node.target not in (operator.mul, operator.floordiv) or len(node.args) != 2:
         return
-    reads = [ctx.size_read(a) for a in node.args]
+    literals = [a for a in node.args if _factor(ctx, a) is not None]
+    reads = [ctx.size_read(a) for a in node.args if a not in literals]
     keys = [r for r in reads if isinstance(r, tuple)]
-    literals = [a for a in node.args if isinstance(a, int) and not isinstance(a, bool)]
     if (
         len(keys) != 1
         or len(literals) != 1

@@ -391,12 +391,9 @@ def skim_net():
     return EnhancementModel(SkiMSeparator())
 
 
-MODELS = {"dtype_tasnet": dtype_tasnet, "dual_path": dual_path_net}
-# not yet in test_wild's battery: SkiM's ``view(B, S, d * H)`` of a bidirectional state merges
-# the direction axis with the hidden one, which freezes the segment LSTMs (78% prunable)
-PARTIAL = {"skim": skim_net}
+MODELS = {"dtype_tasnet": dtype_tasnet, "dual_path": dual_path_net, "skim": skim_net}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return {**MODELS, **PARTIAL}[name]().eval()
+    return MODELS[name]().eval()
