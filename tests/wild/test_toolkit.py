@@ -197,3 +197,21 @@ def test_check_runs_the_callers_forward(monkeypatch):
     monkeypatch.setattr(runtime, "dressed", lambda module, call: call)
     with pytest.raises(SlimError, match="Unsupported segment model class"):
         sepfx.analyze(toolkit.build("skim"))
+
+
+def test_flash_transformer_is_prunable(analysed):
+    """Gated attention units (einsum, rotary pairs, offset-scale heads unbound), a scaled
+    sinusoidal embedding added to the stream, FSMN depthwise memory, F.layer_norm through an
+    nn.LayerNorm subclass and InstanceNorm2d: the stream, the gated hidden units and the
+    encoder stay prunable (>= 85% of the MACs), exact at half of every group."""
+    model, analysis = analysed("flash")
+    members = {m for g in analysis.groups for m in g.members}
+    for wanted in (
+        "encoder.conv1d out",
+        "separator.in_proj out",
+        "separator.layers.0.to_hidden.1 out",
+        "separator.layers.0.fsmn.conv out",
+    ):
+        assert wanted in members, sorted(members)
+    assert analysis.report().prunable_macs_share >= 0.85
+    assert_exact_at_half(analysis)

@@ -48,6 +48,7 @@ EXPECTED_ASSUMPTIONS = {
     "dtype_tasnet": ["torch.is_complex(c)", "feature.is_floating_point()", "feature.dtype"],
     "dual_path": [],  # its separator pads by the length: an eager shell
     "skim": [],  # likewise
+    "flash": ["x.view(*x.shape[:-1], -1, 2)"],  # rotate_half's pairs
 }
 # models whose code branches on the input's length: their root runs as an eager shell
 SHELLS = {"transformer", "dual_path", "skim"}

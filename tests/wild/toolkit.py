@@ -10,6 +10,7 @@ per speaker, each module written in the toolkit's habits, not for torch.fx. Ever
 | ``rest = ...; if rest > 0: pad = torch.zeros(B, N, rest); torch.cat([input, pad], 2)`` (eager glue: the branch makes a shell) and ``torch.zeros(B, N, stride)`` either side | DualPathNet (``pad_segment``) |
 | ``name = type(self.skim.seg_lstms[0]).__name__; if name == ...``, ``isinstance(m, ...)`` | SkiMNet (its separator) |
 | ``(h, c)`` tuples through segment and memory LSTMs, ``view(B, S, d * H)`` of a state | SkiMNet (``SegLSTM``, ``MemLSTM``) |
+| gated attention units (``einsum``, rotary pairs, offset-scale heads unbound), a scaled sinusoidal embedding added to the stream, FSMN depthwise memory, ``F.layer_norm`` in an ``nn.LayerNorm`` subclass, ``InstanceNorm2d`` | FlashNet (its separator) |
 """
 
 from __future__ import annotations
@@ -391,7 +392,153 @@ def skim_net():
     return EnhancementModel(SkiMSeparator())
 
 
-MODELS = {"dtype_tasnet": dtype_tasnet, "dual_path": dual_path_net, "skim": skim_net}
+# ------------------------------------------------------------------------------------------
+# 4. a FLASH-style transformer separator (gated attention units, rotary embeddings, a scaled
+#    sinusoidal position embedding added to the stream, FSMN memory, a LayerNorm subclass
+#    calling F.layer_norm, InstanceNorm2d)
+# ------------------------------------------------------------------------------------------
+class LayerNormalization(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class ScaledSinuEmbedding(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, x):
+        n, device = x.shape[1], x.device
+        t = torch.arange(n, device=device).type_as(self.inv_freq)
+        sinu = torch.einsum("i , j -> i j", t, self.inv_freq)
+        emb = torch.cat((sinu.sin(), sinu.cos()), dim=-1)
+        return emb * self.scale
+
+
+def rotate_half(x):
+    """Interleaved pairs (x1, x2) -> (-x2, x1), as rotary embeddings write it."""
+    x = x.view(*x.shape[:-1], -1, 2)
+    x1, x2 = x.unbind(dim=-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim, theta=10000):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        self.register_buffer("freqs", freqs)
+
+    def rotate_queries_or_keys(self, t):
+        seq_len = t.shape[-2]
+        positions = torch.arange(seq_len, device=t.device, dtype=t.dtype)
+        freqs = torch.einsum("i , j -> i j", positions, self.freqs)
+        freqs = freqs.repeat_interleave(2, dim=-1)
+        return t * freqs.cos() + rotate_half(t) * freqs.sin()
+
+
+class OffsetScale(nn.Module):
+    def __init__(self, dim, heads=1):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, dim))
+        self.beta = nn.Parameter(torch.zeros(heads, dim))
+        nn.init.normal_(self.gamma, std=0.02)
+
+    def forward(self, x):
+        out = torch.einsum("... d, h d -> ... h d", x, self.gamma) + self.beta
+        return out.unbind(dim=-2)
+
+
+class FSMN(nn.Module):
+    """Memory over time: a depthwise convolution, added back."""
+
+    def __init__(self, dim, kernel_size=7):
+        super().__init__()
+        self.conv = nn.Conv1d(
+            dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim, bias=False
+        )
+
+    def forward(self, x):
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class GatedAttentionUnit(nn.Module):
+    def __init__(self, dim, query_key_dim=16, expansion_factor=2.0, rotary_pos_emb=None):
+        super().__init__()
+        hidden_dim = int(dim * expansion_factor)
+        self.rotary_pos_emb = rotary_pos_emb
+        self.to_hidden = nn.Sequential(
+            LayerNormalization(dim), nn.Linear(dim, hidden_dim * 2), nn.SiLU()
+        )
+        self.to_qk = nn.Sequential(
+            LayerNormalization(dim), nn.Linear(dim, query_key_dim), nn.SiLU()
+        )
+        self.qk_offset_scale = OffsetScale(query_key_dim, heads=4)
+        self.fsmn = FSMN(hidden_dim)
+        self.to_out = nn.Sequential(LayerNormalization(hidden_dim), nn.Linear(hidden_dim, dim))
+
+    def forward(self, x):
+        v, u = self.to_hidden(x).chunk(2, dim=-1)
+        qk = self.to_qk(x)
+        quad_q, lin_q, quad_k, lin_k = self.qk_offset_scale(qk)
+        if self.rotary_pos_emb is not None:
+            quad_q, lin_q, quad_k, lin_k = map(
+                self.rotary_pos_emb.rotate_queries_or_keys, (quad_q, lin_q, quad_k, lin_k)
+            )
+        n = x.shape[-2]
+        sim = torch.einsum("b i d, b j d -> b i j", quad_q, quad_k) / n
+        attn = F.relu(sim) ** 2
+        att_v = torch.einsum("b i j, b j d -> b i d", attn, v)
+        att_u = torch.einsum("b i j, b j d -> b i d", attn, u)
+        lin_kv = torch.einsum("b n d, b n e -> b d e", lin_k, v) / n
+        att_v = att_v + torch.einsum("b n d, b d e -> b n e", lin_q, lin_kv)
+        lin_ku = torch.einsum("b n d, b n e -> b d e", lin_k, u) / n
+        att_u = att_u + torch.einsum("b n d, b d e -> b n e", lin_q, lin_ku)
+        out = self.fsmn((att_u * v) * torch.sigmoid(att_v * u))
+        return x + self.to_out(out)
+
+
+class FlashSeparator(nn.Module):
+    def __init__(self, input_dim=32, num_spk=2, dim=32, depth=2):
+        super().__init__()
+        self._num_spk = num_spk
+        self.norm = nn.InstanceNorm2d(input_dim, affine=True)
+        self.in_proj = nn.Conv1d(input_dim, dim, 1)
+        self.pos_enc = ScaledSinuEmbedding(dim)
+        rotary = RotaryEmbedding(min(32, 16))
+        self.layers = nn.ModuleList(
+            [GatedAttentionUnit(dim, rotary_pos_emb=rotary) for _ in range(depth)]
+        )
+        self.out_proj = nn.Conv1d(dim, input_dim * num_spk, 1)
+
+    @property
+    def num_spk(self):
+        return self._num_spk
+
+    def forward(self, input, ilens, additional=None):
+        B, T, N = input.shape
+        x = self.norm(input.transpose(1, 2).unsqueeze(-1)).squeeze(-1)  # B, N, T
+        x = self.in_proj(x).transpose(1, 2)  # B, T, D
+        x = x + self.pos_enc(x)
+        for layer in self.layers:
+            x = layer(x)
+        masks = torch.relu(self.out_proj(x.transpose(1, 2)))  # B, N*num_spk, T
+        masks = masks.view(B, self.num_spk, N, T).transpose(2, 3).unbind(dim=1)
+        masked = [input * m for m in masks]
+        return masked, ilens, dict(zip(["mask_spk1", "mask_spk2"], masks))
+
+
+def flash_net():
+    return EnhancementModel(FlashSeparator())
+
+
+MODELS = {
+    "dtype_tasnet": dtype_tasnet,
+    "dual_path": dual_path_net,
+    "skim": skim_net,
+    "flash": flash_net,
+}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
