@@ -251,13 +251,18 @@ def _trace_part(
         )
     }
     tracer = tracing._Tracer(set(), (positional[0], positional[1]))
+    saved = _module_states(module)
     try:
         with tracing._traced_builtins(tracer, module):
             graph = tracer.trace(module, concrete_args=dict.fromkeys(always_none))
+        gm = tracing.finish_graph(module, graph, type(module).__name__)
     except Exception as error:  # noqa: BLE001 - any failure to trace makes a shell
         cause = tracer.failed_module[1] if tracer.failed_module else error
         return None, f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}", []
-    gm = tracing.finish_graph(module, graph, type(module).__name__)
+    finally:
+        # a forward that stores on its modules (``self.stft.n_fft = ...``) stored proxies or
+        # traced values: the eager runs that follow must see the modules as they were
+        _restore_module_states(saved)
     for _, args, kwargs, expected in calls:
         try:
             with torch.no_grad():
@@ -274,6 +279,20 @@ def _trace_part(
             return None, f"its traced graph differs from its eager forward at input {shapes}", []
     assumptions = [f"{path or type(module).__name__}: {text}" for text, _ in tracer.assumptions]
     return Part(path, gm, False, names, defaults), "", assumptions
+
+
+def _module_states(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Every submodule's attributes (its parameter, buffer and child tables copied)."""
+    return [
+        (m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(m).items()})
+        for m in module.modules()
+    ]
+
+
+def _restore_module_states(states: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for m, state in states:
+        vars(m).clear()
+        vars(m).update(state)
 
 
 def _is_rule_leaf(module: nn.Module) -> bool:

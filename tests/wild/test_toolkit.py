@@ -10,9 +10,11 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sepfx
+from passes import capture as capture_pass
 from passes import runtime
 from sepfx.errors import SlimError
 
@@ -215,3 +217,53 @@ def test_flash_transformer_is_prunable(analysed):
         assert wanted in members, sorted(members)
     assert analysis.report().prunable_macs_share >= 0.85
     assert_exact_at_half(analysis)
+
+
+def test_tracing_leaves_no_change_on_a_module():
+    """A forward that stores on its modules (``self.stft.n_fft = self.n_fft * fs // ...``
+    while an optional ``fs`` is given, a counter) stores proxies or traced values while it is
+    traced: every module is as it was afterwards, so the eager runs that follow are the
+    model's; an optional argument the caller did not pass is traced as None."""
+
+    class Frontend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 8, 16, stride=8)
+            self.n_fft, self.default_fs, self.calls = 16, 8000, 0
+
+        def forward(self, x, fs=None):
+            self.calls += 1
+            if fs is not None:
+                self.conv.n_fft = self.n_fft * fs // self.default_fs
+            self.frames = x.shape[-1] // 8
+            return torch.relu(self.conv(x.unsqueeze(1)))
+
+    class Model(nn.Module):
+        sample_rate = 8000
+
+        def __init__(self):
+            super().__init__()
+            self.front = Frontend()
+            self.back = nn.ConvTranspose1d(8, 1, 16, stride=8)
+
+        def forward(self, x):
+            length = x.shape[-1]
+            if length % 8:  # an eager shell: ``front`` is traced as a part of its own
+                x = F.pad(x, (0, 8 - length % 8))
+            return self.back(self.front(x))[..., :length]
+
+    torch.manual_seed(0)
+    analysis = sepfx.analyze(Model().eval(), wav(1, 803))
+    assert "front" in analysis.capture.parts, analysis.capture.shells  # fs traced as None
+    assert analysis.report().prunable_macs_share >= 0.85
+
+    # traced with ``fs`` given at every call, the forward stores ``n_fft`` on the conv
+    model = Model().eval()
+    model.forward = lambda x: model.back(model.front(x, fs=16000))
+    calls = capture_pass._record_calls(model, ["front"], [wav(1, 800), wav(2, 1000)])["front"]
+    before = {m: dict(vars(m)) for m in model.front.modules()}
+    assert model.front.conv.n_fft == 32 and model.front.calls == 2
+    part, why, _ = capture_pass._trace_part("front", model.front, calls)
+    assert part is not None, why
+    for m, attributes in before.items():
+        assert vars(m) == attributes, m  # n_fft, calls, frames: the eager runs' values
