@@ -240,14 +240,29 @@ def _trace_part(
         bound = dict(zip(names, args))
         bound.update(kwargs)
         positional.append(tuple(bound.get(n, defaults.get(n)) for n in names))
+    # an argument that is None at every call (an optional one the caller did not pass, a state
+    # not there yet) stays None while tracing: ``if fs is not None`` cannot be asked of a proxy
+    always_none = {
+        name
+        for name in names
+        if all(
+            dict(zip(names, args)).get(name, kwargs.get(name, defaults.get(name))) is None
+            for _, args, kwargs, _ in calls
+        )
+    }
     tracer = tracing._Tracer(set(), (positional[0], positional[1]))
+    saved = _module_states(module)
     try:
         with tracing._traced_builtins(tracer, module):
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=dict.fromkeys(always_none))
+        gm = tracing.finish_graph(module, graph, type(module).__name__)
     except Exception as error:  # noqa: BLE001 - any failure to trace makes a shell
         cause = tracer.failed_module[1] if tracer.failed_module else error
         return None, f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}", []
-    gm = tracing.finish_graph(module, graph, type(module).__name__)
+    finally:
+        # a forward that stores on its modules (``self.stft.n_fft = ...``) stored proxies or
+        # traced values: the eager runs that follow must see the modules as they were
+        _restore_module_states(saved)
     for _, args, kwargs, expected in calls:
         try:
             with torch.no_grad():
@@ -264,6 +279,20 @@ def _trace_part(
             return None, f"its traced graph differs from its eager forward at input {shapes}", []
     assumptions = [f"{path or type(module).__name__}: {text}" for text, _ in tracer.assumptions]
     return Part(path, gm, False, names, defaults), "", assumptions
+
+
+def _module_states(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Every submodule's attributes (its parameter, buffer and child tables copied)."""
+    return [
+        (m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(m).items()})
+        for m in module.modules()
+    ]
+
+
+def _restore_module_states(states: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for m, state in states:
+        vars(m).clear()
+        vars(m).update(state)
 
 
 def _is_rule_leaf(module: nn.Module) -> bool:
@@ -318,6 +347,9 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph = fx.Graph()
         self.nodes: dict[int, fx.Node] = {}  # id(tensor) -> the node that made it
+        # the elements a recorded tensor views -> its node: a tensor object made outside torch
+        # calls over the same elements (``Variable(x)``, which no torch function sees) is it
+        self.aliases: dict[tuple[Any, ...], fx.Node] = {}
         self.alive: list[Any] = []  # every recorded value, so that no id is reused
         self.depth = 0  # > 0 while a part runs
         self.constants: dict[str, torch.Tensor] = {}
@@ -347,9 +379,13 @@ class _Recorder(TorchFunctionMode):
         if not isinstance(value, torch.Tensor):
             return value
         node = self.nodes.get(id(value))
+        name = self.attributes.get(id(value))
+        alias = _alias_key(value) if node is None and name is None else None
+        if alias is not None:
+            # ``Variable(x)``: another tensor object over the elements of a recorded one
+            node = self.aliases.get(alias)
         if node is not None:
             return node
-        name = self.attributes.get(id(value))
         if name is None:  # a tensor made outside torch calls: a constant of the glue
             name = f"{CONSTANT}{len(self.constants)}"
             self.constants[name] = value.detach()
@@ -367,6 +403,9 @@ class _Recorder(TorchFunctionMode):
         self.alive.append(result)
         if isinstance(result, torch.Tensor):
             self.nodes[id(result)] = node
+            key = _alias_key(result)
+            if key is not None:
+                self.aliases[key] = node
         elif isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
             for i, item in enumerate(result):
                 if isinstance(item, (torch.Tensor, tuple, list)) and not isinstance(
@@ -438,6 +477,19 @@ class _Recorder(TorchFunctionMode):
         node.meta[GLUE] = True
         self.bind(node, result)
         return result
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What identifies the elements a tensor views (None for an empty one, which has none)."""
+    if tensor.numel() == 0 or tensor.layout != torch.strided:
+        return None
+    return (
+        tensor.data_ptr(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
 
 
 def _record(
@@ -575,11 +627,14 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
 def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
     """The part's graph as inlined at call ``site`` of the analysis graph: the analysis graph's
     node names, root-relative targets and metadata, so that its channel axes are at hand. Its
-    placeholders are the part's, named after the analysis values they received."""
+    placeholders are the part's, named after the analysis values they received. Arguments are
+    the part's own: a Python value its caller passed (``S``, ``(h, c)``) stays a placeholder, not
+    the reference run's value that the analysis graph holds."""
     nodes = {n.name: n for n in capture.graph_module.graph.nodes}
     mapping = part.sites[site]
     graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
+    env: dict[fx.Node, Any] = {}  # part node -> its node in the new graph
+    received: dict[str, fx.Node] = {}  # analysis value -> the placeholder that receives it
     taken: set[str] = set()  # placeholder names are the generated forward's argument names
 
     def placeholder(name: str, default: Any) -> fx.Node:
@@ -594,28 +649,28 @@ def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:
         if node.op == "placeholder":
             source = mapping[node.name]
             default = node.args[0] if node.args else inspect.Parameter.empty
-            if isinstance(source, Constant) or nodes[source] in env:
-                # a constant, or a value already passed in another argument (``mha(e, e, e)``):
-                # the graph reads the first one
-                placeholder(node.name, default)
+            if isinstance(source, Constant) or source in received:
+                # a Python value, or a value already passed in another argument (``mha(e, e,
+                # e)``): the graph reads the first one
+                new = placeholder(node.name, default)
+                env[node] = new if isinstance(source, Constant) else received[source]
                 continue
             new = placeholder(source, default)
             new.meta = copy.copy(nodes[source].meta)
-            env[nodes[source]] = new
+            env[node] = received[source] = new
         elif node.op == "output":
-            graph.output(
-                fx.node.map_arg(
-                    node.args[0],
-                    lambda n: (
-                        env[nodes[mapping[n.name]]]
-                        if not isinstance(mapping[n.name], Constant)
-                        else mapping[n.name].value
-                    ),
-                )
-            )
+            graph.output(fx.node.map_arg(node.args[0], lambda n: env[n]))
         else:
             original = nodes[mapping[node.name]]
-            env[original] = graph.node_copy(original, lambda n: env[n])
+            new = graph.create_node(
+                node.op,
+                original.target,
+                fx.node.map_arg(node.args, lambda n: env[n]),
+                fx.node.map_arg(node.kwargs, lambda n: env[n]),
+                name=original.name,
+            )
+            new.meta = copy.copy(original.meta)
+            env[node] = new
     return graph
 
 

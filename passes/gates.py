@@ -203,7 +203,9 @@ def gated_model(
     model.add_module(GATES, bank)  # first, so that its parameters are named sepfx_gates.*
     for path, part in capture.parts.items():
         gm = insert_gates(analysis, None, bank, site_graph(capture, part))
-        model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
+        call = runtime.PartCall(gm, part.placeholders, part.defaults)
+        # dressed as the module it replaces: eager code may check its class
+        model.set_submodule(path, runtime.dressed(model.get_submodule(path), call))
     if flat_keep is not None:
         bank.set_keep(flat_keep)
     return model

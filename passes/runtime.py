@@ -7,6 +7,7 @@ variance over channels) counts kept channels only.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -144,7 +145,8 @@ def _candidate_rows(rnn: nn.RNNBase, mask: torch.Tensor) -> torch.Tensor:
     RNN's only block) times mask.
 
     With its candidate zeroed a unit's cell and hidden state stay exactly 0 from a zero initial
-    state (tanh(0) = relu(0) = 0), which is what removing the unit computes."""
+    state (tanh(0) = relu(0) = 0), which is what removing the unit computes; a given initial
+    state is gated, so a pruned unit's starts at 0 too."""
     h = rnn.hidden_size
     blocks = gate_blocks(rnn)
     ones = torch.ones(h, dtype=mask.dtype, device=mask.device)
@@ -160,7 +162,7 @@ class GatedRNN(nn.Module):
         super().__init__()
         self.rnn = rnn
 
-    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor, hx: Any = None) -> Any:
         rows = _candidate_rows(self.rnn, hidden_mask)
         params: dict[str, torch.Tensor] = {}
         for name in self.rnn._flat_weights_names:
@@ -170,7 +172,7 @@ class GatedRNN(nn.Module):
             else:
                 w = w * rows.to(w.dtype)
             params[name] = w
-        return torch.func.functional_call(self.rnn, params, (x,))
+        return torch.func.functional_call(self.rnn, params, (x, hx))
 
 
 # -- attention ---------------------------------------------------------------------------------
@@ -534,6 +536,56 @@ def assigned(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     out = x.clone()
     out[index] = value
     return out
+
+
+class _DressedPart:
+    """Mixed into a subclass of a captured module's own class (``dressed``): the module keeps
+    its class, name, attributes and children for eager code that dispatches on them
+    (``type(m).__name__ == ...``, ``isinstance``), and runs the part's graph as its forward."""
+
+    _sepfx_original: type[nn.Module]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return cast(nn.Module, self).get_submodule(PART_CALL)(*args, **kwargs)
+
+    def __reduce__(self) -> Any:  # the subclass is made at run time: rebuilt from the original
+        return (_bare_dressed_instance, (self._sepfx_original,), dict(vars(self)))
+
+
+PART_CALL = "sepfx_part"
+_dressed_classes: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _dressed_class(original: type[nn.Module]) -> type[nn.Module]:
+    if original not in _dressed_classes:
+        namespace = {
+            "__module__": original.__module__,
+            "__qualname__": original.__qualname__,
+            "_sepfx_original": original,
+        }
+        _dressed_classes[original] = type(original.__name__, (_DressedPart, original), namespace)
+    return _dressed_classes[original]
+
+
+def _bare_dressed_instance(original: type[nn.Module]) -> nn.Module:
+    return object.__new__(_dressed_class(original))
+
+
+def dressed(module: nn.Module, call: nn.Module) -> nn.Module:
+    """A module of ``module``'s class, with its attributes, parameters and children (shared),
+    whose forward is ``call`` (a ``PartCall``). Hooks are not carried over; ``module`` is not
+    modified."""
+    original = getattr(type(module), "_sepfx_original", type(module))
+    new = _bare_dressed_instance(original)
+    fresh = vars(nn.Module())  # empty hook tables
+    carried = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+    for name, value in vars(module).items():
+        if name not in fresh or name in carried:
+            fresh[name] = copy.copy(value) if isinstance(value, (dict, set)) else value
+    fresh["_modules"].pop(PART_CALL, None)
+    new.__dict__.update(fresh)
+    new._modules[PART_CALL] = call
+    return new
 
 
 class PartCall(nn.Module):

@@ -91,10 +91,14 @@ class Pruning:
         return self._kept(axes.get(dim % len(shape))) if shape else None
 
     def shape(self, x: fx.Node, path: ValuePath = ()) -> Shape | None:
+        if x.name not in self.original:  # a part's placeholder holding a Python value
+            return None
         shapes = tensor_shapes(self.original[x.name], path)
         return None if shapes is None else shapes[0]
 
     def tensor_paths(self, x: fx.Node) -> list[ValuePath]:
+        if x.name not in self.original:  # a part's placeholder holding a Python value
+            return []
         return NodeContext.tensor_paths(self.original[x.name])
 
 
@@ -161,7 +165,9 @@ def slim_model(capture: Capture, analysis: ChannelAnalysis, keep: dict[int, Any]
             if n.op in ("call_module", "get_attr")
         }
         gm = fx.GraphModule(objects, graph, class_name=type(part.graph_module).__name__)
-        model.set_submodule(path, runtime.PartCall(gm, part.placeholders, part.defaults))
+        call = runtime.PartCall(gm, part.placeholders, part.defaults)
+        # dressed as the module it replaces: eager code may check its class
+        model.set_submodule(path, runtime.dressed(model.get_submodule(path), call))
     return model
 
 

@@ -35,9 +35,20 @@ _SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shape
 # a bool, or one per element for a shape
 _VARYING = "_sepfx_varying"
 
-# reading these from a tensor gives metadata, not data
+# reading these from a tensor gives metadata, not data (a dtype test reads no values)
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
-_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+_SHAPE_METHODS = {
+    "size",
+    "dim",
+    "numel",
+    "ndimension",
+    "is_complex",
+    "is_floating_point",
+    "is_signed",
+    "type",
+    "get_device",
+}
+_SHAPE_FUNCTIONS = {torch.is_complex, torch.is_floating_point, torch.numel}
 
 
 def is_impure_node(node: fx.Node) -> bool:
@@ -53,6 +64,8 @@ def _shape_only(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_ATTRIBUTES
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return node.target != "type" or len(node.args) == 1 and not node.kwargs  # x.type()
+    if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
         return True
     if node.op in ("placeholder", "get_attr", "call_module"):
         return False
@@ -421,7 +434,12 @@ class _Tracer(fx.Tracer):
         ok = values is not None and all(
             isinstance(v, types) and not isinstance(v, torch.Tensor) for v in values
         )
-        if ok and not node.meta.get(_SHAPE_ONLY, False):
+        # the number of tensors in a sequence (``x.unbind(1)``, ``x.chunk(2)``) is its structure,
+        # not data
+        holds_tensors = structural and all(
+            any(isinstance(item, torch.Tensor) for item in v) for v in values or ()
+        )
+        if ok and not node.meta.get(_SHAPE_ONLY, False) and not holds_tensors:
             raise torch.fx.proxy.TraceError(
                 f"node {node.name} ({_user_line(node)}) is used as a Python value but depends on "
                 "tensor data, not only on shapes: it cannot be fixed while tracing"

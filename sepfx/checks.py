@@ -65,9 +65,10 @@ class _Reference:
                 for x in check_inputs(analysis.example_input)[inputs]:
                     try:
                         self.dense.append(eval_outputs(dense, self._cast(x)))
-                    except Exception:  # the dense model does not take it: no claim on it
+                    except Exception as error:
                         if self.double:
                             raise
+                        _check_model_fails_too(analysis, x, error)  # else: no claim on x
                         continue
                     self.inputs.append(self._cast(x))
                 return
@@ -110,6 +111,20 @@ class _Reference:
                 if relative > tolerance:
                     return Failure("exact", shape, f"relative error {relative:.3g}")
         return None
+
+
+def _check_model_fails_too(analysis, x: torch.Tensor, error: Exception) -> None:
+    """The gated model (every channel kept) failed at ``x``: fine where the caller's model
+    fails too (it does not take ``x``); where the caller's model runs, sepfx broke it."""
+    try:
+        eval_outputs(analysis.capture.root, x)
+    except Exception:
+        return
+    raise SlimError(
+        f"the model runs at input {list(x.shape)} but sepfx's rebuilt model (every channel "
+        f"kept) does not: {type(error).__name__}: {error}. This is a sepfx bug (its graph "
+        "parts replace the model's modules): please report it"
+    ) from error
 
 
 def _relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:

@@ -137,6 +137,27 @@ class SplitRule:
 RULES.add(SplitRule(), functions=[torch.split, torch.chunk], methods=["split", "chunk"])
 
 
+class UnbindRule:
+    """``x.unbind(dim)`` / ``torch.unbind(x, dim)`` (a mask tensor into one tensor per speaker):
+    piece i is ``x`` indexed by i along ``dim``, which it drops; every other axis is the same
+    axis in ``x`` and in each piece. A static ``dim`` is frozen, as indexing by a constant."""
+
+    def couple(self, ctx: NodeContext) -> None:
+        node = ctx.node
+        x = node.args[0]
+        x_shape = ctx.shape(x)
+        assert x_shape is not None  # the unbound tensor
+        dim = arg(node, 1, "dim", 0) % len(x_shape)
+        ctx.freeze(ctx.axis(x, dim), "unbound into one piece per index")
+        for path in (p for p in ctx.tensor_paths(node) if len(p) == 1):
+            for d in range(len(x_shape)):
+                if d != dim:
+                    ctx.same(ctx.axis(x, d), ctx.axis(None, d - (d > dim), path))
+
+
+RULES.add(UnbindRule(), functions=[torch.unbind], methods=["unbind"])
+
+
 class StackRule:
     def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
@@ -379,6 +400,13 @@ class ReshapeRule:
         sizes = _size_args(ctx.node)
         if sizes is None:
             return
+        whole = ctx.size_read(sizes[0]) if len(sizes) == 1 else None
+        if isinstance(whole, dict) and len(ref_out) > 1:
+            # ``y.view(x.shape)``: every axis of the result is the same axis of ``x``
+            for j, key in whole.items():
+                if j < len(ref_out):
+                    ctx.same(ctx.state.axes[key], ctx.axis(None, j))
+            return
         for j, s in enumerate(sizes):
             read = ctx.size_read(s)
             if isinstance(read, tuple) and j < len(ref_out):
@@ -572,6 +600,19 @@ class GetItemRule:
     def couple(self, ctx: NodeContext) -> None:
         node = ctx.node
         source, index = cast(tuple[fx.Node, Any], node.args)  # indexing a node's value
+        if isinstance(source, (tuple, list)):
+            # a literal sequence of values (a part's ``hc`` argument that its caller passed as
+            # ``(h, c)``): the item itself
+            item = source[index]
+            if isinstance(item, fx.Node):
+                for path in ctx.tensor_paths(node):
+                    for a, b in zip(ctx.axes(item, path), ctx.axes(None, path)):
+                        ctx.same(a, b)
+            for other in source:  # the other items are not this node's business
+                if other is not item and isinstance(other, fx.Node):
+                    for path in ctx.tensor_paths(other):
+                        ctx.touch(*ctx.axes(other, path))
+            return
         if source.name in ctx.state.size_reads:
             read = ctx.state.size_reads[source.name]
             ctx.touch(*[ctx.state.axes[k] for k in read.values()]) if isinstance(

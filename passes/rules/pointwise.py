@@ -75,15 +75,37 @@ def fixed_int(value: Any) -> int | None:
 
 
 def scaled_read(ctx: NodeContext, value: Any) -> tuple[AxisKey, int] | None:
-    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis and k a
-    fixed int (``fixed_int``); else None."""
+    """(axis key, k) for ``C * k`` (or ``k * C``), C a size read from a static axis that is not
+    frozen and k a number slimming does not change (``_factor``); else None."""
     if not (isinstance(value, fx.Node) and value.target is operator.mul and len(value.args) == 2):
         return None
     for a, b in (value.args, value.args[::-1]):
-        read, factor = ctx.size_read(a), fixed_int(b)
-        if isinstance(read, tuple) and factor is not None and factor > 0:
+        read, factor = ctx.size_read(a), _factor(ctx, b)
+        if (
+            isinstance(read, tuple)
+            and _fixed_size(ctx, read) is None
+            and factor is not None
+            and factor > 0
+        ):
             return read, factor  # (k read from another axis: that one is frozen, untouched)
     return None
+
+
+def _factor(ctx: NodeContext, value: Any) -> int | None:
+    """A number that slimming does not change: the size of an axis already kept whole (a
+    bidirectional state's direction axis in ``view(B, S, d * H)``), or a fixed int."""
+    fixed = _fixed_size(ctx, ctx.size_read(value))
+    return fixed if fixed is not None else fixed_int(value)
+
+
+def _fixed_size(ctx: NodeContext, read: Any) -> int | None:
+    """The size of the static axis ``read`` when every element of it is frozen by now."""
+    if not isinstance(read, tuple) or read not in ctx.state.axes:
+        return None
+    find = ctx.state.union_find.find
+    frozen = {find(int(e)) for key in ctx.state.frozen_axes for e in ctx.state.axes[key].elements}
+    axis = ctx.state.axes[read]
+    return axis.size if all(find(int(e)) in frozen for e in axis.elements) else None
 
 
 def _scaled_size(ctx: NodeContext) -> None:

@@ -34,13 +34,12 @@ class RecurrentRule:
         x = node.args[0]
         self._cost(ctx, m, x, None, None)
         initial = arg(node, 1, "hx")
-        if (
-            initial is not None
-            or len(node.args) > 2
-            or set(node.kwargs) - {"hx"}
-            or m.proj_size > 0
-        ):
-            return ctx.freeze_all("recurrent layer with an initial state or projections")
+        states = _initial_states(m, initial)
+        if states is None or len(node.args) > 2 or set(node.kwargs) - {"hx"} or m.proj_size > 0:
+            return ctx.freeze_all(
+                "recurrent layer with projections or an initial state that is not "
+                "a tensor (GRU, RNN) or a tensor pair (LSTM)"
+            )
         d = 2 if m.bidirectional else 1
         h = m.hidden_size
         m_in = ctx.module_axis("input", m.input_size)
@@ -53,12 +52,14 @@ class RecurrentRule:
         ctx.same(ctx.axis(x, batch), ctx.axis(None, batch, (0,)))
         for t in (ctx.axis(x, step), ctx.axis(None, step, (0,))):
             ctx.freeze(t, "the recurrence runs along this axis")
-        for path in ctx.tensor_paths(node)[1:]:  # final states [layers*dirs, batch, hidden]
-            state = ctx.axis(None, 2, path)
+        # initial and final states: [layers*dirs, batch, hidden]
+        finals = [(None, path) for path in ctx.tensor_paths(node)[1:]]
+        for value, path in [(s, ()) for s in states] + finals:
+            state = ctx.axis(value, 2, path)
             if state is not None and hidden is not None:
                 ctx.link(state, np.arange(h), hidden, np.arange(h))
-            ctx.freeze(ctx.axis(None, 0, path), "layers x directions axis of a final state")
-            ctx.same(ctx.axis(x, batch), ctx.axis(None, 1, path))
+            ctx.freeze(ctx.axis(value, 0, path), "layers x directions axis of a state")
+            ctx.same(ctx.axis(x, batch), ctx.axis(value, 1, path))
         self._cost(ctx, m, x, m_in, hidden)
 
     @staticmethod
@@ -86,7 +87,9 @@ class RecurrentRule:
             return None
         rnn = cast(nn.RNNBase, builder.module(qualname))
         target = builder.add_module(runtime.GatedRNN(rnn), qualname)
-        return builder.call_module(target, (builder.arg(node.args[0]), mask))
+        # an initial state arrives gated: a pruned unit starts at 0, as a removed one
+        initial = builder.arg(arg(node, 1, "hx"))
+        return builder.call_module(target, (builder.arg(node.args[0]), mask, initial))
 
     def slim_module(self, m: nn.RNNBase, pruning: PruningView, qualname: str) -> nn.Module | None:
         k_in, k_h = pruning.kept_module(qualname, "input"), pruning.kept_module(qualname, "hidden")
@@ -130,6 +133,19 @@ class RecurrentRule:
     def importance(self, m: nn.RNNBase, axis: str) -> list[tuple[torch.Tensor, int]]:
         # weight_hh_l0: a parameter (Module.__getattr__)
         return [(cast(torch.Tensor, m.weight_hh_l0), 1)] if axis == "hidden" else []
+
+
+def _initial_states(m: nn.RNNBase, initial: Any) -> list[fx.Node] | None:
+    """The initial state tensors passed to ``m`` (none when it starts from zeros); None when
+    they are not what ``m`` takes (a tensor, or an LSTM's ``(h, c)`` pair of tensors)."""
+    if initial is None:
+        return []
+    if isinstance(m, nn.LSTM):
+        ok = isinstance(initial, (tuple, list)) and len(initial) == 2
+        states = list(initial) if ok else []
+    else:
+        states = [initial]
+    return states if states and all(isinstance(s, fx.Node) for s in states) else None
 
 
 RULES.add(RecurrentRule(), modules=[nn.LSTM, nn.GRU, nn.RNN])

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import toolkit
+
 
 # ------------------------------------------------------------------------------------------
 # shared helpers, as a toolkit would have them
@@ -379,7 +381,12 @@ class TinyTransformer(nn.Module):
         return out[..., : shape[-1]]
 
 
-MODELS = {"tdanet": TinyTDANet, "afrcnn": TinyAFRCNN, "transformer": TinyTransformer}
+MODELS = {
+    "tdanet": TinyTDANet,
+    "afrcnn": TinyAFRCNN,
+    "transformer": TinyTransformer,
+    **toolkit.MODELS,  # separators composed as toolkits compose them (tests/wild/toolkit.py)
+}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -15,6 +15,7 @@ Every model is built once, analysed once and compiled once per module (cached, e
 from __future__ import annotations
 
 import builtins
+import copy
 import math
 import operator
 import sys
@@ -43,7 +44,14 @@ EXPECTED_ASSUMPTIONS = {
     "tdanet": ["wav.ndim == 1", "len(x.shape)"],
     "afrcnn": [],
     "transformer": [],  # its root is an eager shell (see test_length_branch_makes_a_shell)
+    # a dtype test reads no tensor values: fixed while tracing, not a shell
+    "dtype_tasnet": ["torch.is_complex(c)", "feature.is_floating_point()", "feature.dtype"],
+    "dual_path": [],  # its separator pads by the length: an eager shell
+    "skim": [],  # likewise
+    "flash": ["x.view(*x.shape[:-1], -1, 2)"],  # rotate_half's pairs
 }
+# models whose code branches on the input's length: their root runs as an eager shell
+SHELLS = {"transformer", "dual_path", "skim"}
 # a module called in a Python loop: (a submodule of the shared block, how many call sites)
 SHARED_BLOCK = {"tdanet": ("block.proj_in", 3), "afrcnn": ("block.proj_in.conv", 3)}
 
@@ -297,10 +305,21 @@ def test_gated_equals_slim(cases, name):
     keep_sets += [(f"random{i}", random_keep(analysis, rng)) for i in range(N_RANDOM_KEEP_SETS)]
     xs = inputs()
     failures = []
+    # in float64 (a statistic over one kept channel amplifies float32 rounding past any fixed
+    # tolerance, which is not what this test is about), where the model's own code runs in it
+    # (SkiM makes its initial LSTM state as float32 zeros)
+    try:
+        with torch.no_grad():
+            copy.deepcopy(cases(name).model).double()(xs[0].double())
+        dtype = torch.float64
+    except RuntimeError:
+        dtype = torch.float32
     with torch.no_grad():
         for label, keep in keep_sets:
             try:
-                gated, slim = analysis.gated(keep), analysis.slim(keep)
+                # copies: the gated model shares its layers with the analysis
+                gated = copy.deepcopy(analysis.gated(keep)).to(dtype)
+                slim = analysis.slim(keep).to(dtype)
             except Exception as error:
                 failures.append(
                     f"keep set {label} {describe(keep)}: {type(error).__name__}: "
@@ -308,6 +327,7 @@ def test_gated_equals_slim(cases, name):
                 )
                 continue
             for x in xs:
+                x = x.to(dtype)
                 try:
                     expected = gated(x)
                     got = slim(x)
@@ -407,7 +427,7 @@ def test_report_lists_assumptions_shells_frozen(cases, name):
 
 
 # -- the patterns, one by one ------------------------------------------------------------------
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "transformer"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SHELLS])
 def test_no_pattern_falls_back_to_a_leaf(cases, name):
     """Every pattern of the table is traced, none hidden in an opaque leaf (whose channels
     would be frozen)."""
