@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from passes import rules
 from passes.trace import is_impure_node
+from passes.values import seeded_noise
 
 from passes.errors import ExportError, InputError
 
@@ -283,7 +284,7 @@ def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Ten
 def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
     shape = list(example.shape)
     shape[0] = batch
-    return torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=example.dtype)
+    return seeded_noise(shape, 9, example)
 
 
 # For a model with eager code: lengths added to the example's, so that a branch on the length
@@ -314,10 +315,7 @@ def _variants(
             shape[-1] = length
         if shape != list(example.shape) and shape not in shapes:
             shapes.append(shape)
-    return [
-        torch.randn(shape, generator=torch.Generator().manual_seed(7 + i), dtype=example.dtype)
-        for i, shape in enumerate(shapes)
-    ]
+    return [seeded_noise(shape, 7 + i, example) for i, shape in enumerate(shapes)]
 
 
 def _lower(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
