@@ -17,7 +17,7 @@ import sepfx
 from sepfx.__main__ import main
 from sepfx.bench import compare
 
-from conftest import build_seeded, wav
+from conftest import build_seeded, max_relative_error, wav
 from fake_device import AWAY, Away, DeviceMismatch, another_device
 
 # a whole trace; eager shells with LSTMs; attention. (The fake device cannot run
@@ -81,7 +81,13 @@ def _entry_points(model: torch.nn.Module, device: torch.device, tmp_path) -> dic
     return out
 
 
-def _check_against_cpu(name: str, device: torch.device, tmp_path, tolerance: float) -> None:
+def _check_against_cpu(
+    name: str, device: torch.device, tmp_path, tolerance: float, trained: float
+) -> None:
+    """Each entry point's slim model on ``device`` has the CPU path's parameters (within
+    ``tolerance``; the same shapes, so the same keep set) and output (relative error within
+    1e-4); a fine-tuned one, whose Adam steps may differ by rounding, the same shapes and an
+    output within ``trained``."""
     cpu = build_seeded(name)
     x = wav(1, 8000)
     expected = _entry_points(cpu, torch.device("cpu"), tmp_path)
@@ -93,22 +99,27 @@ def _check_against_cpu(name: str, device: torch.device, tmp_path, tolerance: flo
     for step, slim in got.items():
         example = getattr(slim, "sepfx_example_input", None)  # (a deep copy drops it)
         assert example is None or example.device.type == device.type, step
+        finetuned = step.startswith("finetune")
+        state = _state(slim, device)
         try:
             _assert_same(
-                _state(expected[step], torch.device("cpu")), _state(slim, device), tolerance
+                _state(expected[step], torch.device("cpu")),
+                state,
+                float("inf") if finetuned else tolerance,
             )
         except AssertionError as e:
             raise AssertionError(step) from e
-        assert (
-            _output(expected[step], x, torch.device("cpu")) - _output(slim, x, device)
-        ).abs().max() <= 1e-4, step
+        error = max_relative_error(
+            _output(expected[step], x, torch.device("cpu")), _output(slim, x, device)
+        )
+        assert error <= (trained if finetuned else 1e-4), (step, error)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_entry_point_on_another_device(name, tmp_path):
     with another_device():
         # the same CPU kernels, but Adam picks another implementation by device: 1e-8 apart
-        _check_against_cpu(name, AWAY, tmp_path, tolerance=1e-6)
+        _check_against_cpu(name, AWAY, tmp_path, tolerance=1e-6, trained=1e-5)
 
 
 def test_another_device_catches_a_tensor_made_on_the_cpu():
@@ -153,12 +164,21 @@ def test_bench_leaves_a_model_on_another_device_there():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 on the GPU (cuDNN convolutions use TF32 by default), as on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("name", sorted(sepfx.models.ZOO))
 def test_every_entry_point_on_cuda(name, tmp_path):
-    # learned gates and fine-tuning take float steps that differ by rounding between devices
-    _check_against_cpu(name, torch.device("cuda"), tmp_path, tolerance=1e-4)
+    # float32 kernels round differently on the GPU; TF32 (less precise) is off in these tests
+    _check_against_cpu(name, torch.device("cuda"), tmp_path, tolerance=1e-4, trained=1e-2)
 
 
 @pytest.mark.cuda
@@ -171,9 +191,10 @@ def test_save_load_cuda(tmp_path):
     for where in ("cuda", "cpu"):
         loaded = sepfx.load(tmp_path / "slim.pt", map_location=where)
         _assert_same(_state(slim, torch.device("cuda")), _state(loaded, torch.device(where)))
-        assert (
-            _output(slim, x, torch.device("cuda")) - _output(loaded, x, torch.device(where))
-        ).abs().max() <= 1e-4
+        error = max_relative_error(
+            _output(slim, x, torch.device("cuda")), _output(loaded, x, torch.device(where))
+        )
+        assert error <= 1e-4, (where, error)
 
 
 @pytest.mark.cuda
