@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from passes import rules, runtime
 from passes import trace as tracing
 from passes.channels import summarise
-from passes.values import CONSTANT, GLUE, PROBE, REF, Summary
+from passes.values import CONSTANT, GLUE, PROBE, REF, Summary, seeded_noise
 from passes.values import _summary as summary_of
 
 PART = "sepfx_part"  # node.meta key of a part call while recording: the part's module path
@@ -723,8 +723,7 @@ def twin_input(example: torch.Tensor, extra: int = TWIN_EXTRA_LENGTHS[0]) -> tor
     shape = list(example.shape)
     shape[0] += 1
     shape[-1] += extra
-    generator = torch.Generator().manual_seed(2468)
-    return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
+    return seeded_noise(shape, 2468, example)
 
 
 __all__ = ["Capture", "Constant", "Part", "capture", "site_graph", "twin_input", "PART"]

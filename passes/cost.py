@@ -57,7 +57,7 @@ class CostModel:
         for _, axes in self.terms + self.element_terms:
             for key in axes:
                 if key not in fractions:
-                    units = torch.as_tensor(self.analysis.axis_units(key))
+                    units = torch.as_tensor(self.analysis.axis_units(key), device=flat.device)
                     fractions[key] = flat[units].mean()
         return fractions
 
@@ -66,9 +66,9 @@ class CostModel:
     ) -> torch.Tensor:
         """``constant`` plus each term's dense count times the kept fractions of its axes."""
         fractions = self._fractions(flat)
-        total = torch.as_tensor(constant, dtype=flat.dtype)
+        total = torch.as_tensor(constant, dtype=flat.dtype, device=flat.device)
         for count, axes in terms:
-            term = torch.as_tensor(count, dtype=flat.dtype)
+            term = torch.as_tensor(count, dtype=flat.dtype, device=flat.device)
             for key in axes:
                 term = term * fractions[key]
             total = total + term
@@ -79,12 +79,13 @@ class CostModel:
         return self._scaled_sum(self.terms, flat_keep_probability, self.constant_macs)
 
     def macs(self, flat_keep: np.ndarray) -> float:
-        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
+        # counting is bookkeeping: on the CPU in float64, whatever the model's device
+        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64), device="cpu")
         return float(self.expected_macs(flat))
 
     def elements(self, flat_keep: np.ndarray) -> float:
         """Activation elements the graph's calls write with keep vector ``flat_keep``."""
-        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64))
+        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64), device="cpu")
         return float(self._scaled_sum(self.element_terms, flat))
 
     def floor_macs(self) -> float:

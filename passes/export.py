@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from passes import rules
 from passes.trace import is_impure_node
+from passes.values import seeded_noise
 
 from passes.errors import ExportError, InputError, SepfxError, describe_error
 
@@ -382,7 +383,7 @@ def _trace_input(example: torch.Tensor, batch: int, length: int) -> torch.Tensor
     if [batch, length] == [shape[0], shape[-1]]:
         return example
     shape[0], shape[-1] = batch, length
-    return torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=example.dtype)
+    return seeded_noise(shape, 9, example)
 
 
 # For a model with eager code: lengths added to the example's, so that a branch on the length
@@ -413,10 +414,7 @@ def _variants(
             shape[-1] = length
         if shape != list(example.shape) and shape not in shapes:
             shapes.append(shape)
-    return [
-        torch.randn(shape, generator=torch.Generator().manual_seed(7 + i), dtype=example.dtype)
-        for i, shape in enumerate(shapes)
-    ]
+    return [seeded_noise(shape, 7 + i, example) for i, shape in enumerate(shapes)]
 
 
 def _lower(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:

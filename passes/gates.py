@@ -37,19 +37,22 @@ class GateBank(nn.Module):
     def __init__(self, analysis: ChannelAnalysis) -> None:
         super().__init__()
         self.num_units = analysis.num_units
-        self.register_buffer("hard_mask", torch.ones(analysis.num_units))
+        device = analysis.example_input.device  # the model's: the gates run beside it
+        self.register_buffer("hard_mask", torch.ones(analysis.num_units, device=device))
         self.axis_names: dict[AxisKey, str] = {}
 
     def index_name(self, key: AxisKey, units: NDArray[Any]) -> str:
         name = self.axis_names.get(key)
         if name is None:
             name = f"axis{len(self.axis_names)}"
-            self.register_buffer(name, torch.as_tensor(units, dtype=torch.long))
+            index = torch.as_tensor(units, dtype=torch.long, device=self.hard_mask.device)
+            self.register_buffer(name, index)
             self.axis_names[key] = name
         return name
 
     def set_keep(self, flat_keep: NDArray[Any]) -> None:
-        self.hard_mask.copy_(torch.as_tensor(np.asarray(flat_keep, dtype=np.float32)))
+        mask = np.asarray(flat_keep, dtype=np.float32)
+        self.hard_mask.copy_(torch.as_tensor(mask, device=self.hard_mask.device))
 
     def forward(self) -> torch.Tensor:
         return self.hard_mask

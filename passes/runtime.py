@@ -276,13 +276,15 @@ class SlimMultiheadAttention(nn.Module):
         out_dim: int,
         bias: bool = True,
         batch_first: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         inner = num_heads * head_dim
-        self.q_proj = nn.Linear(q_in, inner, bias=bias)
-        self.k_proj = nn.Linear(k_in, inner, bias=bias)
-        self.v_proj = nn.Linear(v_in, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, out_dim, bias=bias)
+        self.q_proj = nn.Linear(q_in, inner, bias, device, dtype)
+        self.k_proj = nn.Linear(k_in, inner, bias, device, dtype)
+        self.v_proj = nn.Linear(v_in, inner, bias, device, dtype)
+        self.out_proj = nn.Linear(inner, out_dim, bias, device, dtype)
         self.num_heads, self.head_dim, self.batch_first = num_heads, head_dim, batch_first
 
     def forward(
@@ -348,8 +350,13 @@ class SpannedConv(nn.Module):
         """``conv`` (groups 1, zero padding given as numbers) keeping channels ``kept_in`` and
         ``kept_out`` and, per folded axis d, the positions ``spans[d] = (kept input positions,
         kept output positions)``."""
-        weight = conv.weight.detach()[torch.as_tensor(np.asarray(kept_out), dtype=torch.long)]
-        weight = weight[:, torch.as_tensor(np.asarray(kept_in), dtype=torch.long)]
+        device = conv.weight.device
+
+        def index(kept: NDArray[Any]) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(kept), dtype=torch.long, device=device)
+
+        weight = conv.weight.detach()[index(kept_out)]
+        weight = weight[:, index(kept_in)]
         ndim = weight.dim()  # = the input's rank: [B, C, spatial...] vs [oc, ic, kernel...]
         padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * (ndim - 2)
         letters = iter("cdefghijklmnopqrstuvwxyz")
@@ -357,8 +364,8 @@ class SpannedConv(nn.Module):
         operands, matrices, outs, ins = [], [], [], []
         for d in sorted(spans):
             j = d - 2
-            kept_i, kept_o = (torch.as_tensor(np.asarray(v), dtype=torch.long) for v in spans[d])
-            taps = torch.arange(conv.kernel_size[j]).view(-1, 1, 1)
+            kept_i, kept_o = (index(v) for v in spans[d])
+            taps = torch.arange(conv.kernel_size[j], device=device).view(-1, 1, 1)
             # A[t, o, i] = 1 where input position i = o * stride - padding + t * dilation
             position = kept_o.view(1, -1, 1) * conv.stride[j] - padding[j] + taps * conv.dilation[j]
             matrices.append((position == kept_i.view(1, 1, -1)).to(weight.dtype))
@@ -386,7 +393,7 @@ class SpannedConv(nn.Module):
         )
         bias = None
         if conv.bias is not None:
-            b = conv.bias.detach()[torch.as_tensor(np.asarray(kept_out), dtype=torch.long)]
+            b = conv.bias.detach()[index(kept_out)]
             bias = b.repeat_interleave(int(np.prod(out_sizes)))
         return cls(
             flat.clone(), bias, sorted(spans), out_sizes, ndim, conv.stride, padding, conv.dilation

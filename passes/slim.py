@@ -22,7 +22,7 @@ from passes.capture import Capture, site_graph
 from passes.axes import ChannelAnalysis
 from passes.context import NodeContext
 from passes.values import AxisKey, Shape, ValuePath, tensor_shapes
-from passes.values import CONSTANT
+from passes.values import CONSTANT, seeded_noise
 from passes.errors import KeepSetError, SlimError
 
 
@@ -198,8 +198,7 @@ def _check_input(example: torch.Tensor) -> torch.Tensor:
     shape[0] += 1
     shape[-1] += shape[-1] // 4 + 37
     shape[-1] += 1 - shape[-1] % 2
-    generator = torch.Generator().manual_seed(4321)
-    return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
+    return seeded_noise(shape, 4321, example)
 
 
 def _check_shapes(gm: fx.GraphModule, analysis: ChannelAnalysis, pruning: Pruning) -> None:

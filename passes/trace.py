@@ -27,7 +27,7 @@ from torch import fx
 
 from passes import rules, runtime
 from passes.errors import InputError, TraceError
-from passes.values import probe_input
+from passes.values import probe_input, seeded_noise
 
 _VALUES = "_sepfx_values"  # node.meta key: the node's value on (reference, probe) inputs
 _SHAPE_ONLY = "_sepfx_shape_only"  # node.meta key: the value derives from shapes, not data
@@ -585,12 +585,7 @@ def check_lengths(example: torch.Tensor) -> list[torch.Tensor]:
     a third length that is not a multiple of common strides."""
     third = list(example.shape)
     third[-1] = max(third[-1] // 2 + 13, 17)
-    generator = torch.Generator().manual_seed(4321)
-    return [
-        example,
-        probe_input(example),
-        torch.randn(third, generator=generator, dtype=example.dtype),
-    ]
+    return [example, probe_input(example), seeded_noise(third, 4321, example)]
 
 
 def _generalisation_mismatch(

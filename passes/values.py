@@ -78,14 +78,23 @@ def holds_parameters(key: AxisKey) -> bool:
     return key.kind in ("module", "attr")
 
 
+def seeded_noise(shape: list[int], seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from ``seed``, in ``like``'s dtype and on its device.
+
+    Drawn on the CPU and then moved: every device sees the same numbers, so a model on a GPU is
+    checked at the inputs it would be on the CPU (and gets the same keep set)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=generator, dtype=like.dtype, device="cpu")
+    return noise.to(like.device)
+
+
 def probe_input(example: torch.Tensor) -> torch.Tensor:
     """A second input of another batch size and another length (not a multiple of common
     strides), used to tell fixed values from those that vary with batch and time."""
     shape = list(example.shape)
     shape[0] = shape[0] + 1
     shape[-1] = shape[-1] + shape[-1] // 4 + 37
-    generator = torch.Generator().manual_seed(1234)
-    return torch.randn(shape, generator=generator, dtype=example.dtype)
+    return seeded_noise(shape, 1234, example)
 
 
 def _summary(value: Any) -> Summary:

@@ -130,6 +130,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         help="build the zoo model untrained with this config (tiny, small) "
         "instead of loading its checkpoint",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="run sepfx on the model moved to this torch device, e.g. cuda (default: cpu)",
+    )
 
 
 def _bench(args) -> int:
@@ -138,7 +143,7 @@ def _bench(args) -> int:
 
     from sepfx.bench import compare, format_table
 
-    model = _model(args.model, args.config)
+    model = _model(args.model, args.config, args.device or "cpu")
     rows = compare(model, args.budget, args.seconds, args.threads, args.runs, name=args.model)
     print(format_table(rows))
     if args.json:
@@ -243,7 +248,7 @@ def _minimum_length(session, limit: int = 1 << 22) -> int | None:
     return high
 
 
-def _model(name: str, config: str | None):
+def _model(name: str, config: str | None, device: str = "cpu"):
     """A zoo name (its bundled checkpoint unless --config is given) or a file from sepfx.save."""
     from pathlib import Path
 
@@ -252,10 +257,10 @@ def _model(name: str, config: str | None):
 
     if name in ZOO:
         if config is None and name in pretrained_names():
-            return pretrained(name)
-        return build(name, config or "tiny").eval()
+            return pretrained(name).to(device)
+        return build(name, config or "tiny").eval().to(device)
     if Path(name).is_file():
-        return sepfx.load(name)
+        return sepfx.load(name, map_location=device)
     raise sepfx.errors.InputError(
         f"{name!r} is neither a zoo model ({', '.join(sorted(ZOO))}) "
         "nor a file written by sepfx.save"
@@ -268,7 +273,7 @@ def _compile(args) -> int:
     import sepfx
 
     torch.manual_seed(args.seed)
-    model = _model(args.model, args.config)
+    model = _model(args.model, args.config, args.device or "cpu")
     if args.ratio is not None:
         analysis = sepfx.analyze(model)
         slim = analysis.slim(analysis.keep_ratio(args.ratio, args.importance, seed=args.seed))

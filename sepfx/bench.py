@@ -7,6 +7,7 @@ Used by ``python -m sepfx bench``, the demo and ``benchmarks/latency.py``.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -68,7 +69,7 @@ def ort_medians(
 
 def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
     """Median CUDA-event seconds of each model, interleaved, after a warm-up."""
-    models, x = [m.cuda() for m in models], x.cuda()
+    models, x = [_on(m, torch.device("cuda")) for m in models], x.cuda()
 
     def timed(model):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,9 +84,17 @@ def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
             for m in models:
                 timed(m)
         times = [[timed(m) for m in models] for _ in range(runs)]
-    for m in models:
-        m.cpu()
     return [float(np.median([t[i] for t in times])) for i in range(len(models))]
+
+
+def _on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` where it is already on ``device``, else a copy there (the caller's stays put)."""
+    from sepfx.core import model_device
+
+    here = model_device(model)
+    if here.type == device.type and (device.index is None or here.index == device.index):
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def latency_row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
@@ -142,11 +151,16 @@ def compare(
             sepfx.export_onnx(slim, slim_onnx)
             for sec in seconds:
                 x = torch.randn(1, int(sample_rate * sec))
+                # CPU rows time CPU copies of a model that lives elsewhere
+                dense_cpu, slim_cpu = (
+                    _on(model, torch.device("cpu")),
+                    _on(slim, torch.device("cpu")),
+                )
                 try:
                     for n in threads:
                         torch.set_num_threads(n)
                         with torch.inference_mode():
-                            t = paired_medians([lambda: model(x), lambda: slim(x)], runs)
+                            t = paired_medians([lambda: dense_cpu(x), lambda: slim_cpu(x)], runs)
                         rows.append(latency_row(name, budget, sec, f"torch cpu x{n}", *t, report))
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), n, runs)
                         rows.append(latency_row(name, budget, sec, f"ort cpu x{n}", *t, report))

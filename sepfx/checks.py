@@ -26,11 +26,11 @@ def check_inputs(example: torch.Tensor) -> list[torch.Tensor]:
     length = example.shape[-1]
     other = length + length // 4 + 37
     other += 1 - other % 2
-    generator = torch.Generator().manual_seed(2468)
+    generator = torch.Generator().manual_seed(2468)  # drawn on the CPU: the same on any device
     return [
-        torch.randn([batch, *example.shape[1:-1], t], generator=generator, dtype=example.dtype).to(
-            example.device
-        )
+        torch.randn(
+            [batch, *example.shape[1:-1], t], generator=generator, dtype=example.dtype, device="cpu"
+        ).to(example.device)
         for batch, t in ((1, length), (2, other))
     ]
 

@@ -37,13 +37,23 @@ def model_number(model: nn.Module, name: str) -> int | None:
     return int(number) if number > 0 and number == int(number) else None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (else its buffers) live; the CPU for a model without any."""
+    tensor: torch.Tensor | None = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 def default_example_input(model: nn.Module, seconds: float = 1.0) -> torch.Tensor:
-    """One second of noise at the model's ``sample_rate`` (8 kHz if it has none), batch 1."""
+    """One second of noise at the model's ``sample_rate`` (8 kHz if it has none), batch 1, in
+    the model's dtype and on its device (drawn on the CPU: the same numbers on any device)."""
     rate = model_number(model, "sample_rate") or 8000
     generator = torch.Generator().manual_seed(0)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(1, int(rate * seconds), generator=generator, dtype=dtype)
+    noise = torch.randn(1, int(rate * seconds), generator=generator, dtype=dtype, device="cpu")
+    return noise.to(model_device(model))
 
 
 def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
@@ -127,8 +137,7 @@ class Analysis:
                 f"x.float() / 32768 for 16-bit PCM samples, or pass torch.randn(1, 8000)"
             )
         _check_example_dtype(model, example_input)
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        example_input = example_input.to(device)
+        example_input = example_input.to(model_device(model))
         self.model_name = type(model).__name__
         self.sample_rate = model_number(model, "sample_rate")
         self.n_src = model_number(model, "n_src")

@@ -168,11 +168,13 @@ def learn_gates(
     ``init``: "random", the paper's U(0, 1) logits, or "magnitude", the same spread of logits
     ordered by weight magnitude within each group (learning starts from the data-free keep
     set). Either is then shifted so that the gates start at the budget."""
-    device = torch.device(device or "cpu")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    home = analysis.example_input.device  # the model's
+    device = home if device is None else torch.device(device)
+    # noise drawn on the CPU (and moved): the same gates on every device for the same seed
+    generator = torch.Generator().manual_seed(seed)
     if _check_init(init) == "random":
         logits = torch.rand(
-            analysis.channels.num_units, generator=torch.Generator().manual_seed(seed)
+            analysis.channels.num_units, generator=torch.Generator().manual_seed(seed), device="cpu"
         ).numpy()
     else:
         logits = magnitude_init(analysis.channels, analysis.unit_magnitudes(), eps, tau, spread=1.0)
@@ -207,6 +209,7 @@ def learn_gates(
         bar.close()
         for name, p in gated.named_parameters():  # weights are shared with the analysis' graph
             p.requires_grad_(trainable[name])
+        gated.to(home)  # (those shared weights moved with it) the slim model is made there
     return bank, history
 
 
@@ -218,6 +221,7 @@ def _gate_steps(
     dtype = analysis.example_input.dtype  # the model's
     for mixture, sources in _batches(data, steps, analysis.n_src, device, dtype):
         loss, _ = pit_si_snr_loss(as_sources(model(mixture)), sources)
+        # the MAC count is bookkeeping: float64 on the CPU whatever the device (same on every one)
         ratio = analysis.cost.expected_macs(bank.keep_probability().double().cpu()) / dense
         violation = (ratio - budget).to(loss.device, loss.dtype)
         # augmented Lagrangian: the quadratic term holds E[MACs] near the budget while the
@@ -499,7 +503,9 @@ def finetune(
         raise InputError(
             f"teacher must be a torch.nn.Module (the dense model), got {type(teacher).__name__}"
         )
-    device = torch.device(device or "cpu")
+    if device is None:  # where the slim model is (a model without parameters: the CPU)
+        device = next(iter(slim.parameters()), torch.empty(0, device="cpu")).device
+    device = torch.device(device)
     slim.to(device).train()
     model = _wrap(slim, device)
     params = [p for p in slim.parameters() if p.requires_grad]

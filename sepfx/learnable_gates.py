@@ -45,9 +45,17 @@ class LearnableGates(GateBank):
         generator: torch.Generator | None = None,
     ):
         super().__init__(analysis)
+        # the noise is drawn where the generator lives (the CPU by default) and then moved, so
+        # that gates learn from the same draws on any device
+        self.noise_device = torch.device("cpu") if generator is None else generator.device
         if init is None:
-            init = torch.rand(analysis.num_units, generator=generator).numpy()
-        alpha = torch.as_tensor(np.asarray(init, dtype=np.float32)).clone()
+            init = (
+                torch.rand(analysis.num_units, generator=generator, device=self.noise_device)
+                .cpu()
+                .numpy()
+            )
+        alpha = torch.as_tensor(np.asarray(init, dtype=np.float32), device=self.hard_mask.device)
+        alpha = alpha.clone()
         alpha[0] = 0.0
         self.alpha = nn.Parameter(alpha)
         self.eps, self.tau = float(eps), float(tau)
@@ -82,7 +90,8 @@ class LearnableGates(GateBank):
             return self.hard_mask
         logits: torch.Tensor = self.alpha
         if self.training:
-            u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
+            u = torch.rand(logits.shape, generator=self.generator, device=self.noise_device)
+            u = u.to(logits.device)
             u = u.clamp(1e-6, 1 - 1e-6)
             logits = logits + torch.log(u) - torch.log1p(-u)  # logistic = Gumbel - Gumbel
         mask = _HardThreshold.apply(logits / self.tau, self.eps)

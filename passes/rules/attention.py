@@ -109,8 +109,9 @@ class AttentionRule:
             len(out),
             bias=bq is not None,
             batch_first=m.batch_first,
+            device=wq.device,
+            dtype=wq.dtype,
         )
-        new = new.to(device=wq.device, dtype=wq.dtype)
         for proj, w, b, cols in (
             (new.q_proj, wq, bq, kept_in[0]),
             (new.k_proj, wk, bk, kept_in[1]),

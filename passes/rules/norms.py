@@ -43,11 +43,11 @@ def _slim_running_norm(
     kept = pruning.kept_module(qualname, "channels")
     if not pruned(kept, m.num_features):
         return None
-    idx = torch.as_tensor(kept, dtype=torch.long)
     if m.affine:
         m.weight, m.bias = sliced_parameter(m.weight, kept), sliced_parameter(m.bias, kept)
     if m.track_running_stats:
         assert m.running_mean is not None and m.running_var is not None  # tracked
+        idx = torch.as_tensor(kept, dtype=torch.long, device=m.running_mean.device)
         m.running_mean = m.running_mean[idx].clone()
         m.running_var = m.running_var[idx].clone()
     m.num_features = len(kept)

@@ -54,7 +54,7 @@ class OpaqueLeafRule:
                 ctx.freeze(o, reason)
 
     def _commutes(self, module: nn.Module, x: torch.Tensor, dim: int) -> bool:
-        generator = torch.Generator().manual_seed(dim)
+        generator = torch.Generator().manual_seed(dim)  # drawn on the CPU: the same on any device
         n = x.shape[dim]
         try:
             with torch.no_grad():
@@ -62,9 +62,10 @@ class OpaqueLeafRule:
                     sample = (
                         x
                         if trial == 0
-                        else torch.randn(x.shape, generator=generator, dtype=x.dtype)
-                    )
-                    subset = torch.randperm(n, generator=generator)[: max(1, n // 2)].sort().values
+                        else torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+                    ).to(x.device)
+                    subset = torch.randperm(n, generator=generator, device="cpu")
+                    subset = subset[: max(1, n // 2)].sort().values.to(x.device)
                     full = module(sample).index_select(dim, subset)
                     part = module(sample.index_select(dim, subset))
                     if part.shape != full.shape:

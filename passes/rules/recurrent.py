@@ -105,6 +105,7 @@ class RecurrentRule:
         options = {"nonlinearity": m.nonlinearity} if isinstance(m, nn.RNN) else {}
         # nn.LSTM/GRU/RNN(input_size, hidden_size, ...), not RNNBase(mode, ...)
         rnn_class = cast(Callable[..., nn.RNNBase], type(m))
+        first = cast(torch.Tensor, m.weight_ih_l0)  # a parameter (Module.__getattr__)
         new = rnn_class(
             len(k_in),
             len(k_h),
@@ -113,10 +114,10 @@ class RecurrentRule:
             batch_first=m.batch_first,
             dropout=m.dropout,
             bidirectional=m.bidirectional,
+            device=first.device,
+            dtype=first.dtype,
             **options,
         )
-        first = cast(torch.Tensor, m.weight_ih_l0)  # a parameter (Module.__getattr__)
-        new = new.to(device=first.device, dtype=first.dtype)
         for name in m._flat_weights_names:
             w = getattr(m, name)
             layer = int(name.split("_l")[1].split("_")[0])
