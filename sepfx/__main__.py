@@ -127,7 +127,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="build the zoo model untrained with this config (tiny, small) "
+        help="build the zoo model untrained with this config (tiny, small, paper) "
         "instead of loading its checkpoint",
     )
 
