@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, nargs="+", default=[1], help="CPU thread counts (default: 1)"
     )
     bench.add_argument("--runs", type=int, default=20, help="timed runs per model (default: 20)")
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu: PyTorch and ONNX Runtime on the CPU (and CUDA rows when a GPU is present); "
+        "cuda: the GPU only, eager and CUDA-graph replay (default: cpu)",
+    )
     bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
     demo = sub.add_parser(
         "demo",
@@ -139,7 +146,15 @@ def _bench(args) -> int:
     from sepfx.bench import compare, format_table
 
     model = _model(args.model, args.config)
-    rows = compare(model, args.budget, args.seconds, args.threads, args.runs, name=args.model)
+    rows = compare(
+        model,
+        args.budget,
+        args.seconds,
+        args.threads,
+        args.runs,
+        name=args.model,
+        device=args.device,
+    )
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
