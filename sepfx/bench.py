@@ -165,7 +165,8 @@ def cuda_kernel_profile(model: torch.nn.Module, x: torch.Tensor, runs: int = 5) 
 
     on_cuda = x.device.type == "cuda"
     model = copy.deepcopy(model).eval().to(x.device)
-    activities = [ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+    # CPU activity too on a GPU: kernels are attributed to the ops that launched them
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with torch.inference_mode():
         for _ in range(2):
             model(x)

@@ -44,13 +44,14 @@ def _same_state(model, state) -> bool:
 def test_cuda_medians_times_copies_on_the_cpu(dense_and_slim, precision):
     dense, slim = dense_and_slim
     before = [_state(dense), _state(slim)]
+    benchmark = torch.backends.cudnn.benchmark
     times = bench.cuda_medians(
         [dense, slim], torch.randn(1, 800), 2, precision=precision, device="cpu"
     )
     assert len(times) == 2 and all(t > 0 for t in times)
     # the caller's models keep their device, dtype and values (the copies were cast)
     assert _same_state(dense, before[0]) and _same_state(slim, before[1])
-    assert not torch.backends.cudnn.benchmark  # set for the timing only
+    assert torch.backends.cudnn.benchmark == benchmark  # set for the timing only
 
 
 def test_cuda_medians_refuses_what_it_cannot_do(dense_and_slim):
@@ -97,10 +98,11 @@ def test_compare_refuses_cuda_without_a_gpu(dense_and_slim):
 def test_cuda_medians_on_a_gpu(dense_and_slim, graphs, precision):
     dense, slim = dense_and_slim
     before = [_state(dense), _state(slim)]
+    benchmark = torch.backends.cudnn.benchmark
     times = bench.cuda_medians([dense, slim], torch.randn(4, 8000), 5, graphs, precision)
     assert len(times) == 2 and all(0 < t < 1 for t in times)
     assert _same_state(dense, before[0]) and _same_state(slim, before[1])
-    assert not torch.backends.cudnn.benchmark  # restored
+    assert torch.backends.cudnn.benchmark == benchmark  # restored
 
 
 @needs_gpu
