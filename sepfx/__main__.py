@@ -127,7 +127,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="build the zoo model untrained with this config (tiny, small) "
+        help="build the zoo model untrained with this config (tiny, small, paper) "
         "instead of loading its checkpoint",
     )
     parser.add_argument(
@@ -141,10 +141,23 @@ def _bench(args) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from sepfx.bench import compare, format_table
 
-    model = _model(args.model, args.config, args.device or "cpu")
-    rows = compare(model, args.budget, args.seconds, args.threads, args.runs, name=args.model)
+    device = args.device or "cpu"
+    model = _model(args.model, args.config, device)
+    rows = compare(
+        model,
+        args.budget,
+        args.seconds,
+        args.threads,
+        args.runs,
+        name=args.model,
+        # cpu: PyTorch and ONNX Runtime on the CPU (CUDA rows too where a GPU is present);
+        # cuda: the GPU only, eager and CUDA-graph replay
+        device="cuda" if torch.device(device).type == "cuda" else "cpu",
+    )
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -252,9 +265,22 @@ def _model(name: str, config: str | None, device: str = "cpu"):
     """A zoo name (its bundled checkpoint unless --config is given) or a file from sepfx.save."""
     from pathlib import Path
 
+    import torch
+
     import sepfx
     from sepfx.models import ZOO, build, pretrained, pretrained_names
 
+    try:
+        where = torch.device(device)
+    except RuntimeError as error:
+        raise sepfx.errors.InputError(
+            f"--device {device!r} is not a torch device: give cpu, cuda or cuda:N ({error})"
+        ) from error
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise sepfx.errors.InputError(
+            f"--device {device}: no CUDA device here (torch.cuda.is_available() is False); "
+            "leave --device out to run on the CPU"
+        )
     if name in ZOO:
         if config is None and name in pretrained_names():
             return pretrained(name).to(device)

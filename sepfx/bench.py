@@ -1,5 +1,7 @@
 """Latency of a dense model beside its slim versions: PyTorch eager and ONNX Runtime on CPU (and
-CUDA when present). Dense and slim run interleaved so that a noisy, shared machine slows both
+CUDA when present), and on a GPU (``cuda_medians``: CUDA events, eager or CUDA-graph replay,
+fp32/bf16/fp16; ``cuda_kernel_profile``: where the GPU time goes). This module is the one place
+that times runtimes. Dense and slim run interleaved so that a noisy, shared machine slows both
 alike: read the speed-up, a ratio, rather than the absolute times.
 
 Used by ``python -m sepfx bench``, the demo and ``benchmarks/latency.py``.
@@ -67,24 +69,138 @@ def ort_medians(
     return paired_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs)
 
 
-def _cuda_medians(models: list, x: torch.Tensor, runs: int) -> list[float]:
-    """Median CUDA-event seconds of each model, interleaved, after a warm-up."""
-    models, x = [_on(m, torch.device("cuda")) for m in models], x.cuda()
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def timed(model):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(x)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
 
+def _runner(model: torch.nn.Module, x: torch.Tensor, graphs: bool):
+    """A callable that runs ``model`` on ``x`` and returns its output: the eager call, or the
+    replay of a CUDA graph captured from it (static input buffer ``x``; warmed up on a side
+    stream first, as ``torch.cuda.graphs`` asks)."""
+    if not graphs:
+        return lambda: model(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = model(x)
+
+    def replay():
+        graph.replay()
+        return output  # the graph's static output buffer, rewritten by each replay
+
+    return replay
+
+
+def cuda_medians(
+    models: list,
+    x: torch.Tensor,
+    runs: int,
+    graphs: bool = False,
+    precision: str = "fp32",
+    *,
+    device: str = "cuda",
+    warmup: int = 5,
+) -> list[float]:
+    """Median seconds of each model on ``x`` on a GPU, the models run interleaved (a, b, a, b,
+    ...) after ``warmup`` rounds, each call timed by CUDA events, ``cudnn.benchmark`` on.
+
+    ``precision`` "bf16"/"fp16" runs a copy of each model and the input cast to that dtype
+    (``.to(dtype)``, no autocast: no cast kernels, and a CUDA graph captures it as it is).
+    ``graphs=True`` times the replay of a CUDA graph captured from each model
+    (``torch.cuda.CUDAGraph`` over a static input buffer). The caller's models are not touched
+    (copies are moved). ``device="cpu"`` times the same copies with ``time.perf_counter`` (no
+    graphs): the benchmark's dry run, not a CUDA figure."""
+    import copy
+
+    from sepfx.errors import InputError
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if runs < 1:
+        raise InputError(f"runs must be >= 1, got {runs}")
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise InputError("cuda_medians: no CUDA device here (device='cpu' times on the CPU)")
+    if graphs and not on_cuda:
+        raise InputError("cuda_medians: CUDA graphs need a CUDA device")
+    dtype = PRECISIONS[precision]
+    copies = [copy.deepcopy(m).eval().to(device=device, dtype=dtype) for m in models]
+    x = x.to(device=device, dtype=dtype)
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with torch.inference_mode():
+            fns = [_runner(m, x, graphs) for m in copies]
+            if not on_cuda:
+                return paired_medians(fns, runs, warmup)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+            def timed(fn) -> float:
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1000
+
+            for _ in range(warmup):
+                for fn in fns:
+                    timed(fn)
+            times = [[timed(fn) for fn in fns] for _ in range(runs)]
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    return [float(np.median([t[i] for t in times])) for i in range(len(fns))]
+
+
+def cuda_kernel_profile(model: torch.nn.Module, x: torch.Tensor, runs: int = 5) -> dict:
+    """Where a model's GPU time goes, by ``torch.profiler``: per kernel name, the number of
+    launches and milliseconds per run (the most costly first), and the totals. On a CPU input
+    (the dry run) the same table is made of the CPU operators' self times. The model is run on
+    a copy, on ``x``'s device, after two warm-up runs."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = x.device.type == "cuda"
+    model = copy.deepcopy(model).eval().to(x.device)
+    # CPU activity too on a GPU: kernels are attributed to the ops that launched them
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with torch.inference_mode():
-        for _ in range(5):
-            for m in models:
-                timed(m)
-        times = [[timed(m) for m in models] for _ in range(runs)]
-    return [float(np.median([t[i] for t in times])) for i in range(len(models))]
+        for _ in range(2):
+            model(x)
+        if on_cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(runs):
+                model(x)
+            if on_cuda:
+                torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        if on_cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            microseconds = getattr(event, "self_device_time_total", None)
+            if microseconds is None:  # older torch
+                microseconds = event.self_cuda_time_total
+        else:
+            microseconds = event.self_cpu_time_total
+        if microseconds <= 0:
+            continue
+        kernels.append(
+            {"kernel": event.key, "launches": event.count / runs, "ms": microseconds / 1000 / runs}
+        )
+    kernels.sort(key=lambda k: -k["ms"])
+    return {
+        "device": "cuda" if on_cuda else "cpu",
+        "runs": runs,
+        "launches": sum(k["launches"] for k in kernels),
+        "ms": sum(k["ms"] for k in kernels),
+        "kernels": kernels,
+    }
 
 
 def _on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -121,11 +237,13 @@ def compare(
     runs: int = 20,
     name: str | None = None,
     progress: bool = False,
+    device: str = "cpu",
 ) -> list[dict]:
     """Compile ``model`` at each budget (data-free: which channels are kept does not change the
     time) and time dense vs slim on random inputs of each length: one row per budget, length,
     runtime and thread count. ``speedup_over_mac_ratio`` is 1.0 when the slim model is as much
-    faster as it is smaller."""
+    faster as it is smaller. ``device="cuda"`` times on the GPU only (``cuda_medians``, fp32):
+    runtime "cuda" (eager) and "graph" (CUDA-graph replay), no thread counts."""
     import sepfx
     from sepfx.errors import InputError
     from sepfx.learn import check_budget
@@ -135,6 +253,12 @@ def compare(
         raise InputError("bench needs at least one budget, length and thread count, and runs >= 1")
     if any(s <= 0 for s in seconds) or any(t < 1 for t in threads):
         raise InputError("bench: input lengths must be > 0 seconds and thread counts >= 1")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"bench: device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("bench --device cuda: no CUDA device here (torch.cuda.is_available())")
+    if device == "cuda":
+        return _compare_cuda(model.eval(), budgets, seconds, runs, name, progress)
     name = name or type(model).__name__
     model = model.eval()
     sample_rate = getattr(model, "sample_rate", 8000)
@@ -167,13 +291,31 @@ def compare(
                 finally:
                     torch.set_num_threads(previous_threads)
                 if torch.cuda.is_available():
-                    t = _cuda_medians([model, slim], x, runs)
+                    t = cuda_medians([model, slim], x, runs)
                     rows.append(latency_row(name, budget, sec, "torch cuda", *t, report))
                     import onnxruntime as ort
 
                     if "CUDAExecutionProvider" in ort.get_available_providers():
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), 1, runs, cuda=True)
                         rows.append(latency_row(name, budget, sec, "ort cuda", *t, report))
+                if progress:
+                    print(format_table(rows[-1:], header=False), flush=True)
+    return rows
+
+
+def _compare_cuda(model, budgets, seconds, runs, name, progress) -> list[dict]:
+    import sepfx
+
+    name = name or type(model).__name__
+    sample_rate = getattr(model, "sample_rate", 8000)
+    rows = []
+    for budget in budgets:
+        slim = sepfx.compile(model, budget=budget, progress=progress)
+        for sec in seconds:
+            x = torch.randn(1, int(sample_rate * sec))
+            for runtime, graphs in (("cuda", False), ("graph", True)):
+                t = cuda_medians([model, slim], x, runs, graphs=graphs)
+                rows.append(latency_row(name, budget, sec, runtime, *t, slim.sepfx_report))
                 if progress:
                     print(format_table(rows[-1:], header=False), flush=True)
     return rows

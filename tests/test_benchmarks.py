@@ -348,3 +348,54 @@ def test_quality_refuses_matched_methods_without_learned(tmp_path):
     )
     assert proc.returncode == 2 and "tp-random match sepfx-learned" in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_latency_cuda_dry_run(tmp_path):  # ~10 s on one core: the whole GPU script on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "latency_cuda.py"), str(tmp_path), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "latency_cuda.json").read_text())
+    # the Markdown: the rows' table, a blank line, then the kernel profile's table
+    text = (tmp_path / "latency_cuda.md").read_text()
+    tables = [
+        [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()]
+        for block in text.split("\n\n")
+        if block.startswith("|")
+    ]
+    assert len(tables) == 2, text
+    header, body = tables[0][0], tables[0][2:]
+    assert len(body) == len(payload["rows"]) and all(len(row) == len(header) for row in body)
+    assert tables[1][0] == ["kernel", "dense_launches", "slim_launches", "dense_ms", "slim_ms"]
+    assert payload["dry_run"] is True and payload["not_reached"] == []
+    assert {"gpu", "driver", "torch_cuda", "cudnn"} <= set(payload["machine"])
+    rows = payload["rows"]
+    # sepfx bench's columns, then the GPU grid's; every cell of the dry-run grid once
+    for r in rows:
+        assert list(r)[: len(bench.COLUMNS)] == bench.COLUMNS
+        assert {"batch", "config", "precision", "tp_ms", "dry_run"} <= set(r) and r["dry_run"]
+    cells = {(r["model"], r["batch"], r["precision"], r["runtime"]) for r in rows}
+    assert len(cells) == len(rows) == 2 * 2 * 2 * 2
+    assert {r["runtime"] for r in rows} == {"cuda", "graph"}
+    for r in rows:
+        assert r["config"] == "tiny" and r["budget"] == 0.4 and r["seconds"] == 0.25
+        assert 0.38 <= r["macs_ratio"] <= 0.4, r
+        if r["runtime"] == "graph":  # no CUDA graph on a CPU: said, not faked
+            assert r["dense_ms"] is None and "need a GPU" in r["note"]
+            continue
+        assert r["dense_ms"] > 0 and r["slim_ms"] > 0, r
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["slim_ms"], rel=1e-6)
+        assert r["speedup_over_mac_ratio"] == pytest.approx(r["speedup"] * r["macs_ratio"])
+    assert header[:7] == ["model", "config", "budget", "batch", "seconds", "precision", "runtime"]
+    assert "DRY RUN" in text
+    profile = payload["kernel_profile"]
+    assert profile["model"] == "conv_tasnet" and profile["budget"] == 0.4
+    for side in ("dense", "slim"):
+        assert profile[side]["kernels"] and profile[side]["ms"] > 0
+    check_plot(tmp_path, "latency_cuda")

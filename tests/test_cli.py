@@ -360,3 +360,12 @@ def test_per_speaker_list_outputs_compile_finetune_export_and_separate(tmp_path)
     ]
     assert read_wav(tmp_path / "mixture_s2.wav")[0].shape == (8032,)  # its decoder's length
     assert pcm.shape == (8037,)
+
+
+def test_error_bench_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = sepfx_cli("bench", "conv_tasnet", "--config", "tiny", "--device", "cuda", cwd=tmp_path)
+    assert_one_line_error(proc, "cuda", "no CUDA device")

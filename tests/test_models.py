@@ -8,7 +8,7 @@ import torch.fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from sepfx.models import CONFIGS, ZOO, build
+from sepfx.models import CONFIGS, PAPER_PARAMS, ZOO, build
 from sepfx.models.layers import PadToMultiple
 
 NAMES = sorted(ZOO)
@@ -140,6 +140,25 @@ def test_tiny_channel_counts(name):
 def test_small_config_size(name):
     n_params = sum(p.numel() for p in build(name, "small").parameters())
     assert 250_000 <= n_params <= 1_000_000, n_params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_paper_config_matches_the_published_parameter_count(name):
+    # parameters on the meta device: no memory, no initialisation (Sepformer's is 26 M)
+    with torch.device("meta"):
+        model = build(name, "paper")
+    n_params = sum(p.numel() for p in model.parameters())
+    published, tolerance = PAPER_PARAMS[name]
+    assert abs(n_params / 1e6 - published) <= tolerance * published, (name, n_params)
+
+
+def test_paper_config_runs():
+    # the smallest paper config runs on a real input (the others are built on meta above)
+    torch.manual_seed(0)
+    model = build("dprnn", "paper").eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, 1234))
+    assert out.shape == (1, 2, 1234) and torch.isfinite(out).all()
 
 
 def test_bad_name_or_config_raises():
