@@ -246,3 +246,32 @@ def test_train_baseline_on_dynamic_mixtures_resumes(bank, tmp_path):
         assert math.isfinite(card[key]), key
     state = torch.load(out / "conv_tasnet.pt")
     assert all(v.device.type == "cpu" for v in state.values())
+
+
+@pytest.mark.slow
+def test_gpu_train_script_runs_on_the_cpu(bank, tmp_path):
+    """benchmarks/gpu/train.sh resumes the committed conv_tasnet checkpoint, trains a few
+    seconds (on the CPU here) and writes checkpoint, card and log to OUTDIR (~12 s)."""
+    out = tmp_path / "out"
+    env = {
+        "MINUTES": "0.05",
+        "BANK": str(bank),
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+    }
+    env["PYTHON"] = sys.executable
+    small = ["--device", "cpu", "--batch", "2", "--segment", "0.5", "--eval-every", "2"]
+    small += ["--valid-count", "2", "--test-count", "2", "--workers", "0", "--threads", "1"]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "train.sh"), str(out), "conv_tasnet", *small],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    card = json.loads((out / "conv_tasnet.json").read_text())
+    committed = json.loads((ROOT / "benchmarks/results/checkpoints/conv_tasnet.json").read_text())
+    assert card["steps"] > committed["steps"] and card["runs"][-1]["data"] == str(bank)
+    assert (out / "conv_tasnet.pt").stat().st_size < 16 * 2**20 and (out / "train.log").exists()
+    assert math.isfinite(card["real_voice_si_snri"])
