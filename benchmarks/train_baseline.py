@@ -100,7 +100,7 @@ def main(argv=None):
         train_set = DynamicMixtures(
             bank, "train", count=args.batch * args.eval_every, segment=args.segment, seed=args.seed
         )
-        # Fixed sets (seed 0, whole utterances up to 4 s) whatever the training seed.
+        # Fixed sets (seed 0, 4 s, recorded like the training mixtures) whatever the seed.
         valid = DynamicMixtures(bank, "valid", count=args.valid_count, seed=0)
         test = DynamicMixtures(bank, "test", count=args.test_count, seed=0)
         data, data_params = str(args.dynamic), {**bank.info, "dynamic": True}
