@@ -42,6 +42,17 @@ if [ ! -f "$out/$model.pt" ]; then
 fi
 cores=$(nproc)
 workers=$((cores > 4 ? cores - 2 : 1))
+# DataLoader workers pass batches through shared memory; if that fails on this machine, draw
+# in the main process rather than lose the run (about 150 mixtures/s per core).
+if ! "$python" -c "
+import sys, torch
+from sepfx.data import DynamicMixtures
+data = DynamicMixtures(sys.argv[1], 'valid', count=4)
+assert len(list(torch.utils.data.DataLoader(data, batch_size=2, num_workers=2))) == 2
+" "${BANK:-benchmarks/data/bank.npz}"; then
+    echo "DataLoader workers failed here: drawing mixtures in the main process" >&2
+    workers=0
+fi
 config=$("$python" -c "import json, sys; print(json.load(open(sys.argv[1]))['config'])" "$out/$model.json")
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 set -o pipefail
