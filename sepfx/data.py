@@ -9,6 +9,8 @@ resampled to 8 kHz (or 16 kHz), and two utterances are mixed at a random SNR in 
     train = loader("data/mixtures", "train", batch_size=8, segment=2.0)
     test = bundled_test_set()          # 20 committed test mixtures; needs no espeak-ng
     mixture, sources = arctic_mixture()  # two real CMU ARCTIC recordings mixed at 0 dB
+    make_bank("bank.npz")                # clean utterances and rooms, once (one .npz)
+    train = DynamicMixtures("bank.npz", "train", count=8000)  # mixtures drawn on the fly
 
 Layout written by :func:`make_mixtures` (16-bit PCM WAV, mono)::
 
@@ -51,6 +53,10 @@ __all__ = [
     "write_wav",
     "make_mixtures",
     "MixtureDataset",
+    "make_bank",
+    "SourceBank",
+    "DynamicMixtures",
+    "HELD_OUT_VOICES",
     "loader",
     "bundled_test_set",
     "arctic_mixture",
@@ -917,26 +923,47 @@ def _speaker_turn(
             pieces.append(np.zeros(int(rng.uniform(0.1, 0.4) * sample_rate), np.float32))
         pieces.append(synthesize(text, voice, pitch, speed, sample_rate))
         total = sum(len(p) for p in pieces)
-    audio = np.concatenate(pieces).astype(np.float64)
-    recording: dict = {}
-    if augment:
-        audio, recording = _augment(rng, audio, sample_rate)
-    if len(audio) >= length:
-        start = int(rng.integers(0, len(audio) - length + 1))
-        audio = audio[start : start + length]
-    else:
-        offset = int(rng.integers(0, length - len(audio) + 1))
-        audio = np.pad(audio, (offset, length - len(audio) - offset))
-    if recording.get("noise_snr_db") is not None:
-        audio = audio + _noise_floor(rng, audio, sample_rate, recording)
+    audio, recording = _record(rng, np.concatenate(pieces), sample_rate, length, augment)
     return {
-        "audio": audio.astype(np.float64),
+        "audio": audio,
         "voice": voice,
         "pitch": pitch,
         "speed": speed,
         "texts": texts,
         **({"recording": recording} if augment else {}),
     }
+
+
+def _window(rng: np.random.Generator, audio: np.ndarray, length: int) -> np.ndarray:
+    """A random ``length``-sample window of ``audio``, or ``audio`` zero-padded to ``length``
+    at a random offset when it is shorter."""
+    if len(audio) >= length:
+        start = int(rng.integers(0, len(audio) - length + 1))
+        return audio[start : start + length]
+    offset = int(rng.integers(0, length - len(audio) + 1))
+    return np.pad(audio, (offset, length - len(audio) - offset))
+
+
+def _record(
+    rng: np.random.Generator,
+    audio: np.ndarray,
+    sample_rate: int,
+    length: int,
+    augment: bool,
+    rooms=None,
+) -> tuple[np.ndarray, dict]:
+    """One source's ``length`` samples (float64) as recorded: with ``augment``, warped, in a
+    room (drawn by ``rooms``, see :func:`_augment`) and band-limited before the window is cut,
+    and the noise floor added after. Returns the audio and what was done (empty without
+    ``augment``)."""
+    audio = np.asarray(audio, dtype=np.float64)
+    recording: dict = {}
+    if augment:
+        audio, recording = _augment(rng, audio, sample_rate, rooms)
+    audio = _window(rng, audio, length)
+    if recording.get("noise_snr_db") is not None:
+        audio = audio + _noise_floor(rng, audio, sample_rate, recording)
+    return audio, recording
 
 
 def _lowpass(cutoff_hz: float, sample_rate: int, taps: int = 129) -> np.ndarray:
@@ -982,19 +1009,21 @@ def _room_impulse_response(rng: np.random.Generator, sample_rate: int) -> tuple[
     return h, {"room_m": [round(float(d), 2) for d in dims], "rt60_s": round(rt60, 3)}
 
 
-def _augment(rng: np.random.Generator, audio: np.ndarray, sample_rate: int):
+def _augment(rng: np.random.Generator, audio: np.ndarray, sample_rate: int, rooms=None):
     """Make a synthetic utterance sound recorded by someone: a speaker warp (resampling by
     0.88-1.12 and playing back at the original rate moves pitch, formants and tempo together,
     like a different vocal tract), then with probability 1/2 each a room (reverberation), a
     band-limited channel (high-pass 60-300 Hz, low-pass 2.8-3.8 kHz) and, after the window is
     cut, a coloured noise floor 15-40 dB below the speech (:func:`_noise_floor`). The
     reverberant, band-limited, noisy signal is the source: what a recording of that speaker
-    would hold. Returns the audio and what was done."""
+    would hold. ``rooms(rng, sample_rate) -> (impulse response, description)`` draws the room
+    (default: simulate one, :func:`_room_impulse_response`; :class:`SourceBank` draws from
+    precomputed ones). Returns the audio and what was done."""
     warp = int(rng.integers(44, 57)) / 50  # k / 50: the resampling ratio stays small
     audio = resample(audio, sample_rate, int(round(sample_rate * warp))).astype(np.float64)
     recording: dict = {"warp": warp}
     if rng.random() < 0.5:
-        h, room = _room_impulse_response(rng, sample_rate)
+        h, room = (rooms or _room_impulse_response)(rng, sample_rate)
         audio = _convolve(audio, h)
         recording.update(room)
     if rng.random() < 0.5:
@@ -1025,6 +1054,21 @@ def _power(x: np.ndarray) -> float:
     return float(np.mean(np.asarray(x, dtype=np.float64) ** 2))
 
 
+def _scale_pair(
+    first: np.ndarray, second: np.ndarray, snr_db: float, level_db: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two sources of a mixture: ``first`` at an RMS of ``level_db`` dBFS, ``second``
+    ``snr_db`` below it, both rescaled by one factor (which keeps the SNR) if their sum or
+    either of them would peak above 0.9."""
+    s1 = first * (10.0 ** (level_db / 20.0) / math.sqrt(max(_power(first), 1e-20)))
+    # Scale the second source so that 10 log10(P1 / P2) = snr_db.
+    s2 = second * math.sqrt(_power(s1) / max(_power(second), 1e-20) / 10.0 ** (snr_db / 10.0))
+    peak = max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
+    if peak > 0.9:
+        s1, s2 = s1 * (0.9 / peak), s2 * (0.9 / peak)
+    return s1, s2
+
+
 def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     """Synthesise, mix and write mixture ``index`` of ``split``; return its index entry.
 
@@ -1042,18 +1086,7 @@ def _make_item(out_dir: Path, split: str, index: int, params: dict) -> dict:
     )
     snr_db = float(rng.uniform(-5.0, 5.0))
     level_db = float(rng.uniform(-30.0, -20.0))  # RMS of the first source, dBFS
-
-    s1 = first["audio"] * (
-        10.0 ** (level_db / 20.0) / math.sqrt(max(_power(first["audio"]), 1e-20))
-    )
-    # Scale the second source so that 10 log10(P1 / P2) = snr_db.
-    s2 = second["audio"] * math.sqrt(
-        _power(s1) / max(_power(second["audio"]), 1e-20) / 10.0 ** (snr_db / 10.0)
-    )
-    # Rescale both sources by one factor (which keeps the SNR) so that nothing clips.
-    peak = max(np.abs(s1 + s2).max(), np.abs(s1).max(), np.abs(s2).max())
-    if peak > 0.9:
-        s1, s2 = s1 * (0.9 / peak), s2 * (0.9 / peak)
+    s1, s2 = _scale_pair(first["audio"], second["audio"], snr_db, level_db)
     # Quantise the sources, then sum the integers: mix == s1 + s2 exactly in the files.
     q1, q2 = _to_int16(s1), _to_int16(s2)
     mix = q1.astype(np.int32) + q2.astype(np.int32)
@@ -1316,6 +1349,395 @@ def bundled_test_set(
     """The test mixtures committed with sepfx (``sepfx/assets/mixtures``: 2 s at 8 kHz, made
     by :func:`make_mixtures`); needs no espeak-ng."""
     return MixtureDataset(BUNDLED_MIXTURES, "test", segment=segment, sample_rate=sample_rate)
+
+
+# --------------------------------------------------------------------------------------------
+# Source bank and dynamic mixing
+# --------------------------------------------------------------------------------------------
+
+# Synthesiser voices a bank never holds: flite's awb and slt were trained on the two CMU ARCTIC
+# speakers of the real-voice set (RealVoiceSet), which must stay unheard in training.
+HELD_OUT_VOICES = frozenset({"flite:awb", "flite:slt"})
+# Voices built from one person's recordings: flite's kal and kal16 and festival's kal_diphone
+# are the same speaker, so a mixture never pairs them. Any other voice is its own person.
+_PERSONS = {"flite:kal": "kal", "flite:kal16": "kal", "festival:kal_diphone": "kal"}
+# Bumped whenever make_bank would write a different bank for the same parameters.
+BANK_VERSION = 1
+_BANK_KEYS = (
+    "audio",
+    "starts",
+    "utterance_speaker",
+    "texts",
+    "speaker_voice",
+    "speaker_person",
+    "speaker_pitch",
+    "speaker_speed",
+    "speaker_split",
+    "room_audio",
+    "room_starts",
+    "room_rt60",
+    "room_split",
+    "sample_rate",
+    "info",
+)
+
+
+def _held_out_split(index: int) -> int:
+    """The split code of the ``index``-th speaker pair or room: 1 in 10 each is held out for
+    validation and for testing."""
+    return {8: _SPLIT_CODE["valid"], 9: _SPLIT_CODE["test"]}.get(index % 10, _SPLIT_CODE["train"])
+
+
+def _bank_speaker(seed: int, index: int, engines, languages) -> dict:
+    """Speaker ``index`` of a bank. When ``engines`` holds espeak and another synthesiser,
+    even indexes are espeak-ng speakers (a random language, variant, pitch and speed) and odd
+    ones take the recorded-speaker voices of flite and festival in turn (a random speed), so
+    both kinds speak half of the utterances. Speaker pairs (2i, 2i + 1) share a split."""
+    rng = np.random.default_rng([seed, 0, index])
+    others = [f"flite:{v}" for v in FLITE_VOICES if "flite" in engines]
+    others += [f"festival:{v}" for v in FESTIVAL_VOICES if "festival" in engines]
+    kinds = (["espeak"] if "espeak" in engines else []) + (["other"] if others else [])
+    turn = index // len(kinds)
+    if kinds[index % len(kinds)] == "espeak":
+        language = languages[int(rng.integers(len(languages)))]
+        voice = f"{language}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+        pitch = int(rng.integers(20, 81))
+    else:
+        voice = others[turn % len(others)]
+        engine, name = voice.split(":")
+        language = "en" if engine == "flite" else FESTIVAL_VOICES[name]
+        pitch = -1  # flite and festival have no pitch setting: the warp varies theirs
+    return {
+        "voice": voice,
+        "person": _PERSONS.get(voice, voice),
+        "language": language,
+        "pitch": pitch,
+        "speed": int(rng.integers(130, 201)),
+        "split": _held_out_split(turn),
+    }
+
+
+def _bank_utterances(seed: int, index: int, speaker: dict, count: int, sample_rate: int):
+    """``count`` sentences of the speaker's split, each spoken once, peak-normalised to 0.9
+    and quantised: ``[(text, int16 samples)]``."""
+    rng = np.random.default_rng([seed, 1, index])
+    split = SPLITS[speaker["split"]]
+    avoid: set = set()
+    utterances = []
+    for _ in range(count):
+        text = _sentence(rng, speaker["language"], split, avoid)
+        avoid.add(text)
+        audio = synthesize(text, speaker["voice"], speaker["pitch"], speaker["speed"], sample_rate)
+        utterances.append((text, _to_int16(audio * (0.9 / max(np.abs(audio).max(), 1e-9)))))
+    return utterances
+
+
+def _bank_room(seed: int, index: int, sample_rate: int) -> tuple[np.ndarray, float]:
+    """Room ``index``'s impulse response (:func:`_room_impulse_response`), cut where its
+    remaining energy falls 60 dB below the whole, scaled to peak 1; and its RT60."""
+    h, room = _room_impulse_response(np.random.default_rng([seed, 2, index]), sample_rate)
+    remaining = np.cumsum(h[::-1] ** 2)[::-1]
+    h = h[: int(np.count_nonzero(remaining > 1e-6 * remaining[0]))]
+    return h / np.abs(h).max(), room["rt60_s"]
+
+
+def make_bank(
+    path,
+    speakers: int = 80,
+    utterances: int = 8,
+    rooms: int = 200,
+    seed: int = 0,
+    sample_rate: int = 8000,
+    engines=ENGINES,
+    languages=tuple(LANGUAGES),
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write a bank of clean single-speaker utterances and room impulse responses for
+    :class:`DynamicMixtures` to ``path`` (one compressed ``.npz``) and return its summary.
+
+    ``speakers`` speakers (:func:`_bank_speaker`: espeak-ng voices and, from flite and
+    festival, voices built from recordings of real speakers; never :data:`HELD_OUT_VOICES`)
+    say ``utterances`` sentences each, stored as int16. Speakers are split 8 / 1 / 1 into
+    train, valid and test by pairs, and each says sentences of its split only
+    (:func:`sentence_split`), so valid and test hold speakers and sentences that training
+    never hears (a held-out flite or festival speaker is a known voice at another speed).
+    ``rooms`` simulated rooms (needs pyroomacoustics) are stored as float16 impulse responses,
+    split the same way. The same parameters give the same arrays.
+    """
+    engines, languages = tuple(engines), tuple(languages)
+    if not engines or set(engines) - set(ENGINES):
+        raise InputError(f"make_bank: engines must be a subset of {ENGINES}, got {engines}")
+    unknown = [language for language in languages if language not in LANGUAGES]
+    if not languages or unknown:
+        raise InputError(
+            f"make_bank: no word list for language(s) {unknown or '()'}; "
+            f"available: {sorted(LANGUAGES)}"
+        )
+    if speakers < 20 or utterances < 1 or rooms < 10:
+        raise InputError(
+            "make_bank: needs speakers >= 20 and rooms >= 10 (so that every split has some) "
+            f"and utterances >= 1, got speakers={speakers}, rooms={rooms}, "
+            f"utterances={utterances}"
+        )
+    for engine in engines:
+        _program(engine)  # fails early, with the install hint
+    _pyroomacoustics()
+    table = [_bank_speaker(seed, i, engines, languages) for i in range(speakers)]
+    assert not {s["voice"] for s in table} & HELD_OUT_VOICES
+    from tqdm.auto import tqdm
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=speakers + rooms, desc="bank", unit="job", disable=not progress) as bar,
+    ):
+        jobs = [
+            pool.submit(_bank_utterances, seed, i, s, utterances, sample_rate)
+            for i, s in enumerate(table)
+        ]
+        said = []
+        for job in jobs:  # in order, so the arrays do not depend on the threads
+            said.append(job.result())
+            bar.update(1)
+        room_jobs = [pool.submit(_bank_room, seed, r, sample_rate) for r in range(rooms)]
+        impulses = []
+        for job in room_jobs:
+            impulses.append(job.result())
+            bar.update(1)
+
+    params = dict(
+        speakers=speakers,
+        utterances=utterances,
+        rooms=rooms,
+        seed=int(seed),
+        sample_rate=int(sample_rate),
+        engines=list(engines),
+        languages=list(languages),
+        bank_version=BANK_VERSION,
+    )
+    versions = dict(espeak_ng=espeak_version() if "espeak" in engines else None)
+    return _write_bank(path, table, said, impulses, sample_rate, params, versions)
+
+
+def _write_bank(
+    path, table: list, said: list, impulses: list, sample_rate: int, params: dict, versions: dict
+) -> dict:
+    """Write a bank: speaker ``table[i]`` said ``said[i]`` (``[(text, int16 samples)]``);
+    ``impulses`` are ``(impulse response peaking at 1, RT60)``. Returns the bank's summary."""
+    audio = [samples for spoken in said for _, samples in spoken]
+    lengths = [len(samples) for samples in audio]
+    hours = sum(lengths) / sample_rate / 3600
+    info = dict(
+        params=params,
+        **versions,
+        hours=round(hours, 4),
+        utterance_count=len(audio),
+        voices=sorted({s["voice"] for s in table}),
+    )
+    arrays = dict(
+        audio=np.concatenate(audio),
+        starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        utterance_speaker=np.repeat(
+            np.arange(len(table), dtype=np.int32), [len(spoken) for spoken in said]
+        ),
+        texts=np.array([text for spoken in said for text, _ in spoken]),
+        speaker_voice=np.array([s["voice"] for s in table]),
+        speaker_person=np.array([s["person"] for s in table]),
+        speaker_pitch=np.array([s["pitch"] for s in table], dtype=np.int16),
+        speaker_speed=np.array([s["speed"] for s in table], dtype=np.int16),
+        speaker_split=np.array([s["split"] for s in table], dtype=np.int8),
+        room_audio=np.concatenate([h for h, _ in impulses]).astype(np.float16),
+        room_starts=np.concatenate([[0], np.cumsum([len(h) for h, _ in impulses])]).astype(
+            np.int64
+        ),
+        room_rt60=np.array([rt60 for _, rt60 in impulses], dtype=np.float32),
+        room_split=np.array([_held_out_split(r) for r in range(len(impulses))], dtype=np.int8),
+        sample_rate=np.array(sample_rate),
+        info=np.array(json.dumps(info)),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(temporary, **arrays)
+    os.replace(temporary, path)  # the bank appears only once complete
+    return {**info, "path": str(path), "bytes": path.stat().st_size}
+
+
+class SourceBank:
+    """A bank written by :func:`make_bank`, loaded into memory (read-only numpy arrays, shared
+    by DataLoader workers that fork). Refuses a bank holding a :data:`HELD_OUT_VOICES` voice."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            with np.load(self.path, allow_pickle=False) as arrays:
+                missing = [key for key in _BANK_KEYS if key not in arrays.files]
+                loaded = {key: arrays[key] for key in _BANK_KEYS if key in arrays.files}
+        except (OSError, ValueError) as error:
+            raise InputError(
+                f"{self.path}: not a source bank ({error}); write one with "
+                "sepfx.data.make_bank or benchmarks/make_data.py --bank"
+            ) from error
+        if missing:
+            raise InputError(
+                f"{self.path}: not a source bank (no {missing}); write one with "
+                "sepfx.data.make_bank or benchmarks/make_data.py --bank"
+            )
+        self.info = json.loads(str(loaded["info"]))
+        version = self.info.get("params", {}).get("bank_version")
+        if version != BANK_VERSION:
+            raise InputError(
+                f"{self.path}: bank version {version}, this sepfx reads {BANK_VERSION}; "
+                "write the bank again with benchmarks/make_data.py --bank"
+            )
+        held_out = set(loaded["speaker_voice"].tolist()) & HELD_OUT_VOICES
+        if held_out:
+            raise InputError(
+                f"{self.path}: the bank holds {sorted(held_out)}, voices of the real-voice "
+                "set's speakers, which training must never hear; write it again with make_bank"
+            )
+        self.sample_rate = int(loaded["sample_rate"])
+        self.audio = loaded["audio"]
+        self.starts = loaded["starts"]
+        self.utterance_speaker = loaded["utterance_speaker"]
+        self.texts = loaded["texts"]
+        self.speaker_voice = loaded["speaker_voice"]
+        self.speaker_person = loaded["speaker_person"]
+        self.speaker_split = loaded["speaker_split"]
+        self.room_audio = loaded["room_audio"]
+        self.room_starts = loaded["room_starts"]
+        self.room_rt60 = loaded["room_rt60"]
+        self.room_split = loaded["room_split"]
+
+    def utterances(self, split: str) -> np.ndarray:
+        """Indexes of the utterances whose speakers belong to ``split``."""
+        return np.flatnonzero(self.speaker_split[self.utterance_speaker] == _SPLIT_CODE[split])
+
+    def utterance(self, index: int) -> np.ndarray:
+        """Utterance ``index`` as float64 in [-1, 1)."""
+        return self.audio[self.starts[index] : self.starts[index + 1]] / 32768.0
+
+    def rooms(self, split: str):
+        """A room drawer for :func:`_augment`: ``(rng, sample_rate) -> (impulse response,
+        description)``, uniform over the rooms of ``split``."""
+        indexes = np.flatnonzero(self.room_split == _SPLIT_CODE[split])
+
+        def draw(rng: np.random.Generator, sample_rate: int) -> tuple[np.ndarray, dict]:
+            if sample_rate != self.sample_rate:
+                raise InputError(
+                    f"{self.path}: rooms at {self.sample_rate} Hz, asked for {sample_rate} Hz"
+                )
+            room = int(indexes[int(rng.integers(len(indexes)))])
+            h = self.room_audio[self.room_starts[room] : self.room_starts[room + 1]]
+            return h.astype(np.float64), {"room": room, "rt60_s": float(self.room_rt60[room])}
+
+        return draw
+
+
+class DynamicMixtures(Dataset):
+    """Two-speaker mixtures drawn on the fly from a :class:`SourceBank` (dynamic mixing).
+
+    ``dataset[i]`` is ``(mixture[T], sources[2, T])`` float32 with ``mixture ==
+    sources.sum(0)``, ``T = segment`` seconds at the bank's rate. Item i draws, from a
+    generator seeded by (seed, epoch, split, i) alone (so it is the same in any DataLoader
+    worker, in any order), two speakers of ``split`` who are different persons; each says
+    random utterances of theirs back to back (short pauses between, at most four) from which a
+    random window is cut, or is zero-padded at a random offset when short. With ``augment``,
+    each source is recorded as :func:`_augment` does (a speaker warp, and with probability 1/2
+    each a room from the bank, a band limit and a noise floor). The second source lies at an
+    SNR drawn from [-5, 5] dB below the first, the first at -30 to -20 dBFS, as in
+    :func:`make_mixtures`. ``count`` is the length; :meth:`set_epoch` draws new mixtures.
+    :meth:`draw` also says what was drawn.
+    """
+
+    def __init__(
+        self,
+        bank,
+        split: str = "train",
+        count: int = 10000,
+        segment: float = 4.0,
+        seed: int = 0,
+        augment: bool = True,
+    ):
+        self.bank = bank if isinstance(bank, SourceBank) else SourceBank(bank)
+        if split not in SPLITS:
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+        if count < 1 or segment <= 0:
+            raise InputError(f"count must be >= 1 and segment > 0 s, got {count}, {segment}")
+        self.split = split
+        self.pool = self.bank.utterances(split)
+        persons = set(self.bank.speaker_person[self.bank.utterance_speaker[self.pool]].tolist())
+        if len(persons) < 2:
+            raise InputError(
+                f"{self.bank.path}: split {split!r} has {len(persons)} speaker(s); "
+                "a mixture needs two different ones (make a bank with more speakers)"
+            )
+        self.sample_rate = self.bank.sample_rate
+        self.length = int(round(segment * self.sample_rate))
+        self.count, self.seed, self.augment, self.epoch = int(count), int(seed), augment, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different (still reproducible) mixtures from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _source(self, rng: np.random.Generator, other_person: str | None) -> dict:
+        bank = self.bank
+        while True:  # a random utterance of someone other than the other source's speaker
+            first = int(self.pool[int(rng.integers(len(self.pool)))])
+            speaker = int(bank.utterance_speaker[first])
+            if bank.speaker_person[speaker] != other_person:
+                break
+        # Enough speech for the window after the slowest warp (0.88) shortens it.
+        needed = int(math.ceil(self.length / 0.88)) if self.augment else self.length
+        own = [int(u) for u in np.flatnonzero(bank.utterance_speaker == speaker) if u != first]
+        said, pieces, total = [first], [bank.utterance(first)], len(bank.utterance(first))
+        while total < needed and len(said) < 4 and own:
+            said.append(own.pop(int(rng.integers(len(own)))))
+            pause = np.zeros(int(rng.uniform(0.1, 0.4) * self.sample_rate))
+            pieces += [pause, bank.utterance(said[-1])]
+            total += len(pause) + len(pieces[-1])
+        audio = np.concatenate(pieces)
+        if len(audio) > needed:  # cut first: warping and reverberating more is wasted work
+            audio = _window(rng, audio, needed)
+        rooms = bank.rooms(self.split)
+        audio, recording = _record(rng, audio, self.sample_rate, self.length, self.augment, rooms)
+        return {
+            "audio": audio,
+            "voice": str(bank.speaker_voice[speaker]),
+            "person": str(bank.speaker_person[speaker]),
+            "utterances": said,
+            "recording": recording,
+        }
+
+    def draw(self, i: int) -> dict:
+        """Item ``i`` with what was drawn: ``mixture``, ``sources``, ``snr_db``, ``voices``,
+        ``persons``, ``utterances`` (bank indexes per source) and ``recordings``."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"index {i} out of range for {self.count} mixtures")
+        rng = np.random.default_rng([self.seed, self.epoch, _SPLIT_CODE[self.split], i])
+        first = self._source(rng, None)
+        second = self._source(rng, first["person"])
+        snr_db = float(rng.uniform(-5.0, 5.0))
+        level_db = float(rng.uniform(-30.0, -20.0))
+        s1, s2 = _scale_pair(first["audio"], second["audio"], snr_db, level_db)
+        sources = np.stack([s1, s2]).astype(np.float32)
+        return {
+            # summed in numpy: torch's reduction cost ~10 ms an item here (its thread pool)
+            "mixture": torch.from_numpy(sources[0] + sources[1]),
+            "sources": torch.from_numpy(sources),
+            "snr_db": snr_db,
+            **{key + "s": [first[key], second[key]] for key in ("voice", "person", "recording")},
+            "utterances": [first["utterances"], second["utterances"]],
+        }
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.draw(i)
+        return item["mixture"], item["sources"]
 
 
 # --------------------------------------------------------------------------------------------
