@@ -263,6 +263,39 @@ def export_onnx(
     raise ExportError("ONNX export failed or disagreed with PyTorch:\n  " + "\n  ".join(failures))
 
 
+def export_like(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    like: ExportResult,
+    *,
+    opset: int = 17,
+) -> None:
+    """Export ``model`` the way ``like`` exported a model of the same structure (its exporter
+    and dynamic axes) without checking it against PyTorch: for timing variants (other kept
+    widths) of a model whose own export was checked. Raises ``ExportError`` when it fails."""
+    model = copy.deepcopy(model).eval().cpu()
+    example = _float32_example(model, example_input.detach().cpu())
+    traced_with = (
+        _with_batch(example, 2) if like.dynamic_batch and example.shape[0] == 1 else example
+    )
+    try:
+        _export(
+            _lower(model, example),
+            traced_with,
+            os.fspath(path),
+            like.exporter,
+            like.dynamic_batch,
+            like.dynamic_time,
+            opset,
+        )
+    except Exception as error:
+        raise ExportError(
+            f"exporting a variant with the {like.exporter} exporter failed: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+
 def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:
     """The example in float32, or ExportError when the model is not float32: ONNX Runtime has
     no float64 kernels for Conv and most other ops, and export would fail at every try."""
