@@ -8,11 +8,17 @@ the counter does not see inside, and attention) use it instead. A rule's cost te
 the node's MACs scale with the kept fraction of each axis, so the model gives both the MACs of a
 keep set and, for gate learning, the expected MACs of keep probabilities (differentiable). A
 node's output elements scale with the kept fractions of the output's channel axes.
+
+A latency is a cost of the same form: ``fit_latency`` fits, to slim / dense times measured on
+a runtime (``sepfx.latency`` measures them), a constant plus nonnegative weights on the MACs
+and the written elements of matrix products and of channel-linear work. The fitted cost is
+what budget projection and gate learning take in place of the MACs under a latency budget.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +47,77 @@ class _MacCounter(fx.Interpreter):
 
 
 @dataclass
+class LinearCost:
+    """A cost that is ``constant`` plus terms, each a dense amount scaled by the kept fractions
+    of its axes: the MACs, the activation elements written, or a latency fitted to timings
+    (``fit_latency``). Budget projection and gate learning take any of them."""
+
+    constant: float
+    terms: list[tuple[float, list[AxisKey]]]
+    analysis: ChannelAnalysis
+    _units: dict[AxisKey, torch.Tensor] = field(default_factory=dict, repr=False)
+    _plan: Any = field(default=None, repr=False)  # value()'s arrays, built on first use
+
+    @property
+    def dense(self) -> float:
+        return self.constant + sum(count for count, _ in self.terms)
+
+    def expected(self, flat_keep_probability: torch.Tensor) -> torch.Tensor:
+        """The cost when unit u is kept with probability p[u] (p[0] = 1): differentiable."""
+        flat = flat_keep_probability
+        fractions: dict[AxisKey, torch.Tensor] = {}
+        total = torch.as_tensor(self.constant, dtype=flat.dtype, device=flat.device)
+        for count, axes in self.terms:
+            term = torch.as_tensor(count, dtype=flat.dtype, device=flat.device)
+            for key in axes:
+                if key not in fractions:
+                    if key not in self._units:
+                        self._units[key] = torch.as_tensor(self.analysis.axis_units(key))
+                    fractions[key] = flat[self._units[key].to(flat.device)].mean()
+                term = term * fractions[key]
+            total = total + term
+        return total
+
+    def value(self, flat_keep: np.ndarray) -> float:
+        """The cost of a keep vector (numpy; what budget projection calls many times)."""
+        if self._plan is None:
+            keys = list(dict.fromkeys(key for _, axes in self.terms for key in axes))
+            units = [np.asarray(self.analysis.axis_units(key)) for key in keys]
+            where = {key: i for i, key in enumerate(keys)}
+            width = max((len(axes) for _, axes in self.terms), default=0)
+            # each term's axes as indices into the fractions, padded with a fraction of 1
+            index = np.full((len(self.terms), width), len(keys), dtype=np.int64)
+            for t, (_, axes) in enumerate(self.terms):
+                index[t, : len(axes)] = [where[key] for key in axes]
+            counts = np.asarray([count for count, _ in self.terms], dtype=np.float64)
+            self._plan = (units, index, counts)
+        units, index, counts = self._plan
+        flat = np.asarray(flat_keep, dtype=np.float64)
+        fractions = np.ones(len(units) + 1)
+        for i, u in enumerate(units):
+            fractions[i] = flat[u].mean()
+        return float(self.constant + np.sum(counts * np.prod(fractions[index], axis=1)))
+
+    def shares(self) -> list[float]:
+        """Per group (by index): the fraction of the dense cost that goes when it goes."""
+        dense = max(self.dense, 1e-30)
+        out = []
+        for group in self.analysis.groups:
+            flat = np.ones(self.analysis.num_units)
+            flat[group.units] = 0.0
+            out.append((self.dense - self.value(flat)) / dense)
+        return out
+
+
+# A node doing at least this many MACs per output element is a matrix product (1x1 and dense
+# convolutions, linear layers, attention, recurrent layers); below it, channel-linear work
+# (depthwise convolutions) whose time follows the elements it writes more than its MACs.
+MATRIX_MACS_PER_ELEMENT = 16.0
+# The cost features a latency is fitted on (``latency_features``).
+LATENCY_FEATURES = ("matrix MACs", "channel-linear MACs", "matrix outputs", "other outputs")
+
+
+@dataclass
 class CostModel:
     dense_macs: float
     constant_macs: float  # MACs of nodes that scale with no prunable axis
@@ -51,42 +128,24 @@ class CostModel:
     shares: list[float]  # per group (by index): the fraction of dense MACs scaling with it
     # output elements of the graph's tensor-valued calls: (dense count, axes scaling it)
     element_terms: list[tuple[float, list[AxisKey]]]
+    # per entry of ``terms`` / ``element_terms``: whether its node is a matrix product
+    matrix_terms: list[bool] = field(default_factory=list)
+    matrix_element_terms: list[bool] = field(default_factory=list)
 
-    def _fractions(self, flat: torch.Tensor) -> dict[AxisKey, torch.Tensor]:
-        fractions = {}
-        for _, axes in self.terms + self.element_terms:
-            for key in axes:
-                if key not in fractions:
-                    units = torch.as_tensor(self.analysis.axis_units(key), device=flat.device)
-                    fractions[key] = flat[units].mean()
-        return fractions
-
-    def _scaled_sum(
-        self, terms: list[tuple[float, list[AxisKey]]], flat: torch.Tensor, constant: float = 0.0
-    ) -> torch.Tensor:
-        """``constant`` plus each term's dense count times the kept fractions of its axes."""
-        fractions = self._fractions(flat)
-        total = torch.as_tensor(constant, dtype=flat.dtype, device=flat.device)
-        for count, axes in terms:
-            term = torch.as_tensor(count, dtype=flat.dtype, device=flat.device)
-            for key in axes:
-                term = term * fractions[key]
-            total = total + term
-        return total
+    def __post_init__(self) -> None:
+        self.mac_cost = LinearCost(self.constant_macs, self.terms, self.analysis)
+        self.element_cost = LinearCost(0.0, self.element_terms, self.analysis)
 
     def expected_macs(self, flat_keep_probability: torch.Tensor) -> torch.Tensor:
         """MACs when unit u is kept with probability p[u] (p[0] = 1): differentiable."""
-        return self._scaled_sum(self.terms, flat_keep_probability, self.constant_macs)
+        return self.mac_cost.expected(flat_keep_probability)
 
     def macs(self, flat_keep: np.ndarray) -> float:
-        # counting is bookkeeping: on the CPU in float64, whatever the model's device
-        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64), device="cpu")
-        return float(self.expected_macs(flat))
+        return self.mac_cost.value(flat_keep)
 
     def elements(self, flat_keep: np.ndarray) -> float:
         """Activation elements the graph's calls write with keep vector ``flat_keep``."""
-        flat = torch.as_tensor(np.asarray(flat_keep, dtype=np.float64), device="cpu")
-        return float(self._scaled_sum(self.element_terms, flat))
+        return self.element_cost.value(flat_keep)
 
     def floor_macs(self) -> float:
         """MACs with every group at one unit: no keep set can go below (about) this."""
@@ -95,6 +154,63 @@ class CostModel:
         for group in self.analysis.groups:
             flat[group.units.start] = 1.0
         return self.macs(flat)
+
+    def latency_features(self) -> list[LinearCost]:
+        """The costs a latency is fitted on, one per ``LATENCY_FEATURES`` entry, each scaled
+        to 1 on the dense model (empty ones are zero): the MACs of matrix products, the MACs
+        of channel-linear work, and the activation elements written by each. The MACs that
+        scale with no prunable axis belong to no feature: a fitted constant covers them."""
+        parts: list[list[tuple[float, list[AxisKey]]]] = [[], [], [], []]
+        for (count, axes), matrix in zip(self.terms, self.matrix_terms):
+            parts[0 if matrix else 1].append((count, axes))
+        for (count, axes), matrix in zip(self.element_terms, self.matrix_element_terms):
+            parts[2 if matrix else 3].append((count, axes))
+        features = []
+        for terms in parts:
+            total = sum(count for count, _ in terms)
+            scaled = [(count / total, axes) for count, axes in terms] if total > 0 else []
+            features.append(LinearCost(0.0, scaled, self.analysis))
+        return features
+
+
+def fit_latency(
+    features: list[LinearCost], samples: list[tuple[np.ndarray, float]]
+) -> tuple[LinearCost, np.ndarray]:
+    """The latency, as a fraction of the dense model's, that best fits measured ``samples``
+    (flat keep vector, measured slim / dense time): ``c0 + sum_k c_k * feature_k`` with every
+    c >= 0 (least squares over every subset of free coefficients; there are few), the dense
+    model weighted to exactly 1. Returns the fitted cost and the coefficients (c0 first)."""
+    analysis = features[0].analysis
+    rows = [[1.0] + [f.value(flat) for f in features] for flat, _ in samples]
+    targets = [ratio for _, ratio in samples]
+    dense = np.ones(analysis.num_units)
+    rows.append([1.0] + [f.value(dense) for f in features])
+    targets.append(1.0)
+    a, b = np.asarray(rows), np.asarray(targets)
+    weights = np.ones(len(b))
+    weights[-1] = 10.0 * max(1, len(samples))  # the dense model is 1 by definition
+    a, b = a * weights[:, None], b * weights
+    used = [0] + [k + 1 for k, f in enumerate(features) if f.terms]
+    best: tuple[float, np.ndarray] | None = None
+    for size in range(1, len(used) + 1):
+        for subset in itertools.combinations(used, size):
+            solution, *_ = np.linalg.lstsq(a[:, subset], b, rcond=None)
+            if (solution < 0).any():
+                continue
+            full = np.zeros(a.shape[1])
+            full[list(subset)] = solution
+            error = float(np.sum((a @ full - b) ** 2))
+            if best is None or error < best[0] - 1e-15:
+                best = (error, full)
+    assert best is not None  # a constant alone is always feasible (its solution is > 0)
+    coefficients = best[1]
+    terms = [
+        (float(c) * count, axes)
+        for c, feature in zip(coefficients[1:], features)
+        for count, axes in feature.terms
+        if c > 0
+    ]
+    return LinearCost(float(coefficients[0]), terms, analysis), coefficients
 
 
 def cost_model(analysis: ChannelAnalysis) -> CostModel:
@@ -108,20 +224,26 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
     terms: list[tuple[float, list[AxisKey]]] = []
     node_macs: dict[str, float] = {}
     element_terms: list[tuple[float, list[AxisKey]]] = []
+    matrix_terms: list[bool] = []
+    matrix_element_terms: list[bool] = []
     for node in gm.graph.nodes:
-        if COUNTED_ELEMENTS in node.meta:
-            axes = list(analysis.value_axes.get((node.name, ()), {}).values())
-            element_terms.append((float(node.meta.pop(COUNTED_ELEMENTS)), axes))
         counted = node.meta.pop(COUNTED_MACS, 0.0)
+        elements = float(node.meta.pop(COUNTED_ELEMENTS, 0))
         if node.name not in analysis.cost_terms:
             node_macs[node.name] = counted
             constant += counted
-            continue
-        absolute, node_terms = analysis.cost_terms[node.name]
-        scaled = [(w if absolute else w * counted, axes) for w, axes in node_terms]
-        node_macs[node.name] = sum(w for w, _ in scaled)
-        terms += [(w, axes) for w, axes in scaled if axes]
-        constant += sum(w for w, axes in scaled if not axes)
+        else:
+            absolute, node_terms = analysis.cost_terms[node.name]
+            scaled = [(w if absolute else w * counted, axes) for w, axes in node_terms]
+            node_macs[node.name] = sum(w for w, _ in scaled)
+            terms += [(w, axes) for w, axes in scaled if axes]
+            constant += sum(w for w, axes in scaled if not axes)
+        matrix = node_macs[node.name] >= MATRIX_MACS_PER_ELEMENT * max(elements, 1.0)
+        matrix_terms += [matrix] * (len(terms) - len(matrix_terms))
+        if elements:
+            axes = list(analysis.value_axes.get((node.name, ()), {}).values())
+            element_terms.append((elements, axes))
+            matrix_element_terms.append(matrix)
     dense = constant + sum(w for w, _ in terms)
     model = CostModel(
         dense,
@@ -132,9 +254,8 @@ def cost_model(analysis: ChannelAnalysis) -> CostModel:
         tuple(analysis.example_input.shape),
         [],
         element_terms,
+        matrix_terms,
+        matrix_element_terms,
     )
-    for group in analysis.groups:  # the MACs that go when the group goes
-        flat = np.ones(analysis.num_units)
-        flat[group.units] = 0.0
-        model.shares.append((dense - model.macs(flat)) / max(dense, 1.0))
+    model.shares = model.mac_cost.shares()  # the MACs that go when a group goes
     return model

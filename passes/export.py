@@ -64,6 +64,7 @@ class ExportResult:
     errors: dict[str, float] = field(default_factory=dict)  # input shape -> max relative error
     notes: list[str] = field(default_factory=list)
     dynamic_batch: bool = True
+    traced_length: int | None = None  # the input length the exporter traced at
 
 
 def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
@@ -293,7 +294,7 @@ def _export_checked(
                             for failure in failed
                         ] + _notes(example, length, dynamic_batch, dynamic_time)
                         return ExportResult(
-                            path, exporter, dynamic_time, errors, notes, dynamic_batch
+                            path, exporter, dynamic_time, errors, notes, dynamic_batch, length
                         )
                     if dynamic_time and any(
                         e > rtol
@@ -348,6 +349,38 @@ def _notes(
             "over it)"
         )
     return notes
+
+
+def export_like(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    like: ExportResult,
+    *,
+    opset: int = 17,
+) -> None:
+    """Export ``model`` the way ``like`` exported a model of the same structure (its exporter,
+    dynamic axes and traced length) without checking it against PyTorch: for timing variants
+    (other kept widths) of a model whose own export was checked. Raises ``ExportError`` when it
+    fails."""
+    model = copy.deepcopy(model).eval().cpu()
+    example = _float32_example(model, example_input.detach().cpu())
+    batch = 2 if like.dynamic_batch and example.shape[0] == 1 else example.shape[0]
+    traced_with = _trace_input(example, batch, like.traced_length or example.shape[-1])
+    try:
+        _export(
+            _lower(model, traced_with)[0],
+            traced_with,
+            os.fspath(path),
+            like.exporter,
+            like.dynamic_batch,
+            like.dynamic_time,
+            opset,
+        )
+    except Exception as error:
+        raise ExportError(
+            f"exporting a variant with the {like.exporter} exporter failed: {describe_error(error)}"
+        ) from error
 
 
 def _float32_example(model: torch.nn.Module, example: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def paired_medians(fns: list, runs: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         for fn in fns:
             fn()
-    times = [[] for _ in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
@@ -285,19 +285,23 @@ def compare(
                         torch.set_num_threads(n)
                         with torch.inference_mode():
                             t = paired_medians([lambda: dense_cpu(x), lambda: slim_cpu(x)], runs)
-                        rows.append(latency_row(name, budget, sec, f"torch cpu x{n}", *t, report))
+                        rows.append(
+                            latency_row(name, budget, sec, f"torch cpu x{n}", t[0], t[1], report)
+                        )
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), n, runs)
-                        rows.append(latency_row(name, budget, sec, f"ort cpu x{n}", *t, report))
+                        rows.append(
+                            latency_row(name, budget, sec, f"ort cpu x{n}", t[0], t[1], report)
+                        )
                 finally:
                     torch.set_num_threads(previous_threads)
                 if torch.cuda.is_available():
                     t = cuda_medians([model, slim], x, runs)
-                    rows.append(latency_row(name, budget, sec, "torch cuda", *t, report))
+                    rows.append(latency_row(name, budget, sec, "torch cuda", t[0], t[1], report))
                     import onnxruntime as ort
 
                     if "CUDAExecutionProvider" in ort.get_available_providers():
                         t = ort_medians([dense_onnx, slim_onnx], x.numpy(), 1, runs, cuda=True)
-                        rows.append(latency_row(name, budget, sec, "ort cuda", *t, report))
+                        rows.append(latency_row(name, budget, sec, "ort cuda", t[0], t[1], report))
                 if progress:
                     print(format_table(rows[-1:], header=False), flush=True)
     return rows
@@ -315,7 +319,7 @@ def _compare_cuda(model, budgets, seconds, runs, name, progress) -> list[dict]:
             x = torch.randn(1, int(sample_rate * sec))
             for runtime, graphs in (("cuda", False), ("graph", True)):
                 t = cuda_medians([model, slim], x, runs, graphs=graphs)
-                rows.append(latency_row(name, budget, sec, runtime, *t, slim.sepfx_report))
+                rows.append(latency_row(name, budget, sec, runtime, t[0], t[1], slim.sepfx_report))
                 if progress:
                     print(format_table(rows[-1:], header=False), flush=True)
     return rows
@@ -410,7 +414,7 @@ def ort_op_profile(
             events = json.loads(Path(session.end_profiling()).read_text())
             spans = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
             spans = spans[-runs:]  # the timed runs, not the warm-up
-            per_run = [dict() for _ in spans]
+            per_run: list[dict[str, float]] = [dict() for _ in spans]
             kinds: dict[str, dict] = {}
             for e in events:
                 if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):

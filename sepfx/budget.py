@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.cost import CostModel
+from passes.cost import CostModel, LinearCost
 from sepfx.errors import InputError
 
 ALLOCATIONS = ("latency", "uniform")
@@ -69,41 +69,59 @@ def check_reachable(
 def project(
     cost: CostModel,
     probability: np.ndarray,
-    budget: float,
+    budget: float | None,
     *,
     initial: np.ndarray | None = None,
     min_per_group: int = 1,
     multiple: int = 8,
     allocation: str = "uniform",
     output_change=None,
+    latency: tuple[LinearCost, float] | None = None,
 ) -> dict[int, np.ndarray]:
     """A keep set with MACs <= budget * dense MACs, as close to it as the granularity allows.
 
     ``probability``: flat keep probability per unit (the ranking); ``initial``: flat bool keep
     to start from (default: widths from ``allocation`` and ``output_change``, see
-    ``start_counts``)."""
+    ``start_counts``). ``latency``: (a latency cost, its limit) that must hold too; ``budget``
+    may then be None (no MAC budget), and without ``initial`` every group starts whole, the
+    greedy cutting where the least probability goes per share of each exceeded limit saved."""
+    if budget is None and latency is None:
+        raise InputError("project needs a MAC budget, a latency limit or both")
     groups = cost.analysis.groups
-    limit = budget * cost.dense_macs
     steps = _multiples(cost, multiple)
+    limits: list[tuple[LinearCost, float]] = []
+    if budget is not None:
+        limits.append((cost.mac_cost, budget * cost.dense_macs))
+    if latency is not None:
+        limits.append(latency)
     order = {g.index: np.argsort(-probability[g.units], kind="stable") for g in groups}
-    if initial is None:
-        counts, low = start_counts(
-            cost, budget, allocation, min_per_group, multiple, order, output_change
-        )
-    else:
-        check_reachable(cost, budget, min_per_group, multiple)
-        low = floor_counts(cost, min_per_group, multiple)
+    low = floor_counts(cost, min_per_group, multiple)
+    if initial is not None:
+        if budget is not None:
+            check_reachable(cost, budget, min_per_group, multiple)
         counts = [
             _snap(int(initial[g.units].sum()), g, s, low[g.index]) for g, s in zip(groups, steps)
         ]
+    elif latency is not None:
+        if budget is not None:
+            check_reachable(cost, budget, min_per_group, multiple)
+        counts = [g.size for g in groups]
+    else:
+        assert budget is not None
+        counts, low = start_counts(
+            cost, budget, allocation, min_per_group, multiple, order, output_change
+        )
     prob_sorted = {g.index: probability[g.offset + order[g.index]] for g in groups}
-    macs = cost.macs(_flat(cost, order, counts))
+    values = [c.value(_flat(cost, order, counts)) for c, _ in limits]
 
     def moved(g, k, new):  # probability mass between k and new kept units of group g
         a, b = sorted((k, new))
         return float(prob_sorted[g.index][a:b].sum()) + 1e-9
 
-    while macs > limit:  # drop the cheapest probability per MAC saved
+    while True:  # drop the cheapest probability per share of the exceeded limits saved
+        over = [i for i, (v, (_, limit)) in enumerate(zip(values, limits)) if v > limit]
+        if not over:
+            break
         best = None
         for g, s in zip(groups, steps):
             k = counts[g.index]
@@ -112,17 +130,18 @@ def project(
                 continue
             trial = counts.copy()
             trial[g.index] = new
-            trial_macs = cost.macs(_flat(cost, order, trial))
-            saved = macs - trial_macs
+            trial_flat = _flat(cost, order, trial)
+            trial_values = [c.value(trial_flat) for c, _ in limits]
+            saved = sum((values[i] - trial_values[i]) / limits[i][1] for i in over)
             if saved <= 0:
                 continue
             score = moved(g, k, new) / saved
             if best is None or score < best[0]:
-                best = (score, trial, trial_macs)
+                best = (score, trial, trial_values)
         if best is None:
             break
-        _, counts, macs = best
-    while True:  # restore the most probability per MAC while the budget holds
+        _, counts, values = best
+    while True:  # restore the most probability per share of the limits while they hold
         best = None
         for g, s in zip(groups, steps):
             k = counts[g.index]
@@ -131,17 +150,19 @@ def project(
             new = min(g.size, k + s)
             trial = counts.copy()
             trial[g.index] = new
-            trial_macs = cost.macs(_flat(cost, order, trial))
-            if trial_macs > limit:
+            trial_flat = _flat(cost, order, trial)
+            trial_values = [c.value(trial_flat) for c, _ in limits]
+            if any(v > limit for v, (_, limit) in zip(trial_values, limits)):
                 continue
-            score = moved(g, k, new) / max(trial_macs - macs, 1e-9)
+            added = sum((t - v) / limit for t, v, (_, limit) in zip(trial_values, values, limits))
+            score = moved(g, k, new) / max(added, 1e-9)
             if best is None or score > best[0]:
-                best = (score, trial, trial_macs)
+                best = (score, trial, trial_values)
         if best is None:
             break
-        _, counts, macs = best
-    if macs < limit - 0.02 * cost.dense_macs:
-        counts, macs = _swap_towards(cost, order, counts, macs, limit, steps, low)
+        _, counts, values = best
+    if latency is None and values[0] < limits[0][1] - 0.02 * cost.dense_macs:
+        counts, _ = _swap_towards(cost, order, counts, values[0], limits[0][1], steps, low)
     return {g.index: np.sort(order[g.index][: counts[g.index]]) for g in groups}
 
 
@@ -212,6 +233,58 @@ def start_counts(
         if cost.elements(_flat(cost, order, filled)) < cost.elements(_flat(cost, order, counts)):
             counts, low = filled, floors
     return counts, low
+
+
+# Kept fractions at which each group's effect on the output is measured (data-free ranking
+# across groups under a latency budget; see ``sensitivity_probability``).
+SENSITIVITY_LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def sensitivity_probability(
+    cost: CostModel,
+    order: dict,
+    output_change,
+    min_per_group: int = 1,
+    multiple: int = 8,
+) -> np.ndarray:
+    """A flat score per unit that ranks units across groups without data, for ``project``.
+
+    For each group alone, ``output_change`` (how much a keep set changes the model's output)
+    is measured at the kept counts of ``SENSITIVITY_LEVELS``, the units kept in ``order`` (best
+    first); the lower convex hull of those points, with no change at full width, gives each
+    unit by rank the change per unit of dropping it. A unit's score is that change, so the mass
+    ``project`` moves when it narrows a group is the output change it causes; a tiny term
+    decreasing with rank keeps ``order`` within a group where the changes tie."""
+    groups, steps = cost.analysis.groups, _multiples(cost, multiple)
+    low = floor_counts(cost, min_per_group, multiple)
+    flat = np.zeros(cost.analysis.num_units)
+    flat[0] = 1.0
+    for g, s in zip(groups, steps):
+        counts = {_snap(max(1, round(f * g.size)), g, s, low[g.index]) for f in SENSITIVITY_LEVELS}
+        counts.discard(g.size)
+        points = [(k, output_change({g.index: order[g.index][:k]})) for k in sorted(counts)]
+        hull = _lower_hull(points + [(g.size, 0.0)])
+        change = np.zeros(g.size)
+        for (ka, da), (kb, db) in zip(hull, hull[1:]):
+            change[ka:kb] = max(da - db, 0.0) / (kb - ka)
+        change[: hull[0][0]] = change[hull[0][0]] if hull[0][0] < g.size else 0.0
+        ranks = np.arange(g.size)
+        flat[g.offset + order[g.index]] = change + 1e-12 * (g.size - ranks) / g.size
+    return flat
+
+
+def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The lower convex hull of points sorted by their first coordinate (monotone chain)."""
+    hull: list[tuple[int, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()  # hull[-1] lies on or above the chord from hull[-2] to p
+            else:
+                break
+        hull.append(p)
+    return hull
 
 
 def check_allocation(allocation) -> None:

@@ -149,7 +149,9 @@ class Analysis:
                 raise InputError(problem) from error
             raise
         self.example_input = example_input
-        self._dense_outputs: list[torch.Tensor] | None = None  # for output_change
+        # for output_change: dense outputs per input, and one gated model with its gate bank
+        self._dense_outputs: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._gated_for_change: tuple[nn.Module, GateBank] | None = None
         self.channels: ChannelAnalysis = analyze_channels(
             self.capture.graph_module, example_input, summarised=not self.capture.traced_whole
         )
@@ -229,16 +231,24 @@ class Analysis:
             scores[g.index] = total
         return scores
 
-    def output_change(self, keep: dict) -> float:
-        """How much keeping only ``keep`` (groups left out stay whole) changes the output at the
-        example input: the squared error of the hard-gated model's output tensors relative to
-        the dense model's squared output, in eval mode."""
-        if self._dense_outputs is None:
-            self._dense_outputs = eval_outputs(self.gated(), self.example_input)
-        full = self.keep_all()
-        gated = self.gated({**full, **keep})
+    def output_change(self, keep: dict, x: torch.Tensor | None = None) -> float:
+        """How much keeping only ``keep`` (groups left out stay whole) changes the output at
+        ``x`` (default: the example input): the squared error of the hard-gated model's output
+        tensors relative to the dense model's squared output, in eval mode."""
+        x = self.example_input if x is None else x
+        if self._gated_for_change is None:  # one gated model; each call sets its hard gates
+            bank = GateBank(self.channels)
+            self._gated_for_change = (self.gated(bank=bank).to(x.device), bank)
+        model, bank = self._gated_for_change
+        key = (tuple(x.shape), x.data_ptr())
+        if key not in self._dense_outputs:
+            bank.set_keep(np.ones(self.channels.num_units))
+            self._dense_outputs[key] = (x, eval_outputs(model, x))  # x kept: its pointer stays
+        bank.set_keep(
+            self.channels.keep_vector(check_keep(self.channels, {**self.keep_all(), **keep}))
+        )
         error = total = 0.0
-        for d, g in zip(self._dense_outputs, eval_outputs(gated, self.example_input)):
+        for d, g in zip(self._dense_outputs[key][1], eval_outputs(model, x)):
             if d.is_floating_point() and d.shape == g.shape:
                 error += float(((d.double() - g.double()) ** 2).sum())
                 total += float((d.double() ** 2).sum())

@@ -1486,12 +1486,12 @@ def make_bank(
     _pyroomacoustics()
     table = [_bank_speaker(seed, i, engines, languages) for i in range(speakers)]
     assert not {s["voice"] for s in table} & HELD_OUT_VOICES
-    from tqdm.auto import tqdm
+    from sepfx.progress import progress_bar
 
     workers = workers or min(8, os.cpu_count() or 1)
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=speakers + rooms, desc="bank", unit="job", disable=not progress) as bar,
+        progress_bar(total=speakers + rooms, desc="bank", unit="job", disable=not progress) as bar,
     ):
         jobs = [
             pool.submit(_bank_utterances, seed, i, s, utterances, sample_rate)

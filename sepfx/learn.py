@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 import numbers
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from sepfx.budget import check_allocation, check_reachable, project
+from passes.cost import LinearCost
+from sepfx.budget import check_allocation, check_reachable, project, sensitivity_probability
 from sepfx.checks import failing_groups
 from sepfx.core import Analysis
 from sepfx.errors import InputError, SlimError, sepfx_errors_only
@@ -156,8 +158,13 @@ def learn_gates(
     init: str = "random",
     device=None,
     progress: bool = True,
+    cost: LinearCost | None = None,
 ) -> tuple[LearnableGates, GateHistory]:
     """Train one gate logit per unit on ``data`` under ``budget``; weights stay frozen.
+
+    ``budget`` is a fraction of ``cost``'s dense value: the MACs by default, or a latency fitted
+    to timings (``sepfx.latency``) under a latency budget; the history's
+    ``expected_macs_ratio`` is then the expected latency ratio.
 
     ``lr`` is 0.02, not the paper's 0.1: Adam moves every logit by about ``lr`` per step, and at
     0.1 the logits wander far past their initial spread of 1 within 100 steps. Measured: the
@@ -179,7 +186,8 @@ def learn_gates(
     else:
         logits = magnitude_init(analysis.channels, analysis.unit_magnitudes(), eps, tau, spread=1.0)
     bank = LearnableGates(analysis.channels, eps, tau, init=logits, generator=generator)
-    _start_at_budget(bank, analysis.cost, budget)
+    cost = analysis.cost.mac_cost if cost is None else cost
+    _start_at_budget(bank, cost, budget)
     gated = analysis.gated(bank=bank).to(device)
     trainable = {name: p.requires_grad for name, p in gated.named_parameters()}
     for p in gated.parameters():  # by identity: parts of a shell model share the bank
@@ -193,6 +201,7 @@ def learn_gates(
     try:
         _gate_steps(
             analysis,
+            cost,
             model,
             bank,
             optimizer,
@@ -214,15 +223,27 @@ def learn_gates(
 
 
 def _gate_steps(
-    analysis, model, bank, optimizer, history, data, steps, budget, dual_lr, penalty, device, bar
+    analysis,
+    cost,
+    model,
+    bank,
+    optimizer,
+    history,
+    data,
+    steps,
+    budget,
+    dual_lr,
+    penalty,
+    device,
+    bar,
 ) -> None:
     multiplier = 0.0
-    dense = analysis.cost.dense_macs
+    dense = cost.dense
     dtype = analysis.example_input.dtype  # the model's
     for mixture, sources in _batches(data, steps, analysis.n_src, device, dtype):
         loss, _ = pit_si_snr_loss(as_sources(model(mixture)), sources)
-        # the MAC count is bookkeeping: float64 on the CPU whatever the device (same on every one)
-        ratio = analysis.cost.expected_macs(bank.keep_probability().double().cpu()) / dense
+        # the cost is bookkeeping: float64 on the CPU whatever the device (same on every one)
+        ratio = cost.expected(bank.keep_probability().double().cpu()) / dense
         violation = (ratio - budget).to(loss.device, loss.dtype)
         # augmented Lagrangian: the quadratic term holds E[MACs] near the budget while the
         # multiplier (dual ascent) removes the remaining bias
@@ -249,8 +270,8 @@ def _check_init(init) -> str:
     return init
 
 
-def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
-    """Shift every logit by one constant so that the gates start at the budget's expected MACs
+def _start_at_budget(bank: LearnableGates, cost: LinearCost, budget: float) -> None:
+    """Shift every logit by one constant so that the gates start at the budget's expected cost
     (the paper's U(0, 1) spread is kept; it has no budget, we do, and gates learned at the
     density the slim model will have rank channels for that density)."""
     with torch.no_grad():
@@ -259,9 +280,7 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
         for _ in range(40):
             mid = (low + high) / 2
             bank.alpha.copy_(base + mid)
-            ratio = (
-                float(cost.expected_macs(bank.keep_probability().double().cpu())) / cost.dense_macs
-            )
+            ratio = float(cost.expected(bank.keep_probability().double().cpu())) / cost.dense
             low, high = (mid, high) if ratio < budget else (low, mid)
         bank.alpha.copy_(base + (low + high) / 2)
 
@@ -269,10 +288,15 @@ def _start_at_budget(bank: LearnableGates, cost, budget: float) -> None:
 @sepfx_errors_only
 def compile(
     model: nn.Module,
-    budget: float = 0.4,
+    budget: float | None = None,
     data=None,
     example_input=None,
     *,
+    latency: float | None = None,
+    target: str = "ort-cpu",
+    threads: int = 1,
+    graphs: bool = False,
+    cache: bool = True,
     steps: int = 500,
     lr: float = 0.02,
     eps: float = 0.7,
@@ -289,17 +313,33 @@ def compile(
     GraphModule when the whole model traces, else a copy of the model with its graph parts
     rewritten and its eager shells' parameters sliced).
 
+    ``budget``: the MACs as a fraction of the dense model's (default 0.4 when no ``latency``
+    is given). ``latency``: the slim model's time on ``target`` as a fraction of the dense
+    model's, measured there at ``example_input`` (``"ort-cpu"``, ONNX Runtime with ``threads``
+    threads; ``"torch-cpu"``; ``"cuda"``, with ``graphs=True`` replayed as CUDA graphs): the
+    widths are chosen by importance per unit of time from a latency fitted to timed keep sets,
+    and the slim model is timed until it meets the request (see ``sepfx.latency``; the timings
+    are cached unless ``cache=False``). Both may be given; then both hold.
+
     ``data``: an iterable of ``(mixture[B, T], sources[B, n_src, T])`` batches for learning the
     gates (SepPrune); without it the channels are chosen by weight magnitude, and the report
     says so. ``init`` is where gate learning starts (see ``learn_gates``). ``allocation``: how
-    wide each group stays when the channels are chosen by magnitude: "latency" (default) spends
-    the MACs where they write the fewest activation elements, which runs faster at the same
-    MACs, but keeps every group whose narrowing changes the output most (encoder, residual and
-    skip paths) at least at the uniform width; "uniform" keeps the same fraction of every group
-    (see the README). Learned gates choose their own widths. The result's report is
+    wide each group stays when the channels are chosen by magnitude under a MAC budget alone:
+    "latency" (default) spends the MACs where they write the fewest activation elements, which
+    runs faster at the same MACs, but keeps every group whose narrowing changes the output most
+    (encoder, residual and skip paths) at least at the uniform width; "uniform" keeps the same
+    fraction of every group (see the README). Learned gates choose their own widths; under a
+    latency budget, each group's measured effect on the output does. The result's report is
     ``slim.sepfx_report``; the caller's model is not modified.
     """
-    budget = check_budget(budget)
+    if budget is None and latency is None:
+        budget = 0.4
+    budget = None if budget is None else check_budget(budget)
+    request = None
+    if latency is not None:
+        from sepfx.latency import check_latency, check_target
+
+        request = (check_latency(latency), check_target(target, threads, graphs))
     _check_init(init)
     check_allocation(allocation)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -309,6 +349,8 @@ def compile(
         return _compile(
             model,
             budget,
+            request,
+            cache,
             data,
             example_input,
             steps,
@@ -343,6 +385,8 @@ def check_budget(budget) -> float:
 def _compile(
     model,
     budget,
+    request,
+    cache,
     data,
     example_input,
     steps,
@@ -359,23 +403,94 @@ def _compile(
 ) -> nn.Module:
     analysis = Analysis(model, example_input)
     cost = analysis.cost
-    notes = []
-    check_reachable(cost, budget, min_per_group, multiple)
+    notes: list[str] = []
+    if budget is not None:
+        check_reachable(cost, budget, min_per_group, multiple)
+    search = None
+    if request is not None:
+        from sepfx.latency import LatencySearch
+
+        search = LatencySearch(
+            analysis,
+            request[1],
+            analysis.example_input,
+            min_per_group=min_per_group,
+            multiple=multiple,
+            seed=seed,
+            cache=cache,
+            progress=_say(progress),
+        )
+    try:
+        return _compile_with(
+            analysis,
+            budget,
+            request,
+            search,
+            data,
+            steps,
+            lr,
+            eps,
+            tau,
+            init,
+            min_per_group,
+            multiple,
+            allocation,
+            seed,
+            device,
+            progress,
+            notes,
+        )
+    finally:
+        if search is not None:
+            search.close()
+
+
+def _compile_with(
+    analysis,
+    budget,
+    request,
+    search,
+    data,
+    steps,
+    lr,
+    eps,
+    tau,
+    init,
+    min_per_group,
+    multiple,
+    allocation,
+    seed,
+    device,
+    progress,
+    notes,
+) -> nn.Module:
+    cost = analysis.cost
     if data is None:
         magnitudes = analysis.unit_magnitudes()
         logits = magnitude_init(analysis.channels, magnitudes, eps, tau)
         probability = 1 / (1 + np.exp(-logits))
         initial = None
+        if request is not None:  # ranked across groups by their measured effect on the output
+            order = {
+                g.index: np.argsort(-magnitudes[g.index], kind="stable") for g in analysis.groups
+            }
+            x = _sensitivity_input(analysis)
+            probability = sensitivity_probability(
+                cost, order, lambda keep: analysis.output_change(keep, x), min_per_group, multiple
+            )
         notes.append(
             "no data given: channels chosen by weight magnitude (data-free); pass "
             "data= to learn the gates on the separation loss"
         )
         history = None
     else:
+        gate_cost, gate_budget = cost.mac_cost, budget
+        if request is not None:  # the gates learn under the fitted latency
+            gate_cost, gate_budget = search.model()[0], request[0]
         bank, history = learn_gates(
             analysis,
             data,
-            budget,
+            gate_budget,
             steps=steps,
             lr=lr,
             eps=eps,
@@ -384,26 +499,33 @@ def _compile(
             seed=seed,
             device=device,
             progress=progress,
+            cost=gate_cost,
         )
         probability = bank.keep_probability().detach().cpu().numpy().astype(np.float64)
         initial = bank.deterministic_keep()
+        measure = "MACs" if request is None else "latency (fitted)"
         notes.append(
-            f"gates learned for {steps} steps from a {init} start; expected MACs at "
+            f"gates learned for {steps} steps from a {init} start; expected {measure} at "
             f"the end {history.expected_macs_ratio[-1]:.3f} of dense"
         )
     pinned: list[str] = []  # groups kept whole because pruning them failed a check
     while True:
-        keep, projection_notes = _project(
-            cost,
-            probability,
-            budget,
-            initial,
-            min_per_group,
-            multiple,
-            allocation,
-            pinned,
-            analysis.output_change,
-        )
+        timing = None
+        if request is None:
+            keep, projection_notes = _project(
+                cost,
+                probability,
+                budget,
+                initial,
+                min_per_group,
+                multiple,
+                allocation,
+                pinned,
+                analysis.output_change,
+            )
+        else:
+            keep, timing = _meet_latency(search, request, probability, budget, initial, pinned)
+            projection_notes = []
         slim = analysis.slim(
             keep, budget=budget, notes=notes + pinned + projection_notes, check=False
         )  # checked here, groups at fault kept whole
@@ -424,9 +546,60 @@ def _compile(
                 "or needs more of its units)"
             )
             group.min_size = group.size
+    if timing is not None:
+        _attach_latency(slim.sepfx_report, timing)
     # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain attributes)
     slim.sepfx_gate_history = history  # type: ignore[assignment]
     return slim
+
+
+def _say(progress: bool):
+    """Where the latency search reports what it is timing (nowhere when not ``progress``)."""
+    if not progress or not _is_main():
+        return None
+    return lambda message: print(f"sepfx: {message}", file=sys.stderr, flush=True)
+
+
+def _sensitivity_input(analysis: Analysis) -> torch.Tensor:
+    """The example input cut to at most one second: each group's effect on the output is
+    measured many times, and a longer input ranks the groups alike."""
+    rate = analysis.sample_rate or 8000
+    return analysis.example_input[..., : max(rate, 1)]
+
+
+def _meet_latency(search, request, probability, budget, initial, pinned):
+    try:
+        return search.meet(request[0], probability, budget=budget, initial=initial)
+    except InputError as error:
+        if not pinned:
+            raise
+        raise SlimError(
+            f"{'; '.join(pinned)}; with those groups whole the latency cannot be met: {error}"
+        ) from error
+
+
+def _attach_latency(report, timing) -> None:
+    from sepfx.report import LatencyRow
+
+    report.latency = LatencyRow(
+        timing.target.describe(),
+        timing.requested,
+        timing.measured,
+        timing.predicted,
+        timing.dense_ms,
+        timing.slim_ms,
+        timing.measurements,
+        timing.table_size,
+        timing.cache,
+    )
+    for row, share in zip(report.groups, timing.group_time_shares):
+        row.time_share = share
+    if timing.predicted and abs(timing.predicted - timing.measured) > 0.05:
+        report.notes.append(
+            f"the fitted latency predicted {timing.predicted:.3f} of dense and "
+            f"{timing.measured:.3f} was measured: the slim model was timed until it met the "
+            "request"
+        )
 
 
 def _project(
