@@ -39,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of a budget: keep this fraction of every channel group",
     )
     comp.add_argument(
+        "--latency",
+        type=float,
+        default=None,
+        help="time of the slim model on --target as a fraction of the dense model's, measured "
+        "there (with --budget both hold); the timings are cached in ~/.cache/sepfx",
+    )
+    comp.add_argument(
+        "--target",
+        default="ort-cpu",
+        choices=["ort-cpu", "torch-cpu", "cuda"],
+        help="with --latency: where the slim model will run (default: ort-cpu, ONNX Runtime)",
+    )
+    comp.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="with --latency on a CPU target: threads it runs with (default: 1)",
+    )
+    comp.add_argument(
         "--importance",
         default="magnitude",
         choices=["magnitude", "first", "random"],
@@ -301,11 +320,19 @@ def _compile(args) -> int:
     torch.manual_seed(args.seed)
     model = _model(args.model, args.config, args.device or "cpu")
     if args.ratio is not None:
+        if args.latency is not None:
+            raise sepfx.errors.InputError("give --ratio or --latency, not both")
         analysis = sepfx.analyze(model)
         slim = analysis.slim(analysis.keep_ratio(args.ratio, args.importance, seed=args.seed))
     else:
-        budget = 0.4 if args.budget is None else args.budget
-        slim = sepfx.compile(model, budget=budget, seed=args.seed)
+        slim = sepfx.compile(
+            model,
+            budget=args.budget,
+            seed=args.seed,
+            latency=args.latency,
+            target=args.target,
+            threads=args.threads,
+        )
     print(slim.sepfx_report)
     result = sepfx.export_onnx(slim, args.out)
     worst = max(result.errors.values())

@@ -306,15 +306,18 @@ class LatencySearch:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir, self._meter = None, None
 
-    def measure(self, counts_list: list[list[int]], runs: int, predicted=None) -> None:
-        """Time keep sets (the first units of each group kept) and add them to the table."""
+    def _ready_meter(self) -> LatencyMeter:
         if self._meter is None:
             self.say(f"timing on {self.target.describe()}: exporting the dense model")
             self._workdir = tempfile.mkdtemp(prefix="sepfx-latency-")
             self._meter = LatencyMeter(self.analysis, self.target, self.x, self._workdir)
+        return self._meter
+
+    def measure(self, counts_list: list[list[int]], runs: int, predicted=None) -> None:
+        """Time keep sets (the first units of each group kept) and add them to the table."""
         keeps = [_counts_keep(self.analysis, c) for c in counts_list]
         for i, (counts, (ratio, dense, slim)) in enumerate(
-            zip(counts_list, self._meter.ratios(keeps, runs))
+            zip(counts_list, self._ready_meter().ratios(keeps, runs))
         ):
             old = self.table.find(counts)
             if old is not None:
@@ -333,6 +336,7 @@ class LatencySearch:
             if self.table.find(c) is None
         ]
         if len(self.table.samples) < PROBES and probes:
+            self._ready_meter()
             self.say(f"timing {len(probes)} keep sets of random widths")
             self.measure(probes, PROBE_RUNS)
 

@@ -1,0 +1,247 @@
+"""Latency budgets (``sepfx.compile(latency=...)``, ``sepfx.latency``, ``passes.cost.fit_latency``).
+
+Timing is noisy on this shared machine, so most tests replace ``LatencyMeter`` with a fake whose
+slim / dense "time" is a known linear function of the cost features (a constant plus weights
+on matrix-product MACs, channel-linear MACs and activation elements): the fit must recover it,
+the search must meet the request within its window, and the cache must make a second compile
+measure nothing. One test times for real on ONNX Runtime and asserts only what timing noise
+cannot change (a slim, exact model that reports what it measured).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sepfx
+import sepfx.latency
+from passes.cost import LATENCY_FEATURES, fit_latency
+from sepfx.budget import floor_counts, project
+from sepfx.errors import InputError
+from conftest import build_seeded, random_keep, wav
+
+# the fake target's time: constant, then one weight per LATENCY_FEATURES entry
+TRUE_COEFFICIENTS = (0.12, 0.35, 0.25, 0.08, 0.2)
+
+
+def true_ratio(analysis, keep, coefficients=TRUE_COEFFICIENTS) -> float:
+    """The fake target's slim / dense time of ``keep``: exactly linear in the features."""
+    features = analysis.cost.latency_features()
+    flat = analysis.channels.keep_vector(keep)
+    ones = np.ones(analysis.channels.num_units)
+
+    def value(v):
+        return coefficients[0] + sum(c * f.value(v) for c, f in zip(coefficients[1:], features))
+
+    return value(flat) / value(ones)
+
+
+class FakeMeter:
+    """Stands in for ``sepfx.latency.LatencyMeter``: no export, no clock."""
+
+    timed = 0  # keep sets timed, over every instance
+    coefficients = TRUE_COEFFICIENTS
+
+    def __init__(self, analysis, target, x, workdir):
+        self.analysis = analysis
+
+    def ratios(self, keeps, runs):
+        FakeMeter.timed += len(keeps)
+        out = []
+        for keep in keeps:
+            ratio = true_ratio(self.analysis, keep, FakeMeter.coefficients)
+            out.append((ratio, 0.01, 0.01 * ratio))
+        return out
+
+
+@pytest.fixture
+def fake_meter(monkeypatch, tmp_path):
+    monkeypatch.setattr(sepfx.latency, "LatencyMeter", FakeMeter)
+    monkeypatch.setenv("SEPFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(FakeMeter, "timed", 0)
+    monkeypatch.setattr(FakeMeter, "coefficients", TRUE_COEFFICIENTS)
+    return FakeMeter
+
+
+def test_features_are_one_on_the_dense_model(zoo):
+    analysis = zoo("conv_tasnet").analysis
+    features = analysis.cost.latency_features()
+    assert len(features) == len(LATENCY_FEATURES)
+    ones = np.ones(analysis.channels.num_units)
+    nonempty = [f for f in features if f.terms]
+    assert len(nonempty) >= 2, "conv_tasnet has both matrix and channel-linear work"
+    for feature in nonempty:
+        assert feature.value(ones) == pytest.approx(1.0)
+    # narrower keeps cost less in every feature
+    rng = np.random.default_rng(0)
+    flat = analysis.channels.keep_vector(random_keep(analysis, rng))
+    assert all(f.value(flat) <= 1.0 + 1e-12 for f in nonempty)
+    assert any(f.value(flat) < 0.99 for f in nonempty)
+
+
+@pytest.mark.parametrize("name", ["conv_tasnet", "sudormrf", "dprnn"])
+def test_fit_latency_predicts_a_linear_target(zoo, name):
+    """Fitted to 10 random keep sets of a time that is linear in the features, the fit
+    predicts 10 other keep sets to 1e-6 and the dense model as exactly 1."""
+    analysis = zoo(name).analysis
+    rng = np.random.default_rng(1)
+    keeps = [random_keep(analysis, rng) for _ in range(20)]
+    samples = [(analysis.channels.keep_vector(k), true_ratio(analysis, k)) for k in keeps[:10]]
+    fitted, coefficients = fit_latency(analysis.cost.latency_features(), samples)
+    assert (coefficients >= 0).all()
+    assert fitted.value(np.ones(analysis.channels.num_units)) == pytest.approx(1.0, abs=1e-6)
+    for keep in keeps[10:]:
+        predicted = fitted.value(analysis.channels.keep_vector(keep)) / fitted.dense
+        assert predicted == pytest.approx(true_ratio(analysis, keep), abs=1e-6)
+
+
+def test_fit_latency_keeps_coefficients_nonnegative(zoo):
+    """Times that fall as channels are added (noise) must not give a negative weight: the fit
+    stays a cost that never grows when a channel goes."""
+    analysis = zoo("conv_tasnet").analysis
+    rng = np.random.default_rng(2)
+    samples = []
+    for _ in range(12):
+        keep = random_keep(analysis, rng)
+        flat = analysis.channels.keep_vector(keep)
+        samples.append((flat, 1.2 - 0.5 * analysis.cost.macs(flat) / analysis.cost.dense_macs))
+    _, coefficients = fit_latency(analysis.cost.latency_features(), samples)
+    assert (coefficients >= 0).all(), coefficients
+
+
+@pytest.mark.parametrize("budget", [None, 0.35])
+def test_project_holds_a_latency_limit(zoo, budget):
+    analysis = zoo("tdanet").analysis
+    cost = analysis.cost
+    rng = np.random.default_rng(3)
+    keeps = [random_keep(analysis, rng) for _ in range(10)]
+    samples = [(analysis.channels.keep_vector(k), true_ratio(analysis, k)) for k in keeps]
+    fitted, _ = fit_latency(cost.latency_features(), samples)
+    probability = rng.uniform(size=analysis.channels.num_units)
+    probability[0] = 1.0
+    keep = project(cost, probability, budget, multiple=1, latency=(fitted, 0.5 * fitted.dense))
+    flat = analysis.channels.keep_vector(keep)
+    ratio = fitted.value(flat) / fitted.dense
+    macs = cost.macs(flat) / cost.dense_macs
+    assert ratio <= 0.5 + 1e-9
+    if budget is not None:
+        assert macs <= budget + 1e-9
+    # cut no further than the tighter limit asks
+    assert ratio >= 0.45 or (budget is not None and macs >= budget - 0.05), (ratio, macs)
+    # within each group the most probable units are the ones kept
+    for group in analysis.groups:
+        kept = set(int(i) for i in keep[group.index])
+        p = probability[group.units]
+        if 0 < len(kept) < group.size:
+            assert min(p[list(kept)]) >= max(np.delete(p, list(kept))) - 1e-12
+
+
+def test_compile_meets_a_latency_request(fake_meter, tmp_path):
+    model = build_seeded("conv_tasnet")
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    slim = sepfx.compile(model, latency=0.5, progress=False)
+    report = slim.sepfx_report
+    row = report.latency
+    assert row is not None
+    assert 0.5 * (1 - sepfx.latency.WINDOW) <= row.measured <= 0.5
+    assert row.predicted == pytest.approx(row.measured, abs=1e-3), "the target is linear"
+    assert row.measurements == fake_meter.timed > 0
+    assert row.cache is not None and (tmp_path / "cache").exists()
+    assert "latency on ONNX Runtime, 1 CPU thread" in str(report) and "asked 50%" in str(report)
+    assert any(g.time_share is not None for g in report.groups)
+    # the caller's model untouched; the slim model runs at batch 1 and 2 and an odd length
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before_state[name]), name
+    for x in (wav(1, 8000 + 37), wav(2, 8000 + 37, seed=2)):
+        with torch.no_grad():
+            out = slim(x)
+        assert out.shape == model(x).shape
+        assert torch.isfinite(out).all()
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    # the same architecture again: every time comes from the cache
+    before = fake_meter.timed
+    again = sepfx.compile(model, latency=0.5, progress=False)
+    assert fake_meter.timed == before
+    assert again.sepfx_report.latency.measurements == 0
+    assert again.sepfx_report.latency.measured == row.measured
+
+
+def test_latency_and_budget_both_hold(fake_meter):
+    model = build_seeded("sudormrf")
+    slim = sepfx.compile(model, budget=0.3, latency=0.8, progress=False)
+    report = slim.sepfx_report
+    assert report.macs_ratio <= 0.3 + 1e-9
+    assert report.latency.measured <= 0.8
+
+
+def test_compile_without_cache_leaves_no_table(fake_meter, tmp_path):
+    slim = sepfx.compile(build_seeded("conv_tasnet"), latency=0.6, cache=False, progress=False)
+    assert slim.sepfx_report.latency.cache is None
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreachable_latency_says_what_can_be_reached(fake_meter):
+    fake_meter.coefficients = (3.0, 0.35, 0.25, 0.08, 0.2)  # most of the time never shrinks
+    with pytest.raises(InputError, match=r"cannot be reached.*ask for latency >= 0\.\d\d"):
+        sepfx.compile(build_seeded("conv_tasnet"), latency=0.5, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"latency": 1.5}, "latency must be in (0, 1)"),
+        ({"latency": 0}, "latency must be in (0, 1)"),
+        ({"latency": True}, "latency must be a number"),
+        ({"latency": "0.5"}, "latency must be a number"),
+        ({"latency": 0.5, "target": "tpu"}, "target must be one of"),
+        ({"latency": 0.5, "threads": 0}, "threads must be a positive integer"),
+        ({"latency": 0.5, "graphs": True}, "graphs=True (CUDA graphs) needs target='cuda'"),
+    ],
+)
+def test_bad_latency_arguments(kwargs, words):
+    with pytest.raises(InputError) as error:
+        sepfx.compile(build_seeded("conv_tasnet"), progress=False, **kwargs)
+    assert words in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_target_without_a_gpu():
+    with pytest.raises(InputError, match="needs a GPU"):
+        sepfx.compile(build_seeded("conv_tasnet"), latency=0.5, target="cuda", progress=False)
+
+
+def test_floor_counts_are_what_the_search_stops_at(fake_meter):
+    """The unreachable error is raised at the narrowest keep set, never above it."""
+    model = build_seeded("conv_tasnet")
+    analysis = sepfx.analyze(model)
+    floor = floor_counts(analysis.cost, 1, 8)
+    keep = {g.index: np.arange(k) for g, k in zip(analysis.groups, floor)}
+    lowest = true_ratio(analysis, keep)
+    slim = sepfx.compile(model, latency=min(0.99, lowest + 0.1), progress=False)
+    assert slim.sepfx_report.latency.measured <= min(0.99, lowest + 0.1)
+
+
+def test_real_onnx_runtime_timing(tmp_path, monkeypatch):
+    """Timed for real (ONNX Runtime, 1 thread): whatever the noise, the slim model is exact,
+    narrower than the dense one, and its report states what was measured on which target."""
+    monkeypatch.setenv("SEPFX_CACHE_DIR", str(tmp_path))
+    model = build_seeded("conv_tasnet")
+    try:
+        slim = sepfx.compile(model, latency=0.7, progress=False)
+    except sepfx.errors.SlimError as error:  # a machine too busy to time: said so, not wrong
+        assert "too busy" in str(error)
+        return
+    row = slim.sepfx_report.latency
+    assert row.target == "ONNX Runtime, 1 CPU thread"
+    assert row.measured <= 0.7
+    assert row.dense_ms > 0 and row.slim_ms > 0
+    assert row.measurements >= 1 and row.table_size >= row.measurements
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    sepfx.export_onnx(slim, tmp_path / "slim.onnx")
+
+
+def test_budget_defaults_to_0_4_without_a_latency():
+    report = sepfx.compile(build_seeded("conv_tasnet"), progress=False).sepfx_report
+    assert report.latency is None
+    assert 0.38 <= report.macs_ratio <= 0.4
