@@ -82,6 +82,7 @@ def soak(
                 "groups": outcome.groups,
                 "traced": outcome.traced,
                 "onnx": outcome.onnx,
+                "latency": outcome.latency,
                 "failures": dict(kinds),
             }
         )
@@ -140,6 +141,7 @@ def _write(
         "traced": sum(1 for r in checked if r["traced"]),
         "eager_shells": sum(1 for r in checked if r["traced"] is False),
         "onnx_checked": sum(1 for r in checked if r["onnx"]),
+        "latency_compiled": sum(1 for r in checked if r.get("latency") is not None),
         "models_with": severity_models,
         "partial": partial,
     }

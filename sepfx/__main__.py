@@ -38,19 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="instead of a budget: keep this fraction of every channel group",
     )
-    comp.add_argument(
-        "--latency",
-        type=float,
-        default=None,
-        help="time of the slim model on --target as a fraction of the dense model's, measured "
-        "there (with --budget both hold); the timings are cached in ~/.cache/sepfx",
-    )
-    comp.add_argument(
-        "--target",
-        default="ort-cpu",
-        choices=["ort-cpu", "torch-cpu", "cuda"],
-        help="with --latency: where the slim model will run (default: ort-cpu, ONNX Runtime)",
-    )
+    _latency_arguments(comp)
     comp.add_argument(
         "--threads",
         type=int,
@@ -76,7 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_arguments(bench)
     bench.add_argument(
-        "--budget", type=float, nargs="+", default=[0.4], help="one or more budgets (default: 0.4)"
+        "--budget",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one or more MAC budgets (default: 0.4 without --latency)",
+    )
+    bench.add_argument(
+        "--latency",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also compile under these latency budgets on --target (timed at the first "
+        "--seconds and --threads), then time them as the MAC-budget rows",
+    )
+    bench.add_argument(
+        "--target",
+        default="ort-cpu",
+        choices=["ort-cpu", "torch-cpu"],
+        help="with --latency: where the compile times the slim model (default: ort-cpu; "
+        "with --device cuda, cuda)",
     )
     bench.add_argument(
         "--seconds",
@@ -97,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         "the committed test mixtures and measure it on the other "
         "half: MACs, params, latency, SI-SNRi before/after.",
     )
-    demo.add_argument("--budget", type=float, default=0.4)
+    demo.add_argument(
+        "--budget", type=float, default=None, help="MACs budget (default: 0.4 without --latency)"
+    )
+    _latency_arguments(demo)
     demo.add_argument(
         "--gates",
         choices=["magnitude", "learned"],
@@ -135,6 +145,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=None,
+        help="time of the slim model on --target as a fraction of the dense model's, measured "
+        "there (with --budget both hold); the timings are cached in ~/.cache/sepfx",
+    )
+    parser.add_argument(
+        "--target",
+        default="ort-cpu",
+        choices=["ort-cpu", "torch-cpu", "cuda"],
+        help="with --latency: where the slim model will run (default: ort-cpu, ONNX Runtime)",
+    )
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -166,9 +192,10 @@ def _bench(args) -> int:
 
     device = args.device or "cpu"
     model = _model(args.model, args.config, device)
+    budgets = [0.4] if args.budget is None and not args.latency else args.budget or []
     rows = compare(
         model,
-        args.budget,
+        budgets,
         args.seconds,
         args.threads,
         args.runs,
@@ -176,6 +203,8 @@ def _bench(args) -> int:
         # cpu: PyTorch and ONNX Runtime on the CPU (CUDA rows too where a GPU is present);
         # cuda: the GPU only, eager and CUDA-graph replay
         device="cuda" if torch.device(device).type == "cuda" else "cpu",
+        latencies=args.latency,
+        target=args.target,
     )
     print(format_table(rows))
     if args.json:
@@ -189,12 +218,14 @@ def _demo(args) -> int:
     from sepfx import demo
 
     result = demo.run(
-        args.budget,
+        0.4 if args.budget is None and args.latency is None else args.budget,
         args.steps,
         args.finetune_steps,
         args.out,
         distill=not args.no_distill,
         gates=args.gates,
+        latency=args.latency,
+        target=args.target,
     )
     print(demo.summary(result))
     return 0

@@ -214,11 +214,14 @@ def _on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def latency_row(name, budget, seconds, runtime, t_dense, t_slim, report) -> dict:
-    """One row of ``COLUMNS`` from the dense and slim seconds and the slim model's report."""
+    """One row of ``COLUMNS`` from the dense and slim seconds and the slim model's report;
+    ``budget`` is a MAC budget, or ("latency", r) for a model compiled under a latency budget."""
     speedup = t_dense / t_slim
+    latency = budget[1] if isinstance(budget, tuple) else None
     return {
         "model": name,
-        "budget": budget,
+        "budget": None if latency is not None else budget,
+        "latency": latency,
         "seconds": seconds,
         "runtime": runtime,
         "dense_ms": 1000 * t_dense,
@@ -238,19 +241,28 @@ def compare(
     name: str | None = None,
     progress: bool = False,
     device: str = "cpu",
+    latencies: list[float] = (),  # type: ignore[assignment]
+    target: str = "ort-cpu",
 ) -> list[dict]:
     """Compile ``model`` at each budget (data-free: which channels are kept does not change the
     time) and time dense vs slim on random inputs of each length: one row per budget, length,
     runtime and thread count. ``speedup_over_mac_ratio`` is 1.0 when the slim model is as much
-    faster as it is smaller. ``device="cuda"`` times on the GPU only (``cuda_medians``, fp32):
-    runtime "cuda" (eager) and "graph" (CUDA-graph replay), no thread counts."""
+    faster as it is smaller. ``latencies``: also compile under each latency budget on
+    ``target`` (at the first thread count, on the first length's input) and time those slim
+    models the same way, beside the dense model, apart from the compile's own timing.
+    ``device="cuda"`` times on the GPU only (``cuda_medians``, fp32): runtime "cuda" (eager)
+    and "graph" (CUDA-graph replay), no thread counts."""
     import sepfx
     from sepfx.errors import InputError
+    from sepfx.latency import check_latency
     from sepfx.learn import check_budget
 
-    budgets = [check_budget(b) for b in budgets]
-    if not budgets or not seconds or not threads or runs < 1:
-        raise InputError("bench needs at least one budget, length and thread count, and runs >= 1")
+    requests: list = [check_budget(b) for b in budgets]
+    requests += [("latency", check_latency(r)) for r in latencies]
+    if not requests or not seconds or not threads or runs < 1:
+        raise InputError(
+            "bench needs at least one budget or latency, length and thread count, and runs >= 1"
+        )
     if any(s <= 0 for s in seconds) or any(t < 1 for t in threads):
         raise InputError("bench: input lengths must be > 0 seconds and thread counts >= 1")
     if device not in ("cpu", "cuda"):
@@ -258,7 +270,7 @@ def compare(
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("bench --device cuda: no CUDA device here (torch.cuda.is_available())")
     if device == "cuda":
-        return _compare_cuda(model.eval(), budgets, seconds, runs, name, progress)
+        return _compare_cuda(model.eval(), requests, seconds, runs, name, progress)
     name = name or type(model).__name__
     model = model.eval()
     sample_rate = getattr(model, "sample_rate", 8000)
@@ -268,8 +280,8 @@ def compare(
         analysis = sepfx.analyze(model)
         dense_onnx = os.path.join(tmp, "dense.onnx")
         sepfx.export_onnx(analysis.slim(analysis.keep_all()), dense_onnx)
-        for budget in budgets:
-            slim = sepfx.compile(model, budget=budget, progress=progress)
+        for budget in requests:
+            slim = _compiled(model, budget, target, threads[0], seconds[0], progress)
             report = slim.sepfx_report
             slim_onnx = os.path.join(tmp, f"slim-{budget}.onnx")
             sepfx.export_onnx(slim, slim_onnx)
@@ -307,14 +319,33 @@ def compare(
     return rows
 
 
-def _compare_cuda(model, budgets, seconds, runs, name, progress) -> list[dict]:
+def _compiled(model, request, target, threads, seconds, progress):
+    """``model`` compiled at a MAC budget, or at ("latency", r) on ``target`` at an input of
+    ``seconds``."""
     import sepfx
 
+    if not isinstance(request, tuple):
+        return sepfx.compile(model, budget=request, progress=progress)
+    from sepfx.core import model_device
+
+    sample_rate = getattr(model, "sample_rate", 8000) or 8000
+    x = torch.randn(1, int(sample_rate * seconds), device=model_device(model))
+    return sepfx.compile(
+        model,
+        latency=request[1],
+        target=target,
+        threads=threads,
+        example_input=x,
+        progress=progress,
+    )
+
+
+def _compare_cuda(model, requests, seconds, runs, name, progress) -> list[dict]:
     name = name or type(model).__name__
     sample_rate = getattr(model, "sample_rate", 8000)
     rows = []
-    for budget in budgets:
-        slim = sepfx.compile(model, budget=budget, progress=progress)
+    for budget in requests:
+        slim = _compiled(model, budget, "cuda", 1, seconds[0], progress)
         for sec in seconds:
             x = torch.randn(1, int(sample_rate * sec))
             for runtime, graphs in (("cuda", False), ("graph", True)):
@@ -336,12 +367,19 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         else []
     )
     lines += [
-        f"{r['model']:<12} {r['budget']:>6.2f} {r['seconds']:>6g} {r['runtime']:<13} "
+        f"{r['model']:<12} {_request(r):>6} {r['seconds']:>6g} {r['runtime']:<13} "
         f"{r['dense_ms']:>9.2f} {r['slim_ms']:>9.2f} {100 * r['macs_ratio']:>5.1f}% "
         f"{r['speedup']:>7.2f}x {r['speedup_over_mac_ratio']:>10.2f}"
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def _request(row: dict) -> str:
+    """The budget column: a MAC budget ("0.40"), or a latency budget ("t0.50")."""
+    if row.get("latency") is not None:
+        return f"t{row['latency']:.2f}"
+    return f"{row['budget']:.2f}"
 
 
 # ONNX Runtime node types by the kind of work they do; convolutions are split by their weight's

@@ -1189,6 +1189,7 @@ class Outcome:
     groups: int = 0
     traced: bool | None = None
     onnx: bool = False
+    latency: float | None = None  # slim / dense time measured by a latency compile, if any
     seconds: float = 0.0
 
     def kinds(self, severities=("silent", "crash", "loud", "note")) -> list[str]:
@@ -1681,6 +1682,33 @@ def _check(spec, c: _Checker, sepfx, onnx: bool, compile_budget: bool) -> None:
                         f"budget {budget}: kept {kept} "
                         f"then {[g.kept for g in again.sepfx_report.groups]}",
                     )
+
+    # 5b. compile under a latency budget (PyTorch on the CPU, no cache), 1 seed in 4: the
+    # measured ratio holds the request (timing noise may make it a loud SlimError, never a
+    # silent miss) and the slim model runs where the dense model does
+    if compile_budget and spec["seed"] % 4 == 2:
+        request = 0.7
+        timed = c.guard(
+            "compile_latency",
+            sepfx.compile,
+            model,
+            latency=request,
+            target="torch-cpu",
+            cache=False,
+            example_input=inputs[0],
+            progress=False,
+        )
+        if timed is not None:
+            c.count()
+            row = timed.sepfx_report.latency
+            o.latency = None if row is None else row.measured
+            if row is None or row.measured > request:
+                c.fail("silent:latency_exceeded", f"latency {request}: report {row}")
+            for x, d in zip(inputs, dense):
+                c.count()
+                y = c.run("run_compiled", timed, x)
+                if y is not None and y.shape != d.shape:
+                    c.fail("silent:latency_shape", f"{list(y.shape)} vs {list(d.shape)}")
 
     # 6. the caller's model is unchanged
     c.count()

@@ -399,3 +399,17 @@ def test_latency_cuda_dry_run(tmp_path):  # ~10 s on one core: the whole GPU scr
     for side in ("dense", "slim"):
         assert profile[side]["kernels"] and profile[side]["ms"] > 0
     check_plot(tmp_path, "latency_cuda")
+
+
+def test_latency_budget_smoke(tmp_path):  # ~15 s: CI runs this one
+    run_script("latency_budget.py", tmp_path)
+    payload, header, body = load_results(tmp_path, "latency_budget_smoke")
+    assert {"model", "requested", "measured", "within_5pct", "compile_s"} <= set(header)
+    (row,) = payload["rows"]
+    assert row["requested"] == 0.6
+    assert row["compile_measured"] <= 0.6  # the compile's own timing met the request
+    assert 0 < row["measured"] < 1.0  # timed apart: noisy, but the slim model is faster
+    assert len(row["measured_rounds"]) == 2
+    assert 0 < row["macs_ratio"] < 1 and finite(row["dense_ms"], row["slim_ms"])
+    assert row["timed_keep_sets"] > 0
+    assert row["cached_compile_s"] < row["compile_s"]  # nothing timed the second time
