@@ -13,8 +13,10 @@ work), which budget projection uses in place of the MACs. ``LatencySearch.meet``
 project the keep set onto the fitted latency, time the slim model, and correct the goal by the
 ratio of measured to wanted, until the measured latency lies in [0.95, 1] x the request. Every
 measurement is kept, and the table is cached on disk keyed by the model's structure (not its
-weights), the target, the input shape and the versions of torch and ONNX Runtime, so a second
-compile of the same architecture measures little or nothing.
+weights), the target, the input shape and the versions of torch and ONNX Runtime, with the
+keep set each search returned: compiled again with the same weights and request, a model is
+timed no more; another model of the same architecture reuses the probes and the fit, and times
+only its candidates.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from sepfx.budget import _multiples, _snap, floor_counts, project
 from sepfx.errors import InputError, SlimError
 
 TARGETS = ("ort-cpu", "torch-cpu", "cuda")
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 PROBES = 8  # keep sets of random widths timed before the first fit
 PROBE_RUNS = 5  # timed runs per probe (they are timed all together, interleaved)
 CANDIDATE_RUNS = 9  # timed runs for each candidate slim model
@@ -105,6 +107,9 @@ class LatencyTable:
     key: str
     description: dict
     samples: list[LatencySample] = field(default_factory=list)
+    # keep sets a search returned, by what it was asked (``solution_key``): asked the same
+    # again, a compile returns the same keep set without timing anything
+    solutions: dict[str, dict] = field(default_factory=dict)
 
     def find(self, counts: list[int]) -> LatencySample | None:
         return next((s for s in self.samples if s.counts == list(counts)), None)
@@ -115,6 +120,7 @@ class LatencyTable:
             "key": self.key,
             "description": self.description,
             "samples": [vars(s) for s in self.samples],
+            "solutions": self.solutions,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -127,9 +133,10 @@ class LatencyTable:
             if payload.get("key") != key:
                 return None
             samples = [LatencySample(**s) for s in payload["samples"]]
+            solutions = dict(payload.get("solutions", {}))
         except (OSError, ValueError, TypeError, KeyError):  # absent or unreadable: measure anew
             return None
-        return cls(key, payload["description"], samples)
+        return cls(key, payload["description"], samples, solutions)
 
 
 def cache_dir() -> Path:
@@ -255,6 +262,18 @@ class LatencyResult:
     attempts: list[tuple[float, float]]  # (predicted, measured) of each candidate tried
 
 
+def solution_key(analysis, request, budget, probability, initial, min_per_group, multiple) -> str:
+    """What a search's answer depends on besides the table: the request, the MAC budget, the
+    ranking (the weights or gates it came from), the start and each group's minimum width."""
+    digest = hashlib.sha256()
+    digest.update(repr((request, budget, min_per_group, multiple)).encode())
+    digest.update(repr([(g.size, g.min_size) for g in analysis.groups]).encode())
+    digest.update(np.ascontiguousarray(probability, dtype=np.float64).tobytes())
+    if initial is not None:
+        digest.update(np.ascontiguousarray(initial, dtype=bool).tobytes())
+    return digest.hexdigest()[:24]
+
+
 def _counts_keep(analysis, counts) -> dict:
     return {g.index: np.arange(k) for g, k in zip(analysis.groups, counts)}
 
@@ -362,6 +381,14 @@ class LatencySearch:
         ranked by ``probability`` (see ``budget.project``; ``budget``: a MAC budget that must
         hold too). Raises InputError when even the narrowest keep set is slower than asked."""
         analysis = self.analysis
+        key = solution_key(
+            analysis, request, budget, probability, initial, self.min_per_group, self.multiple
+        )
+        known = self.table.solutions.get(key)
+        sample = None if known is None else self.table.find(known["counts"])
+        if known is not None and sample is not None and sample.ratio <= request:
+            keep = {int(g): np.asarray(units, dtype=np.int64) for g, units in known["keep"]}
+            return keep, self._result(request, sample, known["predicted"], [])
         goal = request * (1 - WINDOW / 2)  # aim at the middle of the window
         floor = floor_counts(analysis.cost, self.min_per_group, self.multiple)
         tried: list[tuple[list[int], dict, float, LatencySample]] = []
@@ -410,8 +437,18 @@ class LatencySearch:
                 "latency"
             )
         counts, keep, predicted, sample = max(met, key=lambda t: t[3].ratio)
+        self.table.solutions[key] = {
+            "counts": counts,
+            "keep": [(g, [int(u) for u in units]) for g, units in keep.items()],
+            "predicted": predicted,
+        }
+        if self.path is not None:
+            self.table.save(self.path)
+        return keep, self._result(request, sample, predicted, [(t[2], t[3].ratio) for t in tried])
+
+    def _result(self, request, sample, predicted, attempts) -> LatencyResult:
         model, coefficients = self.model()
-        result = LatencyResult(
+        return LatencyResult(
             target=self.target,
             requested=request,
             measured=sample.ratio,
@@ -423,6 +460,5 @@ class LatencySearch:
             measurements=self.measured,
             table_size=len(self.table.samples),
             cache=str(self.path) if self.path else None,
-            attempts=[(t[2], t[3].ratio) for t in tried],
+            attempts=attempts,
         )
-        return keep, result

@@ -167,6 +167,18 @@ def test_compile_meets_a_latency_request(fake_meter, tmp_path):
     assert again.sepfx_report.latency.measured == row.measured
 
 
+def test_same_architecture_reuses_the_table(fake_meter):
+    """Other weights, same structure: the probes and the fit come from the cache; only the
+    candidates for the new ranking are timed."""
+    sepfx.compile(build_seeded("conv_tasnet"), latency=0.5, progress=False)
+    first = fake_meter.timed
+    other = sepfx.compile(build_seeded("conv_tasnet", seed=5), latency=0.5, progress=False)
+    row = other.sepfx_report.latency
+    assert row.measurements == fake_meter.timed - first
+    assert row.measurements <= sepfx.latency.ATTEMPTS < first
+    assert 0.5 * (1 - sepfx.latency.WINDOW) <= row.measured <= 0.5
+
+
 def test_latency_and_budget_both_hold(fake_meter):
     model = build_seeded("sudormrf")
     slim = sepfx.compile(model, budget=0.3, latency=0.8, progress=False)
