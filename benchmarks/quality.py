@@ -21,6 +21,12 @@ For each model and budget b:
   spent where they write the fewest activation elements, the groups that change the output
   most kept at least at the uniform width): what those faster widths cost or gain in quality
   (results before 2026-12-03 under this name are the allocation without that guard);
+- ``sepfx-time``: ``sepfx.compile(model, latency=b)`` (the budget b read as a latency request:
+  ONNX Runtime, 1 thread, timed at a ``--latency-seconds`` input; data-free, so one model for
+  every seed, which seeds only the fine-tuning), and ``uniform-time``: the ``sepfx-magnitude``
+  model at the MAC budget, found by bisection, whose latency is closest to ``sepfx-time``'s.
+  Both latencies are measured here, apart from the compile (dense and slim ONNX files timed
+  side by side, medians of 3 rounds of 20 runs): quality at equal measured latency;
 - ``tp-magnitude`` / ``tp-taylor`` / ``tp-random``: Torch-Pruning's ``MetaPruner`` with
   ``MagnitudeImportance(p=2)`` / ``TaylorImportance()`` (after one backward pass on a training
   batch) / ``RandomImportance()``, the same pruning ratio for every group, the ratio found by
@@ -71,7 +77,9 @@ import argparse
 import copy
 import functools
 import math
+import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -95,6 +103,8 @@ METHODS = [
     "sepfx-learned",
     "sepfx-magnitude",
     "sepfx-latency",
+    "sepfx-time",
+    "uniform-time",
     "tp-magnitude",
     "tp-taylor",
     "tp-random",
@@ -111,6 +121,7 @@ COLUMNS = [
     "finetune",
     "seed",
     "macs_ratio",
+    "latency_measured",
     "params",
     "si_snri_before_ft",
     *AFTER[:4],
@@ -120,7 +131,7 @@ COLUMNS = [
     "real_recovered",
     "time_s",
 ]
-SUMMARY_METRICS = AFTER[:4] + ["recovered"] + AFTER[4:] + ["real_recovered"]
+SUMMARY_METRICS = ["latency_measured"] + AFTER[:4] + ["recovered"] + AFTER[4:] + ["real_recovered"]
 SUMMARY_COLUMNS = ["model", "budget", "method", "finetune", "seeds", "macs_ratio"] + SUMMARY_METRICS
 
 
@@ -494,6 +505,72 @@ def run_method(
     return rows, model
 
 
+def measured_latency(model: nn.Module, slim: nn.Module, x: torch.Tensor, tmp: str) -> float:
+    """Slim / dense time on ONNX Runtime (1 thread) at ``x``: the median of 3 rounds of 20
+    interleaved runs. The files are checked at a 1 s slice where the export takes any length
+    (ONNX Runtime's float32 reductions drift on long inputs)."""
+    from sepfx.bench import ort_medians
+
+    rate = int(getattr(model, "sample_rate", 8000) or 8000)
+    paths = []
+    for label, m in (("dense", model), ("slim", slim)):
+        path = os.path.join(tmp, f"{label}.onnx")
+        if not sepfx.export_onnx(m, path, x[..., :rate]).dynamic_time:
+            sepfx.export_onnx(m, path, x)
+        paths.append(path)
+    rounds = [ort_medians(paths, x.numpy(), 1, 20) for _ in range(3)]
+    return float(np.median([slim_s / dense_s for dense_s, slim_s in rounds]))
+
+
+def time_matched(setup: Setup, model: nn.Module, request: float, memo: dict):
+    """{"sepfx-time": (slim, extra), "uniform-time": (slim, extra)} for latency ``request``,
+    made once per request (or the exception that stopped it)."""
+    if request in memo:
+        return memo[request]
+    args = setup.args
+    rate = int(getattr(model, "sample_rate", 8000) or 8000)
+    x = torch.randn(1, int(rate * args.latency_seconds), generator=torch.Generator().manual_seed(0))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            timed = sepfx.compile(model, latency=request, example_input=x, progress=args.progress)
+            goal = measured_latency(model, timed, x, tmp)
+            print(f"  sepfx-time {request}: measured {goal:.3f} of dense", flush=True)
+            low, high, best = 0.05, 1.0, None
+            for _ in range(7):  # bisection on the MAC budget of the uniform allocation
+                budget = (low + high) / 2
+                uniform = sepfx.compile(
+                    model, budget=budget, allocation="uniform", progress=args.progress
+                )
+                ratio = measured_latency(model, uniform, x, tmp)
+                print(f"  uniform budget {budget:.3f}: measured {ratio:.3f}", flush=True)
+                if best is None or abs(ratio - goal) < abs(best[2] - goal):
+                    best = (uniform, budget, ratio)
+                low, high = (budget, high) if ratio < goal else (low, budget)
+        assert best is not None
+        report = timed.sepfx_report
+        memo[request] = {
+            "sepfx-time": (
+                timed,
+                {
+                    "macs_ratio": report.macs_ratio,
+                    "latency_measured": goal,
+                    "note": f"compile measured {report.latency.measured:.3f}",
+                },
+            ),
+            "uniform-time": (
+                best[0],
+                {
+                    "macs_ratio": best[0].sepfx_report.macs_ratio,
+                    "latency_measured": best[2],
+                    "note": f"uniform at MAC budget {best[1]:.3f}",
+                },
+            ),
+        }
+    except Exception as error:  # recorded in the rows of both methods
+        memo[request] = error
+    return memo[request]
+
+
 def run_model(setup: Setup, name: str, save=None) -> list[dict]:
     """Every method at every budget and seed for one model; ``save(rows)`` after each budget."""
     args = setup.args
@@ -533,6 +610,7 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
         search_error = None
     except Exception as error:  # torch_pruning missing, or the dead-code probe failed
         search, search_error = None, f"{type(error).__name__}: {str(error)[:300]}"
+    timed_models: dict = {}  # per budget: the data-free models of equal measured latency
     for budget in args.budgets:
         for seed in args.seeds:
             common = dict(dense=dense, model_name=name, budget=budget, seed=seed)
@@ -564,6 +642,18 @@ def run_model(setup: Setup, name: str, save=None) -> list[dict]:
             if "sepfx-latency" in args.methods:
                 make_latency = functools.partial(make_magnitude, "latency")
                 rows += run_method(setup, "sepfx-latency", make_latency, **common)[0]
+            if {"sepfx-time", "uniform-time"} & set(args.methods):
+                matched = time_matched(setup, model, budget, timed_models)
+                for method in ("sepfx-time", "uniform-time"):
+                    if method in args.methods:
+
+                        def make_timed(method=method):
+                            if isinstance(matched, Exception):
+                                raise matched
+                            slim, extra = matched[method]
+                            return slim, dict(extra)
+
+                        rows += run_method(setup, method, make_timed, **common)[0]
             if "slim" not in learned:
                 continue  # nothing to match MACs to, nor to train from scratch
             target = learned["slim"].sepfx_report.macs_ratio
@@ -753,6 +843,12 @@ def main(argv=None):
         help="Torch-Pruning's MAC ratio within this of sepfx's (default 0.01)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=4.0,
+        help="sepfx-time / uniform-time: the input length timed (default 4)",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -56,6 +56,9 @@ class LoweringError(Exception):
     """An op rule's ``lower`` hook failed (its message names the rule and the node)."""
 
 
+EXPORTERS = ("torchscript", "dynamo")  # tried in this order unless another is asked first
+
+
 @dataclass
 class ExportResult:
     path: str
@@ -196,11 +199,20 @@ def export_onnx(
     *,
     opset: int = 17,
     rtol: float = 1e-4,
+    exporter: str | None = None,
 ) -> ExportResult:
     """Export ``model`` to the single file ``path`` and check ONNX Runtime against PyTorch.
 
     ``example_input`` defaults to the input the model was compiled with
-    (``model.sepfx_example_input``). Raises ``ExportError`` when no export matches PyTorch."""
+    (``model.sepfx_example_input``). ``exporter`` ("torchscript" or "dynamo") is tried first;
+    by default the one a latency compile timed the model with (``model.sepfx_exporter``: the
+    two exporters' files can differ in speed), else "torchscript". Raises ``ExportError`` when
+    no export matches PyTorch."""
+    if exporter is None:
+        exporter = getattr(model, "sepfx_exporter", None) or "torchscript"
+    if exporter not in EXPORTERS:
+        raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    order = (exporter, *[e for e in EXPORTERS if e != exporter])
     if example_input is None:
         example_input = getattr(model, "sepfx_example_input", None)
     if example_input is None:
@@ -217,7 +229,7 @@ def export_onnx(
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder: give the ONNX file's name, e.g. {path}/slim.onnx")
     try:
-        return _export_checked(model, path, example_input, opset, rtol)
+        return _export_checked(model, path, example_input, opset, rtol, order)
     except SepfxError:
         raise
     except Exception as error:  # anything else is named, never raised raw
@@ -233,6 +245,7 @@ def _export_checked(
     example_input: torch.Tensor,
     opset: int,
     rtol: float,
+    exporters: tuple[str, ...] = ("torchscript", "dynamo"),
 ) -> ExportResult:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()  # the caller's keeps its mode and device
@@ -255,7 +268,7 @@ def _export_checked(
         batch = 2 if dynamic_batch and example.shape[0] == 1 else example.shape[0]
         lengths = trace_lengths(example.shape[-1]) if dynamic_time else [example.shape[-1]]
         inputs = [example] + _variants(example, dynamic_batch, dynamic_time, eager)
-        for exporter in ("torchscript", "dynamo"):
+        for exporter in exporters:
             if dynamic_time and not dynamic_batch and exporter in length_fixed:
                 # wrong at another length with the example's batch size already: fixing the
                 # batch does not change how the model's code fixes the length

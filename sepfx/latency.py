@@ -110,6 +110,7 @@ class LatencyTable:
     # keep sets a search returned, by what it was asked (``solution_key``): asked the same
     # again, a compile returns the same keep set without timing anything
     solutions: dict[str, dict] = field(default_factory=dict)
+    exporter: str | None = None  # "ort-cpu": the exporter whose files were timed
 
     def find(self, counts: list[int]) -> LatencySample | None:
         return next((s for s in self.samples if s.counts == list(counts)), None)
@@ -121,6 +122,7 @@ class LatencyTable:
             "description": self.description,
             "samples": [vars(s) for s in self.samples],
             "solutions": self.solutions,
+            "exporter": self.exporter,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -136,7 +138,7 @@ class LatencyTable:
             solutions = dict(payload.get("solutions", {}))
         except (OSError, ValueError, TypeError, KeyError):  # absent or unreadable: measure anew
             return None
-        return cls(key, payload["description"], samples, solutions)
+        return cls(key, payload["description"], samples, solutions, payload.get("exporter"))
 
 
 def cache_dir() -> Path:
@@ -260,6 +262,7 @@ class LatencyResult:
     table_size: int
     cache: str | None  # the table's file, where cached
     attempts: list[tuple[float, float]]  # (predicted, measured) of each candidate tried
+    exporter: str | None = None  # "ort-cpu": the ONNX exporter whose files were timed
 
 
 def solution_key(analysis, request, budget, probability, initial, min_per_group, multiple) -> str:
@@ -330,6 +333,8 @@ class LatencySearch:
             self.say(f"timing on {self.target.describe()}: exporting the dense model")
             self._workdir = tempfile.mkdtemp(prefix="sepfx-latency-")
             self._meter = LatencyMeter(self.analysis, self.target, self.x, self._workdir)
+            if self._meter.exported is not None:
+                self.table.exporter = self._meter.exported.exporter
         return self._meter
 
     def measure(self, counts_list: list[list[int]], runs: int, predicted=None) -> None:
@@ -461,4 +466,5 @@ class LatencySearch:
             table_size=len(self.table.samples),
             cache=str(self.path) if self.path else None,
             attempts=attempts,
+            exporter=self.table.exporter,
         )

@@ -548,6 +548,8 @@ def _compile_with(
             group.min_size = group.size
     if timing is not None:
         _attach_latency(slim.sepfx_report, timing)
+        if timing.exporter is not None:  # export_onnx makes the kind of file that was timed
+            slim.sepfx_exporter = timing.exporter  # type: ignore[assignment]
     # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain attributes)
     slim.sepfx_gate_history = history  # type: ignore[assignment]
     return slim

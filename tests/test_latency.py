@@ -250,7 +250,21 @@ def test_real_onnx_runtime_timing(tmp_path, monkeypatch):
     assert row.dense_ms > 0 and row.slim_ms > 0
     assert row.measurements >= 1 and row.table_size >= row.measurements
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
-    sepfx.export_onnx(slim, tmp_path / "slim.onnx")
+    # the file export_onnx writes is made by the exporter whose files were timed
+    assert slim.sepfx_exporter in ("torchscript", "dynamo")
+    assert sepfx.export_onnx(slim, tmp_path / "slim.onnx").exporter == slim.sepfx_exporter
+
+
+def test_export_tries_the_timed_exporter_first(zoo, tmp_path):
+    analysis = zoo("conv_tasnet").analysis
+    slim = analysis.slim(analysis.keep_all())
+    assert sepfx.export_onnx(slim, tmp_path / "a.onnx").exporter == "torchscript"
+    slim.sepfx_exporter = "dynamo"  # as a latency compile timed with dynamo's files sets it
+    assert sepfx.export_onnx(slim, tmp_path / "b.onnx").exporter == "dynamo"
+    result = sepfx.export_onnx(slim, tmp_path / "c.onnx", exporter="torchscript")
+    assert result.exporter == "torchscript"
+    with pytest.raises(InputError, match="exporter must be one of torchscript, dynamo"):
+        sepfx.export_onnx(slim, tmp_path / "d.onnx", exporter="tflite")
 
 
 def test_budget_defaults_to_0_4_without_a_latency():
