@@ -42,6 +42,7 @@ class FakeMeter:
 
     timed = 0  # keep sets timed, over every instance
     coefficients = TRUE_COEFFICIENTS
+    exported = None  # no ONNX files
 
     def __init__(self, analysis, target, x, workdir):
         self.analysis = analysis
@@ -271,3 +272,23 @@ def test_budget_defaults_to_0_4_without_a_latency():
     report = sepfx.compile(build_seeded("conv_tasnet"), progress=False).sepfx_report
     assert report.latency is None
     assert 0.38 <= report.macs_ratio <= 0.4
+
+
+def test_gates_learn_under_the_fitted_latency(fake_meter):
+    """With data, the gates learn with the fitted latency as the constrained cost, and the
+    slim model still meets the measured request."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(2, 4000, generator=generator), torch.randn(2, 2, 4000, generator=generator))
+        for _ in range(4)
+    ]
+    slim = sepfx.compile(
+        build_seeded("conv_tasnet"), latency=0.6, data=batches, steps=20, progress=False
+    )
+    report = slim.sepfx_report
+    assert 0.6 * (1 - sepfx.latency.WINDOW) <= report.latency.measured <= 0.6
+    assert any("expected latency (fitted)" in note for note in report.notes)
+    history = slim.sepfx_gate_history
+    assert len(history.expected_macs_ratio) == 20
+    # the constrained cost was the fitted latency: it ends near the request
+    assert abs(history.expected_macs_ratio[-1] - 0.6) < 0.15
