@@ -514,11 +514,14 @@ def measured_latency(model: nn.Module, slim: nn.Module, x: torch.Tensor, tmp: st
 
     rate = int(getattr(model, "sample_rate", 8000) or 8000)
     paths = []
-    for label, m in (("dense", model), ("slim", slim)):
+    for label, m in (("dense", None), ("slim", slim)):
         path = os.path.join(tmp, f"{label}.onnx")
         if label == "dense" and os.path.exists(path):  # exported by an earlier call
             paths.append(path)
             continue
+        if m is None:  # the dense model as sepfx rewrites it (every channel kept), as in bench
+            analysis = sepfx.analyze(model, x[..., :rate])
+            m = analysis.slim(analysis.keep_all())
         if not sepfx.export_onnx(m, path, x[..., :rate]).dynamic_time:
             sepfx.export_onnx(m, path, x)
         paths.append(path)
