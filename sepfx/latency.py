@@ -397,17 +397,24 @@ class LatencySearch:
         goal = request * (1 - WINDOW / 2)  # aim at the middle of the window
         floor = floor_counts(analysis.cost, self.min_per_group, self.multiple)
         tried: list[tuple[list[int], dict, float, LatencySample]] = []
+        narrowest = False  # time the floor widths next (the fit cannot say how to go faster)
         for _ in range(ATTEMPTS):
             model, _ = self.model()
-            keep = project(
-                analysis.cost,
-                probability,
-                budget,
-                initial=initial,
-                min_per_group=self.min_per_group,
-                multiple=self.multiple,
-                latency=(model, goal * model.dense),
-            )
+            if narrowest:
+                keep = {
+                    g.index: np.sort(np.argsort(-probability[g.units], kind="stable")[:k])
+                    for g, k in zip(analysis.groups, floor)
+                }
+            else:
+                keep = project(
+                    analysis.cost,
+                    probability,
+                    budget,
+                    initial=initial,
+                    min_per_group=self.min_per_group,
+                    multiple=self.multiple,
+                    latency=(model, goal * model.dense),
+                )
             counts = [len(keep[g.index]) for g in analysis.groups]
             predicted = model.value(analysis.channels.keep_vector(keep)) / model.dense
             sample = self.table.find(counts)
@@ -428,8 +435,12 @@ class LatencySearch:
                     f"{np.ceil(sample.ratio * 100) / 100:.2f}"
                 )
             if any(c == counts for c, *_ in tried[:-1]):  # the goal no longer moves the widths
-                goal *= 0.97 if sample.ratio > request else 1.03
+                # too slow: the fit sees nothing left to cut, so time the narrowest widths
+                # next (they meet the request or show what can be reached); too fast: widen
+                narrowest = sample.ratio > request
+                goal *= 1.03
             else:
+                narrowest = False
                 goal *= request * (1 - WINDOW / 2) / sample.ratio
             goal = float(np.clip(goal, 1e-3, 1.0))
         met = [t for t in tried if t[3].ratio <= request]

@@ -292,3 +292,13 @@ def test_gates_learn_under_the_fitted_latency(fake_meter):
     assert len(history.expected_macs_ratio) == 20
     # the constrained cost was the fitted latency: it ends near the request
     assert abs(history.expected_macs_ratio[-1] - 0.6) < 0.15
+
+
+def test_time_that_no_fit_can_cut_ends_at_the_narrowest_widths(fake_meter):
+    """Where the fitted latency sees nothing left to cut (here the time never shrinks), the
+    search times the narrowest widths and names what can be reached, instead of timing the
+    same keep set until it gives up."""
+    fake_meter.coefficients = (1.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(InputError, match=r"cannot be reached.*ask for latency >= 1\.00"):
+        sepfx.compile(build_seeded("sudormrf"), latency=0.7, progress=False)
+    assert fake_meter.timed <= sepfx.latency.PROBES + 2
