@@ -4,6 +4,7 @@ They are defined in ``passes.errors`` (the lower layer, which must not import ``
 re-exported here as the same class objects."""
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -38,8 +39,19 @@ def sepfx_errors_only(function: Function) -> Function:
     any other exception becomes an ``InternalError`` that names the entry point and the error,
     chained to it (its traceback says whether it came from sepfx or from the model's code)."""
 
+    signature = inspect.signature(function)
+    params = signature.parameters.values()
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    takes = f"it takes {', '.join(positional)} by position or keyword"
+    takes += f", and {', '.join(keyword)} by keyword only" if keyword else ""
+
     @functools.wraps(function)
     def only_sepfx_errors(*args: Any, **kwargs: Any) -> Any:
+        try:  # a call that does not fit the signature is the caller's error, not sepfx's
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise InputError(f"sepfx.{function.__name__}: {error}; {takes}") from None
         try:
             return function(*args, **kwargs)
         except SepfxError:

@@ -90,3 +90,26 @@ def test_any_other_failure_inside_compile_is_a_sepfx_error(monkeypatch):
     with pytest.raises(InternalError, match=r"sepfx\.compile failed: ZeroDivisionError: injected"):
         sepfx.compile(model, 0.4)
     assert_untouched(model, state)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m, x: sepfx.compile(m, x, budget=0.4),  # example_input passed as the budget
+            r"sepfx\.compile: multiple values for argument 'budget'; it takes model, budget, "
+            r"data, example_input by position or keyword, and latency, .* by keyword only",
+        ),
+        (
+            lambda m, x: sepfx.analyze(m, x, budget=0.4),
+            r"sepfx\.analyze: got an unexpected keyword argument 'budget'; it takes model, "
+            r"example_input by position or keyword$",
+        ),
+    ],
+)
+def test_a_call_that_does_not_fit_the_signature_is_an_input_error(call, message):
+    model, state = model_and_state()
+    with pytest.raises(InputError, match=message) as caught:
+        call(model, torch.randn(1, 8000))
+    assert caught.value.__cause__ is None  # the caller's mistake, not an internal failure
+    assert_untouched(model, state)
