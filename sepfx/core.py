@@ -22,6 +22,21 @@ from sepfx.errors import InputError, describe_error, sepfx_errors_only
 from sepfx.report import FrozenRow, GroupRow, Report
 
 
+# torch.fx's GraphModule.__deepcopy__ keeps only the attributes its graph uses, and those named
+# in its meta under this key.
+_PRESERVED = getattr(
+    fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes"
+)
+
+
+def set_sepfx_attribute(model: nn.Module, name: str, value: Any) -> None:
+    """Set ``model.<name>`` (sepfx's own facts on a model it made: the report, the example
+    input...) so that ``copy.deepcopy`` of a GraphModule keeps it too."""
+    setattr(model, name, value)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_PRESERVED, {})[name] = value
+
+
 def model_number(model: nn.Module, name: str) -> int | None:
     """A positive whole number the model states about itself (``sample_rate``, ``n_src``): an
     attribute, a property or a method without arguments; None where it has none we can read."""
@@ -271,13 +286,10 @@ class Analysis:
         model = slim_model(self.capture, self.channels, keep)
         for p in model.parameters():  # a new model: trainable like any other
             p.requires_grad_(True)
-        model.sepfx_example_input = self.example_input
-        # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain
-        # attributes)
-        model.sepfx_n_src = self.n_src  # type: ignore[assignment]
-        model.sepfx_report = self.report(  # type: ignore[assignment]
-            keep, model, budget=budget, notes=list(notes)
-        )
+        set_sepfx_attribute(model, "sepfx_example_input", self.example_input)
+        set_sepfx_attribute(model, "sepfx_n_src", self.n_src)
+        report = self.report(keep, model, budget=budget, notes=list(notes))
+        set_sepfx_attribute(model, "sepfx_report", report)
         if check and not self.capture.traced_whole:
             check_slim(self, keep, model)
         return model

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from sepfx.core import set_sepfx_attribute
 from sepfx.errors import InputError
 
 FORMAT = "sepfx-slim-1"
@@ -43,6 +44,9 @@ def load(path, map_location="cpu") -> torch.nn.Module:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise InputError(f"{path} is not a file written by sepfx.save (format {FORMAT})")
     model = blob["model"]
-    model.sepfx_example_input = blob["example_input"]
-    model.sepfx_report = blob["report"]
+    for name, value in list(vars(model).items()):  # pickled along; kept by deepcopy again
+        if name.startswith("sepfx_"):
+            set_sepfx_attribute(model, name, value)
+    set_sepfx_attribute(model, "sepfx_example_input", blob["example_input"])
+    set_sepfx_attribute(model, "sepfx_report", blob["report"])
     return model.eval()

@@ -21,7 +21,7 @@ from torch import nn
 from passes.cost import LinearCost
 from sepfx.budget import check_allocation, check_reachable, project, sensitivity_probability
 from sepfx.checks import failing_groups
-from sepfx.core import Analysis
+from sepfx.core import Analysis, set_sepfx_attribute
 from sepfx.errors import InputError, SlimError, sepfx_errors_only
 from sepfx.learnable_gates import LearnableGates, magnitude_init
 from sepfx.losses import pit_si_snr_loss
@@ -549,9 +549,8 @@ def _compile_with(
     if timing is not None:
         _attach_latency(slim.sepfx_report, timing)
         if timing.exporter is not None:  # export_onnx makes the kind of file that was timed
-            slim.sepfx_exporter = timing.exporter  # type: ignore[assignment]
-    # (nn.Module.__setattr__'s stub takes a Tensor or Module; other values become plain attributes)
-    slim.sepfx_gate_history = history  # type: ignore[assignment]
+            set_sepfx_attribute(slim, "sepfx_exporter", timing.exporter)
+    set_sepfx_attribute(slim, "sepfx_gate_history", history)
     return slim
 
 

@@ -9,6 +9,7 @@ high-frequency tones (1.5-3.5 kHz), 8 kHz, 0.5 s clips, with a random level rati
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -876,3 +877,19 @@ def test_save_and_load_in_a_fresh_process(request, which, tmp_path):
     assert lines["TYPE"][1] == "False"  # eval mode
     assert abs(float(lines["TYPE"][2]) - slim.sepfx_report.macs_ratio) < 1e-12
     assert float(lines["EXPORT"][0]) <= 1e-4
+
+
+def test_deepcopy_keeps_what_sepfx_set_on_the_slim_model(tmp_path):
+    """torch.fx's GraphModule.__deepcopy__ drops plain attributes; sepfx's must survive it, on
+    a compiled model and on one loaded back."""
+    slim = sepfx.compile(_build("conv_tasnet"), 0.4, progress=False)
+    sepfx.save(slim, tmp_path / "m.pt")
+    names = ["sepfx_report", "sepfx_example_input", "sepfx_n_src", "sepfx_gate_history"]
+    for model in (slim, sepfx.load(tmp_path / "m.pt")):
+        assert isinstance(model, torch.fx.GraphModule)
+        copied = copy.deepcopy(model)
+        for name in names:
+            assert hasattr(copied, name), name
+        assert copied.sepfx_report.macs_ratio == slim.sepfx_report.macs_ratio
+        assert torch.equal(copied.sepfx_example_input, slim.sepfx_example_input)
+        assert copied.sepfx_example_input is not model.sepfx_example_input  # a deep copy
