@@ -142,3 +142,38 @@ def test_dual_path_fold_exports_with_dynamic_time(tmp_path):
     ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "Col2Im" not in ops and "ConvTranspose" in ops, ops
     assert all(e <= RTOL for e in result.errors.values()), result.errors
+
+
+class _GlobalNorm(torch.nn.Module):
+    """A global layer norm (mean and variance over channels and time) and a sum over both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 64, 4, stride=2)
+
+    def forward(self, x):
+        h = self.conv(x[:, None])
+        mean = h.mean(dim=(1, 2), keepdim=True)
+        centered = h - mean
+        var = (centered * centered).mean(dim=(1, 2), keepdim=True)
+        total = torch.sum(h, (1, 2))  # no keepdim: the axes' indices shift as they go
+        return centered / (var + 1e-8).sqrt() + total[:, None, None] * 1e-6
+
+
+def test_multi_axis_mean_is_exported_as_one_reduction_per_axis(tmp_path):
+    """ONNX Runtime sums a ReduceMean over channels x time in one float32 pass (9e-5 relative
+    error at 128 x 32000 against float64); one reduction per axis keeps a long input accurate,
+    so its export keeps a dynamic time axis."""
+    model = torch.fx.symbolic_trace(_GlobalNorm().eval())
+    path = tmp_path / "m.onnx"
+    result = sepfx.export_onnx(model, path, example_input=torch.randn(1, 64000))
+    assert result.dynamic_time and all(e <= RTOL for e in result.errors.values())
+    graph = onnx.load(str(path)).graph
+    reductions = [n for n in graph.node if n.op_type in ("ReduceMean", "ReduceSum")]
+    assert len(reductions) == 6  # two means and a sum, each over one axis at a time
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = wav(2, 128001, seed=5)
+    with torch.no_grad():
+        exact = model.double()(x.double()).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert _relative_error(exact, got) <= 1e-5

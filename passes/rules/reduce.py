@@ -76,6 +76,31 @@ class ReduceRule:
             (self.kind, builder.arg(x), dims, keepdim, correction, masks, dims),
         )
 
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: a sum or mean over several axes as one reduction per axis (the same
+        value): ONNX Runtime reduces in one float32 pass whose error grows with the count (a
+        global layer norm of 128 channels x 4 s at 8 kHz: 9e-5 relative; per axis: 1e-7)."""
+        x = node.args[0]
+        meta: Any = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if (
+            self.kind not in ("sum", "mean")
+            or len(node.args) > 3  # a dtype given by position
+            or node.kwargs.get("dtype") is not None
+            or not hasattr(meta, "shape")
+        ):
+            return False
+        dims, keepdim, _ = _reduce_options(node, self.kind, len(meta.shape))
+        if len(dims) < 2:
+            return False
+        value = cast(fx.Node, x)
+        reduce = torch.sum if self.kind == "sum" else torch.mean
+        with graph_module.graph.inserting_before(node):
+            for d in sorted(dims, reverse=True):  # the last first: the others keep their index
+                value = graph_module.graph.call_function(reduce, (value, d, keepdim))
+        node.replace_all_uses_with(value)
+        graph_module.graph.erase_node(node)
+        return True
+
 
 def _reduce_options(node: fx.Node, kind: str, ndim: int) -> tuple[list[int], bool, Any]:
     """(reduced dims, keepdim, correction) of sum/mean/var/std/amax calls (the correction as
