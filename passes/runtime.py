@@ -36,6 +36,10 @@ def apply_gate(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     if mask.requires_grad:
         straight_through = (m - m.detach()).to(x.dtype)
         out = out + straight_through * torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0)
+    if out.stride() != x.stride():
+        # x's memory layout, which the model's code may rely on (``x.view`` of a transposed
+        # tensor): the broadcast mask can make the result's layout differ
+        out = torch.empty_like(x).copy_(out)
     return out
 
 
@@ -128,7 +132,7 @@ def masked_layer_norm(
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y
+    return y.contiguous()  # as F.layer_norm's output is: the model's code may ``view`` it
 
 
 # -- recurrent layers -------------------------------------------------------------------------

@@ -74,6 +74,17 @@ def _shape_only(node: fx.Node) -> bool:
     return bool(inputs) and all(n.meta.get(_SHAPE_ONLY, False) for n in inputs)
 
 
+def _reads_metadata(node: fx.Node) -> bool:
+    """A rank, dtype or device read from a tensor (``x.dim()``, ``x.is_cuda``,
+    ``torch.is_complex(x)``): metadata that no batch size or length changes."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRIBUTES - {"shape"}
+    if node.op == "call_method":
+        fixed = _SHAPE_METHODS - {"size", "numel", "type"}
+        return node.target in fixed or node.target == "type" and len(node.args) == 1
+    return node.op == "call_function" and node.target in (torch.is_complex, torch.is_floating_point)
+
+
 def _varying(node: fx.Node) -> bool | tuple[bool, ...]:
     """Whether ``node``'s value derives from a size that varies with the input: a direct size
     read varies where its two example values differ (the examples differ in batch and length);
@@ -98,13 +109,7 @@ def _varying(node: fx.Node) -> bool | tuple[bool, ...]:
         return tuple(a != b for a, b in zip(*values))
     if node.op == "call_method" and node.target in ("size", "numel"):
         return values is None or values[0] != values[1]
-    if (
-        node.op == "call_method"
-        and node.target in ("dim", "ndimension")
-        or node.op == "call_function"
-        and node.target is getattr
-        and node.args[1] == "ndim"
-    ):
+    if _reads_metadata(node):  # the same at every batch size and length
         return False
     if (
         node.op == "call_function"
@@ -350,7 +355,10 @@ class _Tracer(fx.Tracer):
     ) -> Any:
         if self._evaluating:  # computing a concrete value: run the real module
             return forward(*args, **kwargs)
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # made in the forward (``self.network[:2]``, a slice of a Sequential):
+            return forward(*args, **kwargs)  # traced through to its installed children
         self.sepfx_module_stack.append(qualname)
         try:
             return super().call_module(m, forward, args, kwargs)

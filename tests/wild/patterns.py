@@ -456,6 +456,48 @@ class AttributeWidth(nn.Module):
         return self.dec(e * torch.sigmoid(self.post(h)))
 
 
+
+# ------------------------------------------------------------------------------------------
+# found in a toolkit's separators (ESPnet 202511), run unedited
+# ------------------------------------------------------------------------------------------
+class SequentialSlice(Sandwich):
+    """``self.net[:2](w)``: slicing a Sequential makes a new one in the forward, not installed
+    as a submodule (its children are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(C, C, 1), nn.PReLU(), nn.Conv1d(C, C, 1))
+
+    def glue(self, w):
+        head, tail = self.net[:2], self.net[2:]
+        return w + tail(head(w))
+
+
+class DeviceTest(Sandwich):
+    """``if x.is_cuda or torch.backends.mkl.is_available():`` and a dtype test: metadata,
+    the same at every batch size and length."""
+
+    def glue(self, w):
+        w = w.view(w.shape[0], w.shape[1], -1)  # computed from sizes that vary with the input
+        if w.is_cuda or torch.backends.mkl.is_available() or w.dtype == torch.float64:
+            return w * 2.0
+        return w * 3.0
+
+
+class ViewAfterNorm(Sandwich):
+    """``nn.LayerNorm`` over channels of a transposed [B, T, C] view, then ``.view`` of its
+    output: F.layer_norm returns a contiguous tensor, which the view relies on."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+
+    def glue(self, w):
+        b, c, t = w.shape
+        h = self.norm(w.transpose(1, 2))  # [B, T, C] from a non-contiguous view
+        return h.view(b * t, c).view(b, t, c).transpose(1, 2)  # (B, T merged: not channels)
+
+
 MODELS = {
     "zeros_varargs": ZerosVarargs,
     "zeros_from_list": ZerosFromList,
@@ -479,6 +521,9 @@ MODELS = {
     "origin_vs_estimate": lambda: BranchOnLength("origin"),
     "int_lcm": lambda: BranchOnLength("int_lcm"),
     "squeeze_dim": BranchOnBatch,
+    "sequential_slice": SequentialSlice,
+    "device_test": DeviceTest,
+    "view_after_norm": ViewAfterNorm,
 }
 
 _SANDWICH = ["encoder out", "inner in"]
@@ -513,6 +558,9 @@ PRUNABLE = {
     "origin_vs_estimate": ["block.conv out", "inner in"],
     "int_lcm": ["block.conv out", "inner in"],
     "squeeze_dim": ["encoder out", "inner in", "inner out", "head.proj in"],
+    "sequential_slice": _SANDWICH + ["net.0 in", "net.0 out", "net.2 out"],
+    "device_test": _SANDWICH,
+    "view_after_norm": _SANDWICH + ["norm dim0"],
 }
 # ``rest = n - T % n; if rest > 0`` is true at every length (the pad is computed from the
 # length in the graph): it traces, and is tested with the traced patterns
