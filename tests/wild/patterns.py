@@ -456,7 +456,6 @@ class AttributeWidth(nn.Module):
         return self.dec(e * torch.sigmoid(self.post(h)))
 
 
-
 # ------------------------------------------------------------------------------------------
 # found in a toolkit's separators (ESPnet 202511), run unedited
 # ------------------------------------------------------------------------------------------
