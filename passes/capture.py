@@ -680,7 +680,9 @@ def _opaque(node: fx.Node) -> bool:
         return False
     owner = node.graph.owning_module
     assert owner is not None  # a part's graph, in its GraphModule
-    return rules.lookup(node, dict(owner.named_modules())) is rules.OPAQUE_LEAF
+    return (
+        rules.lookup(node, dict(owner.named_modules(remove_duplicate=False))) is rules.OPAQUE_LEAF
+    )
 
 
 def _branches(

@@ -102,7 +102,7 @@ def analyze_channels(
     to freeze besides those the rules freeze (found unprunable by a check), with the reason."""
     from passes import rules as op_rules
 
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     if not summarised:
         propagate_shapes(
             gm,

@@ -60,7 +60,7 @@ class CouplingState:
     def __init__(self, gm: fx.GraphModule, frozen: dict[AxisKey, str] | None = None) -> None:
         self.gm = gm
         self.frozen_on_creation = dict(frozen or {})  # axes to freeze once a rule makes them
-        self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules())
+        self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self.union_find = _UnionFind()
         self.axes: dict[AxisKey, Axis] = {}
         self.frozen_axes: dict[AxisKey, str] = {}

@@ -510,7 +510,7 @@ def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModu
     lowered = fx.GraphModule(model, copy.deepcopy(model.graph))
     with torch.no_grad():
         ShapeProp(lowered).propagate(*args)
-    modules = dict(lowered.named_modules())
+    modules = dict(lowered.named_modules(remove_duplicate=False))
     changed = False
     for node in list(lowered.graph.nodes):
         rule: Any = rules.lookup(node, modules) if node.op != "output" else None

@@ -64,7 +64,7 @@ class GatedGraphBuilder:
     def __init__(self, analysis: ChannelAnalysis, bank: GateBank) -> None:
         self.analysis = analysis
         self.old = analysis.graph_module
-        self.modules: dict[str, nn.Module] = dict(self.old.named_modules())
+        self.modules: dict[str, nn.Module] = dict(self.old.named_modules(remove_duplicate=False))
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.objects: dict[str, Any] = {GATES: bank}

@@ -121,7 +121,7 @@ def slim(analysis: ChannelAnalysis, keep: dict[int, Any]) -> fx.GraphModule:
 
 def _slice_parameters(model: nn.Module, analysis: ChannelAnalysis, pruning: Pruning) -> None:
     """Slice, in ``model`` (a copy), every module and attribute with a pruned channel axis."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     rule_by_target = {
         n.target: analysis.rules[n.name]
         for n in analysis.graph_module.graph.nodes

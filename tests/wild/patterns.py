@@ -497,6 +497,26 @@ class ViewAfterNorm(Sandwich):
         return h.view(b * t, c).view(b, t, c).transpose(1, 2)  # (B, T merged: not channels)
 
 
+class SharedActivation(Sandwich):
+    """One activation module installed in two blocks (``activation = nn.ReLU()`` passed to
+    every layer): ``named_modules()`` lists it once, the graph calls it at both paths. The
+    root branches on the length, so the blocks are parts of an eager shell."""
+
+    def __init__(self):
+        super().__init__()
+        act = nn.PReLU()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(C, 2 * C, 1), act, nn.Conv1d(2 * C, C, 1)) for _ in range(2)
+        )
+
+    def glue(self, w):
+        for block in self.blocks:
+            w = w + block(w)
+        if w.shape[-1] % 3:  # a branch on the length: the root runs eagerly
+            w = w * 2.0
+        return w
+
+
 MODELS = {
     "zeros_varargs": ZerosVarargs,
     "zeros_from_list": ZerosFromList,
@@ -523,6 +543,7 @@ MODELS = {
     "sequential_slice": SequentialSlice,
     "device_test": DeviceTest,
     "view_after_norm": ViewAfterNorm,
+    "shared_activation": SharedActivation,
 }
 
 _SANDWICH = ["encoder out", "inner in"]
@@ -560,6 +581,7 @@ PRUNABLE = {
     "sequential_slice": _SANDWICH + ["net.0 in", "net.0 out", "net.2 out"],
     "device_test": _SANDWICH,
     "view_after_norm": _SANDWICH + ["norm dim0"],
+    "shared_activation": _SANDWICH + ["blocks.0.0 out", "blocks.1.0 out", "blocks.1.2 in"],
 }
 # ``rest = n - T % n; if rest > 0`` is true at every length (the pad is computed from the
 # length in the graph): it traces, and is tested with the traced patterns
@@ -572,6 +594,7 @@ NEEDS_SHELLS = [
     "origin_vs_estimate",
     "int_lcm",
     "squeeze_dim",
+    "shared_activation",
 ]
 
 
