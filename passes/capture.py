@@ -300,6 +300,30 @@ def _is_rule_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
+def _unusual_argument(calls: list[_Call]) -> str | None:
+    """The type of the first argument of ``calls`` that is an object holding tensors (a
+    PackedSequence, a ComplexTensor), not a tensor or a plain list/tuple/dict."""
+
+    def unusual(value: Any) -> str | None:
+        if isinstance(value, (list, dict)) or type(value) is tuple:
+            items = value.values() if isinstance(value, dict) else value
+            return next((u for u in map(unusual, items) if u is not None), None)
+        if isinstance(value, (torch.Tensor, torch.Size)):
+            return None
+        held = (
+            list(value)
+            if isinstance(value, tuple)
+            else list(getattr(value, "__dict__", {}).values())
+        )
+        return type(value).__name__ if any(isinstance(v, torch.Tensor) for v in held) else None
+
+    for _, args, kwargs, _ in calls:
+        found = unusual(list(args)) or unusual(dict(kwargs))
+        if found is not None:
+            return found
+    return None
+
+
 def _decide(
     root: nn.Module, inputs: list[torch.Tensor]
 ) -> tuple[dict[str, Part], dict[str, str], list[str]]:
@@ -322,6 +346,11 @@ def _decide(
         for path, module in candidates:
             if path not in calls:  # not called itself (dead, or used through a method of its
                 found += children(path, module)  # parent): its children may be
+                continue
+            unusual = _unusual_argument(calls[path])
+            if unusual is not None:  # a graph cannot hold it: the module runs as written
+                shells[path] = f"called with a {unusual}, which a graph's inputs cannot be"
+                found += children(path, module)
                 continue
             if _is_rule_leaf(module) and path:
                 part = _leaf_part(path, module)

@@ -34,11 +34,26 @@ COUNTED_MACS = "sepfx_counted_macs"  # node.meta key, while counting: the node's
 COUNTED_ELEMENTS = "sepfx_counted_elements"  # node.meta key, while counting: output elements
 
 
+_RNN_FUNCTIONS = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+
+
+def _functional_rnn_macs(args: tuple[Any, ...]) -> float:
+    """MACs of ``torch.lstm``/``gru``/``rnn_*`` called from eager code (an nn.LSTM given a
+    PackedSequence runs as such a call): each input token meets each weight matrix once.
+    FlopCounterMode does not see inside these calls."""
+    data = args[0]
+    weights = next(a for a in args if isinstance(a, (list, tuple)) and any(t.dim() == 2 for t in a))
+    tokens = data.numel() // data.shape[-1]  # packed [N, in] or [T, B, in] / [B, T, in]
+    return float(tokens * sum(w.numel() for w in weights if w.dim() == 2))
+
+
 class _MacCounter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         n.meta[COUNTED_MACS] = counter.get_total_flops() / 2
+        if n.op == "call_function" and n.target in _RNN_FUNCTIONS:
+            n.meta[COUNTED_MACS] += _functional_rnn_macs(self.fetch_args_kwargs_from_env(n)[0])
         if n.op in ("call_function", "call_method", "call_module") and isinstance(
             result, torch.Tensor
         ):

@@ -517,6 +517,24 @@ class SharedActivation(Sandwich):
         return w
 
 
+class PackedLSTM(Sandwich):
+    """An LSTM given a PackedSequence (``pack_padded_sequence`` of full lengths), as recurrent
+    separators of one toolkit run it: a graph cannot take the packed sequence, so the LSTM runs
+    as written, its channels frozen and its MACs counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(C, 8, batch_first=True, bidirectional=True)
+        self.proj = nn.Linear(16, C)
+
+    def glue(self, w):
+        lengths = torch.full((w.shape[0],), w.shape[-1], dtype=torch.long)
+        packed = nn.utils.rnn.pack_padded_sequence(w.transpose(1, 2), lengths, batch_first=True)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return w + self.proj(out).transpose(1, 2)
+
+
 MODELS = {
     "zeros_varargs": ZerosVarargs,
     "zeros_from_list": ZerosFromList,
@@ -544,6 +562,7 @@ MODELS = {
     "device_test": DeviceTest,
     "view_after_norm": ViewAfterNorm,
     "shared_activation": SharedActivation,
+    "packed_lstm": PackedLSTM,
 }
 
 _SANDWICH = ["encoder out", "inner in"]
@@ -582,6 +601,7 @@ PRUNABLE = {
     "device_test": _SANDWICH,
     "view_after_norm": _SANDWICH + ["norm dim0"],
     "shared_activation": _SANDWICH + ["blocks.0.0 out", "blocks.1.0 out", "blocks.1.2 in"],
+    "packed_lstm": ["inner out", "decoder in"],
 }
 # ``rest = n - T % n; if rest > 0`` is true at every length (the pad is computed from the
 # length in the graph): it traces, and is tested with the traced patterns
@@ -595,6 +615,7 @@ NEEDS_SHELLS = [
     "int_lcm",
     "squeeze_dim",
     "shared_activation",
+    "packed_lstm",
 ]
 
 

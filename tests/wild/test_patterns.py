@@ -215,3 +215,15 @@ def test_glue_reading_a_channel_count_freezes_that_group_only():
     with torch.no_grad():
         for x in inputs():
             assert slim(x).shape == model(x).shape
+
+
+def test_an_lstm_given_a_packed_sequence_is_frozen_and_its_macs_counted():
+    """FlopCounterMode sees nothing inside ``torch.lstm``: its closed form is counted, so the
+    budget is a fraction of MACs that include the LSTM's."""
+    model = patterns.build("packed_lstm")
+    analysis = sepfx.analyze(model)
+    frames = 8000 // 8 - 1  # the encoder's output length at the reference input [1, 8000]
+    lstm = frames * sum(p.numel() for p in model.lstm.parameters() if p.dim() == 2)
+    report = sepfx.prune(model, analysis.keep_all()).sepfx_report
+    assert report.dense_macs >= lstm
+    assert "lstm" in report.shells and "PackedSequence" in report.shells["lstm"]
