@@ -117,7 +117,7 @@ def espnet_model(name: str) -> torch.nn.Module:
                 num_channels=16,
                 num_layers=2,
                 target_fs=8000,
-                subbands=(4,) * 8 + (8,) * 4 + (1,),
+                subbands=[(i, min(i + 7, 64)) for i in range(0, 65, 8)],  # [start, end]
             ),
         ),
         "SkiM": (

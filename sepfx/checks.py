@@ -11,7 +11,10 @@ pruning causes it, so that ``compile`` can keep exactly those whole (``failing_g
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -257,10 +260,14 @@ def eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The output's tensors, computed in eval mode (the modules' modes are restored after)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    printed = io.StringIO()
     try:
-        with torch.no_grad():
+        # torch.fx prints the generated code around an error before raising it: a failure
+        # here is sepfx's to report (a trial keep set, a model that does not run at an input)
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             out = model(x)
     finally:
         for m, training in modes.items():
             m.training = training
+    sys.stderr.write(printed.getvalue())  # what a run that worked printed (warnings) stays
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
