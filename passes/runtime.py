@@ -487,21 +487,22 @@ def fold_1d(
     padding: int | tuple[int, ...] | list[int],
     stride: int | tuple[int, ...] | list[int],
     channels: int,
+    axis: int = 0,
 ) -> torch.Tensor:
-    """``F.fold`` for windows along the first spatial axis only (kernel ``(k, 1)``, output
-    ``(T, 1)``: dual-path overlap-add) of ``x [B, channels * k, L]``, as a grouped transposed
-    convolution with an identity kernel, which the exporters keep dynamic in ``T``
-    (TorchScript's Col2Im cannot). ``channels`` is given, so that the kernel's shape is
-    known when exporting."""
+    """``F.fold`` for windows along one spatial axis only (``axis`` 0: kernel ``(k, 1)``,
+    output ``(T, 1)``; 1: kernel ``(1, k)``, output ``(1, T)``: dual-path overlap-add) of
+    ``x [B, channels * k, L]``, as a grouped transposed convolution with an identity kernel,
+    which the exporters keep dynamic in ``T`` (TorchScript's Col2Im cannot). ``channels`` is
+    given, so that the kernel's shape is known when exporting."""
     k, d, p, s = (
-        v[0] if isinstance(v, (tuple, list)) else v
+        v[axis] if isinstance(v, (tuple, list)) else v
         for v in (kernel_size, dilation, padding, stride)
     )
     identity = torch.eye(k, dtype=x.dtype, device=x.device).repeat(channels, 1).unsqueeze(1)
     y = F.conv_transpose1d(x, identity, stride=s, dilation=d, groups=channels)  # from -p
     y = y[..., p:]
-    y = F.pad(y, (0, output_size[0] - y.shape[-1]))  # the windows' tail: crop, or zeros
-    return y.unsqueeze(-1)
+    y = F.pad(y, (0, output_size[axis] - y.shape[-1]))  # the windows' tail: crop, or zeros
+    return y.unsqueeze(-1 if axis == 0 else -2)
 
 
 def _channel_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

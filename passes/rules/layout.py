@@ -970,27 +970,33 @@ class UnfoldRule:
             for v in values[2:]
         ]
         _, size, kernel, dilation, padding, stride = values
-        second = [
-            v[1]
-            if isinstance(v, (tuple, list)) and len(v) == 2
-            else v
-            if isinstance(v, int) and v is not size
-            else None
-            for v in (size, kernel, dilation, padding, stride)
-        ]
+
+        def along(axis: int) -> list[Any]:  # (size, kernel, dilation, padding, stride) there
+            return [
+                v[axis]
+                if isinstance(v, (tuple, list)) and len(v) == 2
+                else v
+                if isinstance(v, int) and v is not size
+                else None
+                for v in (size, kernel, dilation, padding, stride)
+            ]
+
+        # the windows run along one spatial axis, the other has size 1 and a kernel of 1
+        axis = next((a for a in (0, 1) if along(1 - a) == [1, 1, 1, 0, 1]), None)
         # the input's TensorMetadata, or None
         meta: Any = values[0].meta.get("tensor_meta") if isinstance(values[0], fx.Node) else None
-        if second != [1, 1, 1, 0, 1] or not hasattr(meta, "shape") or len(meta.shape) != 3:
+        if axis is None or not hasattr(meta, "shape") or len(meta.shape) != 3:
             return False
-        channels: Any = int(meta.shape[1]) // kernel[0] if isinstance(kernel[0], int) else None
+        window = kernel[axis] if isinstance(kernel, (tuple, list)) else kernel
+        channels: Any = int(meta.shape[1]) // window if isinstance(window, int) else None
         if channels is None:
             # a kernel size computed in the forward (``B, N, K, S = x.shape``): the channel
             # count is computed in the graph too, from the input's size at run time
             with graph_module.graph.inserting_before(node):
                 merged = graph_module.graph.call_method("size", (values[0], 1))
-                channels = graph_module.graph.call_function(operator.floordiv, (merged, kernel[0]))
+                channels = graph_module.graph.call_function(operator.floordiv, (merged, window))
         node.target = runtime.fold_1d
-        node.args, node.kwargs = (*values, channels), {}
+        node.args, node.kwargs = (*values, channels, axis), {}
         return True
 
 

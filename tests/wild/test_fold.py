@@ -215,3 +215,56 @@ def test_fold_with_a_traced_kernel_lowers_without_node_metadata():
     # and at another chunk size, which a constant channel count would get wrong
     y = torch.randn(1, 3, 6, 16)
     torch.testing.assert_close(lowered(y), graph(y))
+
+
+def merge_feature_last_axis(x, length):
+    """[B, N, K, S] -> [B, N, length] as another toolkit's dual-path transformer writes it:
+    windows along the fold's second axis (kernel ``(1, K)``, output ``(1, length)``), divided
+    by the fold of ones (how many windows cover each frame)."""
+    batch, dim, segment_size, n_chunks = x.shape
+    seq = x.reshape(batch, dim * segment_size, n_chunks)
+    options = dict(
+        output_size=(1, length),
+        kernel_size=(1, segment_size),
+        padding=(0, segment_size),
+        stride=(1, segment_size // 2),
+    )
+    x = F.fold(seq, **options)
+    x /= F.fold(torch.ones_like(seq), **options)
+    return x.reshape(batch, dim, length)
+
+
+class FoldLastAxisSeparator(FoldSeparator):
+    def forward(self, wav):
+        w = torch.relu(self.encoder(wav.unsqueeze(1)))
+        x = self.bottleneck(w)
+        frames = x.shape[-1]
+        chunks = split_feature(x, self.chunk_size)
+        for block in self.blocks:
+            chunks = block(chunks)
+        x = merge_feature_last_axis(chunks, frames)
+        masks = torch.sigmoid(self.mask(torch.relu(x))).reshape(x.shape[0], self.n_src, -1, frames)
+        sources = self.decoder((masks * w.unsqueeze(1)).flatten(0, 1))
+        return sources.reshape(wav.shape[0], self.n_src, -1)[..., : wav.shape[-1]]
+
+
+def test_fold_along_the_second_axis_exports_with_dynamic_length(tmp_path):
+    """Col2Im is not in opset 17 and cannot keep a dynamic length: a fold whose windows run
+    along its second axis is lowered too, and ONNX Runtime agrees at every length."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = FoldLastAxisSeparator().eval()
+    slim = sepfx.compile(model, BUDGET, progress=False)
+    assert slim.sepfx_report.prunable_macs_share >= 0.85
+    path = tmp_path / "fold.onnx"
+    result = sepfx.export_onnx(slim, path)
+    assert result.dynamic_time and result.dynamic_batch, result.notes
+    onnx = pytest.importorskip("onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert result.exporter == "torchscript" and "Col2Im" not in ops, (result.exporter, ops)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in inputs():
+        with torch.no_grad():
+            expected = slim(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert relative_error(expected, got) <= ONNX_TOL, list(x.shape)
