@@ -78,6 +78,7 @@ class FoldSeparator(nn.Module):
 
     sample_rate = 8000
     n_src = 2
+    merge = staticmethod(merge_feature)
 
     def __init__(self, basis=32, channels=16, hidden=8, chunk_size=24):
         super().__init__()
@@ -95,7 +96,7 @@ class FoldSeparator(nn.Module):
         chunks = split_feature(x, self.chunk_size)
         for block in self.blocks:
             chunks = block(chunks)
-        x = merge_feature(chunks, frames)
+        x = self.merge(chunks, frames)
         masks = torch.sigmoid(self.mask(torch.relu(x)))
         masks = masks.reshape(x.shape[0], self.n_src, -1, frames)
         sources = self.decoder((masks * w.unsqueeze(1)).flatten(0, 1))
@@ -235,17 +236,7 @@ def merge_feature_last_axis(x, length):
 
 
 class FoldLastAxisSeparator(FoldSeparator):
-    def forward(self, wav):
-        w = torch.relu(self.encoder(wav.unsqueeze(1)))
-        x = self.bottleneck(w)
-        frames = x.shape[-1]
-        chunks = split_feature(x, self.chunk_size)
-        for block in self.blocks:
-            chunks = block(chunks)
-        x = merge_feature_last_axis(chunks, frames)
-        masks = torch.sigmoid(self.mask(torch.relu(x))).reshape(x.shape[0], self.n_src, -1, frames)
-        sources = self.decoder((masks * w.unsqueeze(1)).flatten(0, 1))
-        return sources.reshape(wav.shape[0], self.n_src, -1)[..., : wav.shape[-1]]
+    merge = staticmethod(merge_feature_last_axis)
 
 
 def test_fold_along_the_second_axis_exports_with_dynamic_length(tmp_path):
