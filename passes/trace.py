@@ -82,7 +82,7 @@ def _reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_method":
         fixed = _SHAPE_METHODS - {"size", "numel", "type"}
         return node.target in fixed or node.target == "type" and len(node.args) == 1
-    return node.op == "call_function" and node.target in (torch.is_complex, torch.is_floating_point)
+    return node.op == "call_function" and node.target in _SHAPE_FUNCTIONS - {torch.numel}
 
 
 def _varying(node: fx.Node) -> bool | tuple[bool, ...]:
