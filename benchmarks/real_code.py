@@ -56,7 +56,8 @@ class EspnetEnhance(torch.nn.Module):
         self.encoder, self.separator, self.decoder = encoder, separator, decoder
 
     def forward(self, speech_mix):
-        lengths = torch.full((speech_mix.shape[0],), speech_mix.shape[1], dtype=torch.long)
+        # every utterance at full length (sizes kept as shape arithmetic for the exporters)
+        lengths = torch.ones(speech_mix.shape[0], dtype=torch.long) * speech_mix.shape[1]
         feats, flens = self.encoder(speech_mix, lengths)
         masked, flens, _ = self.separator(feats, flens)
         return torch.stack([self.decoder(m, lengths)[0] for m in masked], 1)

@@ -505,6 +505,17 @@ def fold_1d(
     return y.unsqueeze(-1 if axis == 0 else -2)
 
 
+def pad_transposed(y: torch.Tensor, length: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """A ConvTranspose1d's output (no padding) at ``length`` positions, as its ``output_size``
+    makes it: the positions past its natural length hold the bias alone. ``length`` may be a
+    value of the graph (a tensor), which the exporters keep."""
+    out = F.pad(y, (0, length - y.shape[-1]))
+    if bias is not None:
+        tail = (torch.arange(out.shape[-1], device=y.device) >= y.shape[-1]).to(y.dtype)
+        out = out + bias[:, None] * tail
+    return out
+
+
 def _channel_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape([1, -1] + [1] * (x.dim() - 2)) if weight.numel() > 1 else weight
 

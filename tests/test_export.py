@@ -177,3 +177,38 @@ def test_multi_axis_mean_is_exported_as_one_reduction_per_axis(tmp_path):
         exact = model.double()(x.double()).numpy()
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert _relative_error(exact, got) <= 1e-5
+
+
+class _OutputSizeDecoder(torch.nn.Module):
+    """A decoder as one toolkit writes it: ``ConvTranspose1d(..., output_size=(B, 1,
+    ilens.max()))``, the lengths a tensor made from the mixture's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Conv1d(1, 16, 16, stride=8)
+        self.inner = torch.nn.Conv1d(16, 16, 1)
+        self.decoder = torch.nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, wav):
+        ilens = torch.ones(wav.shape[0], dtype=torch.long) * wav.shape[1]
+        h = torch.relu(self.inner(torch.relu(self.encoder(wav[:, None]))))
+        return self.decoder(h, output_size=(wav.shape[0], 1, ilens.max()))[:, 0]
+
+
+def test_transposed_conv_given_an_output_size_exports_with_dynamic_length(tmp_path):
+    """The output padding that output_size implies is computed in Python (fixed at the traced
+    length by the exporters): lowered to a pad to the size in the graph, the file takes any
+    length, and ONNX Runtime matches the slim model at lengths of every remainder."""
+    torch.manual_seed(0)
+    slim = sepfx.compile(_OutputSizeDecoder().eval(), 0.5, progress=False)
+    path = tmp_path / "m.onnx"
+    result = sepfx.export_onnx(slim, path)
+    assert result.dynamic_time and result.dynamic_batch, result.notes
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for length in (8000, 12345, 16001, 8007):
+        x = wav(2, length, seed=length)
+        with torch.no_grad():
+            expected = slim(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == expected.shape == (2, length)
+        assert _relative_error(expected, got) <= RTOL

@@ -98,6 +98,31 @@ class ConvRule:
             m, axis, isinstance(m, nn.modules.conv._ConvTransposeNd), m.groups > 1
         )
 
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: a ConvTranspose1d given ``output_size`` (``(B, 1, ilens.max())``, a
+        toolkit's decoder) computes its output padding in Python, which the exporters fix at
+        the traced length. Without padding, the positions past its natural length hold only
+        the bias: it runs at that length and is padded to the size in the graph."""
+        if node.op != "call_module":
+            return False
+        m = graph_module.get_submodule(cast(str, node.target))
+        size = arg(node, 1, "output_size")
+        if not (
+            isinstance(m, nn.ConvTranspose1d)
+            and isinstance(size, (list, tuple))
+            and m.padding == (0,)
+            and m.output_padding == (0,)
+        ):
+            return False
+        graph = graph_module.graph
+        node.args, node.kwargs = node.args[:1], {}
+        with graph.inserting_after(node):
+            bias = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+        with graph.inserting_after(bias if bias is not None else node):
+            padded = graph.call_function(runtime.pad_transposed, (node, size[-1], bias))
+        node.replace_all_uses_with(padded, delete_user_cb=lambda user: user is not padded)
+        return True
+
 
 def _weight_slices(
     m: nn.modules.conv._ConvNd | nn.Linear, axis: str, transposed: bool, grouped: bool
