@@ -521,10 +521,15 @@ def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModu
         )
         hook = "lower_complex" if complex_values else "lower"
         try:
+            if complex_values and node.op in ("placeholder", "output"):
+                raise ValueError(
+                    f"the graph {'takes' if node.op == 'placeholder' else 'returns'} a complex "
+                    "tensor, which ONNX has no type for"
+                )
             if complex_values and not hasattr(rule, hook):
                 raise ValueError(
-                    f"{rules.describe_op(node, modules) if rule else node.op} computes on "
-                    "complex values and has no lowering to (real, imaginary) pairs"
+                    f"{rules.describe_op(node, modules)} computes on complex values and has no "
+                    "lowering to (real, imaginary) pairs"
                 )
             changed = bool(hasattr(rule, hook) and getattr(rule, hook)(node, lowered)) or changed
         except Exception as error:

@@ -675,7 +675,7 @@ def complex_conj(a: torch.Tensor) -> torch.Tensor:
 
 def complex_pair(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
     """``torch.complex(real, imag)`` as a (real, imaginary) pair (broadcast to one shape)."""
-    real, imag = torch.broadcast_tensors(real, imag)
+    real, imag = cast(Callable[..., tuple[torch.Tensor, ...]], torch.broadcast_tensors)(real, imag)
     return torch.stack([real, imag], dim=-1)
 
 

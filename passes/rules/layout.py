@@ -312,7 +312,8 @@ class PermuteRule:
         x = node.args[0]
         rank = _rank(x)
         perm = self.permutation(node, rank)
-        node.op, node.target, node.args, node.kwargs = "call_method", "permute", (x, *perm, rank), {}
+        node.op, node.target, node.kwargs = "call_method", "permute", {}
+        node.args = (x, *perm, rank)
         return True
 
 
@@ -672,18 +673,17 @@ class SizeRule:
         rank = _rank(x)
         what = node.args[1] if node.target is getattr else node.target
         if what in ("real", "imag"):
-            node.target, node.args = operator.getitem, (x, (Ellipsis, int(what == "imag")))
+            node.target = operator.getitem
+            part: Any = (Ellipsis, int(what == "imag"))  # ``z[..., 0]``: fx's types lack ``...``
+            node.args = (x, part)
         elif what == "shape" or (what == "size" and arg(node, 1, "dim") is None):
-            node.op, node.target, node.args, node.kwargs = (
-                "call_function",
-                runtime.pair_shape,
-                (x,),
-                {},
-            )
+            node.op, node.target, node.kwargs = "call_function", runtime.pair_shape, {}
+            node.args = (x,)
         elif what == "size":
             _complex_dim(node, 1, "dim", None, rank)
         elif what in ("dim", "ndim"):
-            node.op, node.target, node.args, node.kwargs = "call_function", runtime.pair_dim, (x,), {}
+            node.op, node.target, node.kwargs = "call_function", runtime.pair_dim, {}
+            node.args = (x,)
         elif what not in ("device", "is_cuda", "requires_grad"):
             raise ValueError(f".{what} of a complex tensor")
         return True

@@ -152,7 +152,7 @@ def complex_values(x: Any) -> bool:
     """Whether node ``x``'s value is, or holds, a complex tensor (by its shape propagation)."""
     if not isinstance(x, fx.Node):
         return False
-    metas = [x.meta.get("tensor_meta")]
+    metas: list[Any] = [x.meta.get("tensor_meta")]
     while metas:
         meta = metas.pop()
         if isinstance(getattr(meta, "dtype", None), torch.dtype):  # a TensorMetadata
@@ -169,7 +169,7 @@ def complex_rank(x: Any) -> int | None:
     """The rank of node ``x``'s value when it is a complex tensor (by its shape propagation),
     else None. For export such a value is carried as a real tensor of one more axis, the
     (real, imaginary) pair (``passes.rules.spectral``): its dims count from the front alike."""
-    meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    meta: Any = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
     dtype = getattr(meta, "dtype", None)
     return len(meta.shape) if dtype is not None and dtype.is_complex else None
 

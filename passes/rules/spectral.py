@@ -17,7 +17,8 @@ size taken from the tensors at run time, so the time axis stays dynamic.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -204,11 +205,15 @@ class WindowRule:
 
     def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """For export: a window of literal sizes as a constant (the exporters may not know the
-        function), computed here with the call's own arguments (but the device)."""
+        function), computed here with the call's own arguments but the device, in the dtype
+        it had at the shape propagation (``dtype=x.dtype``)."""
+        meta: Any = node.meta.get("tensor_meta")
         kwargs = {k: v for k, v in node.kwargs.items() if k != "device"}
+        if "dtype" in kwargs and meta is not None:
+            kwargs["dtype"] = meta.dtype
         if any(isinstance(a, fx.Node) for a in (*node.args, *kwargs.values())):
             return False
-        window = getattr(torch, node.target.__name__)(*node.args, **kwargs)  # type: ignore[union-attr]
+        window = cast(Callable[..., torch.Tensor], node.target)(*node.args, **kwargs)
         node.replace_all_uses_with(_constant(graph_module, node, "window", window))
         return True
 

@@ -9,7 +9,7 @@ tiny.
 |----------------------------------------------------------------------------|-------|
 | window as a registered buffer, ``torch.stft`` on it, ``torch.stack([spec.real, spec.imag], 1)``, ``torch.complex(re, im)`` of the output, ``torch.istft(..., length=T)`` | GridNetLike (root) |
 | intra-frame BLSTM over frequency ``(B*T, F, C)``, inter-frame BLSTM over time ``(B*F, T, C)``, multi-head self-attention over time per frequency, written out (``q @ k.transpose``, ``softmax``, heads by ``view(..., heads, -1)``) | GridNetLike (``GridBlock``) |
-| an STFT wrapper taking ``fs=None`` that would store ``self.stft.n_fft = ...`` on a module, ``torch.stft(input.float(), **stft_kwargs)``, a window made in ``forward`` by ``getattr(torch, f"{window}_window")(..., device=input.device)``, ``torch.view_as_real``, frame counts ``(ilens + 2 * pad - n_fft) // hop + 1`` | CRNLike (``STFTEncoder``, ``Stft``) |
+| an optional ``fs=None`` handed from the root's ``forward`` to an STFT wrapper that would store ``self.stft.n_fft = ...`` on a module, ``torch.stft(input.float(), **stft_kwargs)``, a window made in ``forward`` by ``getattr(torch, f"{window}_window")(..., device=input.device)``, ``torch.view_as_real``, frame counts ``(ilens + 2 * pad - n_fft) // hop + 1`` | CRNLike (``STFTEncoder``, ``Stft``) |
 | conv2d encoder/decoder strided along frequency with concatenated skips, an LSTM over time with the frequency merged into its features, a complex mask multiplied in, ``torch.view_as_complex`` | CRNLike (``CRNSeparator``) |
 """
 
@@ -19,7 +19,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,11 +269,11 @@ class CRNLike(nn.Module):
         self.separator = CRNSeparator(n_freq=self.encoder.output_dim)
         self.decoder = STFTDecoder(128, 32)
 
-    def forward(self, speech_mix):
+    def forward(self, speech_mix, fs=None):
         speech_lengths = torch.full((speech_mix.shape[0],), speech_mix.shape[1], dtype=torch.long)
-        feature_mix, flens = self.encoder(speech_mix, speech_lengths)
+        feature_mix, flens = self.encoder(speech_mix, speech_lengths, fs=fs)
         feature_pre, flens, others = self.separator(feature_mix, flens)
-        speech_pre = [self.decoder(ps, speech_lengths)[0] for ps in feature_pre]
+        speech_pre = [self.decoder(ps, speech_lengths, fs=fs)[0] for ps in feature_pre]
         return torch.stack(speech_pre, dim=1)
 
 
