@@ -203,3 +203,48 @@ def test_uncentred_stft_model_exports_with_dynamic_time(tmp_path):
     result = sepfx.export_onnx(slim, tmp_path / "m.onnx", example)
     assert result.dynamic_time and result.dynamic_batch and not result.notes, result.notes
     assert all(e <= 1e-4 for e in result.errors.values()), result.errors
+
+
+class BandFeatures(nn.Module):
+    """Band-split style: the (real, imaginary) spectrum of each frame flattened into features
+    (``[B, L, F * 2]``) for a Linear, an LSTM over time, a Linear back to a complex mask."""
+
+    def __init__(self, n_fft=64, hop=16, width=24):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        bins = n_fft // 2 + 1
+        self.project = nn.Linear(2 * bins, width)
+        self.rnn = nn.LSTM(width, width, batch_first=True)
+        self.mask = nn.Linear(width, 2 * bins)
+
+    def forward(self, x):
+        window = torch.hann_window(self.n_fft, device=x.device)
+        spec = torch.stft(x, self.n_fft, self.hop, window=window, return_complex=True)
+        B, F, L = spec.shape
+        features = torch.view_as_real(spec).permute(0, 2, 1, 3).reshape(B, L, F * 2)
+        h, _ = self.rnn(torch.tanh(self.project(features)))
+        mask = self.mask(h).view(B, L, F, 2).permute(0, 2, 1, 3).contiguous()
+        est = spec * torch.view_as_complex(mask)
+        return torch.istft(est, self.n_fft, self.hop, window=window, length=x.shape[-1])
+
+
+def test_frequency_merged_into_features_stays_frozen():
+    """Frequency bins flattened with the (real, imaginary) pair into a Linear's features are
+    still the STFT's bins: those feature axes are frozen (the reason names the STFT), and the
+    hidden width around the LSTM is what is pruned, exactly."""
+    torch.manual_seed(0)
+    model = BandFeatures().eval()
+    analysis = sepfx.analyze(model, signal(1, 4000, dtype=torch.float32))
+    frozen = {p: f.reason for f in analysis.channels.frozen for p in f.parameters}
+    for parameter in ("project in", "mask out"):
+        reason = frozen.get(parameter, "")
+        assert "frequency bins of" in reason and "STFT are not channels" in reason, frozen
+    members = {m for g in analysis.groups for m in g.members}
+    assert {"project out", "rnn hidden", "mask in"} <= members, members
+    keep = analysis.keep_ratio(0.5, importance="random", seed=1)
+    gated, slim = analysis.gated(keep), analysis.slim(keep)
+    with torch.no_grad():
+        for length in (4000, 4321):
+            x = signal(2, length, dtype=torch.float32, seed=length)
+            expected = gated(x)
+            assert (slim(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
