@@ -514,8 +514,24 @@ def _lowered_graph(model: fx.GraphModule, args: tuple[Any, ...]) -> fx.GraphModu
     changed = False
     for node in list(lowered.graph.nodes):
         rule: Any = rules.lookup(node, modules) if node.op != "output" else None
+        # a node reading or making a complex tensor: ONNX has none, so its rule carries it as
+        # a (real, imaginary) pair; inputs come before their users, so they are pairs already
+        complex_values = rules.complex_values(node) or any(
+            rules.complex_values(x) for x in node.all_input_nodes
+        )
+        hook = "lower_complex" if complex_values else "lower"
         try:
-            changed = bool(hasattr(rule, "lower") and rule.lower(node, lowered)) or changed
+            if complex_values and node.op in ("placeholder", "output"):
+                raise ValueError(
+                    f"the graph {'takes' if node.op == 'placeholder' else 'returns'} a complex "
+                    "tensor, which ONNX has no type for"
+                )
+            if complex_values and not hasattr(rule, hook):
+                raise ValueError(
+                    f"{rules.describe_op(node, modules)} computes on complex values and has no "
+                    "lowering to (real, imaginary) pairs"
+                )
+            changed = bool(hasattr(rule, hook) and getattr(rule, hook)(node, lowered)) or changed
         except Exception as error:
             raise LoweringError(f"{type(rule).__name__} at node {node.name}") from error
     if not changed:

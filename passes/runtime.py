@@ -553,6 +553,173 @@ def lower_prelu(
     return prelu, (weight,)
 
 
+# -- complex values as (real, imaginary) pairs, for export -----------------------------------
+# ONNX has no complex type: the export lowering (``passes.export``, the rules' ``lower_complex``
+# hooks) carries a complex tensor [..., n] as a real one [..., n, 2] whose last axis is the
+# (real, imaginary) pair, and an STFT as a strided convolution with DFT bases.
+
+
+def dft_table(n_fft: int, bins: int, inverse: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[2 * bins, n_fft]: rows k of cos(2 pi k n / n_fft) then of -sin(...) (forward), or the
+    inverse real DFT's synthesis rows for the onesided (Hermitian) spectrum: c_k cos(...) / n_fft
+    then -c_k sin(...) / n_fft, c_k = 2 but for the bins that are their own mirror (k = 0,
+    k = n_fft / 2), as ``torch.fft.irfft`` computes; with ``bins == n_fft`` (a full spectrum)
+    c_k = 1. Made in float64 from the exact phase (k n mod n_fft), then cast."""
+    k = torch.arange(bins, dtype=torch.float64)[:, None]
+    n = torch.arange(n_fft, dtype=torch.float64)[None, :]
+    phase = 2 * math.pi * torch.remainder(k * n, n_fft) / n_fft
+    cos, sin = torch.cos(phase), -torch.sin(phase)
+    if inverse:
+        weight = torch.ones(bins, 1, dtype=torch.float64)
+        if bins != n_fft:
+            weight = 2 * weight
+            weight[0] = 1
+            if n_fft % 2 == 0 and bins == n_fft // 2 + 1:
+                weight[-1] = 1
+        cos, sin = cos * weight / n_fft, sin * weight / n_fft
+    return torch.cat([cos, sin]).to(dtype)
+
+
+def _framed_window(
+    window: torch.Tensor | None, n_fft: int, win_length: int, like: torch.Tensor
+) -> torch.Tensor:
+    """The window centred in ``n_fft`` samples, as ``torch.stft`` pads it (ones when None)."""
+    if window is None:
+        window = torch.ones(win_length, dtype=like.dtype, device=like.device)
+    left, right = (n_fft - win_length) // 2, n_fft - win_length - (n_fft - win_length) // 2
+    if left == right == 0:
+        return window.to(like.dtype)
+    # zeros of literal sizes, not F.pad: the TorchScript exporter must know the kernel's shape
+    zeros = torch.zeros(max(left, right), dtype=like.dtype, device=like.device)
+    return torch.cat([zeros[:left], window.to(like.dtype), zeros[:right]])
+
+
+def stft_pairs(
+    x: torch.Tensor,
+    window: torch.Tensor | None,
+    table: torch.Tensor,
+    hop_length: int,
+    win_length: int,
+    center: bool,
+    pad_mode: str,
+    normalized: bool,
+) -> torch.Tensor:
+    """``torch.stft(x, ...)`` [..., bins, frames] as (real, imaginary) pairs [..., bins, frames,
+    2]: the (reflect-)padded signal through a strided convolution whose kernels are the DFT
+    bases (``table``, from ``dft_table``) times the window."""
+    n_fft = table.shape[-1]
+    bins = table.shape[0] // 2
+    signal = x.reshape(-1, 1, x.shape[-1])
+    if center:
+        signal = F.pad(signal, (n_fft // 2, n_fft // 2), mode=pad_mode)
+    kernels = (table * _framed_window(window, n_fft, win_length, x)).unsqueeze(1)
+    out = F.conv1d(signal, kernels, stride=hop_length)  # [N, 2 * bins, frames]
+    if normalized:
+        out = out / math.sqrt(n_fft)
+    out = torch.stack([out[:, :bins], out[:, bins:]], dim=-1)
+    return out.reshape(list(x.shape[:-1]) + [bins, out.shape[-2], 2])
+
+
+def istft_pairs(
+    z: torch.Tensor,
+    window: torch.Tensor | None,
+    table: torch.Tensor,
+    hop_length: int,
+    win_length: int,
+    center: bool,
+    normalized: bool,
+    length: Any,
+) -> torch.Tensor:
+    """``torch.istft`` of (real, imaginary) pairs [..., bins, frames, 2]: each frame's inverse
+    DFT times the window (a transposed strided convolution with the synthesis rows of
+    ``dft_table`` times the window: overlap-add), divided by the overlap-added squared window,
+    trimmed by ``n_fft // 2`` when centred and to ``length`` (zero-padded where it is longer)."""
+    n_fft = table.shape[-1]
+    bins = table.shape[0] // 2
+    spec = z.reshape([-1, bins, z.shape[-2], 2])
+    spec = torch.cat([spec[..., 0], spec[..., 1]], dim=1)  # [N, 2 * bins, frames]
+    if normalized:
+        spec = spec * math.sqrt(n_fft)
+    window = _framed_window(window, n_fft, win_length, z)
+    y = F.conv_transpose1d(spec, (table * window).unsqueeze(1), stride=hop_length)
+    envelope = F.conv_transpose1d(
+        torch.ones_like(spec[:1, :1]), (window * window).reshape(1, 1, -1), stride=hop_length
+    )
+    start = n_fft // 2 if center else 0
+    if length is None:
+        end = y.shape[-1] - start
+    else:
+        end = start + length
+    y = y[..., start:end] / envelope[..., start:end]
+    if length is not None:
+        y = F.pad(y, (0, length - y.shape[-1]))
+    return y.reshape(list(z.shape[:-3]) + [y.shape[-1]])
+
+
+def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product of two complex tensors carried as (real, imaginary) pairs."""
+    ar, ai, br, bi = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
+    return torch.stack([ar * br - ai * bi, ar * bi + ai * br], dim=-1)
+
+
+def complex_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b of two complex tensors carried as (real, imaginary) pairs."""
+    ar, ai, br, bi = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
+    scale = br * br + bi * bi
+    return torch.stack([(ar * br + ai * bi) / scale, (ai * br - ar * bi) / scale], dim=-1)
+
+
+def complex_abs(a: torch.Tensor) -> torch.Tensor:
+    """|a| of a complex tensor carried as (real, imaginary) pairs."""
+    return torch.sqrt(a[..., 0] * a[..., 0] + a[..., 1] * a[..., 1])
+
+
+def complex_angle(a: torch.Tensor) -> torch.Tensor:
+    """The phase of a complex tensor carried as (real, imaginary) pairs."""
+    return torch.atan2(a[..., 1], a[..., 0])
+
+
+def complex_conj(a: torch.Tensor) -> torch.Tensor:
+    """The conjugate of a complex tensor carried as (real, imaginary) pairs."""
+    return torch.stack([a[..., 0], -a[..., 1]], dim=-1)
+
+
+def complex_pair(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
+    """``torch.complex(real, imag)`` as a (real, imaginary) pair (broadcast to one shape)."""
+    real, imag = cast(Callable[..., tuple[torch.Tensor, ...]], torch.broadcast_tensors)(real, imag)
+    return torch.stack([real, imag], dim=-1)
+
+
+def real_pair(x: Any, like: torch.Tensor) -> torch.Tensor:
+    """A real tensor (or number) as a complex one carried as a (real, imaginary) pair, in the
+    dtype and on the device of the pair ``like``."""
+    if not isinstance(x, torch.Tensor):
+        return torch.tensor([float(x), 0.0], dtype=like.dtype, device=like.device)
+    return torch.stack([x, torch.zeros_like(x)], dim=-1)
+
+
+def pair_view(x: torch.Tensor) -> torch.Tensor:
+    """``torch.view_as_real``/``view_as_complex`` once complex tensors are carried as their
+    (real, imaginary) pairs: nothing to do (a node of its own, so that the graph keeps the
+    complex or real value's shape propagation at the view)."""
+    return x
+
+
+def pair_shape(x: torch.Tensor) -> torch.Size:
+    """The shape of the complex tensor that the (real, imaginary) pairs ``x`` carry."""
+    return x.shape[:-1]
+
+
+def pair_dim(x: torch.Tensor) -> int:
+    """The rank of the complex tensor that the (real, imaginary) pairs ``x`` carry."""
+    return x.dim() - 1
+
+
+def with_pair_axis(shape: Sequence[Any]) -> tuple[Any, ...]:
+    """A complex tensor's target shape (``z.view(x.shape)``) for its (real, imaginary) pairs."""
+    return (*shape, 2)
+
+
 def assigned(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     """``x[index] = value`` as a function: a copy of ``x`` holding what the assignment leaves in
     ``x`` (recorded eager code's in-place assignments, ``passes.capture``)."""

@@ -11,12 +11,16 @@ One rule per op kind (a module class, a function, a tensor method). A rule may i
 - ``slim_module(module, pruning, qualname)``: the module with its channels sliced (slim pass;
   ``pruning`` says which indices of each axis the keep set keeps).
 - ``rewrite(node, pruning)``: fix literal sizes in the node's arguments (slim pass).
+- ``lower(node, graph_module)``: rewrite the node for the ONNX exporters (``passes.export``).
+- ``lower_complex(node, graph_module)``: the same for a node that reads or makes a complex
+  tensor, which export carries as a real one with a trailing (real, imaginary) pair axis; where
+  the rule has no such hook, the lowering fails (ONNX has no complex type).
 
 An op with no rule freezes every static axis it touches. Supporting a new op is one new entry.
 
 Layout: ``registry`` (the registry and the helpers rules share; it knows no rule), then one
 module per op family, each registering its own entries: ``pointwise``, ``conv``, ``norms``,
-``recurrent``, ``attention``, ``layout``, ``reduce``, ``contraction``, ``opaque``.
+``recurrent``, ``attention``, ``layout``, ``reduce``, ``contraction``, ``spectral``, ``opaque``.
 """
 
 # each family module registers its rules when imported
@@ -30,11 +34,20 @@ from passes.rules import (  # noqa: F401
     pointwise,
     recurrent,
     reduce,
+    spectral,
 )
 from passes.rules.layout import ReshapeRule, reshape_groups
 from passes.rules.opaque import OPAQUE_LEAF
 from passes.rules.pointwise import mutates
-from passes.rules.registry import RULES, Registry, arg, describe_op, lookup, set_arg
+from passes.rules.registry import (
+    RULES,
+    Registry,
+    arg,
+    complex_values,
+    describe_op,
+    lookup,
+    set_arg,
+)
 
 __all__ = [
     "OPAQUE_LEAF",
@@ -42,6 +55,7 @@ __all__ = [
     "Registry",
     "ReshapeRule",
     "arg",
+    "complex_values",
     "describe_op",
     "lookup",
     "mutates",

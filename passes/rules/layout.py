@@ -18,7 +18,15 @@ from passes import runtime
 from passes.axes import Axis
 from passes.context import NodeContext
 from passes.rules.pointwise import fixed_int, mutates, regated, scaled_read
-from passes.rules.registry import RULES, GatedBuilderView, PruningView, arg, pruned, set_arg
+from passes.rules.registry import (
+    RULES,
+    GatedBuilderView,
+    PruningView,
+    arg,
+    complex_rank,
+    pruned,
+    set_arg,
+)
 from passes.values import AxisKey, Shape, ValuePath, scalar_values, tensor_shapes
 
 
@@ -28,6 +36,27 @@ def _operands(ctx: NodeContext, sequence: Any) -> list[tuple[fx.Node, ValuePath]
     if isinstance(sequence, fx.Node):
         return [(sequence, p) for p in ctx.tensor_paths(sequence) if len(p) == 1]
     return [(t, ()) for t in sequence if isinstance(t, fx.Node)]
+
+
+def _rank(x: Any) -> int:
+    """The rank of the complex tensor ``x`` (ValueError when it is not one: an op mixing
+    complex and real tensors that the lowering does not know)."""
+    rank = complex_rank(x)
+    if rank is None:
+        raise ValueError("complex and real tensors mixed")
+    return rank
+
+
+def _complex_dim(node: fx.Node, index: int, name: str, default: Any, rank: int) -> None:
+    """Argument ``index``/``name`` of ``node``, a dim of a complex tensor of ``rank``, counted
+    from the front: the same dim of the (real, imaginary) pairs that carry it."""
+    dim = arg(node, index, name, default)
+    if isinstance(dim, (tuple, list)):
+        set_arg(node, index, name, type(dim)(d % rank for d in dim))
+    elif isinstance(dim, int):
+        set_arg(node, index, name, dim % rank)
+    else:
+        raise ValueError(f"a computed dim of a complex tensor ({dim!r})")
 
 
 class CatRule:
@@ -67,6 +96,13 @@ class CatRule:
         if not kept or len(kept) == len(tensors):
             return False
         node.args = (kept, *node.args[1:])
+        return True
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)) or not tensors:
+            raise ValueError("a concatenation of complex tensors held in one node")
+        _complex_dim(node, 1, "dim", 0, _rank(tensors[0]))
         return True
 
 
@@ -109,6 +145,10 @@ class SplitRule:
 
     def _dim(self, node: fx.Node) -> Any:
         return arg(node, 2, "dim", 0)
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        _complex_dim(node, 2, "dim", 0, _rank(node.args[0]))
+        return True
 
     def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         x = cast(fx.Node, node.args[0])  # the split tensor
@@ -154,6 +194,10 @@ class UnbindRule:
                 if d != dim:
                     ctx.same(ctx.axis(x, d), ctx.axis(None, d - (d > dim), path))
 
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        _complex_dim(node, 1, "dim", 0, _rank(node.args[0]))
+        return True
+
 
 RULES.add(UnbindRule(), functions=[torch.unbind], methods=["unbind"])
 
@@ -169,6 +213,13 @@ class StackRule:
         for t, path in _operands(ctx, arg(node, 0, "tensors")):
             for d, a in enumerate(ctx.axes(t, path)):
                 ctx.same(a, ctx.axis(None, d if d < dim else d + 1))
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)) or not tensors:
+            raise ValueError("a stack of complex tensors held in one node")
+        _complex_dim(node, 1, "dim", 0, _rank(tensors[0]) + 1)
+        return True
 
 
 RULES.add(StackRule(), functions=[torch.stack])
@@ -222,6 +273,11 @@ class ComplexViewRule:
         for d in range(len(outer_shape)):
             ctx.same(ctx.axis(inner, d), ctx.axis(outer, d))
 
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """The complex tensor is carried as its (real, imaginary) pairs: the view is that."""
+        node.target, node.args, node.kwargs = runtime.pair_view, (node.args[0],), {}
+        return True
+
 
 RULES.add(ComplexViewRule(True), functions=[torch.view_as_complex])
 RULES.add(ComplexViewRule(False), functions=[torch.view_as_real])
@@ -251,6 +307,14 @@ class PermuteRule:
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         return [d % n for d in dims]
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        x = node.args[0]
+        rank = _rank(x)
+        perm = self.permutation(node, rank)
+        node.op, node.target, node.kwargs = "call_method", "permute", {}
+        node.args = (x, *perm, rank)
+        return True
 
 
 RULES.add(
@@ -455,6 +519,39 @@ class ReshapeRule:
             # batch size; reshape is the same view where one exists and a copy where not
             node.target = "reshape"
 
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """The same reshape of the (real, imaginary) pairs that carry a complex tensor: target
+        sizes get the pair axis, dims count from the front."""
+        x = node.args[0]
+        rank = _rank(x)
+        target = node.target
+        if target in ("view", "reshape", torch.reshape):
+            sizes = _size_args(node)
+            if sizes is None and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+                with graph_module.graph.inserting_before(node):  # ``z.view(y.shape)``
+                    shape = graph_module.graph.call_function(
+                        runtime.with_pair_axis, (node.args[1],)
+                    )
+                node.args = (x, shape)
+            elif sizes is None or any(isinstance(v, torch.dtype) for v in sizes):
+                raise ValueError("a reshape of a complex tensor sepfx cannot read")
+            else:
+                node.args = (x, (*sizes, 2))
+            node.op, node.target, node.kwargs = "call_method", "reshape", {}
+        elif target in ("flatten", torch.flatten):
+            start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+            node.args, node.kwargs = (x, start % rank, end % rank), {}
+        elif target in ("unsqueeze", torch.unsqueeze):
+            _complex_dim(node, 1, "dim", None, rank + 1)
+        elif target in ("squeeze", torch.squeeze):
+            if arg(node, 1, "dim") is not None:
+                _complex_dim(node, 1, "dim", None, rank)
+        elif target in ("unflatten", torch.unflatten):
+            _complex_dim(node, 1, "dim", None, rank)
+        else:
+            raise ValueError(f"{target} of a complex tensor")
+        return True
+
     @staticmethod
     def _touches_pruned(node: fx.Node, pruning: PruningView) -> bool:
         for x in (node.args[0], node):
@@ -569,6 +666,27 @@ class SizeRule:
             else:
                 a = ctx.axis(x, d)
                 ctx.read_size(a.key if a is not None else None)
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """Sizes and parts of a complex tensor carried as (real, imaginary) pairs."""
+        x = node.args[0]
+        rank = _rank(x)
+        what = node.args[1] if node.target is getattr else node.target
+        if what in ("real", "imag"):
+            node.target = operator.getitem
+            part: Any = (Ellipsis, int(what == "imag"))  # ``z[..., 0]``: fx's types lack ``...``
+            node.args = (x, part)
+        elif what == "shape" or (what == "size" and arg(node, 1, "dim") is None):
+            node.op, node.target, node.kwargs = "call_function", runtime.pair_shape, {}
+            node.args = (x,)
+        elif what == "size":
+            _complex_dim(node, 1, "dim", None, rank)
+        elif what in ("dim", "ndim"):
+            node.op, node.target, node.kwargs = "call_function", runtime.pair_dim, {}
+            node.args = (x,)
+        elif what not in ("device", "is_cuda", "requires_grad"):
+            raise ValueError(f".{what} of a complex tensor")
+        return True
 
 
 RULES.add(SizeRule(), functions=[getattr], methods=["size", "dim"])
@@ -692,6 +810,18 @@ class GetItemRule:
             else:
                 ctx.freeze(a, "sliced by a length that varies with the input")
                 ctx.freeze(o, "sliced by a length that varies with the input")
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """An item of a tuple of complex tensors is one; a complex tensor carried as (real,
+        imaginary) pairs is indexed alike, its pair axis whole."""
+        source, index = node.args
+        if complex_rank(source) is None:
+            return True  # a tuple or list holding complex tensors
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+            raise ValueError("a complex tensor indexed with tensors or computed indices")
+        node.args = (source, (*items, slice(None)))
+        return True
 
     def rewrite(self, node: fx.Node, pruning: PruningView) -> None:
         source, index = node.args

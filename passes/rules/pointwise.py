@@ -12,7 +12,14 @@ from torch import fx, nn
 
 from passes import runtime
 from passes.context import NodeContext
-from passes.rules.registry import RULES, GatedBuilderView, PruningView, pruned, sliced_parameter
+from passes.rules.registry import (
+    RULES,
+    GatedBuilderView,
+    PruningView,
+    complex_rank,
+    pruned,
+    sliced_parameter,
+)
 from passes.values import AxisKey, scalar_values, tensor_shapes
 
 
@@ -37,6 +44,67 @@ class Elementwise:
                 if a is not None:
                     ctx.same(a, ctx.axis(None, d + offset))
         ctx.touch(*ctx.axes())
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """Complex values carried as (real, imaginary) pairs (``passes.rules.spectral``)."""
+        return lower_pointwise_complex(node, graph_module)
+
+
+# elementwise ops that act on a (real, imaginary) pair as on the complex value it carries
+_PAIRWISE = {"contiguous", "clone", "detach", "neg"}
+_UNARY = {"abs": runtime.complex_abs, "angle": runtime.complex_angle, "conj": runtime.complex_conj}
+
+
+def lower_pointwise_complex(node: fx.Node, graph_module: fx.GraphModule) -> bool:
+    """An elementwise op on complex values carried as (real, imaginary) pairs [..., 2]: a pair
+    times or over a real tensor broadcasts it over the pair axis; a complex product or quotient
+    is ``runtime.complex_mul``/``complex_div``; a real operand added to a complex one becomes a
+    pair first; ``abs``, ``angle``, ``conj`` have their pair forms. Raises ValueError on any
+    other op (or form) met with complex values."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.strip("_")
+    graph = graph_module.graph
+    if name in _PAIRWISE and len(node.args) == 1 and not node.kwargs:
+        return True
+    if name in _UNARY and len(node.args) == 1 and not node.kwargs:
+        node.op, node.target = "call_function", _UNARY[name]
+        return True
+    if len(node.args) != 2 or node.kwargs:
+        raise ValueError(f"{name} of complex values with these arguments")
+    a, b = node.args
+    if name.startswith("r") and name[1:] in ("add", "sub", "mul", "truediv", "div"):
+        name, a, b = name[1:], b, a  # ``2 * z`` as ``z.__rmul__(2)``: the operands in order
+    complex_a, complex_b = complex_rank(a) is not None, complex_rank(b) is not None
+
+    def broadcast(x: Any) -> Any:  # a real operand of a pair: over the pair axis too
+        if not isinstance(x, fx.Node):
+            return x
+        with graph.inserting_before(node):
+            return graph.call_method("unsqueeze", (x, -1))
+
+    def paired(x: Any, like: Any) -> Any:  # a real operand as a pair
+        with graph.inserting_before(node):
+            return graph.call_function(runtime.real_pair, (x, like))
+
+    node.op = "call_function"
+    if name == "mul":
+        if complex_a and complex_b:
+            node.target, node.args = runtime.complex_mul, (a, b)
+        else:
+            node.target = operator.mul
+            node.args = (a, broadcast(b)) if complex_a else (broadcast(a), b)
+    elif name in ("truediv", "div"):
+        if complex_b:
+            node.target = runtime.complex_div
+            node.args = (a if complex_a else paired(a, b), b)
+        else:
+            node.target, node.args = operator.truediv, (a, broadcast(b))
+    elif name in ("add", "sub"):
+        node.target = operator.add if name == "add" else operator.sub
+        node.args = (a if complex_a else paired(a, b), b if complex_b else paired(b, a))
+    else:
+        raise ValueError(f"{name} of complex values")
+    return True
 
 
 def _concatenated_sizes(ctx: NodeContext) -> None:
@@ -246,6 +314,8 @@ ELEMENTWISE = RULES.add(
         torch.ones_like,
         torch.sign,
         torch.nan_to_num,
+        torch.angle,
+        torch.conj,
         torch.empty_like,
         torch.full_like,
         torch.masked_fill,
@@ -301,6 +371,8 @@ ELEMENTWISE = RULES.add(
         "masked_fill",
         "zero_",
         "sign",
+        "angle",
+        "conj",
         "add_",
         "mul_",
         "sub_",
@@ -321,6 +393,9 @@ class InplaceElementwise(Elementwise):
 
     def gated(self, builder: GatedBuilderView, node: fx.Node) -> fx.Node | None:
         return regated(builder, node)
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        raise ValueError("an in-place op on complex values")
 
 
 RULES.add(

@@ -148,6 +148,32 @@ def pruned(kept: NDArray[Any] | None, size: int) -> TypeGuard[NDArray[Any]]:
     return kept is not None and len(kept) != size
 
 
+def complex_values(x: Any) -> bool:
+    """Whether node ``x``'s value is, or holds, a complex tensor (by its shape propagation)."""
+    if not isinstance(x, fx.Node):
+        return False
+    metas: list[Any] = [x.meta.get("tensor_meta")]
+    while metas:
+        meta = metas.pop()
+        if isinstance(getattr(meta, "dtype", None), torch.dtype):  # a TensorMetadata
+            if meta.dtype.is_complex:
+                return True
+        elif isinstance(meta, (tuple, list)):
+            metas.extend(meta)
+        elif isinstance(meta, dict):
+            metas.extend(meta.values())
+    return False
+
+
+def complex_rank(x: Any) -> int | None:
+    """The rank of node ``x``'s value when it is a complex tensor (by its shape propagation),
+    else None. For export such a value is carried as a real tensor of one more axis, the
+    (real, imaginary) pair (``passes.rules.spectral``): its dims count from the front alike."""
+    meta: Any = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    dtype = getattr(meta, "dtype", None)
+    return len(meta.shape) if dtype is not None and dtype.is_complex else None
+
+
 def sliced_parameter(t: torch.Tensor, *index_by_dim: ArrayLike | None) -> nn.Parameter:
     """``t`` sliced: ``index_by_dim[d]`` (an index array or None) along dim d."""
     out = t.detach()
