@@ -252,7 +252,7 @@ class GatedAttention(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        head_mask: torch.Tensor | None,
+        head_mask: torch.Tensor | None = None,
         **unused: Any,
     ) -> tuple[torch.Tensor, None]:
         m = self.mha
@@ -460,19 +460,21 @@ def shape_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
 def adaptive_avg_pool1d(
     x: torch.Tensor, output_size: int | tuple[int, ...] | list[int]
 ) -> torch.Tensor:
-    """F.adaptive_avg_pool1d as a matmul with a bin-averaging matrix built from the sizes at run
-    time (PyTorch's bins: [floor(i*L/n), ceil((i+1)*L/n))), so that an ONNX export keeps both
-    lengths dynamic; the exporters refuse or fix them for the built-in op."""
+    """F.adaptive_avg_pool1d from the sizes at run time (PyTorch's bins: [floor(i*L/n),
+    ceil((i+1)*L/n))), so that an ONNX export keeps both lengths dynamic; the exporters refuse
+    or fix them for the built-in op. Each bin's mean is the difference of a running sum at its
+    ends: O(L) work per channel where a bin-averaging matrix costs O(n*L) (in TDANet that
+    matmul was most of the model's time in ONNX Runtime). The sum runs in float64: in float32
+    a bin of a few steps loses its digits against a sum over thousands."""
     if isinstance(output_size, (tuple, list)):
         output_size = output_size[0]
     length = x.shape[-1]
     i = torch.arange(output_size, device=x.device)
     start = torch.div(i * length, output_size, rounding_mode="floor")
     end = torch.div((i + 1) * length + output_size - 1, output_size, rounding_mode="floor")
-    j = torch.arange(length, device=x.device)
-    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
-    weights = inside.to(x.dtype) / (end - start)[:, None].to(x.dtype)
-    return torch.matmul(x, weights.transpose(0, 1))
+    total = F.pad(torch.cumsum(x.double(), -1), (1, 0))  # total[..., j]: sum of x[..., :j]
+    sums = total.index_select(-1, end) - total.index_select(-1, start)
+    return (sums / (end - start).double()).to(x.dtype)
 
 
 def fold_1d(
