@@ -16,7 +16,9 @@ measurement is kept, and the table is cached on disk keyed by the model's struct
 weights), the target, the input shape and the versions of torch and ONNX Runtime, with the
 keep set each search returned: compiled again with the same weights and request, a model is
 timed no more; another model of the same architecture reuses the probes and the fit, and times
-only its candidates.
+only its candidates. A data-free compile's checked answer is stored too, under a key known
+before anything is computed (``LatencySearch.answer_key``: the weights, the example input's
+values, the request and sepfx's own code): compiled again, it skips the ranking and the check.
 """
 
 from __future__ import annotations
