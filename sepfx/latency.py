@@ -16,11 +16,14 @@ measurement is kept, and the table is cached on disk keyed by the model's struct
 weights), the target, the input shape and the versions of torch and ONNX Runtime, with the
 keep set each search returned: compiled again with the same weights and request, a model is
 timed no more; another model of the same architecture reuses the probes and the fit, and times
-only its candidates.
+only its candidates. A data-free compile's checked answer is stored too, under a key known
+before anything is computed (``LatencySearch.answer_key``: the weights, the example input's
+values, the request and sepfx's own code): compiled again, it skips the ranking and the check.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +42,7 @@ from sepfx.budget import _multiples, _snap, floor_counts, project
 from sepfx.errors import InputError, SlimError
 
 TARGETS = ("ort-cpu", "torch-cpu", "cuda")
-TABLE_VERSION = 2
+TABLE_VERSION = 3  # 3: adaptive_avg_pool1d and attention lowered otherwise for export
 PROBES = 8  # keep sets of random widths timed before the first fit
 PROBE_RUNS = 5  # timed runs per probe (they are timed all together, interleaved)
 CANDIDATE_RUNS = 9  # timed runs for each candidate slim model
@@ -111,6 +114,9 @@ class LatencyTable:
     # again, a compile returns the same keep set without timing anything
     solutions: dict[str, dict] = field(default_factory=dict)
     exporter: str | None = None  # "ort-cpu": the exporter whose files were timed
+    # checked answers of data-free compiles, by ``answer_key`` (known before the ranking is
+    # computed): asked the same of the same weights, a compile skips the ranking and the check
+    answers: dict[str, dict] = field(default_factory=dict)
 
     def find(self, counts: list[int]) -> LatencySample | None:
         return next((s for s in self.samples if s.counts == list(counts)), None)
@@ -123,6 +129,7 @@ class LatencyTable:
             "samples": [vars(s) for s in self.samples],
             "solutions": self.solutions,
             "exporter": self.exporter,
+            "answers": self.answers,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -136,9 +143,11 @@ class LatencyTable:
                 return None
             samples = [LatencySample(**s) for s in payload["samples"]]
             solutions = dict(payload.get("solutions", {}))
+            answers = dict(payload.get("answers", {}))
         except (OSError, ValueError, TypeError, KeyError):  # absent or unreadable: measure anew
             return None
-        return cls(key, payload["description"], samples, solutions, payload.get("exporter"))
+        exporter = payload.get("exporter")
+        return cls(key, payload["description"], samples, solutions, exporter, answers)
 
 
 def cache_dir() -> Path:
@@ -175,6 +184,27 @@ def table_key(analysis, target: Target, x: torch.Tensor) -> tuple[str, dict]:
     }
     text = json.dumps([repr(structure), description], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24], description
+
+
+def tensor_digest(digest, name: str, tensor: torch.Tensor) -> None:
+    """Add a tensor's name, dtype, shape and bytes to a hashlib digest."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes())
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of sepfx's own source (the packages ``sepfx`` and ``passes``): a cached answer
+    was computed and checked by this code, and a change to it must not reuse the answer."""
+    import passes
+
+    digest = hashlib.sha256()
+    for package in (Path(__file__).parent, Path(passes.__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(f"{package.name}/{path.relative_to(package)}".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:24]
 
 
 def _processor() -> str:
@@ -461,6 +491,44 @@ class LatencySearch:
         if self.path is not None:
             self.table.save(self.path)
         return keep, self._result(request, sample, predicted, [(t[2], t[3].ratio) for t in tried])
+
+    def answer_key(self, request: float, budget: float | None) -> str:
+        """What a data-free compile's answer depends on beyond the table's key, all known
+        before the ranking is computed: the weights, the example input's values (the ranking
+        runs on them), the request, the MAC budget, the compile's arguments and sepfx's code."""
+        digest = hashlib.sha256()
+        digest.update(
+            repr((request, budget, self.min_per_group, self.multiple, self.seed)).encode()
+        )
+        digest.update(repr([(g.size, g.min_size) for g in self.analysis.groups]).encode())
+        digest.update(code_digest().encode())
+        for name, tensor in self.analysis.capture.root.state_dict().items():
+            tensor_digest(digest, name, tensor)
+        tensor_digest(digest, "example_input", self.analysis.example_input)
+        return digest.hexdigest()[:24]
+
+    def recall(self, key: str, request: float) -> tuple[dict, LatencyResult, list[str]] | None:
+        """The keep set, timing and notes (groups kept whole) that a compile with this
+        ``answer_key`` returned after its slim model passed the checks; None where there is
+        none, or its timing is gone from the table."""
+        known = self.table.answers.get(key)
+        sample = None if known is None else self.table.find(known["counts"])
+        if known is None or sample is None or sample.ratio > request:
+            return None
+        keep = {int(g): np.asarray(units, dtype=np.int64) for g, units in known["keep"]}
+        return keep, self._result(request, sample, known["predicted"], []), list(known["notes"])
+
+    def remember(self, key: str, keep: dict, result: LatencyResult, notes: list[str]) -> None:
+        """Store a compile's checked answer under its ``answer_key`` (taken before the compile
+        kept any group whole, which changes the groups' minimum widths) for ``recall``."""
+        self.table.answers[key] = {
+            "counts": [len(keep[g.index]) for g in self.analysis.groups],
+            "keep": [(g, [int(u) for u in units]) for g, units in keep.items()],
+            "predicted": result.predicted,
+            "notes": list(notes),
+        }
+        if self.path is not None:
+            self.table.save(self.path)
 
     def _result(self, request, sample, predicted, attempts) -> LatencyResult:
         model, coefficients = self.model()

@@ -212,3 +212,56 @@ def test_transposed_conv_given_an_output_size_exports_with_dynamic_length(tmp_pa
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         assert got.shape == expected.shape == (2, length)
         assert _relative_error(expected, got) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["tdanet", "sepformer"])
+def test_whole_attention_exports_with_torchscript_at_any_length(zoo, name, tmp_path):
+    """A model whose nn.MultiheadAttention keeps every head (the dense model a latency compile
+    times) is lowered to plain attention ops, so the TorchScript exporter keeps the time axis
+    dynamic (it bakes nn.MultiheadAttention's traced length into reshapes), not only dynamo,
+    which took 5-10x as long per file."""
+    analysis = zoo(name).analysis
+    dense = analysis.slim(analysis.keep_all())
+    result = sepfx.export_onnx(dense, tmp_path / "m.onnx", exporter="torchscript")
+    assert result.exporter == "torchscript" and result.dynamic_time, result
+    assert all(e <= RTOL for e in result.errors.values()), result.errors
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((2, 3, 3999), 500), ((1, 4, 1000), 500), ((2, 5, 17), 5), ((3, 33), 7), ((1, 2, 5), 9)],
+)
+def test_adaptive_avg_pool1d_lowering_matches_pytorch(shape, size):
+    """The export form of F.adaptive_avg_pool1d (running sums, no bin matrix) computes
+    PyTorch's bins, overlapping ones and more bins than steps included, in float32 on inputs
+    far from zero and drifting (where a plain float32 running sum loses the bins' digits)."""
+    from passes import runtime
+
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for x in (100 + noise, noise + torch.linspace(0, 100, shape[-1])):
+        expected = torch.nn.functional.adaptive_avg_pool1d(x, size)
+        got = runtime.adaptive_avg_pool1d(x, size)
+        assert got.dtype == x.dtype and got.shape == expected.shape
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+class _PoolNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x[:, None])
+        coarse = torch.nn.functional.adaptive_avg_pool1d(h, h.shape[-1] // 8)
+        return torch.nn.functional.interpolate(coarse, size=x.shape[-1])[:, 0]
+
+
+def test_adaptive_avg_pool1d_exports_without_a_bin_matrix(tmp_path):
+    """Exported, the pool is a running sum and two gathers (O(length)), not a product with an
+    [out, in] bin matrix built at run time (O(out x in), most of TDANet's ONNX time), and the
+    time axis stays dynamic."""
+    model = torch.fx.symbolic_trace(_PoolNet().eval())
+    result = sepfx.export_onnx(model, tmp_path / "m.onnx", example_input=torch.randn(1, 4000))
+    assert result.exporter == "torchscript" and result.dynamic_time, result
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "CumSum" in ops and "MatMul" not in ops, ops

@@ -302,3 +302,73 @@ def test_time_that_no_fit_can_cut_ends_at_the_narrowest_widths(fake_meter):
     with pytest.raises(InputError, match=r"cannot be reached.*ask for latency >= 1\.00"):
         sepfx.compile(build_seeded("sudormrf"), latency=0.7, progress=False)
     assert fake_meter.timed <= sepfx.latency.PROBES + 2
+
+
+def test_same_weights_and_request_reuse_the_checked_answer(fake_meter, monkeypatch):
+    """Compiled again with the same weights, input and request, a data-free latency compile
+    returns the stored keep set without the sensitivity ranking, the timing or the check; a
+    changed weight or input value computes its answer anew (never a stale one)."""
+    import copy
+
+    import sepfx.learn
+
+    calls = {"ranking": 0, "check": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        sepfx.learn,
+        "sensitivity_probability",
+        counted("ranking", sepfx.learn.sensitivity_probability),
+    )
+    monkeypatch.setattr(sepfx.learn, "failing_groups", counted("check", sepfx.learn.failing_groups))
+
+    def kept(slim):
+        return [(g.index, g.kept) for g in slim.sepfx_report.groups]
+
+    model = build_seeded("conv_tasnet")
+    x = wav(1, 8000)
+    first = sepfx.compile(model, latency=0.5, example_input=x, progress=False)
+    assert calls == {"ranking": 1, "check": 1}
+    timed = fake_meter.timed
+    again = sepfx.compile(model, latency=0.5, example_input=x, progress=False)
+    assert calls == {"ranking": 1, "check": 1} and fake_meter.timed == timed
+    assert kept(again) == kept(first)
+    assert again.sepfx_report.notes == first.sepfx_report.notes
+    assert again.sepfx_report.latency.measured == first.sepfx_report.latency.measured
+    assert again.sepfx_report.latency.measurements == 0
+    for a, b in zip(again.state_dict().values(), first.state_dict().values()):
+        assert torch.equal(a, b)
+    # another request is another answer
+    sepfx.compile(model, latency=0.6, example_input=x, progress=False)
+    assert calls == {"ranking": 2, "check": 2}
+    # one weight changed by a little: ranked and checked anew
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    sepfx.compile(changed, latency=0.5, example_input=x, progress=False)
+    assert calls == {"ranking": 3, "check": 3}
+    # the same shape of input with other values: ranked and checked anew
+    sepfx.compile(model, latency=0.5, example_input=wav(1, 8000, seed=9), progress=False)
+    assert calls == {"ranking": 4, "check": 4}
+    # and the first model again: still the stored answer
+    sepfx.compile(model, latency=0.5, example_input=x, progress=False)
+    assert calls == {"ranking": 4, "check": 4}
+
+
+def test_a_change_to_sepfx_code_is_a_new_answer(fake_meter, monkeypatch):
+    """The stored answer is keyed by sepfx's own source too: code that ranks or checks
+    differently must not reuse an answer made by other code."""
+    model = build_seeded("conv_tasnet")
+    analysis = sepfx.analyze(model)
+    search = sepfx.latency.LatencySearch(analysis, sepfx.latency.Target(), analysis.example_input)
+    key = search.answer_key(0.5, None)
+    assert search.answer_key(0.5, None) == key
+    assert search.answer_key(0.5, 0.4) != key and search.answer_key(0.6, None) != key
+    monkeypatch.setattr(sepfx.latency, "code_digest", lambda: "other code")
+    assert search.answer_key(0.5, None) != key
