@@ -20,6 +20,17 @@ from sepfx.models import build
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread in every test module (timings and float32 sums as the checks expect),
+    restored after it if a test module changed it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 ZOO_NAMES = list(sepfx.models.ZOO)
 LENGTHS = (8000, 8000 + 37)  # 1 s at 8 kHz, and a length that is a multiple of no stride
 

@@ -22,14 +22,6 @@ TOL = 1e-5
 TRACED = [n for n in patterns.MODELS if n not in patterns.NEEDS_SHELLS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def inputs():
     return [
         torch.randn(b, t, generator=torch.Generator().manual_seed(10 + i))

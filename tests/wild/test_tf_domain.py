@@ -33,14 +33,6 @@ SHAPES = [(b, t) for t in (8000, 8037, 5003) for b in (1, 2)]
 ORT_SHAPES = [(2, 8000), (2, 12345), (2, 16001), (1, 5003)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Case:
     def __init__(self, name: str) -> None:
         self.model = tf_domain.build(name)

@@ -24,14 +24,6 @@ from . import toolkit
 SHAPES = [(1, 8000), (2, 8000), (2, 8037)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def analysed():
     cache = {}

@@ -238,14 +238,6 @@ class Case:
         )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def cases(one_thread):
     made: dict[str, Case] = {}
