@@ -97,6 +97,16 @@ _IN_PLACE_OPERATORS = {
     "__idiv__": "div_",
 }
 
+# Tensor methods that are wrappers named after an equivalent method (``Tensor.__pow__`` is a
+# wrapped ``pow``, ``__rtruediv__`` one of ``__rdiv__``): recorded as a call of that method
+_RENAMED_METHODS = {
+    value
+    for name, value in vars(torch.Tensor).items()
+    if callable(value)
+    and getattr(value, "__name__", name) != name
+    and hasattr(torch.Tensor, value.__name__)
+}
+
 # one recorded call of a module: (run, args, kwargs, output), copies
 _Call = tuple[int, tuple[Any, ...], dict[str, Any], Any]
 
@@ -487,7 +497,11 @@ class _Recorder(TorchFunctionMode):
                 runtime.assigned, tuple(tree_map(self.node_of, tuple(args)))
             )
             result = args[0]
-        elif getattr(torch.Tensor, name, None) is func or name in _IN_PLACE_OPERATORS:
+        elif (
+            getattr(torch.Tensor, name, None) is func
+            or name in _IN_PLACE_OPERATORS
+            or func in _RENAMED_METHODS
+        ):
             method = _IN_PLACE_OPERATORS.get(name, name)
             if method == "__getitem__":
                 node = self.graph.call_function(
@@ -645,12 +659,30 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> Capture:
     for call in twin_calls:
         call.meta.pop(CALL_INPUTS, None)
     graph.lint()
+    gm = _graph_module(root, graph, constants, type(model).__name__)
+    return Capture(root, gm, parts, shells, assumptions, notes, example_input)
+
+
+def _graph_module(
+    root: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor], name: str
+) -> fx.GraphModule:
+    """A recorded graph with its constants and the modules, parameters and buffers of ``root``
+    that its nodes name."""
     objects: dict[str, Any] = dict(constants)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in objects:
             objects[node.target] = operator.attrgetter(node.target)(root)
-    gm = fx.GraphModule(objects, graph, class_name=type(model).__name__)
-    return Capture(root, gm, parts, shells, assumptions, notes, example_input)
+    return fx.GraphModule(objects, graph, class_name=name)
+
+
+def recorded_run(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    """``model``'s run at ``x`` as one straight-line graph of torch calls, eager code and
+    graphs alike (what the exporters would trace, as a graph the op rules can lower): every
+    size, branch and Python value of the run is fixed, so it computes what ``model`` computes
+    at inputs of ``x``'s shape whose values take the same branches, and nowhere else."""
+    graph, constants, _ = _record(model, {}, x)
+    graph.lint()
+    return _graph_module(model, graph, constants, type(model).__name__)
 
 
 def site_graph(capture: Capture, part: Part, site: int = 0) -> fx.Graph:

@@ -46,6 +46,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from passes import rules
+from passes.capture import recorded_run
 from passes.trace import is_impure_node
 from passes.values import seeded_noise
 
@@ -68,6 +69,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     dynamic_batch: bool = True
     traced_length: int | None = None  # the input length the exporter traced at
+    recorded: bool = False  # exported from its run recorded at the example (fixed shape)
 
 
 def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
@@ -182,7 +184,8 @@ def _check(
             )
         except Exception:  # ONNX Runtime refuses this shape
             error = float("inf")
-        errors[str(list(x.shape))] = error
+        key = str(list(x.shape))
+        errors[key if key not in errors else f"{key}, other values"] = error
     return errors
 
 
@@ -262,8 +265,10 @@ def _export_checked(
     eager = not isinstance(model, fx.GraphModule)  # eager shells (passes.capture) run Python
     failures = []
     length_fixed: set[str] = set()  # exporters whose dynamic-time file was wrong at a length
-    # dynamic batch and time first; then fix what the model's code (or an exporter) fixes
-    for dynamic_batch, dynamic_time in ((True, True), (False, True), (True, False), (False, False)):
+    # dynamic batch and time first; then fix what the model's code (or an exporter) fixes;
+    # last, a model with eager code as its run recorded at the example (``_lower``)
+    tries = [(True, True, False), (False, True, False), (True, False, False), (False, False, False)]
+    for dynamic_batch, dynamic_time, recorded in tries + [(False, False, True)] * eager:
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
         batch = 2 if dynamic_batch and example.shape[0] == 1 else example.shape[0]
         lengths = trace_lengths(example.shape[-1]) if dynamic_time else [example.shape[-1]]
@@ -281,11 +286,13 @@ def _export_checked(
             for length in lengths:
                 label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time}"
                 label += f", traced at length {length})" if dynamic_time else ")"
+                if recorded:
+                    label = f"{exporter} (its run recorded at the example's batch and length)"
                 traced_with = _trace_input(example, batch, length)
                 with tempfile.TemporaryDirectory() as tmp:
                     candidate = os.path.join(tmp, "model.onnx")
                     try:
-                        lowered, failed = _lower(copy.deepcopy(model), traced_with)
+                        lowered, failed = _lower(copy.deepcopy(model), traced_with, recorded)
                         lowering_failures += [f for f in failed if f not in lowering_failures]
                         _export(
                             lowered,
@@ -305,9 +312,16 @@ def _export_checked(
                         notes = [
                             f"exported without the export lowering of {failure}"
                             for failure in failed
-                        ] + _notes(example, length, dynamic_batch, dynamic_time)
+                        ] + _notes(example, length, dynamic_batch, dynamic_time, recorded)
                         return ExportResult(
-                            path, exporter, dynamic_time, errors, notes, dynamic_batch, length
+                            path,
+                            exporter,
+                            dynamic_time,
+                            errors,
+                            notes,
+                            dynamic_batch,
+                            length,
+                            recorded,
                         )
                     if dynamic_time and any(
                         e > rtol
@@ -340,8 +354,19 @@ def _export_checked(
 
 
 def _notes(
-    example: torch.Tensor, traced_length: int, dynamic_batch: bool, dynamic_time: bool
+    example: torch.Tensor,
+    traced_length: int,
+    dynamic_batch: bool,
+    dynamic_time: bool,
+    recorded: bool = False,
 ) -> list[str]:
+    if recorded:
+        return [
+            f"exported as its run recorded at the example's batch size {example.shape[0]} and "
+            f"length {example.shape[-1]} (its eager code computes what no exporter traced, e.g. "
+            "complex values): the file takes that shape only; `sepfx separate` runs it on any "
+            "length by overlap-adding chunks of that length"
+        ]
     notes = []
     if dynamic_time and traced_length != example.shape[-1]:
         notes.append(
@@ -382,7 +407,7 @@ def export_like(
     traced_with = _trace_input(example, batch, like.traced_length or example.shape[-1])
     try:
         _export(
-            _lower(model, traced_with)[0],
+            _lower(model, traced_with, like.recorded)[0],
             traced_with,
             os.fspath(path),
             like.exporter,
@@ -444,7 +469,11 @@ def _variants(
     batch size, and lengths that are multiples of no stride or chunk (a pad computed from the
     length and baked into the export shows there). A model with eager code (``eager``), whose
     Python the exporters run once, is checked at many more lengths: a branch its glue takes on
-    the length would be baked into the file, and two lengths can agree on it by chance."""
+    the length would be baked into the file, and two lengths can agree on it by chance. With
+    neither axis dynamic, another input of the example's shape: a branch on the values baked
+    in shows there."""
+    if not other_batch and not other_length:
+        return [seeded_noise(list(example.shape), 7, example)]
     shapes = []
     pairs = [
         (1, example.shape[-1] * 3 // 2 + 37),
@@ -463,14 +492,23 @@ def _variants(
     return [seeded_noise(shape, 7 + i, example) for i, shape in enumerate(shapes)]
 
 
-def _lower(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:
+def _lower(
+    model: torch.nn.Module, example: torch.Tensor, recorded: bool = False
+) -> tuple[torch.nn.Module, list[str]]:
     """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
     the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
     ones), after shape propagation at ``example`` (the hooks read shapes). A model with eager
     code (``passes.capture``) gets its graph parts lowered so, each at the inputs it receives
     at ``example``; a model without graphs is returned as is. A graph whose lowering fails is
-    kept as it is, and the failure returned (``where: why``)."""
+    kept as it is, and the failure returned (``where: why``).
+
+    ``recorded``: the model's whole run at ``example``, eager code included, recorded as one
+    graph (``passes.capture.recorded_run``) and lowered, for eager code that no exporter
+    traces (complex values crossing it: the lowering carries them as real pairs). Every size
+    and branch of that run is fixed: the graph holds at ``example``'s shape only."""
     failures: list[str] = []
+    if recorded:
+        return _lowered_graph(recorded_run(model, example), (example,)), failures
     if isinstance(model, fx.GraphModule):
         return _lowered_or_as_is(model, (example,), "the model", failures), failures
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}

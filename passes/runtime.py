@@ -682,9 +682,15 @@ def complex_abs(a: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(a[..., 0] * a[..., 0] + a[..., 1] * a[..., 1])
 
 
+def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.atan2`` as the exporters keep it right where ``x = y = 0`` (0 there, as torch
+    has it; their atan(y / x) with quadrant fixes is NaN): x is 1 there instead."""
+    return torch.atan2(y, torch.where((x == 0) & (y == 0), torch.ones_like(x), x))
+
+
 def complex_angle(a: torch.Tensor) -> torch.Tensor:
     """The phase of a complex tensor carried as (real, imaginary) pairs."""
-    return torch.atan2(a[..., 1], a[..., 0])
+    return atan2(a[..., 1], a[..., 0])
 
 
 def complex_conj(a: torch.Tensor) -> torch.Tensor:
@@ -699,10 +705,11 @@ def complex_pair(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
 
 
 def real_pair(x: Any, like: torch.Tensor) -> torch.Tensor:
-    """A real tensor (or number) as a complex one carried as a (real, imaginary) pair, in the
-    dtype and on the device of the pair ``like``."""
+    """A real tensor or a number (a Python complex one too) as a complex value carried as a
+    (real, imaginary) pair, in the dtype and on the device of ``like``."""
     if not isinstance(x, torch.Tensor):
-        return torch.tensor([float(x), 0.0], dtype=like.dtype, device=like.device)
+        z = complex(x)
+        return torch.tensor([z.real, z.imag], dtype=like.dtype, device=like.device)
     return torch.stack([x, torch.zeros_like(x)], dim=-1)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import operator
 import sys
@@ -507,6 +508,22 @@ class _Tracer(fx.Tracer):
         return super().iter(obj)
 
 
+def _keep_parameter_names(root: torch.nn.Module, graph: fx.Graph) -> None:
+    """The graph's parameters named as ``root.forward``'s: fx names one traced with a constant
+    (an optional ``fs=None`` the caller did not pass) ``fs_1``, and eager code that calls the
+    graph with ``fs=None`` would then fail."""
+    try:
+        parameters = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(parameters):
+        for node, parameter in zip(placeholders, parameters):
+            node.target = parameter.name
+
+
 def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     """The GraphModule of a traced ``graph`` over ``root``: tracing metadata dropped, dead code
     (never an in-place op) and unused submodules removed."""
@@ -517,6 +534,7 @@ def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
         # up as bare strings in the generated code's globals, which breaks pickling
         node.type = None
     graph._tracer_cls = None  # unpickling re-traces with a plain fx.Tracer
+    _keep_parameter_names(root, graph)
     gm = fx.GraphModule(root, graph, class_name=class_name)
     gm.graph.eliminate_dead_code(is_impure_node)  # in-place ops are kept
     gm.delete_all_unused_submodules()  # dead branches' weights would never get gradients

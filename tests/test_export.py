@@ -265,3 +265,36 @@ def test_adaptive_avg_pool1d_exports_without_a_bin_matrix(tmp_path):
     assert result.exporter == "torchscript" and result.dynamic_time, result
     ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "CumSum" in ops and "MatMul" not in ops, ops
+
+
+class _Phase(torch.nn.Module):
+    """The phase of a masked spectrum as toolkits compute it, ``atan2(imag, real)``, where a
+    ReLU leaves both parts zero."""
+
+    def __init__(self, method: bool):
+        super().__init__()
+        self.method = method
+        self.conv = torch.nn.Conv1d(1, 8, 16, stride=8)
+
+    def forward(self, wav):
+        h = torch.relu(self.conv(wav[:, None]))
+        imag, real = h[:, :4], h[:, 4:]
+        phase = imag.atan2(real) if self.method else torch.atan2(imag, real)
+        return phase.flatten(1)
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_atan2_exports_right_where_both_operands_are_zero(tmp_path, method):
+    """torch.atan2(0, 0) is 0; the exporters write atan2 as atan(y / x) with quadrant fixes,
+    NaN there: the lowering keeps the TorchScript exporter's file (the one tried first; the
+    dynamo exporter's is right there, but slower to make) equal to PyTorch at those points."""
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(_Phase(method).eval())
+    x = wav(1, 8000, seed=1)
+    with torch.no_grad():
+        h = torch.relu(model.conv(x[:, None]))
+    assert ((h[:, :4] == 0) & (h[:, 4:] == 0)).any()  # the case this is about occurs
+    path = tmp_path / "m.onnx"
+    result = sepfx.export_onnx(model, path, example_input=x)
+    assert result.exporter == "torchscript", result
+    assert result.dynamic_time and all(e <= RTOL for e in result.errors.values()), result

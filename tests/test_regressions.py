@@ -321,3 +321,32 @@ def test_separate_too_short_names_the_minimum_length(tiny_onnx, tmp_path, sample
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.wav"]
     write_mixture(mixture, 16)
     assert sepfx_cli("separate", tiny_onnx, mixture, timeout=60).returncode == 0
+
+
+class _PowerInEagerCode(nn.Module):
+    """``h ** 2`` and ``2 ** h`` in eager code (a branch on values makes the root a shell)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv1d(1, 16, 16, stride=8)
+        self.inner = nn.Conv1d(16, 16, 1)
+        self.decoder = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, wav):
+        h = self.encoder(wav[:, None])
+        if h.abs().sum().item() > 0:
+            h = h**2 + 2 ** torch.tanh(h)
+        return self.decoder(self.inner(h))[:, 0]
+
+
+def test_powers_in_eager_code_are_recorded_as_the_methods_they_are():
+    """``Tensor.__pow__`` is a wrapper of ``pow`` under another name: recorded as a call of the
+    ``pow`` method (not of the wrapper, which has no rule and whose name the analysis graph's
+    code cannot import), so the encoder's channels stay prunable across it."""
+    torch.manual_seed(0)
+    analysis = sepfx.analyze(_PowerInEagerCode().eval())
+    assert "" in analysis.capture.shells
+    methods = [n.target for n in analysis.capture.graph_module.graph.nodes]
+    assert "pow" in methods and "__rpow__" in methods, methods
+    frozen = [f.label for f in analysis.channels.frozen]
+    assert not any(label.startswith(("encoder", "inner")) for label in frozen), frozen

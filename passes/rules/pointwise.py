@@ -45,6 +45,15 @@ class Elementwise:
                     ctx.same(a, ctx.axis(None, d + offset))
         ctx.touch(*ctx.axes())
 
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: ``atan2`` as ``runtime.atan2``, which is 0 where both operands are (the
+        exporters write atan(y / x) with quadrant fixes: NaN there)."""
+        if (node.op, node.target) in (("call_function", torch.atan2), ("call_method", "atan2")):
+            if len(node.args) == 2 and not node.kwargs:
+                node.op, node.target = "call_function", runtime.atan2
+                return True
+        return False
+
     def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
         """Complex values carried as (real, imaginary) pairs (``passes.rules.spectral``)."""
         return lower_pointwise_complex(node, graph_module)
@@ -74,7 +83,8 @@ def lower_pointwise_complex(node: fx.Node, graph_module: fx.GraphModule) -> bool
     a, b = node.args
     if name.startswith("r") and name[1:] in ("add", "sub", "mul", "truediv", "div"):
         name, a, b = name[1:], b, a  # ``2 * z`` as ``z.__rmul__(2)``: the operands in order
-    complex_a, complex_b = complex_rank(a) is not None, complex_rank(b) is not None
+    complex_a = complex_rank(a) is not None or isinstance(a, complex)
+    complex_b = complex_rank(b) is not None or isinstance(b, complex)
 
     def broadcast(x: Any) -> Any:  # a real operand of a pair: over the pair axis too
         if not isinstance(x, fx.Node):
@@ -86,6 +96,9 @@ def lower_pointwise_complex(node: fx.Node, graph_module: fx.GraphModule) -> bool
         with graph.inserting_before(node):
             return graph.call_function(runtime.real_pair, (x, like))
 
+    # a Python complex number (``x * 1j``): a constant pair, broadcast over the operand
+    a = paired(a, b) if isinstance(a, complex) else a
+    b = paired(b, a) if isinstance(b, complex) else b
     node.op = "call_function"
     if name == "mul":
         if complex_a and complex_b:
@@ -346,8 +359,13 @@ ELEMENTWISE = RULES.add(
         "__radd__",
         "__rmul__",
         "__rsub__",
+        "atan2",
+        "__rdiv__",
+        "__rtruediv__",
         "neg",
+        "positive",
         "pow",
+        "__rpow__",
         "relu",
         "sigmoid",
         "tanh",

@@ -11,6 +11,7 @@ tiny.
 | intra-frame BLSTM over frequency ``(B*T, F, C)``, inter-frame BLSTM over time ``(B*F, T, C)``, multi-head self-attention over time per frequency, written out (``q @ k.transpose``, ``softmax``, heads by ``view(..., heads, -1)``) | GridNetLike (``GridBlock``) |
 | an optional ``fs=None`` handed from the root's ``forward`` to an STFT wrapper that would store ``self.stft.n_fft = ...`` on a module, ``torch.stft(input.float(), **stft_kwargs)``, a window made in ``forward`` by ``getattr(torch, f"{window}_window")(..., device=input.device)``, ``torch.view_as_real``, frame counts ``(ilens + 2 * pad - n_fft) // hop + 1`` | CRNLike (``STFTEncoder``, ``Stft``) |
 | conv2d encoder/decoder strided along frequency with concatenated skips, an LSTM over time with the frequency merged into its features, a complex mask multiplied in, ``torch.view_as_complex`` | CRNLike (``CRNSeparator``) |
+| the padded frames of the spectrum zeroed in place by a mask built from the frame counts as Python ints (``lengths.tolist()``): the STFT layer and the encoder that calls it run as eager code, so the complex spectrum is made in eager glue (``torch.complex``) and crosses into the separator's graph | MaskedCRNLike (``MaskedStft``) |
 """
 
 from __future__ import annotations
@@ -158,10 +159,31 @@ class Stft(nn.Module):
         return output, olens
 
 
+def padded_frames(lengths, xs, dim):
+    """True at the frames of ``xs`` (along ``dim``) past each item's frame count, as [B, ...]
+    like ``xs``; the counts are read as Python ints, as the toolkit does."""
+    counts = lengths.long().tolist()
+    frames = torch.arange(xs.size(dim), device=xs.device)
+    mask = frames.unsqueeze(0) >= frames.new_tensor(counts).unsqueeze(-1)  # B, L
+    shape = [len(counts)] + [1] * (xs.dim() - 1)
+    shape[dim] = xs.size(dim)
+    return mask.view(shape).expand_as(xs)
+
+
+class MaskedStft(Stft):
+    """The STFT layer that zeroes, in place, the frames past each item's length."""
+
+    def forward(self, input, ilens=None):
+        output, olens = super().forward(input, ilens)
+        if olens is not None:
+            output.masked_fill_(padded_frames(olens, output, 1), 0.0)
+        return output, olens
+
+
 class STFTEncoder(nn.Module):
-    def __init__(self, n_fft=128, hop_length=32, window="hann", default_fs=8000):
+    def __init__(self, n_fft=128, hop_length=32, window="hann", default_fs=8000, stft=Stft):
         super().__init__()
-        self.stft = Stft(n_fft, hop_length=hop_length, window=window)
+        self.stft = stft(n_fft, hop_length=hop_length, window=window)
         self._output_dim = n_fft // 2 + 1
         self.n_fft = n_fft
         self.hop_length = hop_length
@@ -263,9 +285,9 @@ class CRNLike(nn.Module):
     sample_rate = 8000
     n_src = 2
 
-    def __init__(self):
+    def __init__(self, stft=Stft):
         super().__init__()
-        self.encoder = STFTEncoder(128, 32)
+        self.encoder = STFTEncoder(128, 32, stft=stft)
         self.separator = CRNSeparator(n_freq=self.encoder.output_dim)
         self.decoder = STFTDecoder(128, 32)
 
@@ -281,7 +303,11 @@ def crn_like():
     return CRNLike()
 
 
-MODELS = {"gridnet_like": gridnet_like, "crn_like": crn_like}
+def masked_crn_like():
+    return CRNLike(stft=MaskedStft)
+
+
+MODELS = {"gridnet_like": gridnet_like, "crn_like": crn_like, "masked_crn_like": masked_crn_like}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
