@@ -236,7 +236,11 @@ def measure(name: str, budget: float, tmp: Path, toolkit: str = "asteroid") -> d
         for a, dynamic in (("batch", result.dynamic_batch), ("time", result.dynamic_time))
         if dynamic
     ]
-    row["export"] = f"{result.exporter}, dynamic {' and '.join(axes) or 'nothing'}"
+    row["export"] = f"{result.exporter}, " + (
+        f"dynamic {' and '.join(axes)}" if axes else "fixed batch and length"
+    )
+    if result.recorded:
+        row["export"] += " (its recorded run)"
     row["onnx_error"] = max(result.errors.values())
     row["note"] = "; ".join(result.notes)[:160]
     return row

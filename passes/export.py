@@ -508,7 +508,10 @@ def _lower(
     and branch of that run is fixed: the graph holds at ``example``'s shape only."""
     failures: list[str] = []
     if recorded:
-        return _lowered_graph(recorded_run(model, example), (example,)), failures
+        try:
+            return _lowered_graph(recorded_run(model, example), (example,)), failures
+        except LoweringError as error:  # what failed, and why
+            raise LoweringError(f"{error}: {describe_error(error.__cause__ or error)}") from error
     if isinstance(model, fx.GraphModule):
         return _lowered_or_as_is(model, (example,), "the model", failures), failures
     parts = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)}

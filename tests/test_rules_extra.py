@@ -588,3 +588,33 @@ def test_softmax_without_a_dim_is_frozen_not_a_crash():
     model = DictOutput(implicit_softmax=True).eval()
     analysis = sepfx.analyze(model, torch.randn(2, 400))
     assert _frozen_with(analysis, "softmax without an explicit dim")
+
+
+class _ExpandedGate(nn.Module):
+    """A per-frame gate [B, 1, L] broadcast over the channels with ``expand_as``, and a per-
+    channel mask [B, C, L] expanded onto a tensor of its own shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv1d(1, 16, 16, stride=8)
+        self.gate = nn.Conv1d(16, 1, 1)
+        self.mask = nn.Conv1d(16, 16, 1)
+        self.decoder = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, wav):
+        h = torch.relu(self.encoder(wav[:, None]))
+        g = torch.sigmoid(self.gate(h)).expand_as(h)
+        m = torch.sigmoid(self.mask(h)).expand_as(h)
+        return self.decoder(h * g * m)[:, 0]
+
+
+def test_expand_as_broadcasts_like_arithmetic():
+    """``expand_as`` couples what it expands with its target as broadcasting arithmetic does:
+    the channels stay one prunable group (no axis frozen), and hard-gated ≡ slim."""
+    _, analysis = _analyze(_ExpandedGate)
+    frozen = [f.reason for f in analysis.channels.frozen]
+    assert not any("expand_as" in reason for reason in frozen), frozen
+    groups = _groups_with(analysis, "encoder")
+    assert len(groups) == 1 and groups[0].size == 16, analysis.groups
+    assert any(m.startswith("mask") for m in groups[0].members), groups[0].members
+    _assert_gated_equals_slim(analysis)

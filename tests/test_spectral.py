@@ -131,6 +131,7 @@ class ComplexOps(nn.Module):
         other = torch.complex(m[:, :2], m[:, 2:])
         est = z * mask + 0.5 * other - z / (other + 2) + z.conj() * 0.1
         est = est / (2 - 1j) + m[:, 2:] * 1j - (1 + 0.5j) * z  # Python complex numbers
+        est = nn.functional.pad(est, (1, 0, 0, 2))[:, :, :-2, 1:] + est  # a complex zero pad
         est = est * est.abs() / (1 + est.abs()) + torch.angle(est) - 1
         first, second = est.unbind(dim=1)
         est = torch.stack([first, second], dim=1).flatten(0, 1)  # B*2, L, F

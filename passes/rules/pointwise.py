@@ -360,6 +360,7 @@ ELEMENTWISE = RULES.add(
         "__rmul__",
         "__rsub__",
         "atan2",
+        "expand_as",
         "__rdiv__",
         "__rtruediv__",
         "neg",

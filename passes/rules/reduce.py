@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from passes import runtime
 from passes.context import NodeContext
-from passes.rules.registry import RULES, GatedBuilderView, arg
+from passes.rules.registry import RULES, GatedBuilderView, arg, set_arg
 from passes.values import GLUE
 
 
@@ -234,6 +234,17 @@ class PadRule:
                 ctx.freeze(o, "padded along this axis")
             else:
                 ctx.same(a, o)
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """A complex tensor carried as (real, imaginary) pairs: the same pad, none along the
+        pair axis. Zero padding only (a complex value or a reflection is not written)."""
+        pad = arg(node, 1, "pad")
+        mode = arg(node, 2, "mode", "constant")
+        value = arg(node, 3, "value", None)
+        if mode != "constant" or value not in (None, 0) or not isinstance(pad, (list, tuple)):
+            raise ValueError(f"a {mode} pad of complex values (value {value})")
+        set_arg(node, 1, "pad", (0, 0, *pad))
+        return True
 
 
 RULES.add(PadRule(), functions=[F.pad])
