@@ -250,21 +250,25 @@ def _trace_part(
         bound = dict(zip(names, args))
         bound.update(kwargs)
         positional.append(tuple(bound.get(n, defaults.get(n)) for n in names))
-    # an argument that is None at every call (an optional one the caller did not pass, a state
-    # not there yet) stays None while tracing: ``if fs is not None`` cannot be asked of a proxy
-    always_none = {
-        name
-        for name in names
-        if all(
-            dict(zip(names, args)).get(name, kwargs.get(name, defaults.get(name))) is None
+    # an argument that is None, or the same flag or string, at every call (an optional one the
+    # caller did not pass, a state not there yet, ``expand_kv=False``) stays that constant
+    # while tracing: ``if fs is not None`` cannot be asked of a proxy (fx checks the value at
+    # run time: another value passed later fails loudly)
+    constants: dict[str, Any] = {}
+    for name in names:
+        values = [
+            dict(zip(names, args)).get(name, kwargs.get(name, defaults.get(name)))
             for _, args, kwargs, _ in calls
-        )
-    }
+        ]
+        if all(v is None or type(v) in (bool, str) for v in values) and all(
+            type(v) is type(values[0]) and v == values[0] for v in values
+        ):
+            constants[name] = values[0]
     tracer = tracing._Tracer(set(), (positional[0], positional[1]))
     saved = _module_states(module)
     try:
         with tracing._traced_builtins(tracer, module):
-            graph = tracer.trace(module, concrete_args=dict.fromkeys(always_none))
+            graph = tracer.trace(module, concrete_args=constants)
         gm = tracing.finish_graph(module, graph, type(module).__name__)
     except Exception as error:  # noqa: BLE001 - any failure to trace makes a shell
         cause = tracer.failed_module[1] if tracer.failed_module else error
@@ -436,6 +440,17 @@ class _Recorder(TorchFunctionMode):
         self.alive.append(value)
         return self.attribute_nodes[name]
 
+    def nodes_of(self, value: Any) -> Any:
+        """``value`` with each recorded tensor in it replaced by its node, the bounds of slices
+        too (``x[..., : lengths.max()]``)."""
+
+        def node_of(item: Any) -> Any:
+            if isinstance(item, slice):
+                return slice(*(self.node_of(v) for v in (item.start, item.stop, item.step)))
+            return self.node_of(item)
+
+        return tree_map(node_of, value)
+
     def bind(self, node: fx.Node, result: Any) -> None:
         """Map the tensors of ``result`` to ``node`` (and getitem nodes for containers)."""
         node.meta[REF] = summary_of(result)
@@ -462,9 +477,7 @@ class _Recorder(TorchFunctionMode):
         if self.depth > 1:
             self.depth -= 1
             return
-        node = self.graph.call_module(
-            path, tree_map(self.node_of, tuple(args)), tree_map(self.node_of, dict(kwargs))
-        )
+        node = self.graph.call_module(path, self.nodes_of(tuple(args)), self.nodes_of(dict(kwargs)))
         node.meta[PART] = path
         # copied while depth > 0, so that the copies are not recorded as glue
         node.meta[CALL_INPUTS] = (_detached(tuple(args)), _detached(dict(kwargs)))
@@ -493,9 +506,7 @@ class _Recorder(TorchFunctionMode):
         elif name in _NOT_RECORDED:
             return result
         elif name == "__setitem__":
-            node = self.graph.call_function(
-                runtime.assigned, tuple(tree_map(self.node_of, tuple(args)))
-            )
+            node = self.graph.call_function(runtime.assigned, tuple(self.nodes_of(tuple(args))))
             result = args[0]
         elif (
             getattr(torch.Tensor, name, None) is func
@@ -504,18 +515,16 @@ class _Recorder(TorchFunctionMode):
         ):
             method = _IN_PLACE_OPERATORS.get(name, name)
             if method == "__getitem__":
-                node = self.graph.call_function(
-                    operator.getitem, tuple(tree_map(self.node_of, tuple(args)))
-                )
+                node = self.graph.call_function(operator.getitem, tuple(self.nodes_of(tuple(args))))
             else:
                 node = self.graph.call_method(
                     method,
-                    tuple(tree_map(self.node_of, tuple(args))),
-                    tree_map(self.node_of, kwargs),
+                    tuple(self.nodes_of(tuple(args))),
+                    self.nodes_of(kwargs),
                 )
         else:
             node = self.graph.call_function(
-                func, tuple(tree_map(self.node_of, tuple(args))), tree_map(self.node_of, kwargs)
+                func, tuple(self.nodes_of(tuple(args))), self.nodes_of(kwargs)
             )
         node.meta[GLUE] = True
         self.bind(node, result)
@@ -545,7 +554,7 @@ def _record(
         recorder.bind(placeholder, x)
         with torch.no_grad(), recorder:
             out = root(x)
-        recorder.graph.output(tree_map(recorder.node_of, out))
+        recorder.graph.output(recorder.nodes_of(out))
     finally:
         recorder.close()
     return recorder.graph, recorder.constants, recorder.part_calls

@@ -350,3 +350,62 @@ def test_powers_in_eager_code_are_recorded_as_the_methods_they_are():
     assert "pow" in methods and "__rpow__" in methods, methods
     frozen = [f.label for f in analysis.channels.frozen]
     assert not any(label.startswith(("encoder", "inner")) for label in frozen), frozen
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(16, 16, 1)
+
+    def forward(self, x, double=False, mode="plain"):
+        y = self.conv(x)
+        if double:
+            y = y * 2
+        return y if mode == "plain" else -y
+
+
+class _CallsFlagged(nn.Module):
+    """Eager code (a branch on values) calling a module whose flags it never passes, and
+    cutting frames with a tensor bound (``x[..., : lengths.max()]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv1d(1, 16, 16, stride=8)
+        self.inner = _Flagged()
+        self.decoder = nn.ConvTranspose1d(16, 1, 16, stride=8)
+
+    def forward(self, wav):
+        h = self.encoder(wav[:, None])
+        if h.abs().sum().item() > 0:
+            h = torch.relu(h)
+        frames = torch.full((wav.shape[0],), h.shape[-1], dtype=torch.long)
+        return self.decoder(self.inner(h[..., : frames.max()]))[:, 0]
+
+
+def test_flags_never_passed_stay_constants_while_tracing():
+    """``double=False`` and ``mode="plain"``, the same at every call: traced as those values
+    (``if double:`` cannot be asked of a placeholder), so the module is a graph, not eager
+    code, and the graph checks at run time that it gets them."""
+    torch.manual_seed(0)
+    model = _CallsFlagged().eval()
+    analysis = sepfx.analyze(model)
+    assert set(analysis.capture.shells) == {""}, analysis.capture.shells
+    inner = analysis.capture.parts["inner"].graph_module
+    x = torch.randn(1, 16, 20)
+    assert torch.equal(inner(x), model.inner(x))
+    with pytest.raises(Exception, match="specialized"):
+        inner(x, True)
+
+
+def test_recorded_run_maps_tensor_slice_bounds_to_nodes():
+    """The whole run recorded as one graph (``passes.capture.recorded_run``, the last export
+    try) records a slice bound computed from a tensor as a node, not a literal tensor that the
+    graph's code cannot name, and computes what the model computes."""
+    from passes.capture import recorded_run
+
+    torch.manual_seed(0)
+    model = _CallsFlagged().eval()
+    x = wav(1, 4000, seed=3)
+    recorded = recorded_run(model, x)
+    with torch.no_grad():
+        assert torch.allclose(recorded(x), model(x), rtol=1e-6, atol=1e-7)

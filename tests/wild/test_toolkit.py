@@ -259,3 +259,23 @@ def test_tracing_leaves_no_change_on_a_module():
     assert part is not None, why
     for m, attributes in before.items():
         assert vars(m) == attributes, m  # n_fft, calls, frames: the eager runs' values
+
+
+def test_masked_transformer_layers_trace(analysed):
+    """Encoder layers returning ``(x, bool mask)``, attention taking ``expand_kv=False`` (never
+    passed) and reading ``torch.finfo(scores.dtype)``: each layer is a graph (only the
+    embedding, which extends its table on long inputs, and its callers run as eager code, whose
+    ``x[:, : flens.max()]`` is recorded with the bound as a value), so the attention heads'
+    width and the feed-forward units stay prunable, exactly. (The residual width is frozen by
+    the position table, a constant of the eager code, as in the toolkit's models.)"""
+    model, analysis = analysed("masked_transformer")
+    assert set(analysis.capture.shells) == {"", "separator", "separator.embed", "separator.embed.1"}
+    frozen = frozen_parameters(analysis)
+    layers = {p: r for p, r in frozen.items() if p.startswith("separator.layers")}
+    assert all("a constant tensor made in eager code" in r for r in layers.values()), layers
+    for i in range(2):
+        for prunable in ("self_attn.linear_q out", "self_attn.linear_v out", "feed_forward.0 out"):
+            assert f"separator.layers.{i}.{prunable}" not in frozen, frozen
+            label = f"separator.layers.{i}.{prunable}"
+            assert any(label in g.members for g in analysis.groups), label
+    assert_exact_at_half(analysis)

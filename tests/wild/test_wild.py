@@ -49,9 +49,10 @@ EXPECTED_ASSUMPTIONS = {
     "dual_path": [],  # its separator pads by the length: an eager shell
     "skim": [],  # likewise
     "flash": ["x.view(*x.shape[:-1], -1, 2)"],  # rotate_half's pairs
+    "masked_transformer": ["torch.finfo(scores.dtype)"],  # a dtype, not data
 }
 # models whose code branches on the input's length: their root runs as an eager shell
-SHELLS = {"transformer", "dual_path", "skim"}
+SHELLS = {"transformer", "dual_path", "skim", "masked_transformer"}
 # a module called in a Python loop: (a submodule of the shared block, how many call sites)
 SHARED_BLOCK = {"tdanet": ("block.proj_in", 3), "afrcnn": ("block.proj_in.conv", 3)}
 

@@ -11,6 +11,7 @@ per speaker, each module written in the toolkit's habits, not for torch.fx. Ever
 | ``name = type(self.skim.seg_lstms[0]).__name__; if name == ...``, ``isinstance(m, ...)`` | SkiMNet (its separator) |
 | ``(h, c)`` tuples through segment and memory LSTMs, ``view(B, S, d * H)`` of a state | SkiMNet (``SegLSTM``, ``MemLSTM``) |
 | gated attention units (``einsum``, rotary pairs, offset-scale heads unbound), a scaled sinusoidal embedding added to the stream, FSMN depthwise memory, ``F.layer_norm`` in an ``nn.LayerNorm`` subclass, ``InstanceNorm2d`` | FlashNet (its separator) |
+| encoder layers ``forward(x, mask, cache=None) -> (x, mask)`` with a bool mask; attention ``forward(q, k, v, mask, expand_kv=False)`` with ``if expand_kv:``, heads by ``view(n, -1, self.h, self.d_k)``, ``masked_fill(mask, torch.finfo(scores.dtype).min)``; a sinusoidal table extended in ``forward`` when the input is longer (a branch on the length: eager code); frames cut with ``x[:, : flens.max()]`` | MaskedTransformerNet (its separator) |
 """
 
 from __future__ import annotations
@@ -533,11 +534,102 @@ def flash_net():
     return EnhancementModel(FlashSeparator())
 
 
+# ------------------------------------------------------------------------------------------
+# 5. a transformer separator with padding masks, as speech toolkits write one
+# ------------------------------------------------------------------------------------------
+class SinusoidalTable(nn.Module):
+    """Scaled input plus a sinusoidal position table, extended when the input is longer than
+    what the table holds (not a buffer: rebuilt on demand)."""
+
+    def __init__(self, dim, max_len=4096):
+        super().__init__()
+        self.dim = dim
+        self.table = None
+        self.extend(max_len)
+
+    def extend(self, length):
+        if self.table is not None and self.table.size(1) >= length:
+            return
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        rate = torch.exp(torch.arange(0, self.dim, 2, dtype=torch.float32) * -(9.21 / self.dim))
+        table = torch.zeros(length, self.dim)
+        table[:, 0::2] = torch.sin(position * rate)
+        table[:, 1::2] = torch.cos(position * rate)
+        self.table = table[None]
+
+    def forward(self, x):
+        self.extend(x.size(1))
+        return x * self.dim**0.5 + self.table[:, : x.size(1)]
+
+
+class HeadedAttention(nn.Module):
+    def __init__(self, heads, dim):
+        super().__init__()
+        self.h, self.d_k = heads, dim // heads
+        self.linear_q, self.linear_k = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.linear_v, self.linear_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, query, key, value, mask, expand_kv=False):
+        n = query.size(0)
+        if expand_kv:  # one key/value set shared by the batch
+            key, value = key[:1].expand(n, -1, -1), value[:1].expand(n, -1, -1)
+        q = self.linear_q(query).view(n, -1, self.h, self.d_k).transpose(1, 2)
+        k = self.linear_k(key).view(n, -1, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(value).view(n, -1, self.h, self.d_k).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / self.d_k**0.5
+        blocked = mask.unsqueeze(1).eq(0)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1).masked_fill(blocked, 0.0)
+        x = (weights @ v).transpose(1, 2).contiguous().view(n, -1, self.h * self.d_k)
+        return self.linear_out(x)
+
+
+class MaskedEncoderLayer(nn.Module):
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = HeadedAttention(heads, dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, mask, cache=None):
+        y = self.norm1(x)
+        if cache is not None:  # streaming: only the newest frame attends
+            y = y[:, -1:]
+        x = x + self.self_attn(y, y, y, mask)
+        x = x + self.feed_forward(self.norm2(x))
+        return x, mask
+
+
+class MaskedTransformerSeparator(nn.Module):
+    def __init__(self, input_dim=32, dim=32, heads=4, hidden=64, layers=2, num_spk=2):
+        super().__init__()
+        self.num_spk = num_spk
+        self.embed = nn.Sequential(nn.Linear(input_dim, dim), SinusoidalTable(dim))
+        self.layers = nn.ModuleList(MaskedEncoderLayer(dim, heads, hidden) for _ in range(layers))
+        self.linear = nn.Linear(dim, input_dim * num_spk)
+
+    def forward(self, input, ilens, additional=None):
+        frames = torch.arange(input.size(1), device=input.device)
+        mask = (frames[None] < ilens[:, None])[:, None]  # B, 1, L: True at real frames
+        x = self.embed(input[:, : ilens.max()])
+        for layer in self.layers:
+            x, mask = layer(x, mask)
+        B, L, N = input.shape
+        masks = torch.sigmoid(self.linear(x)).view(B, L, self.num_spk, N)
+        masked = [input * m for m in masks.unbind(dim=2)]
+        return masked, ilens, {}
+
+
+def masked_transformer_net():
+    return EnhancementModel(MaskedTransformerSeparator())
+
+
 MODELS = {
     "dtype_tasnet": dtype_tasnet,
     "dual_path": dual_path_net,
     "skim": skim_net,
     "flash": flash_net,
+    "masked_transformer": masked_transformer_net,
 }
 
 
