@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from passes import rules
 from passes.capture import recorded_run
+from passes.generalize import generic_recorded_run
 from passes.trace import is_impure_node
 from passes.values import seeded_noise
 
@@ -268,13 +269,15 @@ def _export_checked(
     # dynamic batch and time first; then fix what the model's code (or an exporter) fixes;
     # last, a model with eager code as its run recorded at the example (``_lower``)
     tries = [(True, True, False), (False, True, False), (True, False, False), (False, False, False)]
-    for dynamic_batch, dynamic_time, recorded in tries + [(False, False, True)] * eager:
+    if eager:  # its run recorded: at several shapes, sizes generalized (dynamic), else fixed
+        tries += [(True, True, True), (False, True, True), (False, False, True)]
+    for dynamic_batch, dynamic_time, recorded in tries:
         # a batch of 1 would be specialised by the exporters: export with 2 when it may vary
         batch = 2 if dynamic_batch and example.shape[0] == 1 else example.shape[0]
         lengths = trace_lengths(example.shape[-1]) if dynamic_time else [example.shape[-1]]
         inputs = [example] + _variants(example, dynamic_batch, dynamic_time, eager)
         for exporter in exporters:
-            if dynamic_time and not dynamic_batch and exporter in length_fixed:
+            if dynamic_time and not dynamic_batch and not recorded and exporter in length_fixed:
                 # wrong at another length with the example's batch size already: fixing the
                 # batch does not change how the model's code fixes the length
                 label = f"{exporter} (dynamic batch=False, time=True)"
@@ -287,12 +290,19 @@ def _export_checked(
                 label = f"{exporter} (dynamic batch={dynamic_batch}, time={dynamic_time}"
                 label += f", traced at length {length})" if dynamic_time else ")"
                 if recorded:
-                    label = f"{exporter} (its run recorded at the example's batch and length)"
+                    label = f"{exporter} (its run recorded" + (
+                        f", dynamic batch={dynamic_batch}, time={dynamic_time}, at length "
+                        f"{length} and others)"
+                        if dynamic_time
+                        else " at the example's batch and length)"
+                    )
                 traced_with = _trace_input(example, batch, length)
                 with tempfile.TemporaryDirectory() as tmp:
                     candidate = os.path.join(tmp, "model.onnx")
                     try:
-                        lowered, failed = _lower(copy.deepcopy(model), traced_with, recorded)
+                        lowered, failed = _lower(
+                            copy.deepcopy(model), traced_with, recorded, dynamic_batch, dynamic_time
+                        )
                         lowering_failures += [f for f in failed if f not in lowering_failures]
                         _export(
                             lowered,
@@ -333,7 +343,7 @@ def _export_checked(
                     failures.append(
                         f"{label}: ONNX Runtime differs from PyTorch: max relative error {errors}"
                     )
-            if wrong_lengths == len(lengths):
+            if wrong_lengths == len(lengths) and not recorded:
                 length_fixed.add(exporter)
     first: dict[str, str] = {}  # each exporter's first reason, for the message's first line
     for failure in failures:
@@ -360,6 +370,20 @@ def _notes(
     dynamic_time: bool,
     recorded: bool = False,
 ) -> list[str]:
+    if recorded and dynamic_time:
+        return [
+            "exported as its run recorded at several lengths"
+            + (" and batch sizes" if dynamic_batch else "")
+            + " (its eager code computes what no exporter traces, e.g. complex values), the "
+            "sizes that vary with the input written as shape arithmetic (passes.generalize)"
+        ] + (
+            []
+            if dynamic_batch
+            else [
+                f"exported at the fixed batch size {example.shape[0]}: its recorded runs at "
+                "other batch sizes differ in more than sizes"
+            ]
+        )
     if recorded:
         return [
             f"exported as its run recorded at the example's batch size {example.shape[0]} and "
@@ -407,7 +431,7 @@ def export_like(
     traced_with = _trace_input(example, batch, like.traced_length or example.shape[-1])
     try:
         _export(
-            _lower(model, traced_with, like.recorded)[0],
+            _lower(model, traced_with, like.recorded, like.dynamic_batch, like.dynamic_time)[0],
             traced_with,
             os.fspath(path),
             like.exporter,
@@ -493,7 +517,11 @@ def _variants(
 
 
 def _lower(
-    model: torch.nn.Module, example: torch.Tensor, recorded: bool = False
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    recorded: bool = False,
+    dynamic_batch: bool = False,
+    dynamic_time: bool = False,
 ) -> tuple[torch.nn.Module, list[str]]:
     """A copy of a GraphModule rewritten for the exporters by the op rules' ``lower`` hooks (ops
     the exporters cannot keep dynamic, or that ONNX Runtime runs slowly, replaced by equivalent
@@ -505,11 +533,18 @@ def _lower(
     ``recorded``: the model's whole run at ``example``, eager code included, recorded as one
     graph (``passes.capture.recorded_run``) and lowered, for eager code that no exporter
     traces (complex values crossing it: the lowering carries them as real pairs). Every size
-    and branch of that run is fixed: the graph holds at ``example``'s shape only."""
+    and branch of that run is fixed: the graph holds at ``example``'s shape only, unless
+    ``dynamic_time`` (and ``dynamic_batch``): then the run is recorded at other lengths (and
+    batch sizes) too and its sizes generalized (``passes.generalize``; ``ShapeError`` where
+    they cannot be)."""
     failures: list[str] = []
     if recorded:
+        if dynamic_time:
+            graph = generic_recorded_run(model, _recording_inputs(example, dynamic_batch))
+        else:
+            graph = recorded_run(model, example)
         try:
-            return _lowered_graph(recorded_run(model, example), (example,)), failures
+            return _lowered_graph(graph, (example,)), failures
         except LoweringError as error:  # what failed, and why
             raise LoweringError(f"{error}: {describe_error(error.__cause__ or error)}") from error
     if isinstance(model, fx.GraphModule):
@@ -530,6 +565,17 @@ def _lower(
         if name in inputs:
             model.set_submodule(name, _lowered_or_as_is(part, inputs[name], name, failures))
     return model, failures
+
+
+def _recording_inputs(example: torch.Tensor, other_batch: bool) -> list[torch.Tensor]:
+    """The inputs a recorded run is generalized over: ``example``, two longer prime lengths
+    (every pad-to-a-multiple branch takes the side it takes at a prime ``example`` length),
+    and, for a dynamic batch, another batch size."""
+    batch, length = example.shape[0], example.shape[-1]
+    shapes = [(batch, trace_lengths(length * 3 // 2)[1]), (batch, trace_lengths(length * 2)[1])]
+    if other_batch:
+        shapes.append((batch + 1, length))
+    return [example] + [_trace_input(example, b, t) for b, t in shapes]
 
 
 def _lowered_or_as_is(

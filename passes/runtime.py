@@ -461,6 +461,23 @@ def shape_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 # -- export lowerings --------------------------------------------------------------------------
+def tensor_of_sizes(values: Any, dtype: torch.dtype, like: Any = None) -> torch.Tensor:
+    """``torch.tensor(values)`` (or ``like.new_tensor(values)``) of integers some of which are
+    sizes, as the exporters keep them variable: under tracing a size is a 0-d tensor, which
+    ``torch.tensor`` would bake in."""
+    device = like.device if isinstance(like, torch.Tensor) else None
+    if not isinstance(values, (list, tuple)):  # one size: a 0-d tensor
+        return torch.as_tensor(values, device=device).to(dtype)
+    return torch.stack([torch.as_tensor(v, device=device).to(dtype).reshape(()) for v in values])
+
+
+def filled(size: Sequence[Any], value: Any, dtype: torch.dtype, like: Any = None) -> torch.Tensor:
+    """``torch.full(size, value)`` (or ``like.new_full``) with a fill value that is a size, kept
+    variable for the exporters (``torch.full`` bakes a traced fill value in)."""
+    device = like.device if isinstance(like, torch.Tensor) else None
+    return torch.zeros(size, dtype=dtype, device=device) + torch.as_tensor(value, device=device)
+
+
 def adaptive_avg_pool1d(
     x: torch.Tensor, output_size: int | tuple[int, ...] | list[int]
 ) -> torch.Tensor:

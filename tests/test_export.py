@@ -298,3 +298,30 @@ def test_atan2_exports_right_where_both_operands_are_zero(tmp_path, method):
     result = sepfx.export_onnx(model, path, example_input=x)
     assert result.exporter == "torchscript", result
     assert result.dynamic_time and all(e <= RTOL for e in result.errors.values()), result
+
+
+class _SizeValues(torch.nn.Module):
+    """Tensors made from sizes: per-item lengths filled with the length (``torch.full``), a
+    tensor of two sizes (``torch.tensor([...])``), a mask from them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((x.shape[0],), x.shape[-1])
+        bounds = torch.tensor([x.shape[-1], x.shape[-1] // 2])
+        frames = torch.arange(x.shape[-1])
+        keep = frames.unsqueeze(0) < lengths.unsqueeze(-1) - bounds[1]
+        return x * keep
+
+
+def test_tensors_made_from_sizes_export_with_dynamic_time(tmp_path):
+    """The TorchScript exporter bakes a size into ``torch.full``'s fill value and into
+    ``torch.tensor([...])``: lowered (``runtime.filled``, ``runtime.tensor_of_sizes``), its
+    file keeps them variable, so it is the one made, with a dynamic length."""
+    from passes.capture import capture
+
+    model = capture(_SizeValues(), wav(1, 8000)).graph_module
+    targets = {n.target for n in model.graph.nodes}
+    assert torch.full in targets, targets
+    result = sepfx.export_onnx(model, tmp_path / "m.onnx", example_input=wav(1, 8000))
+    assert result.exporter == "torchscript", result
+    assert result.dynamic_time and result.dynamic_batch, result
+    assert all(e <= RTOL for e in result.errors.values()), result

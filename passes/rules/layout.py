@@ -17,7 +17,7 @@ from torch import fx
 from passes import runtime
 from passes.axes import Axis
 from passes.context import NodeContext
-from passes.rules.pointwise import fixed_int, mutates, regated, scaled_read
+from passes.rules.pointwise import fixed_int, lower_tensor_of_sizes, mutates, regated, scaled_read
 from passes.rules.registry import (
     RULES,
     GatedBuilderView,
@@ -704,6 +704,10 @@ class ShapeTensorRule:
         ctx.touch(*[ctx.state.axes[k] for k in read.values()])
         ctx.touch(*ctx.axes())
         ctx.read_size(read)
+
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: ``torch.tensor([... sizes ...])`` kept variable."""
+        return lower_tensor_of_sizes(node, node.args[0] if node.args else None)
 
 
 RULES.add(

@@ -17,6 +17,7 @@ from passes.rules.registry import (
     GatedBuilderView,
     PruningView,
     complex_rank,
+    complex_values,
     pruned,
     sliced_parameter,
 )
@@ -463,6 +464,64 @@ class CastRule:
             if other is not x:
                 ctx.touch(*ctx.axes(other))
 
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: ``x.new_tensor([... sizes ...])`` as ``runtime.tensor_of_sizes``."""
+        if node.target != "new_tensor":
+            return False
+        return lower_tensor_of_sizes(node, node.args[1] if len(node.args) > 1 else None)
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        return lower_new_from_complex(self, node, graph_module)
+
+
+def lower_new_from_complex(rule: Any, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+    """``spec.new_tensor(counts, dtype=torch.long)`` and the other ``x.new_*`` of a complex
+    ``x`` making a real tensor: ``x`` lends only its device, which its (real, imaginary) pair
+    has too. Anything else computing on complex values here has no lowering."""
+    if node.op != "call_method" or not str(node.target).startswith("new_"):
+        raise ValueError(
+            f"{node.target} of a complex tensor has no lowering to (real, imaginary) pairs"
+        )
+    if complex_values(node):
+        raise ValueError(f"{node.target} making a complex tensor has no lowering to pairs")
+    return bool(rule.lower(node, graph_module))
+
+
+def lower_tensor_of_sizes(node: fx.Node, data: Any) -> bool:
+    """For export: a tensor made from a flat list holding sizes (nodes; ints of a generalized
+    recorded run, ``passes.generalize``) as ``runtime.tensor_of_sizes``: the exporters would
+    bake the sizes in. ``x.new_tensor(data)`` takes ``x``'s device."""
+    meta = node.meta.get("tensor_meta")
+    one = _is_size_expression(data)
+    if one:
+        data = [data]  # one size: made a 0-d tensor
+    if (
+        not isinstance(data, (list, tuple))
+        or not any(isinstance(v, fx.Node) for v in data)
+        or any(isinstance(v, (list, tuple)) for v in data)
+        or set(node.kwargs) - {"dtype", "device"}
+        or meta is None
+    ):
+        return False
+    like = node.args[0] if node.op == "call_method" else None
+    node.op, node.target = "call_function", runtime.tensor_of_sizes
+    node.args, node.kwargs = (data[0] if one else list(data), meta.dtype, like), {}
+    return True
+
+
+def _is_size_expression(value: Any) -> bool:
+    """Whether ``value`` is an integer computed from sizes: ``x.size(d)``, or arithmetic of such
+    and literal integers (what ``passes.generalize`` writes)."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        return True
+    return (
+        value.op == "call_function"
+        and value.target in (operator.add, operator.sub, operator.mul, operator.mod)
+        and all(_is_size_expression(a) or type(a) is int for a in value.args)
+    )
+
 
 RULES.add(
     CastRule(),
@@ -562,6 +621,24 @@ class FactoryRule:
             node.args = tuple(args)
         else:
             node.args = tuple(node.args[:at]) + tuple(new)
+
+    def lower(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        """For export: ``torch.full(size, n)`` whose fill value ``n`` is a size (a node) as
+        ``runtime.filled``: the exporters would bake it in."""
+        if node.target not in ("new_full", torch.full) or set(node.kwargs) - {"dtype", "device"}:
+            return False
+        start = 1 if node.op == "call_method" else 0
+        size, value = (list(node.args[start:]) + [None, None])[:2]
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(value, fx.Node) or meta is None:
+            return False
+        like = node.args[0] if start else None
+        node.op, node.target = "call_function", runtime.filled
+        node.args, node.kwargs = (size, value, meta.dtype, like), {}
+        return True
+
+    def lower_complex(self, node: fx.Node, graph_module: fx.GraphModule) -> bool:
+        return lower_new_from_complex(self, node, graph_module)
 
 
 def _is_shape(value: Any) -> bool:
