@@ -239,8 +239,8 @@ def measure(name: str, budget: float, tmp: Path, toolkit: str = "asteroid") -> d
     row["export"] = f"{result.exporter}, " + (
         f"dynamic {' and '.join(axes)}" if axes else "fixed batch and length"
     )
-    if result.recorded:
-        row["export"] += " (its recorded run)"
+    if result.recorded:  # generalized over several shapes where an axis is dynamic
+        row["export"] += " (its recorded run" + (", generalized)" if axes else ")")
     row["onnx_error"] = max(result.errors.values())
     row["note"] = "; ".join(result.notes)[:160]
     return row

@@ -540,7 +540,11 @@ def _lower(
     failures: list[str] = []
     if recorded:
         if dynamic_time:
-            graph = generic_recorded_run(model, _recording_inputs(example, dynamic_batch))
+            graph = generic_recorded_run(
+                model,
+                _recording_inputs(example, dynamic_batch),
+                _variants(example, dynamic_batch, True, eager=True),
+            )
         else:
             graph = recorded_run(model, example)
         try:

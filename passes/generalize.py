@@ -8,7 +8,8 @@ only in integers: a frame count handed to ``reshape`` or ``torch.arange``, a pad
 length given to ``torch.full``. Each such integer is explained, over all recordings, as one of
 
 - a size of an earlier tensor (``x.size(d)``), or ``a * size + c``;
-- the difference of two sizes (a pad or trim to another tensor's length);
+- the difference of two sizes (a pad or trim to another tensor's length), or their product
+  (the batch and frame axes merged, ``view(B * L, ...)``);
 - ``(c - size) % k``, the pad that rounds a size up to a multiple of ``k`` (the form that also
   holds where there is nothing to pad);
 
@@ -21,11 +22,12 @@ no form explains, a constant tensor or a list whose length varies leaves the axi
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from passes.capture import _graph_module, _record, _signature_of_graph
 from passes.values import REF
@@ -115,7 +117,8 @@ class _Explainer:
 
     def explain(self, values: tuple[int, ...], before: str) -> tuple[Any, ...] | None:
         """An expression for ``values`` from sizes of nodes before ``before``, or None:
-        ("size", s), ("affine", s, a, c), ("difference", s, t) or ("round_up", s, c, k)."""
+        ("size", s), ("affine", s, a, c), ("difference", s, t), ("product", s, t) (batch items
+        times frames, merged) or ("round_up", s, c, k)."""
         limit = self.order[before]
         first: dict[tuple[int, ...], Size] = {}  # each series, and the earliest size with it
         for position, key, series in self.varying:
@@ -136,6 +139,8 @@ class _Explainer:
             for other, others in known:
                 if all(s - t == v for s, t, v in zip(series, others, values)):
                     return ("difference", key, other)
+                if all(s * t == v for s, t, v in zip(series, others, values)):
+                    return ("product", key, other)
         if all(0 <= v for v in values):
             for key, series in known:
                 for k in range(max(values) + 1, MAX_MODULUS + 1):
@@ -145,8 +150,12 @@ class _Explainer:
         return None
 
 
-def _expression(graph: fx.Graph, nodes: dict[str, fx.Node], found: tuple[Any, ...]) -> fx.Node:
-    """Nodes computing ``found`` (inserted at the graph's current insertion point)."""
+def _expression(
+    graph: fx.Graph, nodes: dict[str, fx.Node], found: tuple[Any, ...], whole_multiples: bool
+) -> fx.Node:
+    """Nodes computing ``found`` (inserted at the graph's current insertion point). A pad to a
+    multiple of ``k`` is 0 where the size is one already, or ``k`` (``whole_multiples``: code
+    that pads ``k - size % k``); recordings at prime lengths cannot tell the two apart."""
 
     def size(key: Size) -> fx.Node:
         return graph.call_method("size", (nodes[key[0]], key[1]))
@@ -158,16 +167,25 @@ def _expression(graph: fx.Graph, nodes: dict[str, fx.Node], found: tuple[Any, ..
         _, key, a, c = found
         scaled = graph.call_function(operator.mul, (size(key), a)) if a != 1 else size(key)
         return graph.call_function(operator.add, (scaled, c)) if c else scaled
-    if kind == "difference":
-        return graph.call_function(operator.sub, (size(found[1]), size(found[2])))
+    if kind in ("difference", "product"):
+        combine = operator.sub if kind == "difference" else operator.mul
+        return graph.call_function(combine, (size(found[1]), size(found[2])))
     _, key, c, k = found  # round_up
-    return graph.call_function(operator.mod, (graph.call_function(operator.sub, (c, size(key))), k))
+    if not whole_multiples:  # (c - s) % k
+        return graph.call_function(
+            operator.mod, (graph.call_function(operator.sub, (c, size(key))), k)
+        )
+    rest = graph.call_function(operator.sub, (c - 1, size(key)))  # (c - 1 - s) % k + 1
+    return graph.call_function(operator.add, (graph.call_function(operator.mod, (rest, k)), 1))
 
 
-def generalize(recordings: list[tuple[fx.Graph, dict[str, torch.Tensor]]]) -> fx.Graph:
-    """The first recording's graph with every integer argument that differs between the
-    recordings replaced by a shape expression. Raises ``ShapeError`` where the recordings ran
-    other ops, hold other constants or differ in anything no expression explains."""
+def _generalize(
+    recordings: list[tuple[fx.Graph, dict[str, torch.Tensor]]], whole_multiples: bool
+) -> tuple[fx.Graph, bool]:
+    """The first recording's graph (changed in place) with every integer argument that differs
+    between the recordings replaced by a shape expression, and whether a pad to a multiple is
+    among them (``_expression``). Raises ``ShapeError`` where the recordings ran other ops,
+    hold other constants or differ in anything no expression explains."""
     graphs = [graph for graph, _ in recordings]
     signature = _signature_of_graph(graphs[0])
     if any(_signature_of_graph(g) != signature for g in graphs[1:]):
@@ -179,12 +197,22 @@ def generalize(recordings: list[tuple[fx.Graph, dict[str, torch.Tensor]]]) -> fx
             if other is None or other.shape != value.shape or not torch.equal(other, value):
                 raise ShapeError(f"the eager code makes the constant {name} from the input's shape")
     node_lists = [list(g.nodes) for g in graphs]
+    for nodes_of_graph in node_lists:
+        for node in nodes_of_graph:
+            if (  # the legacy ``x.new(data)``: ``x.new_tensor(data)``, which rules lower
+                node.op == "call_method"
+                and node.target == "new"
+                and len(node.args) == 2
+                and isinstance(node.args[1], (list, tuple))
+            ):
+                node.target = "new_tensor"
     for position in range(len(node_lists[0])):
         same_nodes = [nodes[position] for nodes in node_lists]
         if len({_structure((n.args, n.kwargs)) for n in same_nodes}) > 1:
             for n in same_nodes:
                 _as_filled(n)
     explainer = _Explainer(graphs)
+    pads_to_multiples = False
     graph = graphs[0]
     nodes = {node.name: node for node in graph.nodes}
     for position, node in enumerate(node_lists[0]):
@@ -214,14 +242,15 @@ def generalize(recordings: list[tuple[fx.Graph, dict[str, torch.Tensor]]]) -> fx
                         f"{node.format_node()}: the integer {values[0]} varies with the input's "
                         f"shape ({', '.join(map(str, values))}) as no size of the run does"
                     )
-                replacements[i] = _expression(graph, nodes, found)
+                replacements[i] = _expression(graph, nodes, found, whole_multiples)
+                pads_to_multiples = pads_to_multiples or found[0] == "round_up"
         counter = [0]
         args, kwargs = _replace_leaves(
             arguments, lambda i, leaf: replacements.get(i, leaf), counter
         )
         node.args, node.kwargs = tuple(args), dict(kwargs)
     graph.lint()
-    return graph
+    return graph, pads_to_multiples
 
 
 def _as_filled(node: fx.Node) -> None:
@@ -244,13 +273,45 @@ def _as_filled(node: fx.Node) -> None:
             node.target, node.args = torch.full, ([len(data)], data[0])
 
 
-def generic_recorded_run(model: nn.Module, inputs: list[torch.Tensor]) -> fx.GraphModule:
+def generic_recorded_run(
+    model: nn.Module, inputs: list[torch.Tensor], checks: Sequence[torch.Tensor] = ()
+) -> fx.GraphModule:
     """``model``'s run recorded at each of ``inputs`` (same rank; other lengths, perhaps
     another batch size), as one graph whose sizes follow the input's: see the module's
-    docstring. Raises ``ShapeError``."""
-    recordings = []
+    docstring. Where it pads to a multiple, it is checked against ``model`` at ``checks``, and
+    the other reading of such pads taken when it disagrees. Raises ``ShapeError``."""
+    for whole_multiples in (False, True):
+        recordings = [_record(model, {}, x)[:2] for x in inputs]
+        graph, pads_to_multiples = _generalize(recordings, whole_multiples)
+        generic = _graph_module(model, graph, recordings[0][1], type(model).__name__)
+        if not pads_to_multiples:
+            return generic
+        wrong = _first_disagreement(generic, model, checks)
+        if wrong is None:
+            return generic
+    raise ShapeError(
+        f"its pads to a multiple, generalized either way, differ from the model at input shape "
+        f"{wrong}"
+    )
+
+
+def _first_disagreement(
+    generic: nn.Module, model: nn.Module, inputs: Sequence[torch.Tensor]
+) -> list[int] | None:
+    """The shape of the first input at which ``generic`` does not compute what ``model`` does
+    (1e-5 of the output's scale), or None."""
     for x in inputs:
-        graph, constants, _ = _record(model, {}, x)
-        recordings.append((graph, constants))
-    graph = generalize(recordings)
-    return _graph_module(model, graph, recordings[0][1], type(model).__name__)
+        try:
+            with torch.no_grad():
+                expected = tree_flatten(model(x))[0]
+                got = tree_flatten(generic(x))[0]
+        except Exception:
+            return list(x.shape)
+        for e, g in zip(expected, got):
+            if e.shape != g.shape:
+                return list(x.shape)
+            if e.numel() and float((e - g).abs().max()) > 1e-5 * max(float(e.abs().max()), 1e-12):
+                return list(x.shape)
+        if len(expected) != len(got):
+            return list(x.shape)
+    return None

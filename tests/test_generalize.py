@@ -35,8 +35,10 @@ class MaskedSpectrum(nn.Module):
         spec = torch.stft(x, 32, HOP, window=window, return_complex=True)  # B, F, L
         counts = torch.full((batch,), x.shape[-1] // HOP + 1).tolist()
         frames = torch.arange(2 * spec.shape[-1] + 1)[: spec.shape[-1]]
-        keep = frames.unsqueeze(0) < spec.new_tensor(counts, dtype=torch.long).unsqueeze(-1)
+        keep = frames.unsqueeze(0) < spec.real.new(counts).unsqueeze(-1)  # the legacy ``new``
         gain = torch.sigmoid(self.gain(spec.abs())) * keep.unsqueeze(1)
+        items = gain.transpose(1, 2).reshape(batch * spec.shape[-1], -1)  # frames as items
+        gain = items.reshape(batch, spec.shape[-1], -1).transpose(1, 2)
         y = torch.istft(spec * gain * (1 + 0.5j), 32, HOP, window=window)
         y = y[:, :length]
         return F.pad(y, (0, length - y.shape[-1]))
@@ -106,3 +108,32 @@ def test_a_length_made_constant_falls_back_to_the_fixed_recorded_run(tmp_path):
     result = sepfx.export_onnx(LengthConstant().eval(), tmp_path / "m.onnx", wav(1, 8000))
     assert result.recorded and not result.dynamic_time and not result.dynamic_batch
     assert any("example's batch size 1 and length 8000" in n for n in result.notes)
+
+
+class WholeSegments(nn.Module):
+    """Segmentation as dual-path code writes it: ``rest = k - T % k`` (a whole segment of
+    zeros where T is a multiple already), segments of ``k``, the pad cut off again by
+    ``[..., :-rest]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rest = 20 - x.shape[-1] % 20
+        padded = F.pad(x, (0, rest))
+        segments = padded.reshape(x.shape[0], -1, 20)
+        mixed = (segments - segments.mean(dim=1, keepdim=True)).reshape(x.shape[0], -1)
+        return mixed[..., :-rest]
+
+
+def test_a_pad_of_a_whole_segment_at_multiples_is_told_from_none_by_the_checks():
+    """Recordings at prime lengths cannot tell ``(-T) % k`` (0 at multiples) from ``k - T % k``
+    (``k`` there): checked at a multiple of ``k``, the generalized run takes the reading that
+    computes what the model computes."""
+    model = WholeSegments()
+    inputs = [wav(1, 8009), wav(1, 12037), wav(1, 16033)]
+    at_multiples = [wav(1, 8000), wav(1, 8020)]
+    graph = generic_recorded_run(model, inputs, at_multiples)
+    with torch.no_grad():
+        for t in (8000, 8020, 8013, 12345):
+            x = wav(1, t, seed=4)
+            assert max_relative_error(model(x), graph(x)) <= 1e-6, t
+        unchecked = generic_recorded_run(model, inputs)  # the first reading: wrong at multiples
+        assert unchecked(wav(1, 8000)).shape != model(wav(1, 8000)).shape
